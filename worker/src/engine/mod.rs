@@ -1,0 +1,8 @@
+//! Compute engine: the backend op trait and its implementations.
+
+pub mod backend;
+pub mod cpu;
+#[cfg(test)]
+pub(crate) mod testing;
+
+pub use backend::{AdamW, AttnShape, Backend, Gemm, GeluKind, GridShape, ImageShape, RopeShape};

@@ -1,0 +1,4 @@
+//! Tessera worker library: the compute engine, the S2 vision-language model,
+//! training and the command-line tools built on them.
+
+pub mod engine;
