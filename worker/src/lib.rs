@@ -2,3 +2,4 @@
 //! training and the command-line tools built on them.
 
 pub mod engine;
+pub mod model;

@@ -313,17 +313,47 @@ pub trait Backend: Send + Sync + 'static {
     /// Inverse of `tile_split` on ViT outputs: tiles of `src` starting at tile
     /// index `src_tile_offset` (`n*n*out.batch` tiles of side `out.side / n`)
     /// are stitched into `out`, one `[side, side]` grid per image.
-    fn tile_merge_fwd(&self, src: &Self::Buf, src_tile_offset: usize, n: usize, out: &mut Self::Buf, out_shape: GridShape);
-    fn tile_merge_bwd(&self, dout: &Self::Buf, out_shape: GridShape, n: usize, dsrc: &mut Self::Buf, src_tile_offset: usize);
+    fn tile_merge_fwd(
+        &self,
+        src: &Self::Buf,
+        src_tile_offset: usize,
+        n: usize,
+        out: &mut Self::Buf,
+        out_shape: GridShape,
+    );
+    fn tile_merge_bwd(
+        &self,
+        dout: &Self::Buf,
+        out_shape: GridShape,
+        n: usize,
+        dsrc: &mut Self::Buf,
+        src_tile_offset: usize,
+    );
     /// Area interpolation by an integer factor: average over `factor x factor` windows.
     fn area_pool_fwd(&self, src: &Self::Buf, src_shape: GridShape, factor: usize, dst: &mut Self::Buf);
     fn area_pool_bwd(&self, ddst: &Self::Buf, src_shape: GridShape, factor: usize, dsrc: &mut Self::Buf);
     /// Writes `src` (`[rows, width]`) into columns `col_offset..col_offset+width`
     /// of `dst` (`[rows, dst_width]`): channel concatenation.
     #[allow(clippy::too_many_arguments)]
-    fn concat_cols_fwd(&self, src: &Self::Buf, dst: &mut Self::Buf, rows: usize, width: usize, dst_width: usize, col_offset: usize);
+    fn concat_cols_fwd(
+        &self,
+        src: &Self::Buf,
+        dst: &mut Self::Buf,
+        rows: usize,
+        width: usize,
+        dst_width: usize,
+        col_offset: usize,
+    );
     #[allow(clippy::too_many_arguments)]
-    fn concat_cols_bwd(&self, ddst: &Self::Buf, dsrc: &mut Self::Buf, rows: usize, width: usize, dst_width: usize, col_offset: usize);
+    fn concat_cols_bwd(
+        &self,
+        ddst: &Self::Buf,
+        dsrc: &mut Self::Buf,
+        rows: usize,
+        width: usize,
+        dst_width: usize,
+        col_offset: usize,
+    );
     /// VILA 1.5 DownSampleBlock: zero-pad an odd side, then merge each 2x2 block
     /// into one token of 4x the channels, column pairs outer (see DESIGN.md 1).
     /// `src` is `[batch, side*side, C]`, `dst` is `[batch, (ceil(side/2))^2, 4C]`.

@@ -66,19 +66,15 @@ pub fn swiglu_fwd<T: Real>(gate: &[T], up: &[T], out: &mut [T]) {
 }
 
 pub fn swiglu_bwd<T: Real>(gate: &[T], up: &[T], dout: &[T], dgate: &mut [T], dup: &mut [T]) {
-    dgate
-        .par_chunks_mut(CHUNK)
-        .zip(dup.par_chunks_mut(CHUNK))
-        .enumerate()
-        .for_each(|(ci, (dgc, duc))| {
-            let base = ci * CHUNK;
-            for i in 0..dgc.len() {
-                let (g, u, d) = (gate[base + i], up[base + i], dout[base + i]);
-                let s = sigmoid(g);
-                duc[i] += d * g * s;
-                dgc[i] += d * u * s * (T::one() + g * (T::one() - s));
-            }
-        });
+    dgate.par_chunks_mut(CHUNK).zip(dup.par_chunks_mut(CHUNK)).enumerate().for_each(|(ci, (dgc, duc))| {
+        let base = ci * CHUNK;
+        for i in 0..dgc.len() {
+            let (g, u, d) = (gate[base + i], up[base + i], dout[base + i]);
+            let s = sigmoid(g);
+            duc[i] += d * g * s;
+            dgc[i] += d * u * s * (T::one() + g * (T::one() - s));
+        }
+    });
 }
 
 #[cfg(test)]

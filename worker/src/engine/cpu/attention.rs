@@ -154,7 +154,10 @@ mod tests {
                 for t in 0..s.seq {
                     let vis = if s.causal { t + 1 } else { s.seq };
                     let sc: Vec<f64> = (0..vis)
-                        .map(|u| (0..s.head_dim).map(|i| q[idx(b, t, h, i)] * k[idx(b, u, h, i)]).sum::<f64>() * s.scale as f64)
+                        .map(|u| {
+                            (0..s.head_dim).map(|i| q[idx(b, t, h, i)] * k[idx(b, u, h, i)]).sum::<f64>()
+                                * s.scale as f64
+                        })
                         .collect();
                     let mx = sc.iter().cloned().fold(f64::MIN, f64::max);
                     let z: f64 = sc.iter().map(|x| (x - mx).exp()).sum();

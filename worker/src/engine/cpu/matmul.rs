@@ -73,9 +73,10 @@ fn matmul_with<T: Real>(a: &[T], b: &[T], c: &mut [T], g: Gemm, par: Parallelism
         }
     } else {
         // Many small products: parallel over the batch, serial inside.
-        c[..g.batch * c_sz].par_chunks_mut(c_sz).enumerate().for_each(|(i, ci)| {
-            run(&a[i * a_sz..(i + 1) * a_sz], &b[i * b_sz..(i + 1) * b_sz], ci, Parallelism::None)
-        });
+        c[..g.batch * c_sz]
+            .par_chunks_mut(c_sz)
+            .enumerate()
+            .for_each(|(i, ci)| run(&a[i * a_sz..(i + 1) * a_sz], &b[i * b_sz..(i + 1) * b_sz], ci, Parallelism::None));
     }
 }
 

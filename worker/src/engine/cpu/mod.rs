@@ -177,7 +177,16 @@ impl<T: Real> Backend for Cpu<T> {
     ) {
         norm::layernorm_bwd(x, w, mean, rstd, dy, dx, dw, db, rows, cols)
     }
-    fn rmsnorm_fwd(&self, x: &Vec<T>, w: &Vec<T>, y: &mut Vec<T>, rstd: &mut Vec<T>, rows: usize, cols: usize, eps: f32) {
+    fn rmsnorm_fwd(
+        &self,
+        x: &Vec<T>,
+        w: &Vec<T>,
+        y: &mut Vec<T>,
+        rstd: &mut Vec<T>,
+        rows: usize,
+        cols: usize,
+        eps: f32,
+    ) {
         norm::rmsnorm_fwd(x, w, y, rstd, rows, cols, eps as f64)
     }
     fn rmsnorm_bwd(
@@ -278,10 +287,26 @@ impl<T: Real> Backend for Cpu<T> {
     fn area_pool_bwd(&self, ddst: &Vec<T>, src_shape: GridShape, factor: usize, dsrc: &mut Vec<T>) {
         s2::area_pool_bwd(ddst, src_shape, factor, dsrc)
     }
-    fn concat_cols_fwd(&self, src: &Vec<T>, dst: &mut Vec<T>, rows: usize, width: usize, dst_width: usize, col_offset: usize) {
+    fn concat_cols_fwd(
+        &self,
+        src: &Vec<T>,
+        dst: &mut Vec<T>,
+        rows: usize,
+        width: usize,
+        dst_width: usize,
+        col_offset: usize,
+    ) {
         s2::concat_cols_fwd(src, dst, rows, width, dst_width, col_offset)
     }
-    fn concat_cols_bwd(&self, ddst: &Vec<T>, dsrc: &mut Vec<T>, rows: usize, width: usize, dst_width: usize, col_offset: usize) {
+    fn concat_cols_bwd(
+        &self,
+        ddst: &Vec<T>,
+        dsrc: &mut Vec<T>,
+        rows: usize,
+        width: usize,
+        dst_width: usize,
+        col_offset: usize,
+    ) {
         s2::concat_cols_bwd(ddst, dsrc, rows, width, dst_width, col_offset)
     }
     fn downsample2x2_fwd(&self, src: &Vec<T>, src_shape: GridShape, dst: &mut Vec<T>) {

@@ -96,11 +96,8 @@ pub fn layernorm_bwd<T: Real>(
 pub fn rmsnorm_fwd<T: Real>(x: &[T], w: &[T], y: &mut [T], rstd: &mut [T], rows: usize, cols: usize, eps: f64) {
     assert_eq!(x.len(), rows * cols);
     let per = rows_per_task(rows, cols);
-    y[..rows * cols]
-        .par_chunks_mut(per * cols)
-        .zip(rstd[..rows].par_chunks_mut(per))
-        .enumerate()
-        .for_each(|(ci, (yc, rc))| {
+    y[..rows * cols].par_chunks_mut(per * cols).zip(rstd[..rows].par_chunks_mut(per)).enumerate().for_each(
+        |(ci, (yc, rc))| {
             for (r, yr) in yc.chunks_mut(cols).enumerate() {
                 let row = ci * per + r;
                 let xr = &x[row * cols..(row + 1) * cols];
@@ -111,7 +108,8 @@ pub fn rmsnorm_fwd<T: Real>(x: &[T], w: &[T], y: &mut [T], rstd: &mut [T], rows:
                 }
                 rc[r] = rs;
             }
-        });
+        },
+    );
 }
 
 #[allow(clippy::too_many_arguments)]

@@ -16,11 +16,8 @@ pub fn adamw<T: Real>(param: &mut [T], grad: &[T], m: &mut [T], v: &mut [T], h: 
     let inv_sqrt_bc2 = T::of(1.0 / bc2.sqrt());
     let (b1t, b2t, eps, gs) = (T::of(b1), T::of(b2), T::of(h.eps as f64), T::of(h.grad_scale as f64));
     let (one_b1, one_b2) = (T::one() - b1t, T::one() - b2t);
-    param
-        .par_chunks_mut(CHUNK)
-        .zip(m.par_chunks_mut(CHUNK).zip(v.par_chunks_mut(CHUNK)))
-        .enumerate()
-        .for_each(|(ci, (pc, (mc, vc)))| {
+    param.par_chunks_mut(CHUNK).zip(m.par_chunks_mut(CHUNK).zip(v.par_chunks_mut(CHUNK))).enumerate().for_each(
+        |(ci, (pc, (mc, vc)))| {
             let gc = &grad[ci * CHUNK..ci * CHUNK + pc.len()];
             for i in 0..pc.len() {
                 let g = gc[i] * gs;
@@ -29,7 +26,8 @@ pub fn adamw<T: Real>(param: &mut [T], grad: &[T], m: &mut [T], v: &mut [T], h: 
                 let denom = vc[i].sqrt() * inv_sqrt_bc2 + eps;
                 pc[i] = pc[i] * decay - step_size * mc[i] / denom;
             }
-        });
+        },
+    );
 }
 
 #[cfg(test)]
@@ -49,7 +47,8 @@ mod tests {
         adamw(&mut p, &[-2.0], &mut m, &mut v, AdamW { step: 2, ..h });
         // g = -1: m = 0.18 - 0.1 = 0.08, v = 0.0396 + 0.01 = 0.0496
         let (m2, v2) = (0.08, 0.0496);
-        let p2 = p1 * (1.0 - 0.001) - (0.1 / (1.0 - 0.81)) * m2 / ((v2 as f64).sqrt() / (1.0f64 - 0.9801).sqrt() + 1e-8);
+        let p2 =
+            p1 * (1.0 - 0.001) - (0.1 / (1.0 - 0.81)) * m2 / ((v2 as f64).sqrt() / (1.0f64 - 0.9801).sqrt() + 1e-8);
         assert!((m[0] - m2).abs() < 1e-7 && (v[0] - v2).abs() < 1e-7);
         assert!((p[0] - p2).abs() < 1e-7, "{} vs {}", p[0], p2);
     }

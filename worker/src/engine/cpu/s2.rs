@@ -1,0 +1,432 @@
+//! Token-grid S2 ops with gradients: tile merge, area pooling, channel concat, 2x2 downsample.
+use super::{rows_per_task, Real};
+use crate::engine::backend::GridShape;
+use rayon::prelude::*;
+
+/// Tile side and values per tile for merging `n x n` tiles into `out_shape`.
+fn tile_dims(out_shape: GridShape, n: usize, what: &str) -> (usize, usize) {
+    assert!(
+        n > 0 && out_shape.side.is_multiple_of(n),
+        "{what}: grid side {} is not a multiple of the split {n}",
+        out_shape.side
+    );
+    let st = out_shape.side / n;
+    (st, st * st * out_shape.channels)
+}
+
+/// Stitches `n x n` token-grid tiles back into one grid per image (s2wrapper's
+/// `merge_chessboard`). Tile `(i, j)` of image `b` is tile
+/// `src_tile_offset + (i * n + j) * out.batch + b` of `src`, a stack of
+/// `[st * st, C]` grids with `st = out.side / n`; `out` is `[batch, side^2, C]`.
+pub fn tile_merge_fwd<T: Real>(src: &[T], src_tile_offset: usize, n: usize, out: &mut [T], out_shape: GridShape) {
+    let GridShape { batch, side, channels } = out_shape;
+    let (st, tile_len) = tile_dims(out_shape, n, "tile_merge_fwd");
+    assert_eq!(out.len(), out_shape.numel(), "tile_merge_fwd: out length does not match {out_shape:?}");
+    assert!(
+        src.len() >= (src_tile_offset + n * n * batch) * tile_len,
+        "tile_merge_fwd: src is too short for tiles {src_tile_offset}..{}",
+        src_tile_offset + n * n * batch
+    );
+    if out.is_empty() {
+        return;
+    }
+    let seg = st * channels;
+    // One task per output grid row: n contiguous segments, one from each tile.
+    out.par_chunks_mut(side * channels).enumerate().for_each(|(gr, row)| {
+        let (b, r) = (gr / side, gr % side);
+        let (i, y) = (r / st, r % st);
+        for (j, dst) in row.chunks_exact_mut(seg).enumerate() {
+            let tile = src_tile_offset + (i * n + j) * batch + b;
+            let from = tile * tile_len + y * seg;
+            dst.copy_from_slice(&src[from..from + seg]);
+        }
+    });
+}
+
+/// Backward of [`tile_merge_fwd`]: adds each image's grid gradient back into its tiles.
+pub fn tile_merge_bwd<T: Real>(dout: &[T], out_shape: GridShape, n: usize, dsrc: &mut [T], src_tile_offset: usize) {
+    let GridShape { batch, side, channels } = out_shape;
+    let (st, tile_len) = tile_dims(out_shape, n, "tile_merge_bwd");
+    assert_eq!(dout.len(), out_shape.numel(), "tile_merge_bwd: dout length does not match {out_shape:?}");
+    let start = src_tile_offset * tile_len;
+    let tiles = n * n * batch;
+    assert!(
+        dsrc.len() >= start + tiles * tile_len,
+        "tile_merge_bwd: dsrc is too short for tiles {src_tile_offset}..{}",
+        src_tile_offset + tiles
+    );
+    if tile_len == 0 {
+        return;
+    }
+    let seg = st * channels;
+    dsrc[start..start + tiles * tile_len].par_chunks_mut(tile_len).enumerate().for_each(|(t, tile)| {
+        let b = t % batch;
+        let (i, j) = ((t / batch) / n, (t / batch) % n);
+        for (y, dst) in tile.chunks_exact_mut(seg).enumerate() {
+            let from = ((b * side + i * st + y) * side + j * st) * channels;
+            for (d, &g) in dst.iter_mut().zip(&dout[from..from + seg]) {
+                *d += g;
+            }
+        }
+    });
+}
+
+/// Area interpolation by an integer factor (PyTorch `mode='area'`, i.e.
+/// adaptive average pooling, for `side` a multiple of `factor`): `[B, side^2, C]`
+/// to `[B, (side/factor)^2, C]`, each output the mean of a `factor x factor` window.
+pub fn area_pool_fwd<T: Real>(src: &[T], src_shape: GridShape, factor: usize, dst: &mut [T]) {
+    let GridShape { batch, side, channels } = src_shape;
+    assert!(
+        factor > 0 && side.is_multiple_of(factor),
+        "area_pool_fwd: side {side} is not a multiple of factor {factor}"
+    );
+    assert_eq!(src.len(), src_shape.numel(), "area_pool_fwd: src length does not match {src_shape:?}");
+    let o = side / factor;
+    assert_eq!(
+        dst.len(),
+        batch * o * o * channels,
+        "area_pool_fwd: dst length does not match [{batch}, {o}^2, {channels}]"
+    );
+    if dst.is_empty() {
+        return;
+    }
+    let count = T::of((factor * factor) as f64);
+    // One task per output grid row.
+    dst.par_chunks_mut(o * channels).enumerate().for_each(|(gr, row)| {
+        let (b, r) = (gr / o, gr % o);
+        row.fill(T::zero());
+        for dy in 0..factor {
+            let line = &src[(b * side + r * factor + dy) * side * channels..][..side * channels];
+            for (q, acc) in row.chunks_exact_mut(channels).enumerate() {
+                for dx in 0..factor {
+                    let px = &line[(q * factor + dx) * channels..][..channels];
+                    for (a, &v) in acc.iter_mut().zip(px) {
+                        *a += v;
+                    }
+                }
+            }
+        }
+        row.iter_mut().for_each(|v| *v = *v / count);
+    });
+}
+
+/// Backward of [`area_pool_fwd`]: each source token gets `ddst / factor^2` added.
+pub fn area_pool_bwd<T: Real>(ddst: &[T], src_shape: GridShape, factor: usize, dsrc: &mut [T]) {
+    let GridShape { batch, side, channels } = src_shape;
+    assert!(
+        factor > 0 && side.is_multiple_of(factor),
+        "area_pool_bwd: side {side} is not a multiple of factor {factor}"
+    );
+    assert_eq!(dsrc.len(), src_shape.numel(), "area_pool_bwd: dsrc length does not match {src_shape:?}");
+    let o = side / factor;
+    assert_eq!(
+        ddst.len(),
+        batch * o * o * channels,
+        "area_pool_bwd: ddst length does not match [{batch}, {o}^2, {channels}]"
+    );
+    if dsrc.is_empty() {
+        return;
+    }
+    let count = T::of((factor * factor) as f64);
+    // One task per source grid row.
+    dsrc.par_chunks_mut(side * channels).enumerate().for_each(|(gr, row)| {
+        let (b, r) = (gr / side, gr % side);
+        let grow = &ddst[(b * o + r / factor) * o * channels..][..o * channels];
+        for (c, px) in row.chunks_exact_mut(channels).enumerate() {
+            let g = &grow[(c / factor) * channels..][..channels];
+            for (d, &v) in px.iter_mut().zip(g) {
+                *d += v / count;
+            }
+        }
+    });
+}
+
+/// Writes `src` (`[rows, width]`) into columns `col_offset..col_offset + width`
+/// of `dst` (`[rows, dst_width]`), leaving the other columns as they are.
+pub fn concat_cols_fwd<T: Real>(
+    src: &[T],
+    dst: &mut [T],
+    rows: usize,
+    width: usize,
+    dst_width: usize,
+    col_offset: usize,
+) {
+    assert!(
+        col_offset + width <= dst_width,
+        "concat_cols_fwd: columns {col_offset}..{} exceed width {dst_width}",
+        col_offset + width
+    );
+    assert_eq!(src.len(), rows * width, "concat_cols_fwd: src length does not match [{rows}, {width}]");
+    assert_eq!(dst.len(), rows * dst_width, "concat_cols_fwd: dst length does not match [{rows}, {dst_width}]");
+    if width == 0 || rows == 0 {
+        return;
+    }
+    let per = rows_per_task(rows, width);
+    dst.par_chunks_mut(per * dst_width).zip(src.par_chunks(per * width)).for_each(|(d, s)| {
+        for (drow, srow) in d.chunks_exact_mut(dst_width).zip(s.chunks_exact(width)) {
+            drow[col_offset..col_offset + width].copy_from_slice(srow);
+        }
+    });
+}
+
+/// Backward of [`concat_cols_fwd`]: `dsrc += ddst[:, col_offset..col_offset + width]`.
+pub fn concat_cols_bwd<T: Real>(
+    ddst: &[T],
+    dsrc: &mut [T],
+    rows: usize,
+    width: usize,
+    dst_width: usize,
+    col_offset: usize,
+) {
+    assert!(
+        col_offset + width <= dst_width,
+        "concat_cols_bwd: columns {col_offset}..{} exceed width {dst_width}",
+        col_offset + width
+    );
+    assert_eq!(dsrc.len(), rows * width, "concat_cols_bwd: dsrc length does not match [{rows}, {width}]");
+    assert_eq!(ddst.len(), rows * dst_width, "concat_cols_bwd: ddst length does not match [{rows}, {dst_width}]");
+    if width == 0 || rows == 0 {
+        return;
+    }
+    let per = rows_per_task(rows, width);
+    dsrc.par_chunks_mut(per * width).zip(ddst.par_chunks(per * dst_width)).for_each(|(s, d)| {
+        for (srow, drow) in s.chunks_exact_mut(width).zip(d.chunks_exact(dst_width)) {
+            for (a, &g) in srow.iter_mut().zip(&drow[col_offset..col_offset + width]) {
+                *a += g;
+            }
+        }
+    });
+}
+
+/// VILA 1.5 `DownSampleBlock` (DESIGN.md 1): pad an odd side with a zero row and
+/// column at the end (`R = side` rounded up to even, `h = R / 2`), then output
+/// token `k * h + q` (column pair `k` outer, row pair `q` inner: the grid comes
+/// out transposed) holds `x[2q][2k], x[2q][2k+1], x[2q+1][2k], x[2q+1][2k+1]`
+/// concatenated. `src` is `[B, side^2, C]`, `dst` is `[B, h^2, 4C]`.
+pub fn downsample2x2_fwd<T: Real>(src: &[T], src_shape: GridShape, dst: &mut [T]) {
+    let GridShape { batch, side, channels: c } = src_shape;
+    let h = side.div_ceil(2);
+    assert_eq!(src.len(), src_shape.numel(), "downsample2x2_fwd: src length does not match {src_shape:?}");
+    assert_eq!(
+        dst.len(),
+        batch * h * h * 4 * c,
+        "downsample2x2_fwd: dst length does not match [{batch}, {h}^2, {}]",
+        4 * c
+    );
+    if dst.is_empty() {
+        return;
+    }
+    // One task per column pair k of one image: tokens k*h .. k*h + h.
+    dst.par_chunks_mut(h * 4 * c).enumerate().for_each(|(bk, out)| {
+        let (b, k) = (bk / h, bk % h);
+        for (q, tok) in out.chunks_exact_mut(4 * c).enumerate() {
+            for (slot, part) in tok.chunks_exact_mut(c).enumerate() {
+                let (r, col) = (2 * q + slot / 2, 2 * k + slot % 2);
+                if r < side && col < side {
+                    part.copy_from_slice(&src[((b * side + r) * side + col) * c..][..c]);
+                } else {
+                    part.fill(T::zero());
+                }
+            }
+        }
+    });
+}
+
+/// Backward of [`downsample2x2_fwd`]: adds each token's four parts back into
+/// their source tokens; the gradients of padding positions are dropped.
+pub fn downsample2x2_bwd<T: Real>(ddst: &[T], src_shape: GridShape, dsrc: &mut [T]) {
+    let GridShape { batch, side, channels: c } = src_shape;
+    let h = side.div_ceil(2);
+    assert_eq!(dsrc.len(), src_shape.numel(), "downsample2x2_bwd: dsrc length does not match {src_shape:?}");
+    assert_eq!(
+        ddst.len(),
+        batch * h * h * 4 * c,
+        "downsample2x2_bwd: ddst length does not match [{batch}, {h}^2, {}]",
+        4 * c
+    );
+    if dsrc.is_empty() {
+        return;
+    }
+    // One task per source grid row; every source token has exactly one destination.
+    dsrc.par_chunks_mut(side * c).enumerate().for_each(|(br, row)| {
+        let (b, r) = (br / side, br % side);
+        let q = r / 2;
+        for (col, px) in row.chunks_exact_mut(c).enumerate() {
+            let (k, slot) = (col / 2, (r % 2) * 2 + col % 2);
+            let g = &ddst[((b * h * h + k * h + q) * 4 + slot) * c..][..c];
+            for (d, &v) in px.iter_mut().zip(g) {
+                *d += v;
+            }
+        }
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::testing::{assert_close, dot, fd_grad, rand_vec};
+
+    /// Central differences with h = 1e-6 on these linear ops are exact up to
+    /// rounding (~1e-10 relative); every backward is held to 1e-7 relative.
+    const TOL: f64 = 1e-7;
+    const H: f64 = 1e-6;
+
+    /// Checks `bwd` (which must *add*) against finite differences of
+    /// `dot(fwd(x), w)`, starting the gradient buffer from nonzero values.
+    fn check_bwd(
+        what: &str,
+        in_len: usize,
+        out_len: usize,
+        fwd: impl Fn(&[f64], &mut [f64]),
+        bwd: impl Fn(&[f64], &mut [f64]),
+    ) {
+        let x = rand_vec(11, in_len);
+        let w = rand_vec(12, out_len);
+        let want = fd_grad(&x, H, |xp| {
+            let mut out = vec![0.0; out_len];
+            fwd(xp, &mut out);
+            dot(&out, &w)
+        });
+        let start = rand_vec(13, in_len);
+        let mut got = start.clone();
+        bwd(&w, &mut got);
+        let got: Vec<f64> = got.iter().zip(&start).map(|(g, s)| g - s).collect();
+        assert_close(what, &got, &want, TOL);
+    }
+
+    #[test]
+    fn tile_merge_bwd_matches_fd() {
+        let (n, offset) = (2, 3);
+        let out_shape = GridShape { batch: 2, side: 6, channels: 3 };
+        let tile_len = 3 * 3 * 3;
+        // Extra tiles before and after: their gradient must stay zero.
+        let in_len = (offset + n * n * 2 + 1) * tile_len;
+        check_bwd(
+            "tile_merge",
+            in_len,
+            out_shape.numel(),
+            |x, out| tile_merge_fwd(x, offset, n, out, out_shape),
+            |g, dx| tile_merge_bwd(g, out_shape, n, dx, offset),
+        );
+    }
+
+    /// A hand-checked merge: four 1x1-channel tiles of side 2, batch 1.
+    #[test]
+    fn tile_merge_layout() {
+        let shape = GridShape { batch: 1, side: 4, channels: 1 };
+        let src: Vec<f64> = (0..16).map(|v| v as f64).collect(); // tile t holds 4t..4t+3
+        let mut out = vec![0.0; 16];
+        tile_merge_fwd(&src, 0, 2, &mut out, shape);
+        let want = [0., 1., 4., 5., 2., 3., 6., 7., 8., 9., 12., 13., 10., 11., 14., 15.];
+        assert_eq!(out, want);
+    }
+
+    #[test]
+    fn area_pool_forward_and_bwd() {
+        let shape = GridShape { batch: 2, side: 6, channels: 2 };
+        for factor in [1, 2, 3] {
+            let o = 6 / factor;
+            let x = rand_vec(21, shape.numel());
+            let mut y = vec![0.0; 2 * o * o * 2];
+            area_pool_fwd(&x, shape, factor, &mut y);
+            let mut want = vec![0.0; y.len()];
+            for b in 0..2 {
+                for r in 0..o {
+                    for q in 0..o {
+                        for ch in 0..2 {
+                            let mut s = 0.0;
+                            for dy in 0..factor {
+                                for dx in 0..factor {
+                                    s += x[((b * 6 + r * factor + dy) * 6 + q * factor + dx) * 2 + ch];
+                                }
+                            }
+                            want[((b * o + r) * o + q) * 2 + ch] = s / (factor * factor) as f64;
+                        }
+                    }
+                }
+            }
+            assert_close("area_pool fwd", &y, &want, 1e-14);
+            if factor == 1 {
+                assert_eq!(x, y, "factor 1 is the identity");
+            }
+            check_bwd(
+                "area_pool",
+                shape.numel(),
+                y.len(),
+                |x, out| area_pool_fwd(x, shape, factor, out),
+                |g, dx| area_pool_bwd(g, shape, factor, dx),
+            );
+        }
+    }
+
+    #[test]
+    fn concat_cols_fwd_and_bwd() {
+        let (rows, width, dst_width, off) = (5, 3, 8, 2);
+        let src = rand_vec(31, rows * width);
+        let mut dst = vec![9.0; rows * dst_width];
+        concat_cols_fwd(&src, &mut dst, rows, width, dst_width, off);
+        for r in 0..rows {
+            for c in 0..dst_width {
+                let want = if (off..off + width).contains(&c) { src[r * width + c - off] } else { 9.0 };
+                assert_eq!(dst[r * dst_width + c], want);
+            }
+        }
+        check_bwd(
+            "concat_cols",
+            rows * width,
+            rows * dst_width,
+            |x, out| concat_cols_fwd(x, out, rows, width, dst_width, off),
+            |g, dx| concat_cols_bwd(g, dx, rows, width, dst_width, off),
+        );
+    }
+
+    /// Hand-worked 3x3 grid, 1 channel, values x[r][c] = 10r + c + 1. Padded to
+    /// 4x4 with zeros; h = 2; token k*2 + q = [x[2q][2k], x[2q][2k+1], x[2q+1][2k], x[2q+1][2k+1]].
+    #[test]
+    fn downsample2x2_hand_worked_3x3() {
+        let shape = GridShape { batch: 1, side: 3, channels: 1 };
+        let x = [1., 2., 3., 11., 12., 13., 21., 22., 23.];
+        let mut y = vec![f64::NAN; 4 * 4];
+        downsample2x2_fwd(&x, shape, &mut y);
+        let want = [
+            1., 2., 11., 12., // k=0, q=0
+            21., 22., 0., 0., // k=0, q=1: row 3 is padding
+            3., 0., 13., 0., // k=1, q=0: column 3 is padding
+            23., 0., 0., 0., // k=1, q=1
+        ];
+        assert_eq!(y, want);
+        // Two channels: each part carries the token's channels in order.
+        let shape2 = GridShape { batch: 1, side: 3, channels: 2 };
+        let x2: Vec<f64> = x.iter().flat_map(|&v| [v, -v]).collect();
+        let mut y2 = vec![f64::NAN; 4 * 8];
+        downsample2x2_fwd(&x2, shape2, &mut y2);
+        let want2: Vec<f64> = want.iter().flat_map(|&v| [v, -v]).collect();
+        assert_eq!(y2, want2);
+    }
+
+    /// The transposed token order on an even 4x4 grid (no padding).
+    #[test]
+    fn downsample2x2_even_order() {
+        let shape = GridShape { batch: 1, side: 4, channels: 1 };
+        let x: Vec<f64> = (0..16).map(|v| v as f64).collect();
+        let mut y = vec![0.0; 16];
+        downsample2x2_fwd(&x, shape, &mut y);
+        let want = [0., 1., 4., 5., 8., 9., 12., 13., 2., 3., 6., 7., 10., 11., 14., 15.];
+        assert_eq!(y, want);
+    }
+
+    #[test]
+    fn downsample2x2_bwd_matches_fd() {
+        for side in [3, 4, 5] {
+            let shape = GridShape { batch: 2, side, channels: 3 };
+            let h = side.div_ceil(2);
+            check_bwd(
+                "downsample2x2",
+                shape.numel(),
+                2 * h * h * 12,
+                |x, out| downsample2x2_fwd(x, shape, out),
+                |g, dx| downsample2x2_bwd(g, shape, dx),
+            );
+        }
+    }
+}

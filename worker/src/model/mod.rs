@@ -1,0 +1,20 @@
+//! The S2 vision-language model: config, parameters, and the modules.
+
+pub mod batch;
+pub mod config;
+pub mod hf_config;
+pub mod linear;
+pub mod llama;
+pub mod params;
+pub mod projector;
+pub mod s2;
+pub mod store;
+pub mod vit;
+pub mod vlm;
+// pub mod weights; (helper in progress)
+
+pub use batch::Batch;
+pub use config::ModelConfig;
+pub use params::{param_specs, Module, ParamSpec};
+pub use store::ParamStore;
+pub use vlm::{LossSum, Trainable, Vlm};
