@@ -151,7 +151,7 @@ mod tests {
                         } else if s.shape.len() == 1 {
                             0.1 * x
                         } else {
-                            (x * (3.0 / fan_in as f64).sqrt()) // uniform with variance 1/fan_in
+                            x * (3.0 / fan_in as f64).sqrt() // uniform with variance 1/fan_in
                         }
                     } as f32)
                     .collect();

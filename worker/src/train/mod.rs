@@ -1,0 +1,8 @@
+//! Training: optimizer, schedule and the step loop.
+
+pub mod optimizer;
+pub mod schedule;
+pub mod trainer;
+
+pub use optimizer::{OptimConfig, Optimizer, PerModule, StepInfo};
+pub use trainer::{train_step, StepReport};

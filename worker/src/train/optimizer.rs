@@ -1,0 +1,130 @@
+//! AdamW over the model's parameters with per-module learning rates and
+//! freeze switches, global gradient-norm clipping and the LR schedule.
+
+use super::schedule::cosine_with_warmup;
+use crate::engine::{AdamW, Backend};
+use crate::model::{Module, ParamStore, Trainable};
+use serde::{Deserialize, Serialize};
+
+/// Per-module values (learning rates): vision tower, projector, LLM.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct PerModule<T> {
+    pub vision_tower: T,
+    pub projector: T,
+    pub llm: T,
+}
+
+impl<T: Copy> PerModule<T> {
+    pub fn all(v: T) -> Self {
+        PerModule { vision_tower: v, projector: v, llm: v }
+    }
+    pub fn get(&self, m: Module) -> T {
+        match m {
+            Module::VisionTower => self.vision_tower,
+            Module::Projector => self.projector,
+            Module::Llm => self.llm,
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct OptimConfig {
+    pub lr: PerModule<f32>,
+    pub weight_decay: f32,
+    pub beta1: f32,
+    pub beta2: f32,
+    pub eps: f32,
+    pub warmup_steps: u64,
+    pub total_steps: u64,
+    /// Clip the global gradient norm to this value; 0 disables clipping.
+    pub max_grad_norm: f32,
+    pub freeze: PerModule<bool>,
+}
+
+impl Default for OptimConfig {
+    /// VILA 1.5 stage 3 (everything trainable, lr 1e-4, no weight decay).
+    fn default() -> Self {
+        OptimConfig {
+            lr: PerModule::all(1e-4),
+            weight_decay: 0.0,
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            warmup_steps: 0,
+            total_steps: 1,
+            max_grad_norm: 1.0,
+            freeze: PerModule::all(false),
+        }
+    }
+}
+
+impl OptimConfig {
+    pub fn trainable(&self) -> Trainable {
+        Trainable { vision_tower: !self.freeze.vision_tower, projector: !self.freeze.projector, llm: !self.freeze.llm }
+    }
+}
+
+/// What one optimizer step did.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct StepInfo {
+    pub step: u64,
+    /// Global norm of the trainable gradients before clipping.
+    pub grad_norm: f64,
+    /// Learning-rate multiplier from the schedule.
+    pub lr_scale: f64,
+}
+
+pub struct Optimizer<B: Backend> {
+    pub cfg: OptimConfig,
+    /// Completed steps.
+    pub step: u64,
+    m: Vec<B::Buf>,
+    v: Vec<B::Buf>,
+}
+
+impl<B: Backend> Optimizer<B> {
+    pub fn new(be: &B, cfg: OptimConfig, params: &ParamStore<B>) -> Self {
+        let trainable = cfg.trainable();
+        // Frozen parameters get no optimizer state at all.
+        let state = |be: &B| -> Vec<B::Buf> {
+            params.specs.iter().map(|s| be.alloc(if trainable.get(s.module) { s.numel() } else { 0 })).collect()
+        };
+        Optimizer { m: state(be), v: state(be), cfg, step: 0 }
+    }
+
+    /// Global L2 norm of the gradients of trainable parameters.
+    pub fn grad_norm(&self, be: &B, params: &ParamStore<B>) -> f64 {
+        let t = self.cfg.trainable();
+        params.specs.iter().zip(&params.grads).filter(|(s, _)| t.get(s.module)).map(|(_, g)| be.sum_squares(g)).sum::<f64>().sqrt()
+    }
+
+    /// Applies one AdamW step to every trainable parameter from `params.grads`.
+    pub fn step(&mut self, be: &B, params: &mut ParamStore<B>) -> StepInfo {
+        let grad_norm = self.grad_norm(be, params);
+        let clip = if self.cfg.max_grad_norm > 0.0 && grad_norm > self.cfg.max_grad_norm as f64 {
+            self.cfg.max_grad_norm as f64 / (grad_norm + 1e-6)
+        } else {
+            1.0
+        };
+        let lr_scale = cosine_with_warmup(self.step, self.cfg.warmup_steps, self.cfg.total_steps);
+        self.step += 1;
+        let t = self.cfg.trainable();
+        for (i, spec) in params.specs.iter().enumerate() {
+            if !t.get(spec.module) {
+                continue;
+            }
+            let h = AdamW {
+                lr: (self.cfg.lr.get(spec.module) as f64 * lr_scale) as f32,
+                beta1: self.cfg.beta1,
+                beta2: self.cfg.beta2,
+                eps: self.cfg.eps,
+                weight_decay: self.cfg.weight_decay,
+                step: self.step,
+                grad_scale: clip as f32,
+            };
+            be.adamw(&mut params.values[i], &params.grads[i], &mut self.m[i], &mut self.v[i], h);
+        }
+        StepInfo { step: self.step, grad_norm, lr_scale }
+    }
+}
