@@ -11,7 +11,7 @@ pub mod s2;
 pub mod store;
 pub mod vit;
 pub mod vlm;
-// pub mod weights; (helper in progress)
+pub mod weights;
 
 pub use batch::Batch;
 pub use config::ModelConfig;

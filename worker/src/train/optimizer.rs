@@ -96,7 +96,14 @@ impl<B: Backend> Optimizer<B> {
     /// Global L2 norm of the gradients of trainable parameters.
     pub fn grad_norm(&self, be: &B, params: &ParamStore<B>) -> f64 {
         let t = self.cfg.trainable();
-        params.specs.iter().zip(&params.grads).filter(|(s, _)| t.get(s.module)).map(|(_, g)| be.sum_squares(g)).sum::<f64>().sqrt()
+        params
+            .specs
+            .iter()
+            .zip(&params.grads)
+            .filter(|(s, _)| t.get(s.module))
+            .map(|(_, g)| be.sum_squares(g))
+            .sum::<f64>()
+            .sqrt()
     }
 
     /// Applies one AdamW step to every trainable parameter from `params.grads`.

@@ -1,0 +1,154 @@
+//! `worker debug-step` against the PyTorch + transformers reference
+//! (fixtures written by tools/make_fixtures.py), and its bad-input errors.
+
+mod common;
+
+use common::{assert_clean_error, copy_dir, fixtures, worker};
+use safetensors::tensor::{Dtype, TensorView};
+use safetensors::SafeTensors;
+use std::collections::HashMap;
+use std::path::Path;
+
+fn load_f32(path: &Path) -> HashMap<String, Vec<f64>> {
+    let bytes = std::fs::read(path).unwrap();
+    let st = SafeTensors::deserialize(&bytes).unwrap();
+    st.tensors()
+        .into_iter()
+        .map(|(name, t)| {
+            assert_eq!(t.dtype(), Dtype::F32, "{name}");
+            let v = t.data().chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap()) as f64).collect();
+            (name, v)
+        })
+        .collect()
+}
+
+fn norm(v: &[f64]) -> f64 {
+    v.iter().map(|x| x * x).sum::<f64>().sqrt()
+}
+
+#[test]
+fn debug_step_matches_pytorch_reference() {
+    let tiny = fixtures().join("tiny");
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("grads.safetensors");
+    let run = worker(&[
+        "debug-step",
+        "--model",
+        tiny.join("model").to_str().unwrap(),
+        "--batch",
+        tiny.join("batch.safetensors").to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
+    let got = load_f32(&out);
+    let want = load_f32(&tiny.join("expected_grads.safetensors"));
+    let (gl, wl) = (got["loss"][0], want["loss"][0]);
+    assert!((gl - wl).abs() / wl.abs() < 1e-5, "loss {gl} vs reference {wl}");
+    let largest = want.iter().filter(|(k, _)| *k != "loss").map(|(_, v)| norm(v)).fold(0.0, f64::max);
+    let mut checked = 0;
+    for (name, w) in &want {
+        if name == "loss" {
+            continue;
+        }
+        let g = got.get(name).unwrap_or_else(|| panic!("debug-step wrote no gradient for {name}"));
+        assert_eq!(g.len(), w.len(), "{name}");
+        let diff: Vec<f64> = g.iter().zip(w).map(|(a, b)| a - b).collect();
+        if norm(w) > 1e-6 * largest {
+            let e = norm(&diff) / norm(w);
+            assert!(e < 1e-4, "{name}: relative norm error {e:.2e}");
+            checked += 1;
+        } else {
+            // Zero in exact arithmetic (unused ViT layers, SigLIP's k_proj
+            // bias): the reference holds rounding noise, so ask for ~zero too.
+            assert!(norm(g) < 1e-6 * largest, "{name}: expected a zero gradient, norm {}", norm(g));
+        }
+    }
+    // 80 tensors less 18 unused (layer 2, post_layernorm) and 2 k_proj biases.
+    assert_eq!(checked, 60, "gradients compared");
+}
+
+fn debug_step(model: &Path, batch: &Path, out: &Path) -> std::process::Output {
+    worker(&[
+        "debug-step",
+        "--model",
+        model.to_str().unwrap(),
+        "--batch",
+        batch.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ])
+}
+
+/// Rewrites the fixture batch with `edit` applied to (name -> (dtype, shape, bytes)).
+fn edited_batch(
+    dir: &Path,
+    edit: impl FnOnce(&mut HashMap<String, (Dtype, Vec<usize>, Vec<u8>)>),
+) -> std::path::PathBuf {
+    let bytes = std::fs::read(fixtures().join("tiny/batch.safetensors")).unwrap();
+    let st = SafeTensors::deserialize(&bytes).unwrap();
+    let mut m: HashMap<String, (Dtype, Vec<usize>, Vec<u8>)> =
+        st.tensors().into_iter().map(|(n, t)| (n, (t.dtype(), t.shape().to_vec(), t.data().to_vec()))).collect();
+    edit(&mut m);
+    let views: Vec<(String, TensorView)> =
+        m.iter().map(|(n, (d, s, b))| (n.clone(), TensorView::new(*d, s.clone(), b).unwrap())).collect();
+    let path = dir.join("batch.safetensors");
+    std::fs::write(&path, safetensors::serialize(views, &None).unwrap()).unwrap();
+    path
+}
+
+fn map_i64(m: &mut HashMap<String, (Dtype, Vec<usize>, Vec<u8>)>, name: &str, f: impl Fn(i64) -> i64) {
+    let e = m.get_mut(name).unwrap();
+    e.2 = e.2.chunks_exact(8).flat_map(|c| f(i64::from_le_bytes(c.try_into().unwrap())).to_le_bytes()).collect();
+}
+
+#[test]
+fn bad_inputs_give_one_clear_line_and_no_panic() {
+    let tiny = fixtures().join("tiny");
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("grads.safetensors");
+    let batch = tiny.join("batch.safetensors");
+    let model = tiny.join("model");
+
+    // a missing file
+    assert_clean_error(&debug_step(&model, &tmp.path().join("nope.safetensors"), &out), "nope.safetensors");
+
+    // a truncated safetensors file in the model
+    let m = tmp.path().join("truncated");
+    copy_dir(&model, &m);
+    let f = m.join("mm_projector/model.safetensors");
+    let len = std::fs::metadata(&f).unwrap().len();
+    std::fs::write(&f, &std::fs::read(&f).unwrap()[..(len / 2) as usize]).unwrap();
+    assert_clean_error(&debug_step(&m, &batch, &out), "truncated or corrupt");
+
+    // a wrong dtype: input_ids as f32
+    let b = edited_batch(tmp.path(), |m| {
+        let e = m.get_mut("input_ids").unwrap();
+        e.0 = Dtype::F32;
+        e.2 =
+            e.2.chunks_exact(8)
+                .flat_map(|c| (i64::from_le_bytes(c.try_into().unwrap()) as f32).to_le_bytes())
+                .collect();
+    });
+    assert_clean_error(&debug_step(&model, &b, &out), "input_ids has dtype F32");
+
+    // a head count that does not divide the hidden size
+    let m = tmp.path().join("heads");
+    copy_dir(&model, &m);
+    let cfg_path = m.join("llm/config.json");
+    let mut cfg: serde_json::Value = serde_json::from_slice(&std::fs::read(&cfg_path).unwrap()).unwrap();
+    cfg["num_attention_heads"] = 5.into();
+    cfg["num_key_value_heads"] = 5.into();
+    std::fs::write(&cfg_path, serde_json::to_vec(&cfg).unwrap()).unwrap();
+    assert_clean_error(&debug_step(&m, &batch, &out), "num_attention_heads");
+
+    // a batch without a -200 token
+    let b = edited_batch(tmp.path(), |m| map_i64(m, "input_ids", |x| if x == -200 { 7 } else { x }));
+    assert_clean_error(&debug_step(&model, &b, &out), "no image token");
+
+    // labels all -100
+    let b = edited_batch(tmp.path(), |m| map_i64(m, "labels", |_| -100));
+    assert_clean_error(&debug_step(&model, &b, &out), "every label is -100");
+
+    assert!(!out.exists(), "a failed run must not leave a gradient file");
+}

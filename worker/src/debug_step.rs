@@ -1,0 +1,98 @@
+//! `worker debug-step` (DESIGN.md section 4): one forward and backward pass
+//! with every module trainable and no optimizer step, gradients written as
+//! safetensors under their prefixed checkpoint names. This is how users and
+//! our tests compare Tessera with the PyTorch/transformers implementation.
+
+use crate::engine::cpu::Cpu;
+use crate::engine::Backend;
+use crate::model::weights::{decode, read_file};
+use crate::model::{hf_config, weights, Batch, ModelConfig, ParamStore, Trainable, Vlm};
+use anyhow::{bail, Context, Result};
+use safetensors::tensor::{Dtype, SafeTensors, TensorView};
+use std::path::Path;
+
+/// Reads a `debug-step` batch file: `pixel_values` f32 `[B,3,S,S]`,
+/// `input_ids` and `labels` i64 `[B,T]`.
+pub fn read_batch(path: &Path) -> Result<Batch> {
+    let bytes = read_file(path)?;
+    let st = SafeTensors::deserialize(&bytes)
+        .with_context(|| format!("{}: truncated or corrupt safetensors file", path.display()))?;
+    let get = |name: &str| -> Result<TensorView<'_>> {
+        st.tensor(name).map_err(|_| anyhow::anyhow!("{}: no tensor `{name}`", path.display()))
+    };
+    let px = get("pixel_values")?;
+    if !matches!(px.dtype(), Dtype::F32 | Dtype::BF16 | Dtype::F16) {
+        bail!("{}: pixel_values has dtype {:?}; expected F32", path.display(), px.dtype());
+    }
+    if px.shape().len() != 4 {
+        bail!("{}: pixel_values has shape {:?}; expected [B, 3, S, S]", path.display(), px.shape());
+    }
+    let ints = |name: &str| -> Result<(Vec<usize>, Vec<i64>)> {
+        let t = get(name)?;
+        let v: Vec<i64> = match t.dtype() {
+            Dtype::I64 => {
+                t.data().chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().expect("8 bytes"))).collect()
+            }
+            Dtype::I32 => {
+                t.data().chunks_exact(4).map(|c| i32::from_le_bytes(c.try_into().expect("4 bytes")) as i64).collect()
+            }
+            d => bail!("{}: {name} has dtype {d:?}; expected I64", path.display()),
+        };
+        if t.shape().len() != 2 {
+            bail!("{}: {name} has shape {:?}; expected [B, T]", path.display(), t.shape());
+        }
+        Ok((t.shape().to_vec(), v))
+    };
+    let (ids_shape, input_ids) = ints("input_ids")?;
+    let (lab_shape, labels) = ints("labels")?;
+    if ids_shape != lab_shape {
+        bail!("{}: input_ids {:?} and labels {:?} differ in shape", path.display(), ids_shape, lab_shape);
+    }
+    if px.shape()[0] != ids_shape[0] {
+        bail!("{}: pixel_values holds {} images but input_ids {} samples", path.display(), px.shape()[0], ids_shape[0]);
+    }
+    Ok(Batch { batch: ids_shape[0], seq: ids_shape[1], pixel_values: decode(px.data(), px.dtype()), input_ids, labels })
+}
+
+/// Runs the step on `be` and returns the model's config, the mean loss and
+/// every parameter's gradient by prefixed name.
+pub fn run<B: Backend>(be: &B, model_dir: &Path, batch: &Batch) -> Result<(ModelConfig, f32, weights::Weights)> {
+    let cfg = hf_config::read_model_config(model_dir)?;
+    let host = weights::load_weights(model_dir, &cfg)?;
+    let params = ParamStore::from_host(be, &cfg, &host)?;
+    let mut model = Vlm::new(&cfg, params, false);
+    model.trainable = Trainable::ALL;
+    model.params.zero_grads(be);
+    let loss = model.forward_backward(be, batch, None)?;
+    Ok((cfg, loss.mean() as f32, model.params.grads_to_host(be)))
+}
+
+/// Writes `loss` and the gradients, each with its parameter's shape.
+pub fn write_grads(path: &Path, cfg: &ModelConfig, loss: f32, grads: &weights::Weights) -> Result<()> {
+    let specs = crate::model::param_specs(cfg);
+    let loss_bytes = loss.to_le_bytes().to_vec();
+    let bytes: Vec<(String, Vec<usize>, Vec<u8>)> = specs
+        .iter()
+        .map(|s| (s.name.clone(), s.shape.clone(), grads[&s.name].iter().flat_map(|v| v.to_le_bytes()).collect()))
+        .collect();
+    let mut views = vec![("loss".to_string(), TensorView::new(Dtype::F32, vec![], &loss_bytes)?)];
+    for (name, shape, b) in &bytes {
+        views.push((name.clone(), TensorView::new(Dtype::F32, shape.clone(), b)?));
+    }
+    let data = safetensors::serialize(views, &None)?;
+    std::fs::write(path, data).with_context(|| format!("cannot write {}", path.display()))
+}
+
+/// The `debug-step` command.
+pub fn command(model_dir: &Path, batch_path: &Path, out: &Path, device: &str) -> Result<f32> {
+    let batch = read_batch(batch_path)?;
+    let (cfg, loss, grads) = match device {
+        "cpu" | "auto" => run(&Cpu::<f32>::new(), model_dir, &batch)?,
+        d if d.starts_with("cuda") => {
+            bail!("--device {d}: this build has no CUDA backend yet; use --device cpu")
+        }
+        d => bail!("--device {d}: expected cpu, cuda:N or auto"),
+    };
+    write_grads(out, &cfg, loss, &grads)?;
+    Ok(loss)
+}
