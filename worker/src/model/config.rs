@@ -159,7 +159,7 @@ impl ModelConfig {
                 return Err(bad(key, "must be positive"));
             }
         }
-        if v.hidden_size % v.num_attention_heads != 0 {
+        if !v.hidden_size.is_multiple_of(v.num_attention_heads) {
             return Err(bad(
                 "vision_tower.num_attention_heads",
                 format!("{} heads do not divide hidden_size {}", v.num_attention_heads, v.hidden_size),
@@ -181,7 +181,7 @@ impl ModelConfig {
             ));
         }
         let l = &self.llm;
-        if l.hidden_size % l.num_attention_heads != 0 {
+        if !l.hidden_size.is_multiple_of(l.num_attention_heads) {
             return Err(bad(
                 "llm.num_attention_heads",
                 format!("{} heads do not divide hidden_size {}", l.num_attention_heads, l.hidden_size),
@@ -196,7 +196,7 @@ impl ModelConfig {
                 ),
             ));
         }
-        if l.head_dim() % 2 != 0 {
+        if !l.head_dim().is_multiple_of(2) {
             return Err(bad("llm.num_attention_heads", format!("head_dim {} must be even for RoPE", l.head_dim())));
         }
         let s2 = &self.s2;

@@ -806,12 +806,17 @@ mod tests {
 
     /// Writes a tiny model directory for tools/check_hf_config.py:
     /// `TESSERA_WRITE_MODEL_DIR=/tmp/m cargo test -p tessera-worker --lib write_model_dir_for_python -- --ignored`
+    /// (`TESSERA_PRESET=small|vila-3b-s2`; `TESSERA_CONFIG_ONLY=1` writes the configs only).
     #[test]
     #[ignore]
     fn write_model_dir_for_python() {
         let Ok(out) = std::env::var("TESSERA_WRITE_MODEL_DIR") else { return };
         let preset = std::env::var("TESSERA_PRESET").unwrap_or_else(|_| "tiny".into());
         let cfg = ModelConfig::preset(&preset).unwrap();
+        if std::env::var("TESSERA_CONFIG_ONLY").is_ok() {
+            write_model_config(Path::new(&out), &cfg).unwrap();
+            return;
+        }
         let w = fake_weights(&cfg, 3);
         save_model_dir(Path::new(&out), &cfg, &w, SaveDtype::Bf16, Some(100_000)).unwrap();
     }

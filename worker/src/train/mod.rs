@@ -1,5 +1,6 @@
 //! Training: optimizer, schedule and the step loop.
 
+pub mod job;
 pub mod optimizer;
 pub mod schedule;
 pub mod trainer;
