@@ -13,7 +13,7 @@ fn gelu<T: Real>(x: T, kind: GeluKind) -> T {
     match kind {
         GeluKind::Tanh => {
             let u = T::of(SQRT_2_OVER_PI) * (x + T::of(0.044715) * x * x * x);
-            half * x * (T::one() + u.tanh())
+            half * x * (T::one() + u.tanh_fast())
         }
         GeluKind::Erf => half * x * (T::one() + (x * T::of(std::f64::consts::FRAC_1_SQRT_2)).erf()),
     }
@@ -25,7 +25,7 @@ fn gelu_grad<T: Real>(x: T, kind: GeluKind) -> T {
     match kind {
         GeluKind::Tanh => {
             let u = T::of(SQRT_2_OVER_PI) * (x + T::of(0.044715) * x * x * x);
-            let t = u.tanh();
+            let t = u.tanh_fast();
             let du = T::of(SQRT_2_OVER_PI) * (T::one() + T::of(3.0 * 0.044715) * x * x);
             half * (T::one() + t) + half * x * (T::one() - t * t) * du
         }

@@ -48,17 +48,16 @@ pub fn attention_fwd<T: Real>(q: &[T], k: &[T], v: &[T], out: &mut [T], probs: &
     assert!(q.len() >= s.numel() && k.len() >= s.numel() && v.len() >= s.numel() && out.len() >= s.numel());
     assert!(probs.len() >= s.probs_len());
     let out_ptr = Disjoint(out.as_mut_ptr());
-    probs[..s.probs_len()].par_chunks_mut(n * n).enumerate().for_each(|(bh, p)| {
+    // Scratch is made once per rayon job, not per (b, h) pair.
+    let scratch = || (vec![T::zero(); n * d], vec![T::zero(); n * d], vec![T::zero(); n * d], vec![T::zero(); n * d]);
+    probs[..s.probs_len()].par_chunks_mut(n * n).enumerate().for_each_init(scratch, |(qs, ks, vs, o), (bh, p)| {
         let (b, h) = (bh / s.heads, bh % s.heads);
-        let mut qs = vec![T::zero(); n * d];
-        let mut ks = vec![T::zero(); n * d];
-        let mut vs = vec![T::zero(); n * d];
-        gather(q, &s, b, h, &mut qs);
-        gather(k, &s, b, h, &mut ks);
-        gather(v, &s, b, h, &mut vs);
+        gather(q, &s, b, h, qs);
+        gather(k, &s, b, h, ks);
+        gather(v, &s, b, h, vs);
         let mut g = Gemm::new(n, n, d).trans_b();
         g.alpha = s.scale;
-        matmul_serial(&qs, &ks, p, g);
+        matmul_serial(qs, ks, p, g);
         for (i, row) in p.chunks_mut(n).enumerate() {
             let visible = if s.causal { i + 1 } else { n };
             let mx = row[..visible].iter().fold(T::neg_infinity(), |a, &b| a.max(b));
@@ -71,8 +70,7 @@ pub fn attention_fwd<T: Real>(q: &[T], k: &[T], v: &[T], out: &mut [T], probs: &
             row[..visible].iter_mut().for_each(|x| *x *= inv);
             row[visible..].fill(T::zero());
         }
-        let mut o = vec![T::zero(); n * d];
-        matmul_serial(p, &vs, &mut o, Gemm::new(n, d, n));
+        matmul_serial(p, vs, o, Gemm::new(n, d, n));
         // SAFETY: each task owns the (b, h) slice of `out`; it is zeroed first
         // because scatter_add adds.
         unsafe {
@@ -80,7 +78,7 @@ pub fn attention_fwd<T: Real>(q: &[T], k: &[T], v: &[T], out: &mut [T], probs: &
                 let off = ((b * n + t) * s.heads + h) * d;
                 std::ptr::write_bytes(out_ptr.get().add(off), 0, d);
             }
-            scatter_add(&o, &s, b, h, out_ptr);
+            scatter_add(o, &s, b, h, out_ptr);
         }
     });
 }
@@ -100,22 +98,21 @@ pub fn attention_bwd<T: Real>(
     let (n, d) = (s.seq, s.head_dim);
     assert!(dq.len() >= s.numel() && dk.len() >= s.numel() && dv.len() >= s.numel());
     let (dq_p, dk_p, dv_p) = (Disjoint(dq.as_mut_ptr()), Disjoint(dk.as_mut_ptr()), Disjoint(dv.as_mut_ptr()));
-    probs[..s.probs_len()].par_chunks(n * n).enumerate().for_each(|(bh, p)| {
+    let scratch = || {
+        let v = || vec![T::zero(); n * d];
+        ([v(), v(), v(), v(), v(), v(), v()], vec![T::zero(); n * n])
+    };
+    probs[..s.probs_len()].par_chunks(n * n).enumerate().for_each_init(scratch, |(bufs, ds), (bh, p)| {
         let (b, h) = (bh / s.heads, bh % s.heads);
-        let mut qs = vec![T::zero(); n * d];
-        let mut ks = vec![T::zero(); n * d];
-        let mut vs = vec![T::zero(); n * d];
-        let mut dos = vec![T::zero(); n * d];
-        gather(q, &s, b, h, &mut qs);
-        gather(k, &s, b, h, &mut ks);
-        gather(v, &s, b, h, &mut vs);
-        gather(dout, &s, b, h, &mut dos);
+        let [qs, ks, vs, dos, dvs, dqs, dks] = bufs;
+        gather(q, &s, b, h, qs);
+        gather(k, &s, b, h, ks);
+        gather(v, &s, b, h, vs);
+        gather(dout, &s, b, h, dos);
         // dV = P^T dO
-        let mut dvs = vec![T::zero(); n * d];
-        matmul_serial(p, &dos, &mut dvs, Gemm::new(n, d, n).trans_a());
+        matmul_serial(p, dos, dvs, Gemm::new(n, d, n).trans_a());
         // dP = dO V^T, then dS = P * (dP - rowsum(dP * P)) * scale
-        let mut ds = vec![T::zero(); n * n];
-        matmul_serial(&dos, &vs, &mut ds, Gemm::new(n, n, d).trans_b());
+        matmul_serial(dos, vs, ds, Gemm::new(n, n, d).trans_b());
         let scale = T::of(s.scale as f64);
         for (pr, dr) in p.chunks(n).zip(ds.chunks_mut(n)) {
             let dot: T = pr.iter().zip(dr.iter()).map(|(&a, &b)| a * b).sum();
@@ -124,15 +121,13 @@ pub fn attention_bwd<T: Real>(
             }
         }
         // dQ = dS K, dK = dS^T Q
-        let mut dqs = vec![T::zero(); n * d];
-        matmul_serial(&ds, &ks, &mut dqs, Gemm::new(n, d, n));
-        let mut dks = vec![T::zero(); n * d];
-        matmul_serial(&ds, &qs, &mut dks, Gemm::new(n, d, n).trans_a());
+        matmul_serial(ds, ks, dqs, Gemm::new(n, d, n));
+        matmul_serial(ds, qs, dks, Gemm::new(n, d, n).trans_a());
         // SAFETY: each task owns the (b, h) slices of dq, dk and dv.
         unsafe {
-            scatter_add(&dqs, &s, b, h, dq_p);
-            scatter_add(&dks, &s, b, h, dk_p);
-            scatter_add(&dvs, &s, b, h, dv_p);
+            scatter_add(dqs, &s, b, h, dq_p);
+            scatter_add(dks, &s, b, h, dk_p);
+            scatter_add(dvs, &s, b, h, dv_p);
         }
     });
 }
