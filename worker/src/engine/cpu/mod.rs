@@ -78,23 +78,6 @@ impl Real for f64 {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::Real;
-
-    #[test]
-    fn fast_tanh_is_within_1e7_of_tanh() {
-        let mut worst = 0f64;
-        for i in -200_000..=200_000 {
-            let x = i as f32 * 1e-4;
-            worst = worst.max((x.tanh_fast() as f64 - (x as f64).tanh()).abs());
-        }
-        assert!(worst < 1.5e-7, "max abs error {worst}");
-        assert_eq!(0f32.tanh_fast(), 0.0);
-        assert_eq!(100f32.tanh_fast(), 1.0);
-    }
-}
-
 /// The CPU backend computing in `T`. `Cpu::<f32>` trains; `Cpu::<f64>` checks.
 pub struct Cpu<T: Real = f32> {
     _t: PhantomData<T>,
@@ -349,5 +332,22 @@ impl<T: Real> Backend for Cpu<T> {
 
     fn adamw(&self, param: &mut Vec<T>, grad: &Vec<T>, m: &mut Vec<T>, v: &mut Vec<T>, h: AdamW) {
         optim::adamw(param, grad, m, v, h)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Real;
+
+    #[test]
+    fn fast_tanh_is_within_1e7_of_tanh() {
+        let mut worst = 0f64;
+        for i in -200_000..=200_000 {
+            let x = i as f32 * 1e-4;
+            worst = worst.max((x.tanh_fast() as f64 - (x as f64).tanh()).abs());
+        }
+        assert!(worst < 1.5e-7, "max abs error {worst}");
+        assert_eq!(0f32.tanh_fast(), 0.0);
+        assert_eq!(100f32.tanh_fast(), 1.0);
     }
 }
