@@ -57,6 +57,13 @@ struct Workspace<B: Backend> {
     dup: B::Buf,
 }
 
+/// Attention and RoPE shapes of the decoder for `batch` sequences of `seq`.
+fn shapes(c: &LlmConfig, batch: usize, seq: usize) -> (AttnShape, RopeShape) {
+    let (heads, head_dim) = (c.num_attention_heads, c.head_dim());
+    let a = AttnShape { batch, seq, heads, head_dim, causal: true, scale: 1.0 / (head_dim as f32).sqrt() };
+    (a, RopeShape { batch, seq, heads, head_dim, theta: c.rope_theta })
+}
+
 pub struct Llama<B: Backend> {
     pub cfg: LlmConfig,
     pub embed: usize,
@@ -94,20 +101,6 @@ impl<B: Backend> Llama<B> {
         }
     }
 
-    fn shapes(&self, batch: usize, seq: usize) -> (AttnShape, RopeShape) {
-        let c = &self.cfg;
-        let a = AttnShape {
-            batch,
-            seq,
-            heads: c.num_attention_heads,
-            head_dim: c.head_dim(),
-            causal: true,
-            scale: 1.0 / (c.head_dim() as f32).sqrt(),
-        };
-        let r = RopeShape { batch, seq, heads: c.num_attention_heads, head_dim: c.head_dim(), theta: c.rope_theta };
-        (a, r)
-    }
-
     /// The buffer the caller fills with input embeddings `[batch * seq, hidden]`
     /// before `forward` (allocated for this shape on first use).
     pub fn input(&mut self, be: &B, batch: usize, seq: usize) -> &mut B::Buf {
@@ -115,7 +108,7 @@ impl<B: Backend> Llama<B> {
             let c = &self.cfg;
             let rows = batch * seq;
             let (h, im, v) = (c.hidden_size, c.intermediate_size, c.vocab_size);
-            let (a, _) = self.shapes(batch, seq);
+            let (a, _) = shapes(c, batch, seq);
             let acts = |be: &B| LayerActs {
                 rstd1: be.alloc(rows),
                 h1: be.alloc(rows * h),
@@ -161,15 +154,7 @@ impl<B: Backend> Llama<B> {
         let ws = self.ws.as_mut().expect("call Llama::input before forward");
         let (batch, seq) = (ws.batch, ws.seq);
         let c = &self.cfg;
-        let a = AttnShape {
-            batch,
-            seq,
-            heads: c.num_attention_heads,
-            head_dim: c.head_dim(),
-            causal: true,
-            scale: 1.0 / (c.head_dim() as f32).sqrt(),
-        };
-        let r = RopeShape { batch, seq, heads: c.num_attention_heads, head_dim: c.head_dim(), theta: c.rope_theta };
+        let (a, r) = shapes(c, batch, seq);
         let rows = batch * seq;
         let (h, im) = (c.hidden_size, c.intermediate_size);
         let w = &p.values;
@@ -230,15 +215,7 @@ impl<B: Backend> Llama<B> {
         let ws = self.ws.as_mut().expect("call loss with a grad_scale before backward");
         let (batch, seq) = (ws.batch, ws.seq);
         let c = &self.cfg;
-        let a = AttnShape {
-            batch,
-            seq,
-            heads: c.num_attention_heads,
-            head_dim: c.head_dim(),
-            causal: true,
-            scale: 1.0 / (c.head_dim() as f32).sqrt(),
-        };
-        let r = RopeShape { batch, seq, heads: c.num_attention_heads, head_dim: c.head_dim(), theta: c.rope_theta };
+        let (a, r) = shapes(c, batch, seq);
         let rows = batch * seq;
         let (h, im) = (c.hidden_size, c.intermediate_size);
         let (w, g) = (&p.values, &mut p.grads);

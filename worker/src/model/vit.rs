@@ -79,6 +79,13 @@ struct Workspace<B: Backend> {
     sc: Scratch<B>,
 }
 
+/// Bidirectional attention over each tile's patches.
+fn attn_shape(c: &VisionConfig, tiles: usize) -> AttnShape {
+    let head_dim = c.head_dim();
+    let scale = 1.0 / (head_dim as f32).sqrt();
+    AttnShape { batch: tiles, seq: c.num_patches(), heads: c.num_attention_heads, head_dim, causal: false, scale }
+}
+
 pub struct Vit<B: Backend> {
     pub cfg: VisionConfig,
     pub recompute: bool,
@@ -126,23 +133,12 @@ impl<B: Backend> Vit<B> {
         }
     }
 
-    fn attn_shape(&self, tiles: usize) -> AttnShape {
-        AttnShape {
-            batch: tiles,
-            seq: self.cfg.num_patches(),
-            heads: self.cfg.num_attention_heads,
-            head_dim: self.cfg.head_dim(),
-            causal: false,
-            scale: 1.0 / (self.cfg.head_dim() as f32).sqrt(),
-        }
-    }
-
     fn workspace(&mut self, be: &B, tiles: usize) -> &mut Workspace<B> {
         if self.ws.as_ref().is_none_or(|w| w.tiles != tiles) {
             let c = &self.cfg;
             let rows = tiles * c.num_patches();
             let (d, i) = (c.hidden_size, c.intermediate_size);
-            let a = self.attn_shape(tiles);
+            let a = attn_shape(&self.cfg, tiles);
             let kept = if self.recompute { 1 } else { self.layers.len() };
             self.ws = Some(Workspace {
                 tiles,
@@ -169,7 +165,7 @@ impl<B: Backend> Vit<B> {
     /// selected hidden state `[tiles * patches, hidden]`.
     pub fn forward(&mut self, be: &B, p: &ParamStore<B>, pixels: &B::Buf, tiles: usize) -> &B::Buf {
         let c = self.cfg.clone();
-        let a = self.attn_shape(tiles);
+        let a = attn_shape(&self.cfg, tiles);
         let recompute = self.recompute;
         let n_layers = self.layers.len();
         let (patch_w, patch_b, pos) = (self.patch_w, self.patch_b, self.pos);
@@ -196,14 +192,7 @@ impl<B: Backend> Vit<B> {
         let c = self.cfg.clone();
         let ws = self.ws.as_mut().expect("ViT backward needs a forward first");
         let tiles = ws.tiles;
-        let a = AttnShape {
-            batch: tiles,
-            seq: c.num_patches(),
-            heads: c.num_attention_heads,
-            head_dim: c.head_dim(),
-            causal: false,
-            scale: 1.0 / (c.head_dim() as f32).sqrt(),
-        };
+        let a = attn_shape(&c, tiles);
         let rows = tiles * c.num_patches();
         be.copy(dout, 0, &mut ws.sc.dx, 0, rows * c.hidden_size);
         for l in (0..self.layers.len()).rev() {
