@@ -71,22 +71,22 @@ pub fn tile_merge_bwd<T: Real>(dout: &[T], out_shape: GridShape, n: usize, dsrc:
     });
 }
 
+/// Checks the grid and pooled lengths; returns the pooled side and channels.
+fn check_pool(op: &str, grid_len: usize, pooled_len: usize, shape: GridShape, factor: usize) -> (usize, usize) {
+    let GridShape { batch, side, channels } = shape;
+    assert!(factor > 0 && side.is_multiple_of(factor), "{op}: side {side} is not a multiple of factor {factor}");
+    assert_eq!(grid_len, shape.numel(), "{op}: grid length does not match {shape:?}");
+    let o = side / factor;
+    assert_eq!(pooled_len, batch * o * o * channels, "{op}: pooled length does not match [{batch}, {o}^2, {channels}]");
+    (o, channels)
+}
+
 /// Area interpolation by an integer factor (PyTorch `mode='area'`, i.e.
 /// adaptive average pooling, for `side` a multiple of `factor`): `[B, side^2, C]`
 /// to `[B, (side/factor)^2, C]`, each output the mean of a `factor x factor` window.
 pub fn area_pool_fwd<T: Real>(src: &[T], src_shape: GridShape, factor: usize, dst: &mut [T]) {
-    let GridShape { batch, side, channels } = src_shape;
-    assert!(
-        factor > 0 && side.is_multiple_of(factor),
-        "area_pool_fwd: side {side} is not a multiple of factor {factor}"
-    );
-    assert_eq!(src.len(), src_shape.numel(), "area_pool_fwd: src length does not match {src_shape:?}");
-    let o = side / factor;
-    assert_eq!(
-        dst.len(),
-        batch * o * o * channels,
-        "area_pool_fwd: dst length does not match [{batch}, {o}^2, {channels}]"
-    );
+    let (o, channels) = check_pool("area_pool_fwd", src.len(), dst.len(), src_shape, factor);
+    let GridShape { side, .. } = src_shape;
     if dst.is_empty() {
         return;
     }
@@ -112,18 +112,8 @@ pub fn area_pool_fwd<T: Real>(src: &[T], src_shape: GridShape, factor: usize, ds
 
 /// Backward of [`area_pool_fwd`]: each source token gets `ddst / factor^2` added.
 pub fn area_pool_bwd<T: Real>(ddst: &[T], src_shape: GridShape, factor: usize, dsrc: &mut [T]) {
-    let GridShape { batch, side, channels } = src_shape;
-    assert!(
-        factor > 0 && side.is_multiple_of(factor),
-        "area_pool_bwd: side {side} is not a multiple of factor {factor}"
-    );
-    assert_eq!(dsrc.len(), src_shape.numel(), "area_pool_bwd: dsrc length does not match {src_shape:?}");
-    let o = side / factor;
-    assert_eq!(
-        ddst.len(),
-        batch * o * o * channels,
-        "area_pool_bwd: ddst length does not match [{batch}, {o}^2, {channels}]"
-    );
+    let (o, channels) = check_pool("area_pool_bwd", dsrc.len(), ddst.len(), src_shape, factor);
+    let GridShape { side, .. } = src_shape;
     if dsrc.is_empty() {
         return;
     }
