@@ -118,4 +118,73 @@ mod tests {
             assert!(err < 1e-6, "{k}: max difference {err}");
         }
     }
+
+    #[test]
+    fn clipping_bounds_the_update_of_a_gradient_sized_step() {
+        // With lr = eps = 100, AdamW's first step is 100 g / (|g| + 100) ~ g
+        // while |g| << 100, so the update's norm shows the gradient's norm.
+        let be = Cpu::<f64>::new();
+        let cfg = ModelConfig::tiny();
+        let batch = Batch::synthetic(&cfg, 2, 10, 21);
+        let mut norms = Vec::new();
+        for clip in [0.0, 1e-3] {
+            let mut model = Vlm::new(&cfg, ParamStore::init(&be, &cfg, 5), false);
+            let oc = OptimConfig {
+                lr: PerModule::all(100.0),
+                eps: 100.0,
+                max_grad_norm: clip,
+                total_steps: 10,
+                ..OptimConfig::default()
+            };
+            let mut opt = Optimizer::new(&be, oc, &model.params);
+            let before = model.params.to_host(&be);
+            let r = train_step(&be, &mut model, &mut opt, std::slice::from_ref(&batch)).unwrap();
+            let after = model.params.to_host(&be);
+            let moved: f64 = before
+                .iter()
+                .flat_map(|(k, v)| v.iter().zip(&after[k]).map(|(a, b)| ((a - b) as f64).powi(2)))
+                .sum::<f64>()
+                .sqrt();
+            norms.push((r.info.grad_norm, moved));
+        }
+        let (grad_norm, unclipped_move) = norms[0];
+        let (_, clipped_move) = norms[1];
+        assert!(grad_norm > 0.05, "test needs a gradient well above the clip, got {grad_norm}");
+        assert!(
+            (unclipped_move - grad_norm).abs() < 0.02 * grad_norm,
+            "unclipped step {unclipped_move} vs |g| {grad_norm}"
+        );
+        assert!((clipped_move - 1e-3).abs() < 1e-6, "clipped step moved {clipped_move}, expected ~1e-3");
+    }
+
+    #[test]
+    fn per_module_learning_rates_apply() {
+        let be = Cpu::<f64>::new();
+        let cfg = ModelConfig::tiny();
+        let batch = Batch::synthetic(&cfg, 2, 10, 21);
+        let mut model = Vlm::new(&cfg, ParamStore::init(&be, &cfg, 5), false);
+        let oc = OptimConfig {
+            lr: PerModule { vision_tower: 0.0, projector: 1e-3, llm: 1e-2 },
+            total_steps: 10,
+            ..OptimConfig::default()
+        };
+        let mut opt = Optimizer::new(&be, oc, &model.params);
+        let before = model.params.to_host(&be);
+        train_step(&be, &mut model, &mut opt, std::slice::from_ref(&batch)).unwrap();
+        let after = model.params.to_host(&be);
+        let max_move = |m: Module| {
+            model
+                .params
+                .specs
+                .iter()
+                .filter(|s| s.module == m)
+                .flat_map(|s| before[&s.name].iter().zip(&after[&s.name]).map(|(a, b)| (a - b).abs()))
+                .fold(0.0f32, f32::max)
+        };
+        assert_eq!(max_move(Module::VisionTower), 0.0, "lr 0 must leave the ViT unchanged");
+        // Adam's first step moves each weight by at most lr.
+        let (p, l) = (max_move(Module::Projector), max_move(Module::Llm));
+        assert!(p > 0.5e-3 && p <= 1.0001e-3, "projector moved {p}");
+        assert!(l > 0.5e-2 && l <= 1.0001e-2, "llm moved {l}");
+    }
 }

@@ -57,3 +57,49 @@ pub fn col_sums_into<T: Real>(x: &[T], out: &mut [T], rows: usize, cols: usize) 
         }
     });
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::testing::{assert_close, dot, fd_grad, rand_vec};
+
+    // f64 central differences, h = 1e-6; these ops are linear, so agreement
+    // is limited only by rounding (~1e-10).
+    const TOL: f64 = 1e-8;
+
+    #[test]
+    fn bias_add_and_its_backward_match_finite_differences() {
+        let (rows, cols) = (5, 7);
+        let x = rand_vec(1, rows * cols);
+        let bias = rand_vec(2, cols);
+        let gy = rand_vec(3, rows * cols);
+        let f = |b: &[f64]| {
+            let mut y = x.clone();
+            bias_add(&mut y, b, rows, cols);
+            dot(&y, &gy)
+        };
+        // starts non-zero: the backward must add, not overwrite
+        let mut db = vec![0.5; cols];
+        col_sums_into(&gy, &mut db, rows, cols);
+        let want: Vec<f64> = fd_grad(&bias, 1e-6, f).iter().map(|g| g + 0.5).collect();
+        assert_close("bias grad", &db, &want, TOL);
+    }
+
+    #[test]
+    fn axpy_scale_and_sum_squares() {
+        let x = rand_vec(4, 40_000);
+        let mut y = rand_vec(5, 40_000);
+        let y0 = y.clone();
+        axpy(0.25, &x, &mut y);
+        for i in [0, 12_345, 39_999] {
+            assert!((y[i] - (y0[i] + 0.25 * x[i])).abs() < 1e-15);
+        }
+        scale(&mut y, 2.0);
+        assert!((y[7] - 2.0 * (y0[7] + 0.25 * x[7])).abs() < 1e-15);
+        let want: f64 = x.iter().map(|v| v * v).sum();
+        assert!((sum_squares(&x) - want).abs() < 1e-9 * want);
+        let mut z = vec![1.0; 100];
+        fill(&mut z, 3.0);
+        assert!(z.iter().all(|&v| v == 3.0));
+    }
+}
