@@ -102,7 +102,9 @@ def build(args):
 
         def forward(self, x):
             h = w = int(x.shape[1] ** 0.5)
-            x = x.reshape(x.shape[0], h, w, -1)
+            # The S2 output is a transposed view; an even grid skips the
+            # padding concat that would make it contiguous, so copy here.
+            x = x.reshape(x.shape[0], h, w, -1).contiguous()
             n, w, h, c = x.size()
             if w % 2 == 1:
                 x = torch.concat([x, x.new_zeros((n, 1, h, c))], dim=1).contiguous()
