@@ -51,7 +51,14 @@ pub fn read_batch(path: &Path) -> Result<Batch> {
     if px.shape()[0] != ids_shape[0] {
         bail!("{}: pixel_values holds {} images but input_ids {} samples", path.display(), px.shape()[0], ids_shape[0]);
     }
-    Ok(Batch { batch: ids_shape[0], seq: ids_shape[1], pixel_values: decode(px.data(), px.dtype()), input_ids, labels })
+    Ok(Batch {
+        batch: ids_shape[0],
+        seq: ids_shape[1],
+        pixel_values: decode(px.data(), px.dtype()),
+        has_image: vec![true; ids_shape[0]],
+        input_ids,
+        labels,
+    })
 }
 
 /// Runs the step on `be` and returns the model's config, the mean loss and

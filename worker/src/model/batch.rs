@@ -4,22 +4,30 @@
 use super::config::{ModelConfig, IGNORE_INDEX, IMAGE_TOKEN_INDEX};
 use anyhow::{bail, Result};
 
-/// Host-side batch (DESIGN.md section 4): normalized pixels `[B, C, S_max, S_max]`,
-/// `input_ids` and `labels` `[B, T]` with one -200 per sample.
+/// Host-side batch (DESIGN.md section 4): `input_ids` and `labels` `[B, T]`,
+/// and normalized pixels `[N, C, S_max, S_max]` for the N samples that have
+/// an image, in sample order. A sample with an image has exactly one -200
+/// token; a text-only sample has none. Samples may be right-padded (labels
+/// -100): the LLM is causal, so padding after a sample changes nothing in it.
 #[derive(Clone, Debug, Default)]
 pub struct Batch {
     pub batch: usize,
     pub seq: usize,
     pub pixel_values: Vec<f32>,
+    /// Per sample: whether it has an image.
+    pub has_image: Vec<bool>,
     pub input_ids: Vec<i64>,
     pub labels: Vec<i64>,
 }
 
-/// The batch after splicing: every sample is `seq` = T - 1 + image_tokens long.
+/// The batch after splicing: a sample with an image is T - 1 + image_tokens
+/// long; every sample is padded to the longest (`seq`).
 #[derive(Clone, Debug)]
 pub struct Prepared {
     pub batch: usize,
     pub seq: usize,
+    /// Samples that have an image (the S2 batch size).
+    pub images: usize,
     /// Token id per position, -1 where an image token goes.
     pub token_ids: Vec<i32>,
     /// Flat row (`b * seq + t`) of each image token, image-major.
@@ -36,13 +44,17 @@ impl Batch {
         if b == 0 || t == 0 {
             bail!("batch is empty ({b} samples of {t} tokens)");
         }
+        if self.has_image.len() != b {
+            bail!("has_image has {} entries for {b} samples", self.has_image.len());
+        }
+        let images = self.has_image.iter().filter(|&&x| x).count();
         let s = cfg.s2.max_scale();
         let ch = cfg.vision.num_channels;
-        if self.pixel_values.len() != b * ch * s * s {
+        if self.pixel_values.len() != images * ch * s * s {
             bail!(
-                "pixel_values has {} values; expected [{b}, {ch}, {s}, {s}] = {} for the largest S2 scale {s}",
+                "pixel_values has {} values; expected [{images}, {ch}, {s}, {s}] = {} ({images} samples with an image, largest S2 scale {s})",
                 self.pixel_values.len(),
-                b * ch * s * s
+                images * ch * s * s
             );
         }
         if self.input_ids.len() != b * t || self.labels.len() != b * t {
@@ -52,7 +64,7 @@ impl Batch {
             bail!("pixel_values[{i}] is not finite ({})", self.pixel_values[i]);
         }
         let m = cfg.image_tokens();
-        let seq = t - 1 + m;
+        let seq = if images > 0 { t - 1 + m } else { t };
         if seq > cfg.llm.max_position_embeddings {
             bail!(
                 "sequence of {seq} tokens ({t} text + {m} image - 1) exceeds max_position_embeddings {}",
@@ -62,16 +74,18 @@ impl Batch {
         let vocab = cfg.llm.vocab_size as i64;
         let mut token_ids = Vec::with_capacity(b * seq);
         let mut labels = Vec::with_capacity(b * seq);
-        let mut image_rows = Vec::with_capacity(b * m);
+        let mut image_rows = Vec::with_capacity(images * m);
         for i in 0..b {
             let ids = &self.input_ids[i * t..(i + 1) * t];
             let lab = &self.labels[i * t..(i + 1) * t];
-            let places: Vec<usize> =
-                ids.iter().enumerate().filter(|(_, &x)| x == IMAGE_TOKEN_INDEX).map(|(j, _)| j).collect();
-            match places.len() {
-                1 => {}
-                0 => bail!("sample {i} has no image token ({IMAGE_TOKEN_INDEX}) in input_ids"),
-                n => bail!("sample {i} has {n} image tokens ({IMAGE_TOKEN_INDEX}); exactly one is supported"),
+            let places = ids.iter().filter(|&&x| x == IMAGE_TOKEN_INDEX).count();
+            match (self.has_image[i], places) {
+                (true, 1) | (false, 0) => {}
+                (true, 0) => {
+                    bail!("sample {i} has no image token ({IMAGE_TOKEN_INDEX}) in input_ids but comes with an image")
+                }
+                (false, n) => bail!("sample {i} has {n} image tokens ({IMAGE_TOKEN_INDEX}) but no image"),
+                (true, n) => bail!("sample {i} has {n} image tokens ({IMAGE_TOKEN_INDEX}); exactly one is supported"),
             }
             for (j, (&id, &l)) in ids.iter().zip(lab).enumerate() {
                 if id != IMAGE_TOKEN_INDEX && !(0..vocab).contains(&id) {
@@ -91,6 +105,11 @@ impl Batch {
                     labels.push(l);
                 }
             }
+            // Right padding of text-only samples: token 0, no target.
+            while token_ids.len() < (i + 1) * seq {
+                token_ids.push(0);
+                labels.push(IGNORE_INDEX);
+            }
         }
         // Shift by one as LlamaForCausalLM does: position t predicts label t + 1.
         let mut targets = vec![-1i32; b * seq];
@@ -106,7 +125,7 @@ impl Batch {
         if n_targets == 0 {
             bail!("batch has no target token: every label is {IGNORE_INDEX} after the shift, so the loss is undefined");
         }
-        Ok(Prepared { batch: b, seq, token_ids, image_rows, targets, n_targets })
+        Ok(Prepared { batch: b, seq, images, token_ids, image_rows, targets, n_targets })
     }
 }
 
@@ -135,7 +154,7 @@ impl Batch {
                 }
             }
         }
-        Batch { batch, seq, pixel_values, input_ids, labels }
+        Batch { batch, seq, pixel_values, has_image: vec![true; batch], input_ids, labels }
     }
 }
 
@@ -145,7 +164,14 @@ mod tests {
 
     fn batch(cfg: &ModelConfig, ids: Vec<i64>, labels: Vec<i64>) -> Batch {
         let s = cfg.s2.max_scale();
-        Batch { batch: 1, seq: ids.len(), pixel_values: vec![0.0; 3 * s * s], input_ids: ids, labels }
+        Batch {
+            batch: 1,
+            seq: ids.len(),
+            pixel_values: vec![0.0; 3 * s * s],
+            has_image: vec![true],
+            input_ids: ids,
+            labels,
+        }
     }
 
     #[test]
@@ -163,6 +189,33 @@ mod tests {
         want[10] = 8;
         assert_eq!(p.targets, want);
         assert_eq!(p.n_targets, 2);
+    }
+
+    #[test]
+    fn text_only_samples_are_padded_after_image_samples() {
+        let cfg = ModelConfig::tiny(); // 9 image tokens
+        let s = cfg.s2.max_scale();
+        let b = Batch {
+            batch: 2,
+            seq: 3,
+            pixel_values: vec![0.0; 3 * s * s],
+            has_image: vec![false, true],
+            input_ids: vec![4, 5, 6, 7, -200, 8],
+            labels: vec![-100, 5, 6, -100, -100, 8],
+        };
+        let p = b.prepare(&cfg).unwrap();
+        assert_eq!((p.seq, p.images), (11, 1));
+        assert_eq!(&p.token_ids[..3], &[4, 5, 6]);
+        assert!(p.token_ids[3..11].iter().all(|&x| x == 0), "padding");
+        assert!(p.targets[2..11].iter().all(|&x| x == -1), "no target in padding");
+        assert_eq!(&p.targets[..2], &[5, 6]);
+        assert_eq!(p.image_rows, (12..21).collect::<Vec<i32>>());
+        assert_eq!(p.targets[20], 8);
+        let mut bad = b.clone();
+        bad.has_image = vec![true, true];
+        assert!(bad.prepare(&cfg).unwrap_err().to_string().contains("pixel_values"));
+        bad.pixel_values = vec![0.0; 6 * s * s];
+        assert!(bad.prepare(&cfg).unwrap_err().to_string().contains("sample 0 has no image token"));
     }
 
     #[test]

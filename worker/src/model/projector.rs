@@ -103,6 +103,11 @@ impl<B: Backend> Projector<B> {
         &ws.out
     }
 
+    /// The image tokens of the last `forward`.
+    pub fn output(&self) -> &B::Buf {
+        &self.ws.as_ref().expect("projector output needs a forward first").out
+    }
+
     /// Backward from the image tokens' gradient; returns the features' gradient.
     /// `param_grads` false (a frozen projector) still propagates to the features.
     pub fn backward(&mut self, be: &B, p: &mut ParamStore<B>, dout: &B::Buf, param_grads: bool) -> &B::Buf {

@@ -70,16 +70,20 @@ impl<B: Backend> Vlm<B> {
 
     fn forward(&mut self, be: &B, batch: &Batch) -> Result<(Prepared, B::Idx, B::Idx)> {
         let prep = batch.prepare(&self.cfg)?;
-        let pixels = be.upload(&batch.pixel_values);
-        let features = self.s2.forward(be, &self.params, &pixels, prep.batch);
-        let image_tokens = self.projector.forward(be, &self.params, features, prep.batch);
         let ids = be.upload_idx(&prep.token_ids);
         let rows = be.upload_idx(&prep.image_rows);
         let h = self.cfg.llm.hidden_size;
         let embed = self.llm.embed;
+        if prep.images > 0 {
+            let pixels = be.upload(&batch.pixel_values);
+            let features = self.s2.forward(be, &self.params, &pixels, prep.images);
+            self.projector.forward(be, &self.params, features, prep.images);
+        }
         let input = self.llm.input(be, prep.batch, prep.seq);
         be.embedding_fwd(&self.params.values[embed], &ids, input, prep.batch * prep.seq, h);
-        be.scatter_rows(image_tokens, &rows, input, prep.image_rows.len(), h);
+        if prep.images > 0 {
+            be.scatter_rows(self.projector.output(), &rows, input, prep.image_rows.len(), h);
+        }
         self.llm.forward(be, &self.params);
         Ok((prep, ids, rows))
     }
@@ -108,7 +112,7 @@ impl<B: Backend> Vlm<B> {
         if t.llm {
             be.embedding_bwd(dembeds, &ids, &mut self.params.grads[embed], n_rows, h);
         }
-        if t.projector || t.vision_tower {
+        if (t.projector || t.vision_tower) && prep.images > 0 {
             let n_img = prep.image_rows.len();
             let dimage = self.dimage.get_or_insert_with(|| be.alloc(0));
             if be.buf_len(dimage) != n_img * h {
@@ -244,5 +248,49 @@ mod tests {
             grads.push(m.params.grads.iter().map(|g| be.download_f64(g)).collect::<Vec<_>>());
         }
         assert_eq!(grads[0], grads[1]);
+    }
+
+    /// A text-only sample padded next to an image sample contributes exactly
+    /// what it contributes alone: losses and gradients of the mixed batch are
+    /// the sums over the samples run one by one.
+    #[test]
+    fn mixed_text_only_and_image_batch_equals_samples_run_alone() {
+        let cfg = ModelConfig::tiny();
+        let be = Cpu::<f64>::new();
+        let host = lively_weights(&cfg, 3);
+        let img = Batch::synthetic(&cfg, 1, 8, 5);
+        let text = Batch {
+            batch: 1,
+            seq: 8,
+            pixel_values: vec![],
+            has_image: vec![false],
+            input_ids: vec![3, 9, 27, 81, 243, 17, 51, 153],
+            labels: vec![-100, -100, -100, 81, 243, 17, 51, 153],
+        };
+        let mixed = Batch {
+            batch: 2,
+            seq: 8,
+            pixel_values: img.pixel_values.clone(),
+            has_image: vec![false, true],
+            input_ids: [text.input_ids.clone(), img.input_ids.clone()].concat(),
+            labels: [text.labels.clone(), img.labels.clone()].concat(),
+        };
+        let run = |b: &Batch| {
+            let mut m = model(&cfg, &host, false);
+            m.params.zero_grads(&be);
+            // One denominator for all three runs, so gradients add up.
+            let l = m.forward_backward(&be, b, Some(10)).unwrap();
+            (l, m.params.grads.iter().map(|g| be.download_f64(g)).collect::<Vec<_>>())
+        };
+        let (lm, gm) = run(&mixed);
+        let (lt, gt) = run(&text);
+        let (li, gi) = run(&img);
+        assert_eq!(lm.tokens, lt.tokens + li.tokens);
+        assert!((lm.sum - (lt.sum + li.sum)).abs() < 1e-10, "{} vs {}", lm.sum, lt.sum + li.sum);
+        for (k, g) in gm.iter().enumerate() {
+            let want: Vec<f64> = gt[k].iter().zip(&gi[k]).map(|(a, b)| a + b).collect();
+            let err = g.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0.0, f64::max);
+            assert!(err < 1e-12, "parameter {k}: max difference {err}");
+        }
     }
 }
