@@ -15,7 +15,9 @@ fn fresh_tiny_model_starts_at_the_uniform_loss() {
     let model = dir.path().join("model");
     let out = worker(&["init-model", "--preset", "tiny", "--out", model.to_str().unwrap()]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    for f in ["config.json", "vision_tower/model.safetensors", "mm_projector/model.safetensors", "llm/model.safetensors"] {
+    for f in
+        ["config.json", "vision_tower/model.safetensors", "mm_projector/model.safetensors", "llm/model.safetensors"]
+    {
         assert!(model.join(f).exists(), "init-model wrote no {f}");
     }
     let batch = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/tiny/batch.safetensors");
