@@ -1,14 +1,17 @@
 //! The `worker` command line.
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
 use std::process::ExitCode;
+use tessera_worker::data::demo::{make_demo_data, DemoSpec};
+use tessera_worker::data::loader::Dataset;
 use tessera_worker::engine::cpu::Cpu;
+use tessera_worker::eval::evaluate;
 use tessera_worker::model::weights::{save_model_dir, SaveDtype};
 use tessera_worker::model::{hf_config, store, weights, Batch, ModelConfig, ParamStore, Vlm};
 use tessera_worker::train::job::TrainJob;
-use tessera_worker::train::schedule::warmup_steps;
+use tessera_worker::train::run::run_job;
 use tessera_worker::train::{train_step, OptimConfig, Optimizer};
 
 #[derive(Parser)]
@@ -55,6 +58,28 @@ enum Command {
         #[arg(long)]
         out: Option<PathBuf>,
     },
+    /// Writes the synthetic demo dataset (train/eval splits, images, tokenizer.json).
+    MakeDemoData {
+        #[arg(long)]
+        out: PathBuf,
+        /// Image side; the `tiny` preset's largest S2 scale is 40.
+        #[arg(long, default_value_t = 40)]
+        size: usize,
+        #[arg(long, default_value_t = 2000)]
+        train: usize,
+        #[arg(long, default_value_t = 200)]
+        eval: usize,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+    },
+    /// Answer accuracy (greedy, exact match) and mean loss on DIR/eval.jsonl.
+    Eval {
+        #[arg(long)]
+        model: PathBuf,
+        /// A demo-layout data folder: eval.jsonl, images/, tokenizer.json.
+        #[arg(long)]
+        data: PathBuf,
+    },
     /// Times full training steps (forward, backward, AdamW) on synthetic
     /// data and prints one JSON line; tools/bench_cpu_step.sh compares it
     /// with the same step in PyTorch.
@@ -96,6 +121,31 @@ fn run(cli: Cli) -> Result<()> {
             }
             train(&job, out.as_deref())?;
         }
+        Command::MakeDemoData { out, size, train, eval, seed } => {
+            let t = std::time::Instant::now();
+            make_demo_data(&out, &DemoSpec { size, train, eval, seed })?;
+            println!(
+                "wrote demo data ({train} train, {eval} eval) to {} in {:.1} s",
+                out.display(),
+                t.elapsed().as_secs_f64()
+            );
+        }
+        Command::Eval { model, data } => {
+            let be = Cpu::<f32>::new();
+            let cfg = hf_config::read_model_config(&model)?;
+            let params = ParamStore::from_host(&be, &cfg, &weights::load_weights(&model, &cfg)?)?;
+            let mut vlm = Vlm::new(&cfg, params, false);
+            let ds = Dataset::open_eval(&Dataset::demo_config(&data), &cfg)?;
+            let r = evaluate(&be, &mut vlm, &ds, 8)?;
+            println!(
+                "eval: accuracy {:.3} ({}/{}), mean loss {:.4}, bad samples {}",
+                r.accuracy(),
+                r.correct,
+                r.samples,
+                r.mean_loss,
+                r.bad.len()
+            );
+        }
         Command::BenchStep { preset: name, batch, seq, warmup, steps } => {
             let cfg = preset(&name)?;
             let be = Cpu::<f32>::new();
@@ -130,51 +180,20 @@ fn run(cli: Cli) -> Result<()> {
 }
 
 fn train(job: &TrainJob, out: Option<&std::path::Path>) -> Result<()> {
-    let be = Cpu::<f32>::new();
-    let t = &job.train;
-    let (cfg, params) = match (&job.model.dir, &job.model.preset) {
-        (Some(dir), _) => {
-            let cfg = hf_config::read_model_config(dir)?;
-            let host = weights::load_weights(dir, &cfg)?;
-            let p = ParamStore::from_host(&be, &cfg, &host)?;
-            (cfg, p)
-        }
-        (None, Some(name)) => {
-            let cfg = preset(name)?;
-            let p = ParamStore::init(&be, &cfg, t.seed);
-            (cfg, p)
-        }
-        (None, None) => bail!("model: set `preset` or `dir`"),
-    };
-    let mut vlm = Vlm::new(&cfg, params, job.model.recompute_vit);
-    let oc =
-        OptimConfig { warmup_steps: warmup_steps(t.warmup_ratio, t.steps), total_steps: t.steps, ..job.optim.clone() };
-    let mut opt = Optimizer::new(&be, oc, &vlm.params);
-    // A fixed pool of synthetic batches: the model can only learn to memorize
-    // them, which is what this smoke job shows. Real data comes with the data
-    // pipeline.
-    let pool: Vec<Batch> = (0..4 * t.grad_accum as u64)
-        .map(|i| Batch::synthetic(&cfg, t.batch_size, t.text_tokens, t.seed * 100 + i))
-        .collect();
-    let t0 = std::time::Instant::now();
-    for step in 0..t.steps {
-        let k = (step as usize * t.grad_accum) % pool.len();
-        let tick = std::time::Instant::now();
-        let r = train_step(&be, &mut vlm, &mut opt, &pool[k..k + t.grad_accum])?;
-        println!(
-            "step {:>4}/{}  loss {:.4}  grad_norm {:.3}  lr_scale {:.3}  {:.0} ms",
-            step + 1,
-            t.steps,
-            r.loss.mean(),
-            r.info.grad_norm,
-            r.info.lr_scale,
-            tick.elapsed().as_secs_f64() * 1e3
-        );
+    let report = run_job(job, out, &mut |line| println!("{line}"))?;
+    println!("trained {} steps in {:.1} s", report.losses.len(), report.seconds);
+    if report.bad_samples > 0 {
+        println!("bad samples skipped: {}", report.bad_samples);
     }
-    println!("trained {} steps in {:.1} s", t.steps, t0.elapsed().as_secs_f64());
-    if let Some(dir) = out {
-        save_model_dir(dir, &cfg, &vlm.params.to_host(&be), SaveDtype::F32, None)?;
-        println!("saved model to {}", dir.display());
+    if let Some(e) = report.eval {
+        println!(
+            "eval: accuracy {:.3} ({}/{}), mean loss {:.4}{}",
+            e.accuracy(),
+            e.correct,
+            e.samples,
+            e.mean_loss,
+            if e.bad.is_empty() { String::new() } else { format!(", {} bad samples", e.bad.len()) }
+        );
     }
     Ok(())
 }

@@ -63,3 +63,55 @@ fn unknown_preset_and_device_are_clean_errors() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("--device cuda:0") && !err.contains("panicked"), "{err}");
 }
+
+#[test]
+fn demo_data_trains_and_evaluates_end_to_end() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("demo");
+    let out = worker(&["make-demo-data", "--out", data.to_str().unwrap(), "--train", "64", "--eval", "8"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    // A bad sample among the good ones: skipped, counted, never fatal.
+    std::fs::write(data.join("images/train_00003.png"), b"not a png").unwrap();
+    let d = data.display();
+    let config = format!(
+        r#"
+[model]
+preset = "tiny"
+[train]
+steps = 40
+batch_size = 8
+[optim.lr]
+vision_tower = 3e-3
+projector = 3e-3
+llm = 3e-3
+[data]
+tokenizer = "{d}/tokenizer.json"
+[[data.datasets]]
+path = "{d}/train.jsonl"
+image_folder = "{d}/images"
+[[data.eval_datasets]]
+path = "{d}/eval.jsonl"
+image_folder = "{d}/images"
+"#
+    );
+    let cfg = dir.path().join("job.toml");
+    std::fs::write(&cfg, config).unwrap();
+    let model = dir.path().join("model");
+    let out = worker(&["train", "--config", cfg.to_str().unwrap(), "--out", model.to_str().unwrap()]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{}\n{}", stdout, String::from_utf8_lossy(&out.stderr));
+    let losses: Vec<f64> = stdout
+        .lines()
+        .filter(|l| l.starts_with("step"))
+        .filter_map(|l| l.split_whitespace().nth(3).and_then(|v| v.parse().ok()))
+        .collect();
+    assert_eq!(losses.len(), 40, "{stdout}");
+    // From ~ln(vocab) down to the answer prior: the model learns the task's format.
+    assert!(losses[0] > 3.0 && losses[39] < 0.6 * losses[0], "losses {:?}", losses);
+    // 64 samples, 40 steps of 8: five epochs, the bad one skipped each time.
+    assert!(stdout.contains("bad samples skipped: 5"), "{stdout}");
+    assert!(stdout.contains("eval: accuracy"), "{stdout}");
+    let out = worker(&["eval", "--model", model.to_str().unwrap(), "--data", data.to_str().unwrap()]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success() && stdout.contains("(") && stdout.contains("/8)"), "{stdout}");
+}

@@ -40,6 +40,12 @@ pub struct Prepared {
 impl Batch {
     /// Checks the batch against the model and splices the image placeholders.
     pub fn prepare(&self, cfg: &ModelConfig) -> Result<Prepared> {
+        self.prepare_with(cfg, true)
+    }
+
+    /// As `prepare`; `need_targets` false allows a batch without any target
+    /// (inference: generation reads logits, not a loss).
+    pub fn prepare_with(&self, cfg: &ModelConfig, need_targets: bool) -> Result<Prepared> {
         let (b, t) = (self.batch, self.seq);
         if b == 0 || t == 0 {
             bail!("batch is empty ({b} samples of {t} tokens)");
@@ -122,7 +128,7 @@ impl Batch {
             }
         }
         let n_targets = targets.iter().filter(|&&x| x >= 0).count();
-        if n_targets == 0 {
+        if n_targets == 0 && need_targets {
             bail!("batch has no target token: every label is {IGNORE_INDEX} after the shift, so the loss is undefined");
         }
         Ok(Prepared { batch: b, seq, images, token_ids, image_rows, targets, n_targets })

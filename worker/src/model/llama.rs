@@ -192,6 +192,11 @@ impl<B: Backend> Llama<B> {
         &ws.logits
     }
 
+    /// The logits of the last `forward`.
+    pub fn logits(&self) -> &B::Buf {
+        &self.ws.as_ref().expect("call forward before logits").logits
+    }
+
     /// Loss sum over `targets` (already shifted; negative = ignored). With
     /// `grad_scale` it also leaves the logits' gradient for `backward`.
     pub fn loss(&mut self, be: &B, targets: &B::Idx, grad_scale: Option<f32>) -> f64 {

@@ -3,7 +3,7 @@
 //! through all of it, the ViT included.
 
 use super::batch::{Batch, Prepared};
-use super::config::ModelConfig;
+use super::config::{ModelConfig, IMAGE_TOKEN_INDEX};
 use super::llama::Llama;
 use super::params::Module;
 use super::projector::Projector;
@@ -68,8 +68,8 @@ impl<B: Backend> Vlm<B> {
         }
     }
 
-    fn forward(&mut self, be: &B, batch: &Batch) -> Result<(Prepared, B::Idx, B::Idx)> {
-        let prep = batch.prepare(&self.cfg)?;
+    fn forward(&mut self, be: &B, batch: &Batch, need_targets: bool) -> Result<(Prepared, B::Idx, B::Idx)> {
+        let prep = batch.prepare_with(&self.cfg, need_targets)?;
         let ids = be.upload_idx(&prep.token_ids);
         let rows = be.upload_idx(&prep.image_rows);
         let h = self.cfg.llm.hidden_size;
@@ -88,9 +88,21 @@ impl<B: Backend> Vlm<B> {
         Ok((prep, ids, rows))
     }
 
+    /// Forward only: the logits `[vocab]` at position `pos` of sample `sample`
+    /// (text positions, before the image tokens are spliced in; generation).
+    pub fn logits_at(&mut self, be: &B, batch: &Batch, sample: usize, pos: usize) -> Result<Vec<f32>> {
+        let (prep, _, _) = self.forward(be, batch, false)?;
+        let t = batch.seq;
+        let has_image_before = batch.input_ids[sample * t..sample * t + pos].contains(&IMAGE_TOKEN_INDEX);
+        let row = sample * prep.seq + pos + if has_image_before { self.cfg.image_tokens() - 1 } else { 0 };
+        let v = self.cfg.llm.vocab_size;
+        let logits = be.download(self.llm.logits());
+        Ok(logits[row * v..(row + 1) * v].to_vec())
+    }
+
     /// Forward only: the loss sum and target count (evaluation).
     pub fn loss(&mut self, be: &B, batch: &Batch) -> Result<LossSum> {
-        let (prep, _, _) = self.forward(be, batch)?;
+        let (prep, _, _) = self.forward(be, batch, true)?;
         let targets = be.upload_idx(&prep.targets);
         Ok(LossSum { sum: self.llm.loss(be, &targets, None), tokens: prep.n_targets })
     }
@@ -100,7 +112,7 @@ impl<B: Backend> Vlm<B> {
     /// count of the step, so accumulation and data parallelism sum up to the
     /// gradient of the mean loss). `None` uses this batch's own count.
     pub fn forward_backward(&mut self, be: &B, batch: &Batch, denominator: Option<usize>) -> Result<LossSum> {
-        let (prep, ids, rows) = self.forward(be, batch)?;
+        let (prep, ids, rows) = self.forward(be, batch, true)?;
         let targets = be.upload_idx(&prep.targets);
         let denom = denominator.unwrap_or(prep.n_targets).max(1);
         let sum = self.llm.loss(be, &targets, Some(1.0 / denom as f32));

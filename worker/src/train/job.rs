@@ -1,6 +1,7 @@
 //! The single-process training job config (TOML), e.g. `configs/tiny.toml`.
 
 use super::optimizer::OptimConfig;
+use crate::data::loader::DataConfig;
 use crate::model::ModelConfig;
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
@@ -27,7 +28,8 @@ pub struct TrainSection {
     /// Micro-batches per optimizer step.
     #[serde(default = "one")]
     pub grad_accum: usize,
-    /// Text tokens per synthetic sample (the image adds its tokens).
+    /// Text tokens per synthetic sample (without a `[data]` section).
+    #[serde(default = "sixteen")]
     pub text_tokens: usize,
     #[serde(default)]
     pub seed: u64,
@@ -40,6 +42,10 @@ fn one() -> usize {
     1
 }
 
+fn sixteen() -> usize {
+    16
+}
+
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TrainJob {
@@ -47,6 +53,9 @@ pub struct TrainJob {
     pub train: TrainSection,
     #[serde(default)]
     pub optim: OptimConfig,
+    /// Real data; without it the job trains on synthetic batches.
+    #[serde(default)]
+    pub data: Option<DataConfig>,
 }
 
 impl TrainJob {

@@ -2,6 +2,7 @@
 
 pub mod job;
 pub mod optimizer;
+pub mod run;
 pub mod schedule;
 pub mod trainer;
 

@@ -1,0 +1,1159 @@
+//! Image decoding and preprocessing, exactly as VILA 1.5 prepares an image
+//! for its S2 vision tower (DESIGN.md sections 1-2).
+//!
+//! VILA opens the file with PIL, converts it to RGB, optionally pads it to a
+//! square (`image_aspect_ratio = "pad"`), resizes it to the largest S2 scale
+//! with PIL's bicubic filter and hands it to the SigLIP image processor, which
+//! rescales by 1/255 and normalizes with mean = std = 0.5. This module does
+//! the same steps:
+//!
+//! 1. Read the header only ([`read_header`]) and refuse an image with more
+//!    than [`ImageConfig::max_pixels`] pixels before decoding anything (PIL's
+//!    decompression-bomb limit by default). The S2 tile count, and so the
+//!    sample's cost, is known at this point ([`tiles_for`], [`header_tiles`]).
+//! 2. Decode JPEG, PNG or WebP (the format is sniffed from the content; the
+//!    extension is only a fallback), with the decoder's own allocation limit
+//!    set to [`ImageConfig::max_decode_bytes`].
+//! 3. Convert to RGB the way PIL's `.convert("RGB")` does: alpha is dropped,
+//!    not composited; grayscale is replicated; a palette is expanded. 16-bit
+//!    samples keep their high byte, as PIL does for 16-bit RGB(A) PNGs. (For a
+//!    16-bit *grayscale* PNG PIL clips the 16-bit value to 255, which turns
+//!    almost every pixel white; we keep the high byte there too, on purpose.)
+//! 4. [`AspectMode::Pad`]: VILA's `expand2square`, the image pasted on a
+//!    square of colour (127, 127, 127) at `(0, (w - h) / 2)` or
+//!    `((h - w) / 2, 0)`. The square is never materialized: its rows are
+//!    produced one at a time while resizing.
+//! 5. Resize to `size x size` with [`resize_bicubic_pil`], a bit-exact port of
+//!    Pillow's `ImagingResample` for 8-bit images (bicubic, a = -0.5,
+//!    antialiased when downscaling, fixed-point, horizontal pass then
+//!    vertical, each rounded to uint8).
+//! 6. Normalize: `f32(v * (1/255))`, then `(x - 0.5) / 0.5` in f32, as
+//!    transformers' `rescale` + `normalize` compute it; output `[3, size,
+//!    size]` planar (CHW).
+//!
+//! The fixture script `tools/make_image_fixtures.py` computes the reference
+//! outputs with PIL and transformers' SigLIP processor; the tests here compare
+//! against them. PNG and lossless WebP match bit for bit. JPEG and lossy WebP
+//! decoders differ slightly between libjpeg-turbo/libwebp (PIL) and the
+//! `image` crate (zune-jpeg, image-webp); see the tests for the measured gap.
+//!
+//! EXIF orientation is ignored, as `PIL.Image.open` (and so VILA) ignores it.
+//!
+//! Dynamic S2 (NVILA's aspect-ratio-aware grid at the largest scale) is only
+//! a cost and grid computation here ([`dynamic_s2_grid`], [`S2Tiling`]): the
+//! model supports static square S2 only, and [`load_image`] always produces
+//! the square input of static S2.
+
+use super::BadSample;
+use crate::model::config::S2Config;
+use image::{DynamicImage, ImageDecoder, ImageFormat, ImageReader, Limits};
+use rayon::prelude::*;
+use serde::{Deserialize, Serialize};
+use std::io::{BufRead, Cursor, Seek};
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+
+/// PIL's decompression-bomb error threshold (`2 * Image.MAX_IMAGE_PIXELS`).
+pub const PIL_MAX_PIXELS: u64 = 178_956_970;
+/// Default decoder allocation limit: enough for a 16-bit RGBA image at
+/// [`PIL_MAX_PIXELS`] (8 bytes a pixel).
+pub const DEFAULT_MAX_DECODE_BYTES: u64 = 1_500_000_000;
+/// SigLIP's image mean and std (the same for every channel).
+pub const SIGLIP_MEAN: f32 = 0.5;
+pub const SIGLIP_STD: f32 = 0.5;
+/// `expand2square`'s background: `int(0.5 * 255)` per channel.
+pub const PAD_BACKGROUND: u8 = 127;
+
+/// How a non-square image becomes square (VILA's `image_aspect_ratio`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AspectMode {
+    /// Stretch to `size x size` (VILA 1.5 S2 models use this).
+    #[default]
+    Resize,
+    /// Pad to a square with the mean colour, then resize (`expand2square`).
+    Pad,
+}
+
+/// How the largest S2 scale is tiled, for cost accounting.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", tag = "kind", deny_unknown_fields)]
+pub enum S2Tiling {
+    /// Every scale is a square of `(scale / max_split_size)^2` tiles.
+    #[default]
+    Static,
+    /// NVILA's dynamic S2: the last scale uses the tile grid whose aspect
+    /// ratio is closest to the image's, with between `(last / split)^2` and
+    /// `max_tiles` tiles. Cost accounting only (see the module docs).
+    Dynamic { max_tiles: usize },
+}
+
+/// Image preprocessing settings of a job.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ImageConfig {
+    /// Output side: the largest S2 scale (768 for VILA-3B-S2).
+    pub size: usize,
+    #[serde(default)]
+    pub mode: AspectMode,
+    /// Images with more pixels (per the header) are refused before decoding.
+    #[serde(default = "default_max_pixels")]
+    pub max_pixels: u64,
+    /// The most the decoder may allocate for one image; checked against the
+    /// decoded size the header implies, before the buffer is allocated.
+    #[serde(default = "default_max_decode_bytes")]
+    pub max_decode_bytes: u64,
+    #[serde(default)]
+    pub tiling: S2Tiling,
+}
+
+fn default_max_pixels() -> u64 {
+    PIL_MAX_PIXELS
+}
+
+fn default_max_decode_bytes() -> u64 {
+    DEFAULT_MAX_DECODE_BYTES
+}
+
+impl ImageConfig {
+    /// Mode `resize`, static S2 and the default limits.
+    pub fn new(size: usize) -> Self {
+        ImageConfig {
+            size,
+            mode: AspectMode::Resize,
+            max_pixels: PIL_MAX_PIXELS,
+            max_decode_bytes: DEFAULT_MAX_DECODE_BYTES,
+            tiling: S2Tiling::Static,
+        }
+    }
+}
+
+/// Why an image could not be used. Every message is one line that names the
+/// file and the problem.
+#[derive(Debug, thiserror::Error)]
+pub enum ImageError {
+    #[error("image {}: file not found", path.display())]
+    Missing { path: PathBuf },
+    #[error("image {}: empty file (0 bytes)", path.display())]
+    Empty { path: PathBuf },
+    #[error("image {}: {width} x {height} pixels: {reason}", path.display())]
+    TooLarge { path: PathBuf, width: u32, height: u32, reason: String },
+    #[error("image {}: corrupt or truncated: {reason}", path.display())]
+    Corrupt { path: PathBuf, reason: String },
+    #[error("image {}: unsupported: {reason}", path.display())]
+    Unsupported { path: PathBuf, reason: String },
+    #[error("image {}: cannot read: {reason}", path.display())]
+    Io { path: PathBuf, reason: String },
+    #[error("image config: {0}")]
+    Config(String),
+}
+
+impl ImageError {
+    /// The sample-level report for the loader's skip/fail policy.
+    pub fn to_bad_sample(&self, id: &str) -> BadSample {
+        BadSample::new(id, self.to_string())
+    }
+}
+
+fn one_line(s: impl std::fmt::Display) -> String {
+    s.to_string().replace(['\n', '\r'], " ")
+}
+
+fn io_error(path: &Path, e: &std::io::Error) -> ImageError {
+    let path = path.to_path_buf();
+    match e.kind() {
+        std::io::ErrorKind::NotFound => ImageError::Missing { path },
+        std::io::ErrorKind::UnexpectedEof => ImageError::Corrupt { path, reason: one_line(e) },
+        _ => ImageError::Io { path, reason: one_line(e) },
+    }
+}
+
+/// Maps a decoder error; `dims` is the header size when known.
+fn decode_error(path: &Path, dims: (u32, u32), e: image::ImageError) -> ImageError {
+    let path = path.to_path_buf();
+    match e {
+        image::ImageError::IoError(e) => io_error(&path, &e),
+        image::ImageError::Limits(l) => ImageError::TooLarge {
+            path,
+            width: dims.0,
+            height: dims.1,
+            reason: format!("decoder refused: {}", one_line(l)),
+        },
+        image::ImageError::Unsupported(u) => ImageError::Unsupported { path, reason: one_line(u) },
+        other => ImageError::Corrupt { path, reason: one_line(other) },
+    }
+}
+
+fn check_pixels(path: &Path, width: u32, height: u32, max_pixels: u64) -> Result<(), ImageError> {
+    let pixels = width as u64 * height as u64;
+    if pixels > max_pixels {
+        return Err(ImageError::TooLarge {
+            path: path.to_path_buf(),
+            width,
+            height,
+            reason: format!("{pixels} pixels is over the limit of {max_pixels} (max_pixels); refused before decoding"),
+        });
+    }
+    if pixels == 0 {
+        return Err(ImageError::Corrupt { path: path.to_path_buf(), reason: format!("{width} x {height} image") });
+    }
+    Ok(())
+}
+
+/// Checks the file before any reading: it exists, is a file, is not empty.
+/// Returns its size.
+fn check_file(path: &Path) -> Result<u64, ImageError> {
+    let meta = std::fs::metadata(path).map_err(|e| io_error(path, &e))?;
+    if meta.is_dir() {
+        return Err(ImageError::Io { path: path.to_path_buf(), reason: "is a directory".into() });
+    }
+    if meta.len() == 0 {
+        return Err(ImageError::Empty { path: path.to_path_buf() });
+    }
+    Ok(meta.len())
+}
+
+/// Opens a decoder: reads the header (and for PNG the chunks before the
+/// image data) and checks the pixel limit. Nothing is decoded yet. The format
+/// is sniffed from the content, with the extension as the fallback.
+fn open_decoder<'a, R: BufRead + Seek + 'a>(
+    mut reader: ImageReader<R>,
+    path: &Path,
+    cfg: &ImageConfig,
+) -> Result<(impl ImageDecoder + 'a, (u32, u32), Option<ImageFormat>), ImageError> {
+    if let Ok(f) = ImageFormat::from_path(path) {
+        reader.set_format(f);
+    }
+    let reader = reader.with_guessed_format().map_err(|e| io_error(path, &e))?;
+    let format = reader.format();
+    let mut reader = reader;
+    let mut limits = Limits::default();
+    limits.max_alloc = Some(cfg.max_decode_bytes);
+    reader.limits(limits);
+    let decoder = reader.into_decoder().map_err(|e| decode_error(path, (0, 0), e))?;
+    let dims = decoder.dimensions();
+    check_pixels(path, dims.0, dims.1, cfg.max_pixels)?;
+    Ok((decoder, dims, format))
+}
+
+/// Catches a panic inside a decoder (none is known; this keeps a malformed
+/// file from taking down a loader thread if one ever appears).
+fn no_panic<T>(path: &Path, f: impl FnOnce() -> Result<T, ImageError>) -> Result<T, ImageError> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).unwrap_or_else(|_| {
+        Err(ImageError::Corrupt { path: path.to_path_buf(), reason: "the decoder panicked on this file".into() })
+    })
+}
+
+/// The image's `(width, height)` from its header, without decoding it (only
+/// the first bytes of the file are read). Refuses an image over
+/// `cfg.max_pixels` with [`ImageError::TooLarge`].
+pub fn read_header(path: &Path, cfg: &ImageConfig) -> Result<(u32, u32), ImageError> {
+    no_panic(path, || {
+        check_file(path)?;
+        let reader = ImageReader::open(path).map_err(|e| io_error(path, &e))?;
+        open_decoder(reader, path, cfg).map(|(_, dims, _)| dims)
+    })
+}
+
+/// Decodes an image file to RGB8 (HWC), with the header checks of
+/// [`read_header`] first. Returns `(pixels, width, height)`.
+pub fn decode_rgb8(path: &Path, cfg: &ImageConfig) -> Result<(Vec<u8>, usize, usize), ImageError> {
+    no_panic(path, || {
+        let len = check_file(path)?;
+        if len > cfg.max_decode_bytes {
+            return Err(ImageError::TooLarge {
+                path: path.to_path_buf(),
+                width: 0,
+                height: 0,
+                reason: format!(
+                    "the file is {len} bytes, over the limit of {} (max_decode_bytes)",
+                    cfg.max_decode_bytes
+                ),
+            });
+        }
+        // The compressed file is small next to the decoded image: read it
+        // whole, then decode from memory.
+        let bytes = std::fs::read(path).map_err(|e| io_error(path, &e))?;
+        let (decoder, (w, h), format) = open_decoder(ImageReader::new(Cursor::new(&bytes[..])), path, cfg)?;
+        let need = decoder.total_bytes();
+        if need > cfg.max_decode_bytes {
+            return Err(ImageError::TooLarge {
+                path: path.to_path_buf(),
+                width: w,
+                height: h,
+                reason: format!(
+                    "decoding needs {need} bytes, over the limit of {} (max_decode_bytes)",
+                    cfg.max_decode_bytes
+                ),
+            });
+        }
+        let complete = match format {
+            Some(ImageFormat::Jpeg) => jpeg_is_complete(&bytes),
+            Some(ImageFormat::WebP) => webp_is_complete(&bytes),
+            _ => Ok(()),
+        };
+        complete.map_err(|reason| ImageError::Corrupt { path: path.to_path_buf(), reason })?;
+        let img = DynamicImage::from_decoder(decoder).map_err(|e| decode_error(path, (w, h), e))?;
+        Ok((to_rgb8_pil(img), w as usize, h as usize))
+    })
+}
+
+/// A WebP file must hold the whole RIFF chunk its header declares: libwebp
+/// (and so PIL) refuses it otherwise, while image-webp decodes a file that
+/// lacks its last bytes.
+fn webp_is_complete(b: &[u8]) -> Result<(), String> {
+    let Some(size) = b.get(4..8).map(|s| u32::from_le_bytes([s[0], s[1], s[2], s[3]]) as u64) else {
+        return Err("truncated WebP: no RIFF header".into());
+    };
+    if (b.len() as u64) < size + 8 {
+        return Err(format!("truncated WebP: the RIFF header declares {} bytes, the file has {}", size + 8, b.len()));
+    }
+    Ok(())
+}
+
+/// Walks a JPEG's marker segments and entropy-coded data up to its
+/// end-of-image marker. The `image` crate's JPEG decoder (zune-jpeg, not in
+/// strict mode) fills a truncated image with grey and succeeds; PIL (and so
+/// VILA) refuses it ("image file is truncated"), even when only the final
+/// EOI marker is missing. This refuses the same files. Bytes after EOI are
+/// ignored, as libjpeg ignores them.
+fn jpeg_is_complete(b: &[u8]) -> Result<(), String> {
+    let truncated = || Err("truncated JPEG: the file ends before its end-of-image marker".to_string());
+    if b.len() < 2 || b[0] != 0xFF || b[1] != 0xD8 {
+        return Err("no JPEG start-of-image marker".into());
+    }
+    let mut i = 2;
+    loop {
+        // Find the next marker (libjpeg skips stray bytes with a warning),
+        // then skip fill bytes.
+        match b[i.min(b.len())..].iter().position(|&v| v == 0xFF) {
+            Some(off) => i += off,
+            None => return truncated(),
+        }
+        while i < b.len() && b[i] == 0xFF {
+            i += 1;
+        }
+        let Some(&marker) = b.get(i) else { return truncated() };
+        i += 1;
+        match marker {
+            0xD9 => return Ok(()),
+            // Standalone markers (and a stuffed zero outside a scan).
+            0x00 | 0x01 | 0xD0..=0xD7 => continue,
+            _ => {}
+        }
+        let Some(len) = b.get(i..i + 2).map(|l| u16::from_be_bytes([l[0], l[1]]) as usize) else {
+            return truncated();
+        };
+        if len < 2 {
+            return Err(format!("corrupt JPEG: segment length {len} at byte {i}"));
+        }
+        i += len;
+        if i > b.len() {
+            return truncated();
+        }
+        if marker == 0xDA {
+            // Entropy-coded data: runs to the next marker that is not a
+            // stuffed zero (FF 00) or a restart marker (FF D0..D7).
+            loop {
+                match b[i..].iter().position(|&v| v == 0xFF) {
+                    Some(off) => i += off,
+                    None => return truncated(),
+                }
+                match b.get(i + 1) {
+                    None => return truncated(),
+                    Some(0x00 | 0xD0..=0xD7) => i += 2,
+                    Some(0xFF) => i += 1,
+                    Some(_) => break,
+                }
+            }
+        }
+    }
+}
+
+/// RGB8 the way PIL's `convert("RGB")` makes it (see the module docs).
+fn to_rgb8_pil(img: DynamicImage) -> Vec<u8> {
+    fn map<T: Copy, const N: usize>(src: &[T], f: impl Fn(&[T]) -> [u8; 3]) -> Vec<u8> {
+        let mut out = Vec::with_capacity(src.len() / N * 3);
+        for p in src.chunks_exact(N) {
+            out.extend_from_slice(&f(p));
+        }
+        out
+    }
+    let hi = |v: u16| (v >> 8) as u8;
+    match img {
+        DynamicImage::ImageRgb8(b) => b.into_raw(),
+        DynamicImage::ImageRgba8(b) => map::<u8, 4>(b.as_raw(), |p| [p[0], p[1], p[2]]),
+        DynamicImage::ImageLuma8(b) => map::<u8, 1>(b.as_raw(), |p| [p[0]; 3]),
+        DynamicImage::ImageLumaA8(b) => map::<u8, 2>(b.as_raw(), |p| [p[0]; 3]),
+        DynamicImage::ImageRgb16(b) => map::<u16, 3>(b.as_raw(), |p| [hi(p[0]), hi(p[1]), hi(p[2])]),
+        DynamicImage::ImageRgba16(b) => map::<u16, 4>(b.as_raw(), |p| [hi(p[0]), hi(p[1]), hi(p[2])]),
+        DynamicImage::ImageLuma16(b) => map::<u16, 1>(b.as_raw(), |p| [hi(p[0]); 3]),
+        DynamicImage::ImageLumaA16(b) => map::<u16, 2>(b.as_raw(), |p| [hi(p[0]); 3]),
+        other => other.to_rgb8().into_raw(),
+    }
+}
+
+/// Loads an image file as the vision tower's input: `[3, size, size]` f32,
+/// CHW, normalized, following every step in the module docs. Never panics.
+pub fn load_image(path: &Path, cfg: &ImageConfig) -> Result<Vec<f32>, ImageError> {
+    if cfg.size == 0 {
+        return Err(ImageError::Config("image size must be > 0".into()));
+    }
+    let (rgb, w, h) = decode_rgb8(path, cfg)?;
+    Ok(preprocess_rgb8(&rgb, w, h, cfg))
+}
+
+/// The steps after decoding, for an RGB8 (HWC) image already in memory: pad
+/// (mode `pad`), resize to `cfg.size`, normalize. Returns `[3, size, size]`.
+///
+/// Panics if `rgb.len() != w * h * 3` or the image is empty.
+pub fn preprocess_rgb8(rgb: &[u8], w: usize, h: usize, cfg: &ImageConfig) -> Vec<f32> {
+    let resized = resize_rgb8(rgb, w, h, cfg.size, cfg.mode);
+    normalize_chw(&resized, cfg.size)
+}
+
+/// Pad (mode `pad`) and resize to `size x size`, uint8 HWC: the image PIL
+/// hands to the SigLIP processor.
+pub fn resize_rgb8(rgb: &[u8], w: usize, h: usize, size: usize, mode: AspectMode) -> Vec<u8> {
+    assert_eq!(rgb.len(), w * h * 3, "resize_rgb8: buffer is not {w} x {h} x 3");
+    if mode == AspectMode::Resize || w == h {
+        return resize_bicubic_pil(rgb, w, h, 3, size, size);
+    }
+    // expand2square, without building the square.
+    let side = w.max(h);
+    let (left, top) = if w > h { (0, (w - h) / 2) } else { ((h - w) / 2, 0) };
+    let source =
+        Source { data: rgb, w, h, channels: 3, canvas_w: side, canvas_h: side, left, top, fill: PAD_BACKGROUND };
+    resample(&source, size, size)
+}
+
+/// uint8 HWC RGB -> `[3, size, size]` f32: `(f32(v * (1/255)) - 0.5) / 0.5`.
+fn normalize_chw(hwc: &[u8], size: usize) -> Vec<f32> {
+    let lut: Vec<f32> = (0..256).map(|v| ((v as f64 * (1.0 / 255.0)) as f32 - SIGLIP_MEAN) / SIGLIP_STD).collect();
+    let plane = size * size;
+    let mut out = vec![0f32; 3 * plane];
+    for (i, px) in hwc.chunks_exact(3).enumerate() {
+        for c in 0..3 {
+            out[c * plane + i] = lut[px[c] as usize];
+        }
+    }
+    out
+}
+
+// ---------------------------------------------------------------------------
+// Pillow's resampler (src/libImaging/Resample.c), 8 bits per channel.
+
+/// Fixed-point bits of the coefficients: 32 - 8 (result) - 2 (headroom).
+const PRECISION_BITS: u32 = 32 - 8 - 2;
+const BICUBIC_SUPPORT: f64 = 2.0;
+
+/// PIL's bicubic kernel, a = -0.5, written as Pillow evaluates it.
+fn bicubic_filter(x: f64) -> f64 {
+    const A: f64 = -0.5;
+    let x = x.abs();
+    if x < 1.0 {
+        ((A + 2.0) * x - (A + 3.0)) * x * x + 1.0
+    } else if x < 2.0 {
+        (((x - 5.0) * x + 8.0) * x - 4.0) * A
+    } else {
+        0.0
+    }
+}
+
+/// One axis of the resample: for each output index the first input index
+/// and the tap count, and `ksize` fixed-point coefficients.
+struct Coeffs {
+    ksize: usize,
+    bounds: Vec<(usize, usize)>,
+    k: Vec<i32>,
+}
+
+impl Coeffs {
+    fn taps(&self, i: usize) -> (usize, &[i32]) {
+        let (min, n) = self.bounds[i];
+        (min, &self.k[i * self.ksize..i * self.ksize + n])
+    }
+}
+
+/// `precompute_coeffs` + `normalize_coeffs_8bpc`, for the box (0, in_size).
+fn precompute_coeffs(in_size: usize, out_size: usize) -> Coeffs {
+    // Pillow's box corners are C floats: `(double)(in1 - in0) / outSize`.
+    let scale = (in_size as f32) as f64 / out_size as f64;
+    let filterscale = scale.max(1.0);
+    let support = BICUBIC_SUPPORT * filterscale;
+    let ksize = support.ceil() as usize * 2 + 1;
+    let ss = 1.0 / filterscale;
+    let mut bounds = Vec::with_capacity(out_size);
+    let mut k = vec![0i32; out_size * ksize];
+    let mut w = vec![0f64; ksize];
+    for xx in 0..out_size {
+        let center = (xx as f64 + 0.5) * scale;
+        // C's (int) truncates toward zero; a negative start clamps to 0 either way.
+        let xmin = ((center - support + 0.5) as i64).max(0) as usize;
+        let xmax = ((center + support + 0.5) as i64).min(in_size as i64).max(xmin as i64) as usize;
+        let n = (xmax - xmin).min(ksize);
+        let mut ww = 0.0;
+        for (x, wx) in w[..n].iter_mut().enumerate() {
+            *wx = bicubic_filter(((x + xmin) as f64 - center + 0.5) * ss);
+            ww += *wx;
+        }
+        let one = (1u32 << PRECISION_BITS) as f64;
+        for (kx, &wx) in k[xx * ksize..xx * ksize + n].iter_mut().zip(&w[..n]) {
+            let v = if ww != 0.0 { wx / ww } else { wx };
+            *kx = if v < 0.0 { (-0.5 + v * one) as i32 } else { (0.5 + v * one) as i32 };
+        }
+        bounds.push((xmin, n));
+    }
+    Coeffs { ksize, bounds, k }
+}
+
+/// Pillow's `clip8`: drop the fraction (the sums start at one half, so this
+/// rounds) and clamp to 0..=255.
+#[inline]
+fn clip8(ss: i32) -> u8 {
+    (ss >> PRECISION_BITS).clamp(0, 255) as u8
+}
+
+const HALF: i32 = 1 << (PRECISION_BITS - 1);
+
+/// Horizontal pass of one row, for the output columns `cols` (`out` holds
+/// just those).
+fn horizontal_row<const C: usize>(src: &[u8], co: &Coeffs, cols: Range<usize>, out: &mut [u8]) {
+    for (xx, px) in cols.zip(out.chunks_exact_mut(C)) {
+        let (xmin, k) = co.taps(xx);
+        let mut ss = [HALF; C];
+        for (s, &kv) in src[xmin * C..].chunks_exact(C).zip(k) {
+            for c in 0..C {
+                ss[c] += s[c] as i32 * kv;
+            }
+        }
+        for c in 0..C {
+            px[c] = clip8(ss[c]);
+        }
+    }
+}
+
+fn horizontal_row_dyn(src: &[u8], channels: usize, co: &Coeffs, cols: Range<usize>, out: &mut [u8]) {
+    match channels {
+        1 => horizontal_row::<1>(src, co, cols, out),
+        2 => horizontal_row::<2>(src, co, cols, out),
+        3 => horizontal_row::<3>(src, co, cols, out),
+        4 => horizontal_row::<4>(src, co, cols, out),
+        _ => {
+            for (xx, px) in cols.zip(out.chunks_exact_mut(channels)) {
+                let (xmin, k) = co.taps(xx);
+                for (c, p) in px.iter_mut().enumerate() {
+                    let ss =
+                        k.iter().enumerate().fold(HALF, |ss, (x, &kv)| ss + src[(xmin + x) * channels + c] as i32 * kv);
+                    *p = clip8(ss);
+                }
+            }
+        }
+    }
+}
+
+/// What a resample reads: a `w x h` image of `channels` interleaved 8-bit
+/// channels, placed at (`left`, `top`) on a `canvas_w x canvas_h` canvas of
+/// colour `fill` (the whole canvas when there is no padding).
+struct Source<'a> {
+    data: &'a [u8],
+    w: usize,
+    h: usize,
+    channels: usize,
+    canvas_w: usize,
+    canvas_h: usize,
+    left: usize,
+    top: usize,
+    fill: u8,
+}
+
+/// Pillow's `ImagingResampleInner` with its 8-bit passes, on a [`Source`]
+/// whose canvas is never built: a row or output pixel that reads only the
+/// fill colour is computed once and copied (it is the same sum).
+fn resample(src: &Source, out_w: usize, out_h: usize) -> Vec<u8> {
+    let (c, cw, ch) = (src.channels, src.canvas_w, src.canvas_h);
+    if out_w == 0 || out_h == 0 || c == 0 {
+        return Vec::new();
+    }
+    assert!(cw > 0 && ch > 0, "resample: empty source image ({cw} x {ch})");
+    debug_assert!(src.left + src.w <= cw && src.top + src.h <= ch && src.data.len() == src.w * src.h * c);
+    let vert = precompute_coeffs(ch, out_h);
+    // Canvas rows the vertical pass reads.
+    let first = vert.bounds[0].0;
+    let last = vert.bounds[out_h - 1].0 + vert.bounds[out_h - 1].1;
+    let stride = out_w * c;
+    let horiz = (out_w != cw).then(|| precompute_coeffs(cw, out_w));
+    // The horizontal pass of a row of fill.
+    let fill_row = vec![src.fill; cw * c];
+    let mut blank = vec![src.fill; stride];
+    if let Some(horiz) = &horiz {
+        horizontal_row_dyn(&fill_row, c, horiz, 0..out_w, &mut blank);
+    }
+    let full = src.left == 0 && src.w == cw;
+    let mut tmp = vec![0u8; (last - first) * stride];
+    tmp.par_chunks_mut(stride).enumerate().for_each_init(
+        || if full { Vec::new() } else { fill_row.clone() },
+        |buf, (i, out)| {
+            let y = first + i;
+            if y < src.top || y >= src.top + src.h {
+                out.copy_from_slice(&blank);
+                return;
+            }
+            let r = &src.data[(y - src.top) * src.w * c..(y - src.top + 1) * src.w * c];
+            // The canvas row: the image row itself, or the fill with the
+            // image row pasted in (only that part of `buf` ever changes).
+            let row: &[u8] = if full {
+                r
+            } else {
+                buf[src.left * c..(src.left + src.w) * c].copy_from_slice(r);
+                buf
+            };
+            match &horiz {
+                None => out.copy_from_slice(row),
+                Some(horiz) if full => horizontal_row_dyn(row, c, horiz, 0..out_w, out),
+                Some(horiz) => {
+                    // Output pixels whose taps all fall on the fill are the
+                    // blank row's; compute the others.
+                    let lo = (0..out_w).find(|&x| horiz.bounds[x].0 + horiz.bounds[x].1 > src.left).unwrap_or(out_w);
+                    let hi = (lo..out_w).find(|&x| horiz.bounds[x].0 >= src.left + src.w).unwrap_or(out_w);
+                    out[..lo * c].copy_from_slice(&blank[..lo * c]);
+                    out[hi * c..].copy_from_slice(&blank[hi * c..]);
+                    horizontal_row_dyn(row, c, horiz, lo..hi, &mut out[lo * c..hi * c]);
+                }
+            }
+        },
+    );
+    if out_h == ch {
+        // Pillow skips the vertical pass; `first..last` is then every row.
+        debug_assert_eq!((first, last), (0, ch));
+        return tmp;
+    }
+    let mut out = vec![0u8; out_h * stride];
+    out.par_chunks_mut(stride).enumerate().for_each_init(
+        || vec![0i32; stride],
+        |ss, (yy, out_row)| {
+            let (ymin, k) = vert.taps(yy);
+            ss.fill(HALF);
+            for (y, &kv) in k.iter().enumerate() {
+                let t = &tmp[(ymin - first + y) * stride..(ymin - first + y + 1) * stride];
+                for (s, &v) in ss.iter_mut().zip(t) {
+                    *s += v as i32 * kv;
+                }
+            }
+            for (o, &s) in out_row.iter_mut().zip(ss.iter()) {
+                *o = clip8(s);
+            }
+        },
+    );
+    out
+}
+
+/// Pillow's `Image.resize((out_w, out_h), Image.BICUBIC)` on an 8-bit image
+/// of `channels` interleaved channels (HWC), bit for bit: Pillow's
+/// coefficients (support 2, scaled by the downscale factor: antialiasing),
+/// rounded to 22-bit fixed point, a horizontal pass into a uint8 image of
+/// `out_w` columns, then a vertical pass, each rounded and clamped to uint8.
+/// A pass whose size does not change is skipped, as in Pillow. Rows run in
+/// parallel (rayon).
+///
+/// Note that Pillow resizes RGBA/LA in premultiplied alpha; this function
+/// does not (VILA converts to RGB first).
+///
+/// Panics if `src.len() != w * h * channels`, or if the source is empty and
+/// the output is not.
+pub fn resize_bicubic_pil(src: &[u8], w: usize, h: usize, channels: usize, out_w: usize, out_h: usize) -> Vec<u8> {
+    assert_eq!(src.len(), w * h * channels, "resize_bicubic_pil: buffer is not {w} x {h} x {channels}");
+    let source = Source { data: src, w, h, channels, canvas_w: w, canvas_h: h, left: 0, top: 0, fill: 0 };
+    resample(&source, out_w, out_h)
+}
+
+// ---------------------------------------------------------------------------
+// S2 tiles, and so the cost, from the header.
+
+/// NVILA's dynamic S2 grid `(cols, rows)` for a `w x h` image: among the
+/// grids with `min_tiles <= cols * rows <= max_tiles`, the one whose aspect
+/// ratio `cols / rows` is closest to `w / h`. On a tie the grid with more
+/// tiles wins if the image has more than half their pixels (`w * h > 0.5 *
+/// base^2 * cols * rows`), as InternVL's `find_closest_aspect_ratio` does
+/// (candidates in increasing tile count; between two grids of the same count,
+/// which Python visits in set order, the one with fewer columns comes first
+/// here). `(1, 1)` when no grid qualifies. NVILA uses `min_tiles = (last
+/// scale / first scale)^2` and `max_tiles = 12`.
+pub fn dynamic_s2_grid(w: u32, h: u32, base: usize, min_tiles: usize, max_tiles: usize) -> (usize, usize) {
+    let mut cands: Vec<(usize, usize)> = (1..=max_tiles)
+        .flat_map(|i| (1..=max_tiles).map(move |j| (i, j)))
+        .filter(|&(i, j)| i * j >= min_tiles && i * j <= max_tiles)
+        .collect();
+    cands.sort_by_key(|&(i, j)| (i * j, i));
+    let aspect = w as f64 / h.max(1) as f64;
+    let area = w as f64 * h as f64;
+    let mut best_diff = f64::INFINITY;
+    let mut best = (1, 1);
+    for (i, j) in cands {
+        let diff = (aspect - i as f64 / j as f64).abs();
+        if diff < best_diff {
+            best_diff = diff;
+            best = (i, j);
+        } else if diff == best_diff && area > 0.5 * (base * base) as f64 * (i * j) as f64 {
+            best = (i, j);
+        }
+    }
+    best
+}
+
+/// ViT tiles (passes at `max_split_size`) one image costs. Static S2:
+/// `sum over scales of (scale / split)^2` (5 for VILA-3B-S2). Dynamic S2:
+/// the square grids of every scale but the last, plus the dynamic grid of the
+/// last (1 + cols * rows for two scales).
+pub fn tiles_for(cfg: &ImageConfig, s2: &S2Config, w: u32, h: u32) -> usize {
+    match cfg.tiling {
+        S2Tiling::Static => s2.tiles_per_image(),
+        S2Tiling::Dynamic { max_tiles } => {
+            let splits = s2.splits();
+            let Some((&last, rest)) = splits.split_last() else { return 0 };
+            let (cols, rows) = dynamic_s2_grid(w, h, s2.max_split_size, last * last, max_tiles);
+            rest.iter().map(|n| n * n).sum::<usize>() + cols * rows
+        }
+    }
+}
+
+/// [`tiles_for`] from the file's header, without decoding it.
+pub fn header_tiles(path: &Path, cfg: &ImageConfig, s2: &S2Config) -> Result<usize, ImageError> {
+    let (w, h) = read_header(path, cfg)?;
+    Ok(tiles_for(cfg, s2, w, h))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::Value;
+
+    const S: usize = 40;
+
+    fn fixtures() -> PathBuf {
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/images")
+    }
+
+    fn manifest() -> Value {
+        let text = std::fs::read_to_string(fixtures().join("manifest.json")).unwrap();
+        serde_json::from_str(&text).unwrap()
+    }
+
+    fn read_f32(path: &Path) -> Vec<f32> {
+        std::fs::read(path).unwrap().chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect()
+    }
+
+    /// (max abs error, mean abs error, share of values off by one level or more)
+    fn compare(got: &[f32], want: &[f32]) -> (f32, f64, f64) {
+        assert_eq!(got.len(), want.len());
+        let mut max = 0f32;
+        let mut sum = 0f64;
+        let mut off = 0usize;
+        for (g, w) in got.iter().zip(want) {
+            let d = (g - w).abs();
+            max = max.max(d);
+            sum += d as f64;
+            if d > 0.5 / 127.5 {
+                off += 1;
+            }
+        }
+        (max, sum / got.len() as f64, off as f64 / got.len() as f64)
+    }
+
+    #[test]
+    fn matches_pil_and_siglip_processor() {
+        let m = manifest();
+        assert_eq!(m["size"].as_u64(), Some(S as u64));
+        let one_level = 1.0 / 127.5 + 1e-6;
+        let mut report = Vec::new();
+        for case in m["cases"].as_array().unwrap() {
+            let name = case["image"].as_str().unwrap();
+            let mode = match case["mode"].as_str().unwrap() {
+                "resize" => AspectMode::Resize,
+                "pad" => AspectMode::Pad,
+                other => panic!("mode {other}"),
+            };
+            let path = fixtures().join(name);
+            let cfg = ImageConfig { mode, ..ImageConfig::new(S) };
+            let dims = read_header(&path, &cfg).unwrap();
+            assert_eq!(dims, (case["width"].as_u64().unwrap() as u32, case["height"].as_u64().unwrap() as u32));
+            let got = load_image(&path, &cfg).unwrap();
+            let want = read_f32(&fixtures().join(case["expected"].as_str().unwrap()));
+            let (max, mean, off) = compare(&got, &want);
+            report.push(format!("{name} {mode:?}: max {max:.6} mean {mean:.6} off {:.2}%", off * 100.0));
+            match case["format"].as_str().unwrap() {
+                // Lossless formats: the decoded pixels are the same, and the
+                // resampler and normalization are exact.
+                "png" => assert_eq!(max, 0.0, "{name} {mode:?}: max abs error {max}"),
+                "webp" if name.starts_with("lossless") => assert_eq!(max, 0.0, "{name} {mode:?}"),
+                // zune-jpeg vs libjpeg-turbo decode a few pixel values
+                // differently (IDCT, chroma upsampling and colour conversion
+                // rounding); everything after decoding is exact. Measured:
+                // max 4 levels, mean 0.46 level (resize) / 0.29 (pad), 38% of
+                // the values off by one level or more.
+                "jpeg" => {
+                    assert!(max <= 5.0 * one_level, "{name} {mode:?}: max {max}");
+                    assert!(mean <= 0.75 * one_level as f64, "{name} {mode:?}: mean {mean}");
+                }
+                // image-webp vs libwebp (lossy VP8): measured bit-exact.
+                "webp" => assert!(max <= one_level, "{name} {mode:?}: max {max}"),
+                other => panic!("format {other}"),
+            }
+        }
+        eprintln!("{}", report.join("\n"));
+    }
+
+    #[test]
+    fn resampler_matches_pil_bit_for_bit() {
+        let m = manifest();
+        for case in m["resample"].as_array().unwrap() {
+            let img = image::open(fixtures().join(case["input"].as_str().unwrap())).unwrap();
+            let (w, h) = (img.width() as usize, img.height() as usize);
+            let channels = case["channels"].as_u64().unwrap() as usize;
+            let src = if channels == 1 { img.to_luma8().into_raw() } else { img.to_rgb8().into_raw() };
+            let (ow, oh) =
+                (case["out_width"].as_u64().unwrap() as usize, case["out_height"].as_u64().unwrap() as usize);
+            let got = resize_bicubic_pil(&src, w, h, channels, ow, oh);
+            let want = std::fs::read(fixtures().join(case["expected"].as_str().unwrap())).unwrap();
+            let diff = got.iter().zip(&want).filter(|(a, b)| a != b).count();
+            assert_eq!(got.len(), want.len());
+            assert_eq!(diff, 0, "{w}x{h}x{channels} -> {ow}x{oh}: {diff} bytes differ");
+        }
+    }
+
+    #[test]
+    fn resampler_edge_sizes() {
+        // Same size: a copy, as in Pillow.
+        let src: Vec<u8> = (0..5 * 4 * 3).map(|i| (i * 7 % 256) as u8).collect();
+        assert_eq!(resize_bicubic_pil(&src, 5, 4, 3, 5, 4), src);
+        // A constant image stays constant, up and down.
+        let flat = vec![200u8; 9 * 7 * 3];
+        assert!(resize_bicubic_pil(&flat, 9, 7, 3, 31, 2).iter().all(|&v| v == 200));
+        // 1x1 up, and down to 1x1.
+        assert_eq!(resize_bicubic_pil(&[10, 20, 30], 1, 1, 3, 3, 2), [10, 20, 30].repeat(6));
+        assert_eq!(resize_bicubic_pil(&flat, 9, 7, 3, 1, 1), vec![200; 3]);
+        assert!(resize_bicubic_pil(&flat, 9, 7, 3, 0, 5).is_empty());
+        // Five channels take the generic path.
+        let five: Vec<u8> = (0..6 * 5 * 5).map(|i| (i * 13 % 256) as u8).collect();
+        let got = resize_bicubic_pil(&five, 6, 5, 5, 4, 3);
+        for c in 0..5 {
+            let plane: Vec<u8> = five.iter().skip(c).step_by(5).copied().collect();
+            let want = resize_bicubic_pil(&plane, 6, 5, 1, 4, 3);
+            let got_c: Vec<u8> = got.iter().skip(c).step_by(5).copied().collect();
+            assert_eq!(got_c, want);
+        }
+    }
+
+    #[test]
+    fn pad_mode_on_extreme_shapes() {
+        // 1 x 9 and 9 x 1: padding is most of the square; no panic, background
+        // where no image pixel reaches.
+        for (w, h) in [(1usize, 9usize), (9, 1), (3, 3)] {
+            let rgb = vec![255u8; w * h * 3];
+            let out = resize_rgb8(&rgb, w, h, 12, AspectMode::Pad);
+            assert_eq!(out.len(), 12 * 12 * 3);
+            if w != h {
+                assert_eq!(out[0], PAD_BACKGROUND, "{w}x{h}");
+                assert_eq!(out[out.len() - 1], PAD_BACKGROUND, "{w}x{h}");
+            } else {
+                assert!(out.iter().all(|&v| v == 255));
+            }
+        }
+        // The padded resample equals resizing the explicitly built square
+        // (what expand2square + Image.resize do), down and up, wide and tall.
+        for (w, h, size) in [(50usize, 7usize, 16usize), (7, 50, 16), (13, 40, 64), (40, 13, 9), (2, 3, 5)] {
+            let rgb: Vec<u8> = (0..w * h * 3).map(|i| ((i * 97 + i / 7 * 31) % 256) as u8).collect();
+            let side = w.max(h);
+            let (left, top) = if w > h { (0, (w - h) / 2) } else { ((h - w) / 2, 0) };
+            let mut square = vec![PAD_BACKGROUND; side * side * 3];
+            for y in 0..h {
+                let dst = ((top + y) * side + left) * 3;
+                square[dst..dst + w * 3].copy_from_slice(&rgb[y * w * 3..(y + 1) * w * 3]);
+            }
+            let want = resize_bicubic_pil(&square, side, side, 3, size, size);
+            assert_eq!(resize_rgb8(&rgb, w, h, size, AspectMode::Pad), want, "{w}x{h} -> {size}");
+        }
+        // A 1x1 image (0, 127, 255): three constant planes, normalized as
+        // transformers does it.
+        let norm = preprocess_rgb8(&[0, 127, 255], 1, 1, &ImageConfig::new(2));
+        let mid = ((127.0f64 * (1.0 / 255.0)) as f32 - 0.5) / 0.5;
+        assert_eq!(norm, [-1.0, -1.0, -1.0, -1.0, mid, mid, mid, mid, 1.0, 1.0, 1.0, 1.0]);
+    }
+
+    // --- bad input ---------------------------------------------------------
+
+    fn crc32(bytes: &[u8]) -> u32 {
+        let mut crc = !0u32;
+        for &b in bytes {
+            crc ^= b as u32;
+            for _ in 0..8 {
+                crc = if crc & 1 != 0 { (crc >> 1) ^ 0xEDB8_8320 } else { crc >> 1 };
+            }
+        }
+        !crc
+    }
+
+    fn png_chunk(out: &mut Vec<u8>, kind: &[u8; 4], data: &[u8]) {
+        out.extend_from_slice(&(data.len() as u32).to_be_bytes());
+        let mut body = kind.to_vec();
+        body.extend_from_slice(data);
+        out.extend_from_slice(&body);
+        out.extend_from_slice(&crc32(&body).to_be_bytes());
+    }
+
+    /// A PNG whose IHDR declares `w x h` RGB8, with one tiny IDAT (a zlib
+    /// stream of one zero byte) and IEND: a valid header, hopeless data.
+    fn png_declaring(w: u32, h: u32) -> Vec<u8> {
+        let mut out = b"\x89PNG\r\n\x1a\n".to_vec();
+        let mut ihdr = Vec::new();
+        ihdr.extend_from_slice(&w.to_be_bytes());
+        ihdr.extend_from_slice(&h.to_be_bytes());
+        ihdr.extend_from_slice(&[8, 2, 0, 0, 0]); // 8-bit, RGB, deflate, no filter, no interlace
+        png_chunk(&mut out, b"IHDR", &ihdr);
+        png_chunk(&mut out, b"IDAT", &[0x78, 0x9c, 0x63, 0x00, 0x00, 0x00, 0x01, 0x00, 0x01]);
+        png_chunk(&mut out, b"IEND", &[]);
+        out
+    }
+
+    fn expect_err(path: &Path, cfg: &ImageConfig) -> ImageError {
+        let err = match load_image(path, cfg) {
+            Ok(v) => panic!("{}: loaded ({} values), expected an error", path.display(), v.len()),
+            Err(e) => e,
+        };
+        let msg = err.to_string();
+        assert!(msg.contains(&path.display().to_string()), "{msg}");
+        assert!(!msg.contains('\n'), "{msg}");
+        err
+    }
+
+    #[test]
+    fn crc32_is_the_png_one() {
+        assert_eq!(crc32(b"IEND"), 0xAE42_6082);
+    }
+
+    #[test]
+    fn missing_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("nope.jpg");
+        let cfg = ImageConfig::new(S);
+        assert!(matches!(expect_err(&path, &cfg), ImageError::Missing { .. }));
+        assert!(matches!(read_header(&path, &cfg), Err(ImageError::Missing { .. })));
+        assert!(expect_err(&path, &cfg).to_string().contains("not found"));
+        // A directory is not an image either.
+        assert!(matches!(load_image(dir.path(), &cfg), Err(ImageError::Io { .. })));
+    }
+
+    #[test]
+    fn zero_byte_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("empty.png");
+        std::fs::write(&path, b"").unwrap();
+        let err = expect_err(&path, &ImageConfig::new(S));
+        assert!(matches!(err, ImageError::Empty { .. }), "{err}");
+        assert!(err.to_string().contains("0 bytes"));
+    }
+
+    #[test]
+    fn truncated_files_are_refused_as_pil_refuses_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = ImageConfig::new(S);
+        // PIL refuses every cut below ("image file is truncated", "could not
+        // create decoder object", "cannot identify image file"), except a PNG
+        // that lacks only the tail of its IEND chunk, which both load.
+        for name in ["q90_50x33.jpg", "rgb_37x23.png", "lossless_20x28.webp", "lossy_20x28.webp"] {
+            let bytes = std::fs::read(fixtures().join(name)).unwrap();
+            for cut in [bytes.len() / 2, bytes.len() - 3, bytes.len() - 1, 20, 3] {
+                let path = dir.path().join(format!("cut{cut}_{name}"));
+                std::fs::write(&path, &bytes[..cut]).unwrap();
+                if name.ends_with(".png") && cut >= bytes.len() - 3 {
+                    assert_eq!(load_image(&path, &cfg).unwrap(), load_image(&fixtures().join(name), &cfg).unwrap());
+                    continue;
+                }
+                let err = expect_err(&path, &cfg);
+                assert!(
+                    matches!(err, ImageError::Corrupt { .. } | ImageError::Unsupported { .. }),
+                    "{name} cut at {cut}: {err}"
+                );
+            }
+        }
+        // Half a JPEG: the header is intact, the decode is refused.
+        let bytes = std::fs::read(fixtures().join("q90_50x33.jpg")).unwrap();
+        let path = dir.path().join("half.jpg");
+        std::fs::write(&path, &bytes[..bytes.len() / 2]).unwrap();
+        assert_eq!(read_header(&path, &cfg).unwrap(), (50, 33));
+        let err = expect_err(&path, &cfg);
+        assert!(matches!(err, ImageError::Corrupt { .. }), "{err}");
+        assert!(err.to_string().contains("truncated"), "{err}");
+        // Bytes after EOI are ignored, as libjpeg ignores them.
+        let mut padded = bytes.clone();
+        padded.extend_from_slice(b"trailing junk \xFF\xD8");
+        let path = dir.path().join("trailing.jpg");
+        std::fs::write(&path, &padded).unwrap();
+        assert_eq!(load_image(&path, &cfg).unwrap(), load_image(&fixtures().join("q90_50x33.jpg"), &cfg).unwrap());
+    }
+
+    #[test]
+    fn corrupt_bytes_named_jpg() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = ImageConfig::new(S);
+        let path = dir.path().join("garbage.jpg");
+        let garbage: Vec<u8> = (0..4000u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect();
+        std::fs::write(&path, &garbage).unwrap();
+        let err = expect_err(&path, &cfg);
+        assert!(matches!(err, ImageError::Corrupt { .. }), "{err}");
+        // A JPEG marker followed by garbage.
+        let mut fake = vec![0xFF, 0xD8, 0xFF, 0xE0];
+        fake.extend_from_slice(&garbage);
+        std::fs::write(&path, &fake).unwrap();
+        assert!(matches!(expect_err(&path, &cfg), ImageError::Corrupt { .. }));
+        // Text with an unknown extension: no format to try.
+        let txt = dir.path().join("notes.txt");
+        std::fs::write(&txt, b"not an image").unwrap();
+        assert!(matches!(expect_err(&txt, &cfg), ImageError::Unsupported { .. }));
+    }
+
+    #[test]
+    fn format_comes_from_the_content() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("really_a_jpeg.png");
+        std::fs::copy(fixtures().join("q90_50x33.jpg"), &path).unwrap();
+        let cfg = ImageConfig::new(S);
+        assert_eq!(load_image(&path, &cfg).unwrap(), load_image(&fixtures().join("q90_50x33.jpg"), &cfg).unwrap());
+    }
+
+    #[test]
+    fn huge_header_is_refused_before_decoding() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("bomb.png");
+        std::fs::write(&path, png_declaring(100_000, 100_000)).unwrap();
+        let cfg = ImageConfig::new(S);
+        let err = read_header(&path, &cfg).unwrap_err();
+        let msg = err.to_string();
+        assert!(matches!(err, ImageError::TooLarge { width: 100_000, height: 100_000, .. }), "{msg}");
+        assert!(msg.contains("bomb.png") && msg.contains("10000000000") && msg.contains("178956970"), "{msg}");
+        assert!(matches!(expect_err(&path, &cfg), ImageError::TooLarge { .. }));
+        // The limit is configurable: a lower one refuses a real image...
+        let small = ImageConfig { max_pixels: 1000, ..ImageConfig::new(S) };
+        let err = read_header(&fixtures().join("q90_50x33.jpg"), &small).unwrap_err();
+        assert!(err.to_string().contains("1650 pixels is over the limit of 1000"), "{err}");
+        // ...and a higher one lets the bomb through the header check, but the
+        // decoder's allocation limit still refuses it before allocating.
+        let lax = ImageConfig { max_pixels: u64::MAX, ..ImageConfig::new(S) };
+        assert_eq!(read_header(&path, &lax).unwrap(), (100_000, 100_000));
+        let err = expect_err(&path, &lax);
+        assert!(matches!(err, ImageError::TooLarge { .. }), "{err}");
+        assert!(err.to_string().contains("max_decode_bytes"), "{err}");
+        // With both limits lifted it is the missing data that fails, cleanly
+        // (the buffer is never touched).
+        let small_bomb = dir.path().join("small_bomb.png");
+        std::fs::write(&small_bomb, png_declaring(3000, 2000)).unwrap();
+        assert!(matches!(expect_err(&small_bomb, &lax), ImageError::Corrupt { .. }));
+    }
+
+    #[test]
+    fn mutated_files_never_panic() {
+        // Flip bytes all over the fixtures: every result is Ok or a clean Err.
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = ImageConfig::new(8);
+        let mut state = 0x2545_F491_4F6C_DD1Du64;
+        let mut next = || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state
+        };
+        for name in ["q90_50x33.jpg", "rgb_37x23.png", "rgba_64x40.png", "lossless_20x28.webp", "lossy_20x28.webp"] {
+            let bytes = std::fs::read(fixtures().join(name)).unwrap();
+            for i in 0..60 {
+                let mut b = bytes.clone();
+                for _ in 0..1 + next() % 4 {
+                    let at = (next() % b.len() as u64) as usize;
+                    b[at] = next() as u8;
+                }
+                let path = dir.path().join(format!("m{i}_{name}"));
+                std::fs::write(&path, &b).unwrap();
+                if let Ok(out) = load_image(&path, &cfg) {
+                    assert_eq!(out.len(), 3 * 8 * 8);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn rgba_and_gray_load_as_rgb() {
+        let cfg = ImageConfig::new(S);
+        let (rgba, w, h) = decode_rgb8(&fixtures().join("rgba_64x40.png"), &cfg).unwrap();
+        assert_eq!((rgba.len(), w, h), (64 * 40 * 3, 64, 40));
+        // The alpha-0 column keeps its colour (PIL drops alpha, no compositing).
+        let raw = image::open(fixtures().join("rgba_64x40.png")).unwrap().to_rgba8();
+        assert_eq!(raw.get_pixel(0, 0)[3], 0);
+        assert_eq!(&rgba[..3], &raw.get_pixel(0, 0).0[..3]);
+        let (gray, ..) = decode_rgb8(&fixtures().join("gray_30x30.png"), &cfg).unwrap();
+        assert!(gray.chunks_exact(3).all(|p| p[0] == p[1] && p[1] == p[2]));
+    }
+
+    // --- config and tiles --------------------------------------------------
+
+    #[test]
+    fn config_serde_defaults() {
+        let c: ImageConfig = serde_json::from_str(r#"{"size": 768}"#).unwrap();
+        assert_eq!(c, ImageConfig::new(768));
+        assert_eq!(c.max_pixels, 178_956_970);
+        let c: ImageConfig = serde_json::from_str(
+            r#"{"size": 768, "mode": "pad", "max_pixels": 5, "tiling": {"kind": "dynamic", "max_tiles": 12}}"#,
+        )
+        .unwrap();
+        assert_eq!(c.mode, AspectMode::Pad);
+        assert_eq!(c.tiling, S2Tiling::Dynamic { max_tiles: 12 });
+        assert!(serde_json::from_str::<ImageConfig>(r#"{"size": 8, "mode": "crop"}"#).is_err());
+        assert!(serde_json::from_str::<ImageConfig>(r#"{"size": 8, "colour": 1}"#).is_err());
+        let back: ImageConfig = serde_json::from_str(&serde_json::to_string(&c).unwrap()).unwrap();
+        assert_eq!(back, c);
+        assert!(matches!(
+            load_image(&fixtures().join("rgb_37x23.png"), &ImageConfig::new(0)),
+            Err(ImageError::Config(_))
+        ));
+    }
+
+    #[test]
+    fn dynamic_grid_matches_nvila() {
+        let m = manifest();
+        let d = &m["dynamic_s2"];
+        let base = d["base"].as_u64().unwrap() as usize;
+        let max_tiles = d["max_tiles"].as_u64().unwrap() as usize;
+        for g in d["grids"].as_array().unwrap() {
+            let (w, h) = (g["width"].as_u64().unwrap() as u32, g["height"].as_u64().unwrap() as u32);
+            let want = (g["cols"].as_u64().unwrap() as usize, g["rows"].as_u64().unwrap() as usize);
+            assert_eq!(dynamic_s2_grid(w, h, base, 4, max_tiles), want, "{w}x{h}");
+        }
+        // Wide, tall and square images by hand.
+        assert_eq!(dynamic_s2_grid(2000, 1000, 384, 4, 12), (4, 2));
+        assert_eq!(dynamic_s2_grid(1000, 3000, 384, 4, 12), (2, 6));
+        assert_eq!(dynamic_s2_grid(5000, 100, 384, 4, 12), (12, 1));
+        // A tie between 2x2 and 3x3 (both exactly square): 3x3 only when the
+        // image has more than half its pixels.
+        assert_eq!(dynamic_s2_grid(800, 800, 384, 4, 12), (2, 2));
+        assert_eq!(dynamic_s2_grid(900, 900, 384, 4, 12), (3, 3));
+        assert_eq!(dynamic_s2_grid(10, 10, 384, 13, 12), (1, 1));
+    }
+
+    #[test]
+    fn tiles_from_the_header() {
+        let s2 = S2Config { scales: vec![384, 768], max_split_size: 384 };
+        let stat = ImageConfig::new(768);
+        assert_eq!(tiles_for(&stat, &s2, 1000, 500), 5);
+        let dynamic = ImageConfig { tiling: S2Tiling::Dynamic { max_tiles: 12 }, ..ImageConfig::new(768) };
+        assert_eq!(tiles_for(&dynamic, &s2, 1000, 500), 1 + 8);
+        assert_eq!(tiles_for(&dynamic, &s2, 384, 384), 1 + 4);
+        let three = S2Config { scales: vec![384, 768, 1152], max_split_size: 384 };
+        assert_eq!(tiles_for(&stat, &three, 10, 10), 1 + 4 + 9);
+        assert_eq!(tiles_for(&dynamic, &three, 4000, 300), 1 + 4 + 12);
+        // From a file: the 50x33 JPEG is wider than tall.
+        let jpg = fixtures().join("q90_50x33.jpg");
+        assert_eq!(header_tiles(&jpg, &stat, &s2).unwrap(), 5);
+        assert_eq!(dynamic_s2_grid(50, 33, 384, 4, 12), (3, 2));
+        assert_eq!(header_tiles(&jpg, &dynamic, &s2).unwrap(), 1 + 6);
+        let bad = ImageError::Missing { path: "x.jpg".into() }.to_bad_sample("7");
+        assert_eq!(bad.to_string(), "sample `7`: image x.jpg: file not found");
+    }
+}

@@ -1,0 +1,373 @@
+//! From dataset records to model batches: tokenize, load images, collate,
+//! and prefetch on background threads while the model computes.
+//!
+//! The content of step `s` is a pure function of (seed, s, batch size) and
+//! the datasets: position `p = s * batch + k` of the sample stream is sample
+//! `order(epoch = p / len)[p % len]`, where `order` is `dataset::mix` for
+//! that epoch. A resumed run asks for the same steps and sees the same samples.
+
+use super::dataset::{mix, read_dataset, DatasetSpec};
+use super::image::{load_image, AspectMode, ImageConfig};
+use super::template::{tokenize, TemplateKind, Tokenized};
+use super::{BadSample, OnBadSample, Sample};
+use crate::model::{Batch, ModelConfig};
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
+use std::collections::HashSet;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+
+/// The `[data]` section of a job config.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DataConfig {
+    pub datasets: Vec<DatasetSpec>,
+    /// Held-out data scored after training (`worker eval` does the same).
+    #[serde(default)]
+    pub eval_datasets: Vec<DatasetSpec>,
+    /// A Hugging Face `tokenizer.json`.
+    pub tokenizer: PathBuf,
+    #[serde(default = "default_template")]
+    pub template: TemplateKind,
+    /// `resize` (VILA S2 models) or `pad`.
+    #[serde(default)]
+    pub image_aspect_ratio: AspectMode,
+    /// Images whose header declares more pixels are refused before decoding.
+    #[serde(default = "default_max_pixels")]
+    pub max_pixels: u64,
+    /// Token limit per sample; defaults to the LLM's max_position_embeddings
+    /// less the image tokens.
+    #[serde(default)]
+    pub max_length: Option<usize>,
+    #[serde(default)]
+    pub on_bad_sample: OnBadSample,
+    /// Batches prepared ahead by background threads.
+    #[serde(default = "default_prefetch")]
+    pub prefetch: usize,
+}
+
+fn default_template() -> TemplateKind {
+    TemplateKind::VicunaV1
+}
+fn default_max_pixels() -> u64 {
+    ImageConfig::new(1).max_pixels
+}
+fn default_prefetch() -> usize {
+    2
+}
+
+/// One sample ready for the collator.
+#[derive(Clone, Debug)]
+pub struct Example {
+    pub id: String,
+    pub tokens: Tokenized,
+    /// `[3, S, S]` normalized, for samples with an image.
+    pub pixels: Option<Vec<f32>>,
+}
+
+/// The datasets of a job, read and indexed, with the tokenizer.
+pub struct Dataset {
+    pub cfg: DataConfig,
+    pub image: ImageConfig,
+    pub max_len: usize,
+    parts: Vec<(DatasetSpec, Vec<Sample>)>,
+    tokenizer: tokenizers::Tokenizer,
+    /// Records refused while reading the files.
+    pub bad_records: Vec<BadSample>,
+    /// Sample ids already logged as bad (each is logged once).
+    logged: Mutex<HashSet<String>>,
+    epoch_order: Mutex<Option<CachedOrder>>,
+}
+
+/// (seed, epoch, order): the last epoch order computed.
+type CachedOrder = (u64, u64, Arc<Vec<(usize, usize)>>);
+
+impl Dataset {
+    /// The evaluation split of `cfg` (its `eval_datasets`) as a dataset.
+    pub fn open_eval(cfg: &DataConfig, model: &ModelConfig) -> Result<Self> {
+        Self::open(&DataConfig { datasets: cfg.eval_datasets.clone(), eval_datasets: vec![], ..cfg.clone() }, model)
+    }
+
+    /// The demo layout `DIR/{train,eval}.jsonl`, `DIR/images`, `DIR/tokenizer.json`.
+    pub fn demo_config(dir: &std::path::Path) -> DataConfig {
+        let spec = |f: &str| DatasetSpec { path: dir.join(f), image_folder: dir.join("images"), weight: 1.0 };
+        DataConfig {
+            datasets: vec![spec("train.jsonl")],
+            eval_datasets: vec![spec("eval.jsonl")],
+            tokenizer: dir.join("tokenizer.json"),
+            template: default_template(),
+            image_aspect_ratio: AspectMode::Resize,
+            max_pixels: default_max_pixels(),
+            max_length: None,
+            on_bad_sample: OnBadSample::Skip,
+            prefetch: default_prefetch(),
+        }
+    }
+
+    pub fn open(cfg: &DataConfig, model: &ModelConfig) -> Result<Self> {
+        if cfg.datasets.is_empty() {
+            bail!("data.datasets: at least one dataset is needed");
+        }
+        if cfg.prefetch == 0 {
+            bail!("data.prefetch: must be at least 1");
+        }
+        let tokenizer = tokenizers::Tokenizer::from_file(&cfg.tokenizer)
+            .map_err(|e| anyhow::anyhow!("data.tokenizer: cannot load {}: {e}", cfg.tokenizer.display()))?;
+        let vocab = tokenizer.get_vocab_size(true);
+        if vocab > model.llm.vocab_size {
+            bail!(
+                "data.tokenizer: {} has {vocab} tokens but the model's vocabulary is {}",
+                cfg.tokenizer.display(),
+                model.llm.vocab_size
+            );
+        }
+        let mut parts = Vec::new();
+        let mut bad_records = Vec::new();
+        for spec in &cfg.datasets {
+            let read = read_dataset(spec, cfg.on_bad_sample)?;
+            bad_records.extend(read.bad);
+            parts.push((spec.clone(), read.samples));
+        }
+        if parts.iter().all(|(_, s)| s.is_empty()) {
+            bail!("data.datasets: no usable sample in {} dataset(s)", parts.len());
+        }
+        let room = model.llm.max_position_embeddings.saturating_sub(model.image_tokens() - 1);
+        let max_len = cfg.max_length.unwrap_or(room).min(room);
+        let image = ImageConfig {
+            size: model.s2.max_scale(),
+            mode: cfg.image_aspect_ratio,
+            max_pixels: cfg.max_pixels,
+            ..ImageConfig::new(model.s2.max_scale())
+        };
+        Ok(Dataset {
+            cfg: cfg.clone(),
+            image,
+            max_len,
+            parts,
+            tokenizer,
+            bad_records,
+            logged: Mutex::new(HashSet::new()),
+            epoch_order: Mutex::new(None),
+        })
+    }
+
+    /// Every usable sample once, in file order (evaluation).
+    pub fn indices(&self) -> Vec<(usize, usize)> {
+        self.parts.iter().enumerate().flat_map(|(p, (_, s))| (0..s.len()).map(move |i| (p, i))).collect()
+    }
+
+    /// Samples in one epoch (after weighting).
+    pub fn epoch_len(&self, seed: u64) -> usize {
+        self.order(seed, 0).len()
+    }
+
+    fn order(&self, seed: u64, epoch: u64) -> Arc<Vec<(usize, usize)>> {
+        let mut cache = self.epoch_order.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((s, e, o)) = cache.as_ref() {
+            if (*s, *e) == (seed, epoch) {
+                return o.clone();
+            }
+        }
+        let o = Arc::new(mix(&self.parts, seed, epoch));
+        *cache = Some((seed, epoch, o.clone()));
+        o
+    }
+
+    /// Tokenizes a sample and loads its image.
+    pub fn example(&self, part: usize, index: usize) -> Result<Example, BadSample> {
+        let s = &self.parts[part].1[index];
+        let tokens = tokenize(s, self.cfg.template, &self.tokenizer, self.max_len)?;
+        let pixels = match &s.image {
+            Some(p) => Some(load_image(p, &self.image).map_err(|e| BadSample::new(&s.id, e.to_string()))?),
+            None => None,
+        };
+        Ok(Example { id: s.id.clone(), tokens, pixels })
+    }
+
+    /// The samples of step `step`, loaded and collated. Bad samples are
+    /// skipped (and returned) or fail the step, as `on_bad_sample` says.
+    pub fn load_step(&self, seed: u64, batch_size: usize, step: u64) -> Result<LoadedBatch> {
+        let mut examples = Vec::with_capacity(batch_size);
+        let mut bad = Vec::new();
+        for k in 0..batch_size as u64 {
+            let pos = step * batch_size as u64 + k;
+            let len = self.epoch_len(seed) as u64;
+            let order = self.order(seed, pos / len);
+            let (part, index) = order[(pos % len) as usize];
+            match self.example(part, index) {
+                Ok(e) => examples.push(e),
+                Err(b) => match self.cfg.on_bad_sample {
+                    OnBadSample::Fail => bail!("{b} (on_bad_sample = \"fail\")"),
+                    OnBadSample::Skip => {
+                        let mut logged = self.logged.lock().unwrap_or_else(|e| e.into_inner());
+                        if logged.insert(b.id.clone()) {
+                            tracing::warn!(id = %b.id, reason = %b.reason, "skipping bad sample");
+                        }
+                        bad.push(b);
+                    }
+                },
+            }
+        }
+        let truncated = examples.iter().filter(|e| e.tokens.truncated).count();
+        Ok(LoadedBatch {
+            step,
+            batch: collate(&examples),
+            ids: examples.into_iter().map(|e| e.id).collect(),
+            bad,
+            truncated,
+        })
+    }
+}
+
+/// A step's batch and what happened on the way.
+#[derive(Clone, Debug)]
+pub struct LoadedBatch {
+    pub step: u64,
+    pub batch: Batch,
+    pub ids: Vec<String>,
+    /// Samples skipped in this step, with the reason.
+    pub bad: Vec<BadSample>,
+    /// Samples cut to the maximum length.
+    pub truncated: usize,
+}
+
+/// Right-pads the samples to the longest (token 0, label -100; the LLM is
+/// causal, so padding after a sample does not change it).
+pub fn collate(examples: &[Example]) -> Batch {
+    let t = examples.iter().map(|e| e.tokens.input_ids.len()).max().unwrap_or(0);
+    let mut b = Batch { batch: examples.len(), seq: t, ..Batch::default() };
+    for e in examples {
+        let n = e.tokens.input_ids.len();
+        b.input_ids.extend(&e.tokens.input_ids);
+        b.input_ids.extend(std::iter::repeat_n(0, t - n));
+        b.labels.extend(&e.tokens.labels);
+        b.labels.extend(std::iter::repeat_n(crate::model::config::IGNORE_INDEX, t - n));
+        b.has_image.push(e.pixels.is_some());
+        if let Some(p) = &e.pixels {
+            b.pixel_values.extend(p);
+        }
+    }
+    b
+}
+
+/// Prepares the batches of steps `first, first + 1, ...` on `threads`
+/// background threads, at most `depth` steps ahead, and hands them out in
+/// step order. Thread `w` makes steps `first + w, first + w + threads, ...`
+/// into its own bounded channel, so the order is fixed and memory bounded.
+pub struct Prefetcher {
+    next: u64,
+    first: u64,
+    channels: Vec<crossbeam_channel::Receiver<Result<LoadedBatch>>>,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl Prefetcher {
+    pub fn new(dataset: Arc<Dataset>, seed: u64, batch_size: usize, first: u64, threads: usize) -> Self {
+        let threads = threads.max(1);
+        let depth = dataset.cfg.prefetch.div_ceil(threads).max(1);
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let mut channels = Vec::new();
+        let mut handles = Vec::new();
+        for w in 0..threads as u64 {
+            let (tx, rx) = crossbeam_channel::bounded(depth);
+            let (ds, stop) = (dataset.clone(), stop.clone());
+            handles.push(std::thread::spawn(move || {
+                let mut step = first + w;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    if tx.send(ds.load_step(seed, batch_size, step)).is_err() {
+                        break;
+                    }
+                    step += threads as u64;
+                }
+            }));
+            channels.push(rx);
+        }
+        Prefetcher { next: first, first, channels, stop, threads: handles }
+    }
+
+    /// The next step's batch, in order.
+    pub fn next_batch(&mut self) -> Result<LoadedBatch> {
+        let w = ((self.next - self.first) % self.channels.len() as u64) as usize;
+        self.next += 1;
+        self.channels[w].recv().context("data loader thread stopped")?
+    }
+}
+
+impl Drop for Prefetcher {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        // Unblock senders waiting on full channels, then join.
+        self.channels.clear();
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::data::demo::{make_demo_data, DemoSpec};
+
+    fn demo(dir: &std::path::Path, train: usize) -> (DataConfig, ModelConfig) {
+        make_demo_data(dir, &DemoSpec { size: 40, train, eval: 4, seed: 1 }).unwrap();
+        let cfg = DataConfig {
+            datasets: vec![DatasetSpec {
+                path: dir.join("train.jsonl"),
+                image_folder: dir.join("images"),
+                weight: 1.0,
+            }],
+            eval_datasets: vec![],
+            tokenizer: dir.join("tokenizer.json"),
+            template: TemplateKind::VicunaV1,
+            image_aspect_ratio: AspectMode::Resize,
+            max_pixels: 1 << 30,
+            max_length: None,
+            on_bad_sample: OnBadSample::Skip,
+            prefetch: 3,
+        };
+        (cfg, ModelConfig::tiny())
+    }
+
+    #[test]
+    fn steps_are_a_pure_function_of_seed_and_step_and_prefetch_keeps_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let (cfg, model) = demo(dir.path(), 10);
+        let ds = Arc::new(Dataset::open(&cfg, &model).unwrap());
+        let direct: Vec<Vec<String>> = (0..7).map(|s| ds.load_step(5, 3, s).unwrap().ids).collect();
+        // 3 per step over 10 samples: each epoch holds every sample once.
+        let first_epoch: HashSet<&String> = direct.iter().flatten().take(10).collect();
+        assert_eq!(first_epoch.len(), 10);
+        let mut p = Prefetcher::new(ds.clone(), 5, 3, 2, 2);
+        for (s, want) in direct.iter().enumerate().skip(2) {
+            let got = p.next_batch().unwrap();
+            assert_eq!((got.step, &got.ids), (s as u64, want));
+        }
+        let b = ds.load_step(5, 3, 0).unwrap();
+        b.batch.prepare(&model).unwrap();
+        assert_eq!(b.batch.pixel_values.len(), 3 * 3 * 40 * 40);
+    }
+
+    #[test]
+    fn bad_samples_are_skipped_and_reported_or_fail_the_step() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut cfg, model) = demo(dir.path(), 4);
+        std::fs::write(dir.path().join("images/train_00001.png"), b"").unwrap();
+        let ds = Dataset::open(&cfg, &model).unwrap();
+        let mut bad = Vec::new();
+        let mut good = 0;
+        for s in 0..2 {
+            let b = ds.load_step(0, 2, s).unwrap();
+            good += b.ids.len();
+            bad.extend(b.bad);
+        }
+        assert_eq!((good, bad.len()), (3, 1));
+        assert_eq!(bad[0].id, "train-1");
+        assert!(bad[0].reason.contains("train_00001.png"), "{}", bad[0].reason);
+        cfg.on_bad_sample = OnBadSample::Fail;
+        let ds = Dataset::open(&cfg, &model).unwrap();
+        let err = (0..2).find_map(|s| ds.load_step(0, 2, s).err()).expect("a step must fail");
+        assert!(err.to_string().contains("train-1"), "{err}");
+    }
+}

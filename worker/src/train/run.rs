@@ -1,0 +1,110 @@
+//! Runs a single-process training job from its config: model, data (real or
+//! synthetic), the step loop with logging, evaluation and saving.
+
+use super::job::TrainJob;
+use super::schedule::warmup_steps;
+use super::{train_step, OptimConfig, Optimizer};
+use crate::data::loader::{Dataset, Prefetcher};
+use crate::engine::cpu::Cpu;
+use crate::eval::{evaluate, EvalReport};
+use crate::model::weights::{load_weights, save_model_dir, SaveDtype};
+use crate::model::{hf_config, Batch, ModelConfig, ParamStore, Vlm};
+use anyhow::{bail, Context, Result};
+use std::path::Path;
+use std::sync::Arc;
+
+/// What a finished job reports.
+#[derive(Clone, Debug)]
+pub struct JobReport {
+    /// Mean loss of each step.
+    pub losses: Vec<f64>,
+    pub bad_samples: usize,
+    pub eval: Option<EvalReport>,
+    pub seconds: f64,
+}
+
+pub fn model_config(job: &TrainJob) -> Result<ModelConfig> {
+    match (&job.model.dir, &job.model.preset) {
+        (Some(dir), _) => hf_config::read_model_config(dir),
+        (None, Some(name)) => {
+            ModelConfig::preset(name).with_context(|| format!("model.preset: unknown preset `{name}`"))
+        }
+        (None, None) => bail!("model: set `preset` or `dir`"),
+    }
+}
+
+/// Trains `job` on the CPU; `out` receives the model directory at the end.
+pub fn run_job(job: &TrainJob, out: Option<&Path>, log: &mut dyn FnMut(&str)) -> Result<JobReport> {
+    let be = Cpu::<f32>::new();
+    let t = &job.train;
+    let cfg = model_config(job)?;
+    let params = match &job.model.dir {
+        Some(dir) => ParamStore::from_host(&be, &cfg, &load_weights(dir, &cfg)?)?,
+        None => ParamStore::init(&be, &cfg, t.seed),
+    };
+    let mut vlm = Vlm::new(&cfg, params, job.model.recompute_vit);
+    let oc =
+        OptimConfig { warmup_steps: warmup_steps(t.warmup_ratio, t.steps), total_steps: t.steps, ..job.optim.clone() };
+    let mut opt = Optimizer::new(&be, oc, &vlm.params);
+    let data = match &job.data {
+        Some(d) => Some(Arc::new(Dataset::open(d, &cfg)?)),
+        None => None,
+    };
+    let mut loader = data.as_ref().map(|d| Prefetcher::new(d.clone(), t.seed, t.batch_size, 0, d.cfg.prefetch));
+    // Without data: a fixed pool of synthetic batches the model can only memorize.
+    let pool: Vec<Batch> = match loader {
+        Some(_) => vec![],
+        None => (0..4 * t.grad_accum as u64)
+            .map(|i| Batch::synthetic(&cfg, t.batch_size, t.text_tokens, t.seed * 100 + i))
+            .collect(),
+    };
+    let mut report = JobReport { losses: vec![], bad_samples: 0, eval: None, seconds: 0.0 };
+    let t0 = std::time::Instant::now();
+    for step in 0..t.steps {
+        let tick = std::time::Instant::now();
+        let mut micro = Vec::with_capacity(t.grad_accum);
+        let mut bad = 0;
+        for k in 0..t.grad_accum {
+            match loader.as_mut() {
+                Some(l) => {
+                    let b = l.next_batch()?;
+                    bad += b.bad.len();
+                    if b.batch.batch > 0 {
+                        micro.push(b.batch);
+                    }
+                }
+                None => micro.push(pool[(step as usize * t.grad_accum + k) % pool.len()].clone()),
+            }
+        }
+        report.bad_samples += bad;
+        if micro.is_empty() {
+            log(&format!("step {:>5}/{}  skipped: every sample was bad", step + 1, t.steps));
+            continue;
+        }
+        let r = train_step(&be, &mut vlm, &mut opt, &micro)?;
+        let samples: usize = micro.iter().map(|b| b.batch).sum();
+        report.losses.push(r.loss.mean());
+        log(&format!(
+            "step {:>5}/{}  loss {:.4}  grad_norm {:.3}  lr_scale {:.3}  {:.1} samples/s  {:.0} tokens/s{}",
+            step + 1,
+            t.steps,
+            r.loss.mean(),
+            r.info.grad_norm,
+            r.info.lr_scale,
+            samples as f64 / tick.elapsed().as_secs_f64(),
+            r.loss.tokens as f64 / tick.elapsed().as_secs_f64(),
+            if bad > 0 { format!("  bad samples skipped: {bad}") } else { String::new() }
+        ));
+    }
+    drop(loader);
+    report.seconds = t0.elapsed().as_secs_f64();
+    if let Some(d) = job.data.as_ref().filter(|d| !d.eval_datasets.is_empty()) {
+        let eval = Dataset::open_eval(d, &cfg)?;
+        report.eval = Some(evaluate(&be, &mut vlm, &eval, 8)?);
+    }
+    if let Some(dir) = out {
+        save_model_dir(dir, &cfg, &vlm.params.to_host(&be), SaveDtype::F32, None)?;
+        log(&format!("saved model to {}", dir.display()));
+    }
+    Ok(report)
+}
