@@ -16,8 +16,13 @@ pipeline at S = 40 as raw little-endian f32, [3, 40, 40] (CHW):
 The processor's output is checked against a hand-written PIL resize +
 normalize, so the fixtures pin down exactly what the Rust code reimplements.
 
+The expected outputs are those of the installed Pillow (its version is in the
+manifest): Pillow 13 changed the order of the two resize passes for images
+whose height shrinks much more than their width (see the resample cases).
+
 It also writes PIL's uint8 output of Image.resize(..., BICUBIC) for a few
-shapes (raw HWC bytes), for the resampler test, and the dynamic S2 tile grids
+shapes (raw HWC bytes), in both pass orders, for the resampler test, and the
+dynamic S2 tile grids
 of NVILA's dynamic_s2_preprocess (transcribed below) for a few image sizes.
 Everything is listed in manifest.json. The output is deterministic (fixed
 seeds). Rerun with: python3 tools/make_image_fixtures.py
@@ -40,7 +45,7 @@ OUT = os.path.join(ROOT, "worker", "tests", "fixtures", "images")
 S = 40
 MEAN = (0.5, 0.5, 0.5)
 # Images whose pad variant is not stored (the fixtures stay under 300 KB).
-RESIZE_ONLY = {"palette_16x12.png", "lossy_20x28.webp"}
+RESIZE_ONLY = {"palette_16x12.png", "lossy_20x28.webp", "tall_24x90.png", "rgba_64x40.png"}
 
 
 def smooth_rgb(rng, w, h, noise):
@@ -64,6 +69,8 @@ def make_images(rng):
     alpha = np.tile(np.linspace(0, 255, 64).astype(np.uint8), (40, 1))
     rgba = np.concatenate([rgb, alpha[..., None]], axis=-1)
     imgs["rgba_64x40.png"] = (Image.fromarray(rgba, "RGBA"), {}, "png", "RGBA, alpha 0..255 across")
+    # Portrait: Pillow >= 13 resizes it to a square vertical pass first.
+    imgs["tall_24x90.png"] = (Image.fromarray(smooth_rgb(rng, 24, 90, 6.0), "RGB"), {}, "png", "RGB, portrait")
     gray = rng.randint(0, 256, (30, 30), dtype=np.uint8)
     imgs["gray_30x30.png"] = (Image.fromarray(gray, "L"), {}, "png", "grayscale L")
     pal = Image.fromarray(smooth_rgb(rng, 16, 12, 30.0), "RGB").quantize(colors=16, method=Image.Quantize.MEDIANCUT)
@@ -178,27 +185,51 @@ def main():
             )
 
     # PIL's uint8 bicubic resampler alone: down, up, mixed, 1 and 3 channels.
+    # Pillow <= 12 always runs the horizontal pass first; Pillow >= 13 runs
+    # the vertical pass first when the height shrinks by more than twice as
+    # many pixels as the width. Both orders are stored, each computed as two
+    # one-axis resizes (a one-axis resize runs a single pass), and the
+    # installed Pillow's own result is checked against the order its version
+    # uses.
     resample = []
     src_rgb = np.asarray(Image.open(os.path.join(OUT, "rgb_37x23.png")))
     src_gray = np.asarray(Image.open(os.path.join(OUT, "gray_30x30.png")))
+    pillow13 = int(PIL.__version__.split(".")[0]) >= 13
     for src_name, src, mode, (ow, oh) in [
         ("rgb_37x23.png", src_rgb, "RGB", (16, 11)),  # down ~2.2x
         ("rgb_37x23.png", src_rgb, "RGB", (5, 3)),  # down ~7.5x, wide support
-        ("rgb_37x23.png", src_rgb, "RGB", (56, 40)),  # up
+        ("rgb_37x23.png", src_rgb, "RGB", (45, 31)),  # up
         ("rgb_37x23.png", src_rgb, "RGB", (20, 50)),  # down in x, up in y
         ("rgb_37x23.png", src_rgb, "RGB", (37, 9)),  # vertical pass only
+        ("rgb_37x23.png", src_rgb, "RGB", (30, 5)),  # down, height more: vertical first in Pillow 13
+        ("rgb_37x23.png", src_rgb, "RGB", (50, 4)),  # up in x, down in y: vertical first in Pillow 13
         ("gray_30x30.png", src_gray, "L", (13, 47)),  # one channel
+        ("gray_30x30.png", src_gray, "L", (33, 7)),  # one channel, vertical first in Pillow 13
     ]:
-        out = np.asarray(Image.fromarray(src, mode).resize((ow, oh), resample=Image.Resampling.BICUBIC))
-        exp = f"resample_{os.path.splitext(src_name)[0]}_to_{ow}x{oh}.u8"
-        out.astype(np.uint8).tofile(os.path.join(OUT, exp))
+        im = Image.fromarray(src, mode)
+        (w, h), B = im.size, Image.Resampling.BICUBIC
+        h_first = np.asarray(im.resize((ow, h), resample=B).resize((ow, oh), resample=B))
+        v_first = np.asarray(im.resize((w, oh), resample=B).resize((ow, oh), resample=B))
+        direct = np.asarray(im.resize((ow, oh), resample=B))
+        dy, dx = h - oh, w - ow
+        rule_h_first = not (dy > 0 and dy > dx * 2) if pillow13 else True
+        assert np.array_equal(direct, h_first if rule_h_first else v_first), (src_name, ow, oh)
+        stem = f"resample_{os.path.splitext(src_name)[0]}_to_{ow}x{oh}"
+        h_name = f"{stem}.h_first.u8"
+        h_first.astype(np.uint8).tofile(os.path.join(OUT, h_name))
+        v_name = h_name
+        if not np.array_equal(h_first, v_first):
+            v_name = f"{stem}.v_first.u8"
+            v_first.astype(np.uint8).tofile(os.path.join(OUT, v_name))
         resample.append(
             {
                 "input": src_name,
                 "channels": 1 if mode == "L" else 3,
                 "out_width": ow,
                 "out_height": oh,
-                "expected": exp,
+                "horizontal_first": h_name,
+                "vertical_first": v_name,
+                "installed_pillow_horizontal_first": rule_h_first,
             }
         )
 

@@ -65,9 +65,9 @@ pub fn draw(rng: &mut ChaCha8Rng, size: usize) -> (Vec<u8>, usize, usize) {
 /// The noisy background and the patch at a random place.
 fn paint(rng: &mut ChaCha8Rng, size: usize, color: usize, pattern: usize) -> Vec<u8> {
     let base: i32 = rng.gen_range(70..150);
-    let mut img: Vec<u8> = (0..size * size * 3).map(|_| (base + rng.gen_range(-12..=12)).clamp(0, 255) as u8).collect();
-    // Patch side: a fifth of the image, even, at least 4 pixels.
-    let side = ((size / 5) & !1).clamp(4, size);
+    let mut img: Vec<u8> = (0..size * size * 3).map(|_| (base + rng.gen_range(-6..=6)).clamp(0, 255) as u8).collect();
+    // Patch side: 30% of the image, even, at least 4 pixels.
+    let side = ((size * 3 / 10) & !1).clamp(4, size);
     let (x0, y0) = (rng.gen_range(0..=size - side), rng.gen_range(0..=size - side));
     let rgb = COLORS[color].1;
     for y in 0..side {
@@ -167,15 +167,18 @@ mod tests {
                     .enumerate()
                     .filter(|(i, _)| {
                         let (x, y) = (i % 20, (i / 20) % 20);
-                        // a half-scale pixel is interior if its 4x4 source taps are all patch pixels
-                        (0..4).all(|k| {
-                            (0..4).all(|l| {
-                                let (sx, sy) =
-                                    ((2 * x + k).saturating_sub(1).min(39), (2 * y + l).saturating_sub(1).min(39));
-                                let v = full[sy * size + sx];
-                                v == (rgb[0] / 2) as f64
+                        // A half-scale pixel is interior if its 4x4 source taps are all
+                        // patch pixels, none of them clamped at the image border.
+                        let inside = |v: usize| v >= 1 && 2 * v + 2 < size;
+                        inside(x)
+                            && inside(y)
+                            && (0..4).all(|k| {
+                                (0..4).all(|l| {
+                                    let (sx, sy) = (2 * x + k - 1, 2 * y + l - 1);
+                                    let v = full[sy * size + sx];
+                                    v == (rgb[0] / 2) as f64
+                                })
                             })
-                        })
                     })
                     .map(|(_, (a, b))| (a - b).abs())
                     .fold(0.0, f64::max);

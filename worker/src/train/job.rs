@@ -17,6 +17,9 @@ pub struct ModelSource {
     /// Recompute ViT activations during backward.
     #[serde(default)]
     pub recompute_vit: bool,
+    /// Override the preset's S2 scales (e.g. `[20]` for a one-scale baseline).
+    #[serde(default)]
+    pub s2_scales: Option<Vec<usize>>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

@@ -24,13 +24,21 @@ pub struct JobReport {
 }
 
 pub fn model_config(job: &TrainJob) -> Result<ModelConfig> {
-    match (&job.model.dir, &job.model.preset) {
-        (Some(dir), _) => hf_config::read_model_config(dir),
+    let mut cfg = match (&job.model.dir, &job.model.preset) {
+        (Some(dir), _) => hf_config::read_model_config(dir)?,
         (None, Some(name)) => {
-            ModelConfig::preset(name).with_context(|| format!("model.preset: unknown preset `{name}`"))
+            ModelConfig::preset(name).with_context(|| format!("model.preset: unknown preset `{name}`"))?
         }
         (None, None) => bail!("model: set `preset` or `dir`"),
+    };
+    if let Some(scales) = &job.model.s2_scales {
+        if job.model.dir.is_some() {
+            bail!("model.s2_scales: only a preset's scales can be overridden; a model directory fixes its own");
+        }
+        cfg.s2.scales = scales.clone();
+        cfg.validate().context("model.s2_scales")?;
     }
+    Ok(cfg)
 }
 
 /// Trains `job` on the CPU; `out` receives the model directory at the end.
