@@ -131,6 +131,18 @@ pub fn area_pool_bwd<T: Real>(ddst: &[T], src_shape: GridShape, factor: usize, d
     });
 }
 
+/// Checks a `[rows, width]` block against columns `col_offset..` of a
+/// `[rows, dst_width]` matrix.
+fn check_cols(op: &str, narrow: usize, wide: usize, rows: usize, width: usize, dst_width: usize, col_offset: usize) {
+    assert!(
+        col_offset + width <= dst_width,
+        "{op}: columns {col_offset}..{} exceed width {dst_width}",
+        col_offset + width
+    );
+    assert_eq!(narrow, rows * width, "{op}: block length does not match [{rows}, {width}]");
+    assert_eq!(wide, rows * dst_width, "{op}: matrix length does not match [{rows}, {dst_width}]");
+}
+
 /// Writes `src` (`[rows, width]`) into columns `col_offset..col_offset + width`
 /// of `dst` (`[rows, dst_width]`), leaving the other columns as they are.
 pub fn concat_cols_fwd<T: Real>(
@@ -141,13 +153,7 @@ pub fn concat_cols_fwd<T: Real>(
     dst_width: usize,
     col_offset: usize,
 ) {
-    assert!(
-        col_offset + width <= dst_width,
-        "concat_cols_fwd: columns {col_offset}..{} exceed width {dst_width}",
-        col_offset + width
-    );
-    assert_eq!(src.len(), rows * width, "concat_cols_fwd: src length does not match [{rows}, {width}]");
-    assert_eq!(dst.len(), rows * dst_width, "concat_cols_fwd: dst length does not match [{rows}, {dst_width}]");
+    check_cols("concat_cols_fwd", src.len(), dst.len(), rows, width, dst_width, col_offset);
     if width == 0 || rows == 0 {
         return;
     }
@@ -168,13 +174,7 @@ pub fn concat_cols_bwd<T: Real>(
     dst_width: usize,
     col_offset: usize,
 ) {
-    assert!(
-        col_offset + width <= dst_width,
-        "concat_cols_bwd: columns {col_offset}..{} exceed width {dst_width}",
-        col_offset + width
-    );
-    assert_eq!(dsrc.len(), rows * width, "concat_cols_bwd: dsrc length does not match [{rows}, {width}]");
-    assert_eq!(ddst.len(), rows * dst_width, "concat_cols_bwd: ddst length does not match [{rows}, {dst_width}]");
+    check_cols("concat_cols_bwd", dsrc.len(), ddst.len(), rows, width, dst_width, col_offset);
     if width == 0 || rows == 0 {
         return;
     }
