@@ -1,6 +1,6 @@
 //! The `worker` command line.
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -72,13 +72,18 @@ enum Command {
         #[arg(long, default_value_t = 0)]
         seed: u64,
     },
-    /// Answer accuracy (greedy, exact match) and mean loss on DIR/eval.jsonl.
+    /// Answer accuracy (greedy, exact match) and mean loss on an eval split:
+    /// DIR/eval.jsonl of a demo-layout folder, or a job config's
+    /// `data.eval_datasets`.
     Eval {
         #[arg(long)]
         model: PathBuf,
         /// A demo-layout data folder: eval.jsonl, images/, tokenizer.json.
+        #[arg(long, conflicts_with = "config", required_unless_present = "config")]
+        data: Option<PathBuf>,
+        /// A job config whose [data] section names eval_datasets and the tokenizer.
         #[arg(long)]
-        data: PathBuf,
+        config: Option<PathBuf>,
     },
     /// Times full training steps (forward, backward, AdamW) on synthetic
     /// data and prints one JSON line; tools/bench_cpu_step.sh compares it
@@ -130,12 +135,24 @@ fn run(cli: Cli) -> Result<()> {
                 t.elapsed().as_secs_f64()
             );
         }
-        Command::Eval { model, data } => {
+        Command::Eval { model, data, config } => {
             let be = Cpu::<f32>::new();
             let cfg = hf_config::read_model_config(&model)?;
             let params = ParamStore::from_host(&be, &cfg, &weights::load_weights(&model, &cfg)?)?;
             let mut vlm = Vlm::new(&cfg, params, false);
-            let ds = Dataset::open_eval(&Dataset::demo_config(&data), &cfg)?;
+            let data_cfg = match (data, config) {
+                (Some(dir), _) => Dataset::demo_config(&dir),
+                (None, Some(job)) => {
+                    let job = TrainJob::from_file(&job)?;
+                    let d = job.data.context("the job config has no [data] section")?;
+                    if d.eval_datasets.is_empty() {
+                        bail!("data.eval_datasets: the job config names no eval dataset");
+                    }
+                    d
+                }
+                (None, None) => bail!("give --data DIR or --config FILE"),
+            };
+            let ds = Dataset::open_eval(&data_cfg, &cfg)?;
             let r = evaluate(&be, &mut vlm, &ds, 8)?;
             println!(
                 "eval: accuracy {:.3} ({}/{}), mean loss {:.4}, bad samples {}",
