@@ -5,6 +5,7 @@
 # with local workers replaces the single process with issue 4.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+worker="${CARGO_TARGET_DIR:-target}/release/worker"
 cargo build --release -p tessera-worker
-[ -f data/demo/train.jsonl ] || target/release/worker make-demo-data --out data/demo
-exec target/release/worker train --config configs/demo.toml --out runs/demo/model "$@"
+[ -f data/demo/train.jsonl ] || "$worker" make-demo-data --out data/demo
+exec "$worker" train --config configs/demo.toml --out runs/demo/model "$@"

@@ -16,6 +16,7 @@ STEPS="${STEPS:-3}"
 PYTHON="${PYTHON:-python3}"
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
+worker="${CARGO_TARGET_DIR:-target}/release/worker"
 out="$(mktemp -d)"
 trap 'rm -rf "$out"' EXIT
 
@@ -38,10 +39,10 @@ if [ -x /usr/bin/time ]; then timed=(/usr/bin/time -f '%M' -o); fi
 
 echo "== tessera (loadavg before: $(cut -d" " -f1-3 /proc/loadavg))"
 if [ ${#timed[@]} -gt 0 ]; then
-    RAYON_NUM_THREADS="$THREADS" "${timed[@]}" "$out/tessera.rss" target/release/worker bench-step \
+    RAYON_NUM_THREADS="$THREADS" "${timed[@]}" "$out/tessera.rss" "$worker" bench-step \
         --preset small --batch "$BATCH" --seq "$SEQ" --warmup "$WARMUP" --steps "$STEPS" | tee "$out/tessera.json"
 else
-    RAYON_NUM_THREADS="$THREADS" target/release/worker bench-step \
+    RAYON_NUM_THREADS="$THREADS" "$worker" bench-step \
         --preset small --batch "$BATCH" --seq "$SEQ" --warmup "$WARMUP" --steps "$STEPS" | tee "$out/tessera.json"
 fi
 
