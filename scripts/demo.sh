@@ -8,4 +8,4 @@ cd "$(dirname "$0")/.."
 worker="${CARGO_TARGET_DIR:-target}/release/worker"
 cargo build --release -p tessera-worker
 [ -f data/demo/train.jsonl ] || "$worker" make-demo-data --out data/demo
-exec "$worker" train --config configs/demo.toml --out runs/demo/model "$@"
+exec "$worker" train --config configs/demo.toml --out runs/demo/model --metrics runs/demo/metrics.jsonl "$@"

@@ -57,6 +57,9 @@ enum Command {
         /// Save the trained model directory here.
         #[arg(long)]
         out: Option<PathBuf>,
+        /// Write one JSON line of metrics per step here.
+        #[arg(long)]
+        metrics: Option<PathBuf>,
     },
     /// Writes the synthetic demo dataset (train/eval splits, images, tokenizer.json).
     MakeDemoData {
@@ -118,13 +121,13 @@ fn run(cli: Cli) -> Result<()> {
             save_model_dir(&out, &cfg, &store::init_host(&cfg, seed), SaveDtype::F32, None)?;
             println!("wrote {name} model to {}", out.display());
         }
-        Command::Train { config, steps, out } => {
+        Command::Train { config, steps, out, metrics } => {
             let mut job = TrainJob::from_file(&config)?;
             if let Some(n) = steps {
                 job.train.steps = n;
                 job.validate()?;
             }
-            train(&job, out.as_deref())?;
+            train(&job, out.as_deref(), metrics.as_deref())?;
         }
         Command::MakeDemoData { out, size, train, eval, seed } => {
             let t = std::time::Instant::now();
@@ -196,8 +199,8 @@ fn run(cli: Cli) -> Result<()> {
     Ok(())
 }
 
-fn train(job: &TrainJob, out: Option<&std::path::Path>) -> Result<()> {
-    let report = run_job(job, out, &mut |line| println!("{line}"))?;
+fn train(job: &TrainJob, out: Option<&std::path::Path>, metrics: Option<&std::path::Path>) -> Result<()> {
+    let report = run_job(job, out, metrics, &mut |line| println!("{line}"))?;
     println!("trained {} steps in {:.1} s", report.losses.len(), report.seconds);
     if report.bad_samples > 0 {
         println!("bad samples skipped: {}", report.bad_samples);

@@ -97,7 +97,16 @@ image_folder = "{d}/images"
     let cfg = dir.path().join("job.toml");
     std::fs::write(&cfg, config).unwrap();
     let model = dir.path().join("model");
-    let out = worker(&["train", "--config", cfg.to_str().unwrap(), "--out", model.to_str().unwrap()]);
+    let metrics = dir.path().join("run/metrics.jsonl");
+    let out = worker(&[
+        "train",
+        "--config",
+        cfg.to_str().unwrap(),
+        "--out",
+        model.to_str().unwrap(),
+        "--metrics",
+        metrics.to_str().unwrap(),
+    ]);
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{}\n{}", stdout, String::from_utf8_lossy(&out.stderr));
     let losses: Vec<f64> = stdout
@@ -110,6 +119,12 @@ image_folder = "{d}/images"
     assert!(losses[0] > 3.0 && losses[39] < 0.6 * losses[0], "losses {:?}", losses);
     // 64 samples, 40 steps of 8: five epochs, the bad one skipped each time.
     assert!(stdout.contains("bad samples skipped: 5"), "{stdout}");
+    // The step metrics count the same bad samples, one JSON line per step.
+    let lines: Vec<serde_json::Value> =
+        std::fs::read_to_string(&metrics).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(lines.len(), 40);
+    assert_eq!(lines.iter().map(|m| m["bad_samples"].as_u64().unwrap()).sum::<u64>(), 5);
+    assert!((lines[39]["loss"].as_f64().unwrap() - losses[39]).abs() < 1e-3);
     assert!(stdout.contains("eval: accuracy"), "{stdout}");
     let out = worker(&["eval", "--model", model.to_str().unwrap(), "--data", data.to_str().unwrap()]);
     let by_dir = String::from_utf8_lossy(&out.stdout).to_string();

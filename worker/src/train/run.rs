@@ -13,11 +13,28 @@ use anyhow::{bail, Context, Result};
 use std::path::Path;
 use std::sync::Arc;
 
+/// One line of the step metrics (JSONL).
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct StepMetrics {
+    pub step: u64,
+    pub loss: f64,
+    pub grad_norm: f64,
+    pub lr_scale: f64,
+    pub samples: usize,
+    pub target_tokens: usize,
+    /// Samples skipped as bad in this step.
+    pub bad_samples: usize,
+    /// Samples cut to the maximum length in this step.
+    pub truncated: usize,
+    pub seconds: f64,
+}
+
 /// What a finished job reports.
 #[derive(Clone, Debug)]
 pub struct JobReport {
     /// Mean loss of each step.
     pub losses: Vec<f64>,
+    pub steps: Vec<StepMetrics>,
     pub bad_samples: usize,
     pub eval: Option<EvalReport>,
     pub seconds: f64,
@@ -41,8 +58,24 @@ pub fn model_config(job: &TrainJob) -> Result<ModelConfig> {
     Ok(cfg)
 }
 
-/// Trains `job` on the CPU; `out` receives the model directory at the end.
-pub fn run_job(job: &TrainJob, out: Option<&Path>, log: &mut dyn FnMut(&str)) -> Result<JobReport> {
+/// Trains `job` on the CPU; `out` receives the model directory at the end,
+/// `metrics` one JSON line per step.
+pub fn run_job(
+    job: &TrainJob,
+    out: Option<&Path>,
+    metrics: Option<&Path>,
+    log: &mut dyn FnMut(&str),
+) -> Result<JobReport> {
+    let mut metrics_file = match metrics {
+        Some(p) => {
+            if let Some(dir) = p.parent().filter(|d| !d.as_os_str().is_empty()) {
+                std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+            }
+            let f = std::fs::File::create(p).with_context(|| format!("cannot create metrics file {}", p.display()))?;
+            Some((p, std::io::BufWriter::new(f)))
+        }
+        None => None,
+    };
     let be = Cpu::<f32>::new();
     let t = &job.train;
     let cfg = model_config(job)?;
@@ -66,17 +99,18 @@ pub fn run_job(job: &TrainJob, out: Option<&Path>, log: &mut dyn FnMut(&str)) ->
             .map(|i| Batch::synthetic(&cfg, t.batch_size, t.text_tokens, t.seed * 100 + i))
             .collect(),
     };
-    let mut report = JobReport { losses: vec![], bad_samples: 0, eval: None, seconds: 0.0 };
+    let mut report = JobReport { losses: vec![], steps: vec![], bad_samples: 0, eval: None, seconds: 0.0 };
     let t0 = std::time::Instant::now();
     for step in 0..t.steps {
         let tick = std::time::Instant::now();
         let mut micro = Vec::with_capacity(t.grad_accum);
-        let mut bad = 0;
+        let (mut bad, mut truncated) = (0, 0);
         for k in 0..t.grad_accum {
             match loader.as_mut() {
                 Some(l) => {
                     let b = l.next_batch()?;
                     bad += b.bad.len();
+                    truncated += b.truncated;
                     if b.batch.batch > 0 {
                         micro.push(b.batch);
                     }
@@ -92,6 +126,22 @@ pub fn run_job(job: &TrainJob, out: Option<&Path>, log: &mut dyn FnMut(&str)) ->
         let r = train_step(&be, &mut vlm, &mut opt, &micro)?;
         let samples: usize = micro.iter().map(|b| b.batch).sum();
         report.losses.push(r.loss.mean());
+        let m = StepMetrics {
+            step: step + 1,
+            loss: r.loss.mean(),
+            grad_norm: r.info.grad_norm,
+            lr_scale: r.info.lr_scale,
+            samples,
+            target_tokens: r.loss.tokens,
+            bad_samples: bad,
+            truncated,
+            seconds: tick.elapsed().as_secs_f64(),
+        };
+        if let Some((p, f)) = metrics_file.as_mut() {
+            use std::io::Write;
+            writeln!(f, "{}", serde_json::to_string(&m)?).with_context(|| format!("cannot write {}", p.display()))?;
+        }
+        report.steps.push(m);
         log(&format!(
             "step {:>5}/{}  loss {:.4}  grad_norm {:.3}  lr_scale {:.3}  {:.1} samples/s  {:.0} tokens/s{}",
             step + 1,
@@ -105,6 +155,10 @@ pub fn run_job(job: &TrainJob, out: Option<&Path>, log: &mut dyn FnMut(&str)) ->
         ));
     }
     drop(loader);
+    if let Some((p, mut f)) = metrics_file {
+        use std::io::Write;
+        f.flush().with_context(|| format!("cannot write {}", p.display()))?;
+    }
     report.seconds = t0.elapsed().as_secs_f64();
     if let Some(d) = job.data.as_ref().filter(|d| !d.eval_datasets.is_empty()) {
         let eval = Dataset::open_eval(d, &cfg)?;
