@@ -37,8 +37,9 @@ pub fn layernorm_fwd<T: Real>(
         });
 }
 
-/// Parameter gradients are summed per row block and then added in block
-/// order, so results are deterministic regardless of scheduling.
+/// Two passes, no allocation: `dx` in parallel over rows, then the parameter
+/// gradients in parallel over column blocks, each summing its rows in order
+/// (deterministic whatever the scheduling).
 #[allow(clippy::too_many_arguments)]
 pub fn layernorm_bwd<T: Real>(
     x: &[T],
@@ -52,44 +53,57 @@ pub fn layernorm_bwd<T: Real>(
     rows: usize,
     cols: usize,
 ) {
-    let per = rows_per_task(rows, cols).max(rows.div_ceil(64));
-    let partials: Vec<(Vec<T>, Vec<T>)> = dx[..rows * cols]
-        .par_chunks_mut(per * cols)
-        .enumerate()
-        .map(|(ci, dxc)| {
-            let mut pdw = vec![T::zero(); cols];
-            let mut pdb = vec![T::zero(); cols];
-            for (r, dxr) in dxc.chunks_mut(cols).enumerate() {
-                let row = ci * per + r;
-                let xr = &x[row * cols..(row + 1) * cols];
-                let dyr = &dy[row * cols..(row + 1) * cols];
-                let (mu, rs) = (mean[row], rstd[row]);
-                // xhat = (x - mu) * rs; dxhat = dy * w
-                let mut sum_dxhat = T::zero();
-                let mut sum_dxhat_xhat = T::zero();
-                for i in 0..cols {
-                    let xhat = (xr[i] - mu) * rs;
-                    let dxhat = dyr[i] * w[i];
-                    sum_dxhat += dxhat;
-                    sum_dxhat_xhat += dxhat * xhat;
-                    pdw[i] += dyr[i] * xhat;
-                    pdb[i] += dyr[i];
-                }
-                let inv_n = T::one() / T::of(cols as f64);
-                for i in 0..cols {
-                    let xhat = (xr[i] - mu) * rs;
-                    let dxhat = dyr[i] * w[i];
-                    dxr[i] += rs * (dxhat - inv_n * sum_dxhat - xhat * inv_n * sum_dxhat_xhat);
+    let per = rows_per_task(rows, cols);
+    let inv_n = T::one() / T::of(cols as f64);
+    dx[..rows * cols].par_chunks_mut(per * cols).enumerate().for_each(|(ci, dxc)| {
+        for (r, dxr) in dxc.chunks_mut(cols).enumerate() {
+            let row = ci * per + r;
+            let xr = &x[row * cols..(row + 1) * cols];
+            let dyr = &dy[row * cols..(row + 1) * cols];
+            let (mu, rs) = (mean[row], rstd[row]);
+            // xhat = (x - mu) * rs; dxhat = dy * w
+            let (mut sum_dxhat, mut sum_dxhat_xhat) = (T::zero(), T::zero());
+            for i in 0..cols {
+                let dxhat = dyr[i] * w[i];
+                sum_dxhat += dxhat;
+                sum_dxhat_xhat += dxhat * (xr[i] - mu) * rs;
+            }
+            for i in 0..cols {
+                let xhat = (xr[i] - mu) * rs;
+                dxr[i] += rs * (dyr[i] * w[i] - inv_n * sum_dxhat - xhat * inv_n * sum_dxhat_xhat);
+            }
+        }
+    });
+    param_grads(cols, dw, Some(db), |c0, dwc, mut dbc| {
+        for row in 0..rows {
+            let (mu, rs) = (mean[row], rstd[row]);
+            for (k, dwk) in dwc.iter_mut().enumerate() {
+                let i = row * cols + c0 + k;
+                *dwk += dy[i] * (x[i] - mu) * rs;
+                if let Some(dbc) = dbc.as_deref_mut() {
+                    dbc[k] += dy[i];
                 }
             }
-            (pdw, pdb)
-        })
-        .collect();
-    for (pdw, pdb) in partials {
-        for i in 0..cols {
-            dw[i] += pdw[i];
-            db[i] += pdb[i];
         }
+    });
+}
+
+/// Runs `f(first_column, dw_block, db_block)` in parallel over column blocks
+/// of the parameter gradients.
+fn param_grads<T: Real>(
+    cols: usize,
+    dw: &mut [T],
+    db: Option<&mut [T]>,
+    f: impl Fn(usize, &mut [T], Option<&mut [T]>) + Sync + Send,
+) {
+    let block = 64.max(cols.div_ceil(rayon::current_num_threads() * 4));
+    match db {
+        Some(db) => dw[..cols]
+            .par_chunks_mut(block)
+            .zip(db[..cols].par_chunks_mut(block))
+            .enumerate()
+            .for_each(|(bi, (dwc, dbc))| f(bi * block, dwc, Some(dbc))),
+        None => dw[..cols].par_chunks_mut(block).enumerate().for_each(|(bi, dwc)| f(bi * block, dwc, None)),
     }
 }
 
@@ -112,6 +126,7 @@ pub fn rmsnorm_fwd<T: Real>(x: &[T], w: &[T], y: &mut [T], rstd: &mut [T], rows:
     );
 }
 
+/// Same two-pass scheme as `layernorm_bwd`.
 #[allow(clippy::too_many_arguments)]
 pub fn rmsnorm_bwd<T: Real>(
     x: &[T],
@@ -123,36 +138,30 @@ pub fn rmsnorm_bwd<T: Real>(
     rows: usize,
     cols: usize,
 ) {
-    let per = rows_per_task(rows, cols).max(rows.div_ceil(64));
-    let partials: Vec<Vec<T>> = dx[..rows * cols]
-        .par_chunks_mut(per * cols)
-        .enumerate()
-        .map(|(ci, dxc)| {
-            let mut pdw = vec![T::zero(); cols];
-            for (r, dxr) in dxc.chunks_mut(cols).enumerate() {
-                let row = ci * per + r;
-                let xr = &x[row * cols..(row + 1) * cols];
-                let dyr = &dy[row * cols..(row + 1) * cols];
-                let rs = rstd[row];
-                // y = w * x * rs, rs = (mean(x^2)+eps)^-1/2
-                let mut dot = T::zero();
-                for i in 0..cols {
-                    dot += dyr[i] * w[i] * xr[i];
-                    pdw[i] += dyr[i] * xr[i] * rs;
-                }
-                let c = dot * rs * rs * rs / T::of(cols as f64);
-                for i in 0..cols {
-                    dxr[i] += dyr[i] * w[i] * rs - xr[i] * c;
-                }
+    let per = rows_per_task(rows, cols);
+    dx[..rows * cols].par_chunks_mut(per * cols).enumerate().for_each(|(ci, dxc)| {
+        for (r, dxr) in dxc.chunks_mut(cols).enumerate() {
+            let row = ci * per + r;
+            let xr = &x[row * cols..(row + 1) * cols];
+            let dyr = &dy[row * cols..(row + 1) * cols];
+            let rs = rstd[row];
+            // y = w * x * rs, rs = (mean(x^2) + eps)^-1/2
+            let dot: T = (0..cols).map(|i| dyr[i] * w[i] * xr[i]).sum();
+            let c = dot * rs * rs * rs / T::of(cols as f64);
+            for i in 0..cols {
+                dxr[i] += dyr[i] * w[i] * rs - xr[i] * c;
             }
-            pdw
-        })
-        .collect();
-    for pdw in partials {
-        for i in 0..cols {
-            dw[i] += pdw[i];
         }
-    }
+    });
+    param_grads(cols, dw, None, |c0, dwc, _| {
+        for row in 0..rows {
+            let rs = rstd[row];
+            for (k, dwk) in dwc.iter_mut().enumerate() {
+                let i = row * cols + c0 + k;
+                *dwk += dy[i] * x[i] * rs;
+            }
+        }
+    });
 }
 
 #[cfg(test)]
