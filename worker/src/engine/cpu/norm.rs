@@ -154,8 +154,7 @@ pub fn rmsnorm_bwd<T: Real>(
         }
     });
     param_grads(cols, dw, None, |c0, dwc, _| {
-        for row in 0..rows {
-            let rs = rstd[row];
+        for (row, &rs) in rstd[..rows].iter().enumerate() {
             for (k, dwk) in dwc.iter_mut().enumerate() {
                 let i = row * cols + c0 + k;
                 *dwk += dy[i] * x[i] * rs;
