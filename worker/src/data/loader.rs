@@ -7,7 +7,7 @@
 //! that epoch. A resumed run asks for the same steps and sees the same samples.
 
 use super::dataset::{mix, read_dataset, DatasetSpec};
-use super::image::{load_image, AspectMode, ImageConfig};
+use super::image::{header_tiles, load_image, AspectMode, ImageConfig};
 use super::template::{tokenize, TemplateKind, Tokenized};
 use super::{BadSample, OnBadSample, Sample};
 use crate::model::{Batch, ModelConfig};
@@ -63,6 +63,16 @@ pub struct Example {
     pub tokens: Tokenized,
     /// `[3, S, S]` normalized, for samples with an image.
     pub pixels: Option<Vec<f32>>,
+}
+
+/// What a sample costs to train on, known without decoding its image: the
+/// coordinator balances ranks by `tiles * vit_cost + tokens * llm_cost`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SampleCost {
+    /// ViT passes (S2 tiles); 0 for a text-only sample.
+    pub tiles: usize,
+    /// LLM positions after the image tokens are spliced in.
+    pub tokens: usize,
 }
 
 /// The datasets of a job, read and indexed, with the tokenizer.
@@ -171,6 +181,21 @@ impl Dataset {
         let o = Arc::new(mix(&self.parts, seed, epoch));
         *cache = Some((seed, epoch, o.clone()));
         o
+    }
+
+    /// The cost of a sample from its text and its image *header* only.
+    pub fn cost(&self, model: &ModelConfig, part: usize, index: usize) -> Result<SampleCost, BadSample> {
+        let s = &self.parts[part].1[index];
+        let tokens = tokenize(s, self.cfg.template, &self.tokenizer, self.max_len)?;
+        let n = tokens.input_ids.len();
+        match &s.image {
+            Some(p) => {
+                let tiles =
+                    header_tiles(p, &self.image, &model.s2).map_err(|e| BadSample::new(&s.id, e.to_string()))?;
+                Ok(SampleCost { tiles, tokens: n - 1 + model.image_tokens() })
+            }
+            None => Ok(SampleCost { tiles: 0, tokens: n }),
+        }
     }
 
     /// Tokenizes a sample and loads its image.
@@ -369,5 +394,22 @@ mod tests {
         let ds = Dataset::open(&cfg, &model).unwrap();
         let err = (0..2).find_map(|s| ds.load_step(0, 2, s).err()).expect("a step must fail");
         assert!(err.to_string().contains("train-1"), "{err}");
+    }
+
+    #[test]
+    fn cost_comes_from_the_header_and_max_length_defaults_to_the_llm_room() {
+        let dir = tempfile::tempdir().unwrap();
+        let (cfg, model) = demo(dir.path(), 3);
+        let ds = Dataset::open(&cfg, &model).unwrap();
+        // 512 positions, of which the image takes 9 for its one placeholder.
+        assert_eq!(ds.max_len, model.llm.max_position_embeddings - (model.image_tokens() - 1));
+        let c = ds.cost(&model, 0, 0).unwrap();
+        let e = ds.example(0, 0).unwrap();
+        assert_eq!(c, SampleCost { tiles: 5, tokens: e.tokens.input_ids.len() - 1 + 9 });
+        // Without its image file a sample has no cost: it is a bad sample.
+        let png = dir.path().join("images/train_00001.png");
+        std::fs::remove_file(&png).unwrap();
+        let err = ds.cost(&model, 0, 1).unwrap_err();
+        assert_eq!(err.id, "train-1");
     }
 }
