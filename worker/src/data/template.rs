@@ -54,10 +54,8 @@ use tokenizers::{AddedToken, OffsetReferential, OffsetType, PreTokenizedString, 
 
 /// The image placeholder in conversation text.
 pub const IMAGE_TAG: &str = "<image>";
-/// The input id that stands for the image (LLaVA's IMAGE_TOKEN_INDEX).
-pub const IMAGE_TOKEN_INDEX: i64 = -200;
-/// The label of positions that are not trained on.
-pub const IGNORE_INDEX: i64 = -100;
+/// The image's input id and the ignored label are the model's own constants.
+pub use crate::model::config::{IGNORE_INDEX, IMAGE_TOKEN_INDEX};
 /// Special tokens, as in the LLaMA tokenizer.
 pub const UNK_TOKEN: &str = "<unk>";
 pub const BOS_TOKEN: &str = "<s>";
