@@ -65,8 +65,7 @@ pub fn read_batch(path: &Path) -> Result<Batch> {
 /// every parameter's gradient by prefixed name.
 pub fn run<B: Backend>(be: &B, model_dir: &Path, batch: &Batch) -> Result<(ModelConfig, f32, weights::Weights)> {
     let cfg = hf_config::read_model_config(model_dir)?;
-    let host = weights::load_weights(model_dir, &cfg)?;
-    let params = ParamStore::from_host(be, &cfg, &host)?;
+    let params = ParamStore::from_dir(be, &cfg, model_dir)?;
     let mut model = Vlm::new(&cfg, params, false);
     model.trainable = Trainable::ALL;
     model.params.zero_grads(be);

@@ -9,7 +9,7 @@ use tessera_worker::data::loader::Dataset;
 use tessera_worker::engine::cpu::Cpu;
 use tessera_worker::eval::evaluate;
 use tessera_worker::model::weights::{save_model_dir, SaveDtype};
-use tessera_worker::model::{hf_config, store, weights, Batch, ModelConfig, ParamStore, Vlm};
+use tessera_worker::model::{hf_config, store, Batch, ModelConfig, ParamStore, Vlm};
 use tessera_worker::train::job::TrainJob;
 use tessera_worker::train::run::run_job;
 use tessera_worker::train::{train_step, OptimConfig, Optimizer};
@@ -106,10 +106,6 @@ enum Command {
     },
 }
 
-fn preset(name: &str) -> Result<ModelConfig> {
-    ModelConfig::preset(name).with_context(|| format!("unknown preset `{name}`; expected tiny, small or vila-3b-s2"))
-}
-
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::DebugStep { model, batch, out, device } => {
@@ -117,7 +113,7 @@ fn run(cli: Cli) -> Result<()> {
             println!("loss {loss:.6}; gradients written to {}", out.display());
         }
         Command::InitModel { preset: name, out, seed } => {
-            let cfg = preset(&name)?;
+            let cfg = ModelConfig::named_preset(&name)?;
             save_model_dir(&out, &cfg, &store::init_host(&cfg, seed), SaveDtype::F32, None)?;
             println!("wrote {name} model to {}", out.display());
         }
@@ -141,7 +137,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Eval { model, data, config } => {
             let be = Cpu::<f32>::new();
             let cfg = hf_config::read_model_config(&model)?;
-            let params = ParamStore::from_host(&be, &cfg, &weights::load_weights(&model, &cfg)?)?;
+            let params = ParamStore::from_dir(&be, &cfg, &model)?;
             let mut vlm = Vlm::new(&cfg, params, false);
             let data_cfg = match (data, config) {
                 (Some(dir), _) => Dataset::demo_config(&dir),
@@ -167,7 +163,7 @@ fn run(cli: Cli) -> Result<()> {
             );
         }
         Command::BenchStep { preset: name, batch, seq, warmup, steps } => {
-            let cfg = preset(&name)?;
+            let cfg = ModelConfig::named_preset(&name)?;
             let be = Cpu::<f32>::new();
             let mut vlm = Vlm::new(&cfg, ParamStore::init(&be, &cfg, 0), false);
             let mut opt = Optimizer::new(&be, OptimConfig { total_steps: 1000, ..OptimConfig::default() }, &vlm.params);

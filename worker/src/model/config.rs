@@ -326,6 +326,11 @@ impl ModelConfig {
         }
     }
 
+    /// A preset by name, or an error that lists the names.
+    pub fn named_preset(name: &str) -> anyhow::Result<Self> {
+        Self::preset(name).ok_or_else(|| anyhow::anyhow!("unknown preset `{name}`; expected tiny, small or vila-3b-s2"))
+    }
+
     pub fn preset(name: &str) -> Option<Self> {
         match name {
             "tiny" => Some(Self::tiny()),

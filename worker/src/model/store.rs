@@ -31,6 +31,11 @@ impl<B: Backend> ParamStore<B> {
         Ok(Self::with_values(be, specs, values))
     }
 
+    /// Weights read from a model directory in the VILA layout.
+    pub fn from_dir(be: &B, cfg: &ModelConfig, dir: &std::path::Path) -> Result<Self> {
+        Self::from_host(be, cfg, &super::weights::load_weights(dir, cfg)?)
+    }
+
     /// Fresh weights, identical on every machine for a given seed: weights
     /// N(0, 0.02) (Hugging Face's initializer_range), biases 0, norm scales 1.
     pub fn init(be: &B, cfg: &ModelConfig, seed: u64) -> Self {

@@ -80,8 +80,8 @@ impl TrainJob {
         match (&self.model.preset, &self.model.dir) {
             (Some(_), Some(_)) => bail!("model: set either `preset` or `dir`, not both"),
             (None, None) => bail!("model: set `preset` (tiny, small, vila-3b-s2) or `dir`"),
-            (Some(p), None) if ModelConfig::preset(p).is_none() => {
-                bail!("model.preset: unknown preset `{p}`; expected tiny, small or vila-3b-s2")
+            (Some(p), None) => {
+                ModelConfig::named_preset(p).context("model.preset")?;
             }
             _ => {}
         }

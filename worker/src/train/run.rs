@@ -7,7 +7,7 @@ use super::{train_step, OptimConfig, Optimizer};
 use crate::data::loader::{Dataset, Prefetcher};
 use crate::engine::cpu::Cpu;
 use crate::eval::{evaluate, EvalReport};
-use crate::model::weights::{load_weights, save_model_dir, SaveDtype};
+use crate::model::weights::{save_model_dir, SaveDtype};
 use crate::model::{hf_config, Batch, ModelConfig, ParamStore, Vlm};
 use anyhow::{bail, Context, Result};
 use std::path::Path;
@@ -43,9 +43,7 @@ pub struct JobReport {
 pub fn model_config(job: &TrainJob) -> Result<ModelConfig> {
     let mut cfg = match (&job.model.dir, &job.model.preset) {
         (Some(dir), _) => hf_config::read_model_config(dir)?,
-        (None, Some(name)) => {
-            ModelConfig::preset(name).with_context(|| format!("model.preset: unknown preset `{name}`"))?
-        }
+        (None, Some(name)) => ModelConfig::named_preset(name).context("model.preset")?,
         (None, None) => bail!("model: set `preset` or `dir`"),
     };
     if let Some(scales) = &job.model.s2_scales {
@@ -80,7 +78,7 @@ pub fn run_job(
     let t = &job.train;
     let cfg = model_config(job)?;
     let params = match &job.model.dir {
-        Some(dir) => ParamStore::from_host(&be, &cfg, &load_weights(dir, &cfg)?)?,
+        Some(dir) => ParamStore::from_dir(&be, &cfg, dir)?,
         None => ParamStore::init(&be, &cfg, t.seed),
     };
     let mut vlm = Vlm::new(&cfg, params, job.model.recompute_vit);
