@@ -6,7 +6,7 @@
 //! `order(epoch = p / len)[p % len]`, where `order` is `dataset::mix` for
 //! that epoch. A resumed run asks for the same steps and sees the same samples.
 
-use super::dataset::{mix, read_dataset, DatasetSpec};
+use super::dataset::{contribution, mix, read_dataset, DatasetSpec};
 use super::image::{header_tiles, load_image, AspectMode, ImageConfig};
 use super::template::{tokenize, TemplateKind, Tokenized};
 use super::{BadSample, OnBadSample, Sample};
@@ -166,9 +166,9 @@ impl Dataset {
         self.parts.iter().enumerate().flat_map(|(p, (_, s))| (0..s.len()).map(move |i| (p, i))).collect()
     }
 
-    /// Samples in one epoch (after weighting).
-    pub fn epoch_len(&self, seed: u64) -> usize {
-        self.order(seed, 0).len()
+    /// Samples in one epoch (after weighting); the same for every epoch and seed.
+    pub fn epoch_len(&self) -> usize {
+        self.parts.iter().map(|(spec, samples)| contribution(spec.weight, samples.len())).sum()
     }
 
     fn order(&self, seed: u64, epoch: u64) -> Arc<Vec<(usize, usize)>> {
@@ -214,9 +214,14 @@ impl Dataset {
     pub fn load_step(&self, seed: u64, batch_size: usize, step: u64) -> Result<LoadedBatch> {
         let mut examples = Vec::with_capacity(batch_size);
         let mut bad = Vec::new();
+        // Computed once: asking `order` for epoch 0 here would evict the
+        // cached order of the current epoch and reshuffle it for every sample.
+        let len = self.epoch_len() as u64;
+        if len == 0 {
+            bail!("data.datasets: every dataset has weight 0, so an epoch holds no sample");
+        }
         for k in 0..batch_size as u64 {
             let pos = step * batch_size as u64 + k;
-            let len = self.epoch_len(seed) as u64;
             let order = self.order(seed, pos / len);
             let (part, index) = order[(pos % len) as usize];
             match self.example(part, index) {
@@ -360,6 +365,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let (cfg, model) = demo(dir.path(), 10);
         let ds = Arc::new(Dataset::open(&cfg, &model).unwrap());
+        assert_eq!(ds.epoch_len(), ds.order(5, 3).len());
         let direct: Vec<Vec<String>> = (0..7).map(|s| ds.load_step(5, 3, s).unwrap().ids).collect();
         // 3 per step over 10 samples: each epoch holds every sample once.
         let first_epoch: HashSet<&String> = direct.iter().flatten().take(10).collect();
