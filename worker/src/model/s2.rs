@@ -106,8 +106,7 @@ impl<B: Backend> S2<B> {
     /// Backward from the gradient of the features into the ViT's parameters.
     pub fn backward(&mut self, be: &B, p: &mut ParamStore<B>, dfeatures: &B::Buf) {
         let c = self.cfg.clone();
-        let ws = self.ws.as_mut().expect("S2 backward needs a forward first");
-        let batch = ws.batch;
+        let batch = self.ws.as_ref().expect("S2 backward needs a forward first").batch;
         let offsets = self.tile_offsets(batch);
         let ws = self.ws.as_mut().expect("workspace exists");
         let (g, d) = (c.vision.grid(), c.vision.hidden_size);
