@@ -96,8 +96,10 @@ impl<B: Backend> Vlm<B> {
         let has_image_before = batch.input_ids[sample * t..sample * t + pos].contains(&IMAGE_TOKEN_INDEX);
         let row = sample * prep.seq + pos + if has_image_before { self.cfg.image_tokens() - 1 } else { 0 };
         let v = self.cfg.llm.vocab_size;
-        let logits = be.download(self.llm.logits());
-        Ok(logits[row * v..(row + 1) * v].to_vec())
+        // Copy out the one row on the device rather than downloading all logits.
+        let mut out = be.alloc(v);
+        be.copy(self.llm.logits(), row * v, &mut out, 0, v);
+        Ok(be.download(&out))
     }
 
     /// Forward only: the loss sum and target count (evaluation).
