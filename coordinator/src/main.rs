@@ -1,10 +1,74 @@
-//! The head-node coordinator. Rendezvous, sharding and the step loop land with
-//! the coordinator issue; this binary says so instead of pretending to run.
+//! The `coordinator` command line: runs a multi-worker job on the head node.
 
-fn main() {
-    eprintln!(
-        "coordinator: not implemented yet (protocol v{}); train on one process with `worker train`",
-        tessera_proto::PROTOCOL_VERSION
-    );
-    std::process::exit(2);
+mod job;
+mod loss_curve;
+mod membership;
+mod plan;
+mod planner;
+mod progress;
+mod run;
+mod service;
+mod state;
+
+use clap::Parser;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+#[derive(Parser)]
+#[command(
+    name = "coordinator",
+    version,
+    about = "Tessera coordinator: rendezvous, per-step cost-balanced sharding and progress for `worker --rank N` processes"
+)]
+struct Cli {
+    /// The job config (TOML): model, train, optim, data and cluster sections.
+    #[arg(long)]
+    config: PathBuf,
+    /// Address the gRPC service listens on.
+    #[arg(long, default_value = "0.0.0.0:29500")]
+    listen: SocketAddr,
+    /// Output folder: metrics.jsonl, loss_curve.svg, and model/ (saved by rank 0).
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// A worker silent for this many heartbeat intervals is declared dead.
+    #[arg(long, default_value_t = 10.0)]
+    missed_heartbeats: f64,
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let out = cli.out.clone().unwrap_or_else(|| {
+        PathBuf::from("runs").join(cli.config.file_stem().map(|s| s.to_owned()).unwrap_or_else(|| "job".into()))
+    });
+    let opts = run::RunOptions {
+        config: cli.config,
+        listen: cli.listen,
+        out: out.clone(),
+        missed_heartbeats: cli.missed_heartbeats,
+    };
+    match run::run(&opts) {
+        Ok(report) => {
+            run::print_report(&report, &out);
+            match report.outcome {
+                state::Outcome::Finished => ExitCode::SUCCESS,
+                state::Outcome::Failed(why) => {
+                    eprintln!("coordinator: the job failed: {why}");
+                    ExitCode::FAILURE
+                }
+                state::Outcome::Running => ExitCode::FAILURE,
+            }
+        }
+        Err(e) => {
+            eprintln!("coordinator: {e:#}");
+            ExitCode::from(2)
+        }
+    }
 }

@@ -1,7 +1,14 @@
-//! Tessera wire protocol between the coordinator and its workers.
-//!
-//! The gRPC service arrives with the coordinator issue; until then this crate
-//! only fixes the protocol version both sides will compare on Join.
+//! Tessera wire protocol between the coordinator and its workers: the gRPC
+//! service generated from `proto/coordinator.proto`.
 
-/// Bumped on every incompatible change to the wire protocol.
+/// Bumped on every incompatible change to the wire protocol; Join refuses a
+/// worker whose version differs.
 pub const PROTOCOL_VERSION: u32 = 1;
+
+#[allow(clippy::all, clippy::pedantic)]
+pub mod v1 {
+    tonic::include_proto!("tessera.v1");
+}
+
+pub use v1::coordinator_client::CoordinatorClient;
+pub use v1::coordinator_server::{Coordinator, CoordinatorServer};

@@ -8,21 +8,54 @@ use tessera_worker::data::demo::{make_demo_data, DemoSpec};
 use tessera_worker::data::loader::Dataset;
 use tessera_worker::engine::cpu::Cpu;
 use tessera_worker::eval::evaluate;
+use tessera_worker::launch::{resolve, LaunchFlags};
 use tessera_worker::model::weights::{save_model_dir, SaveDtype};
 use tessera_worker::model::{hf_config, store, Batch, ModelConfig, ParamStore, Vlm};
+use tessera_worker::train::distributed::{run_worker, WorkerOptions};
 use tessera_worker::train::job::TrainJob;
 use tessera_worker::train::run::run_job;
 use tessera_worker::train::{train_step, OptimConfig, Optimizer};
 
 #[derive(Parser)]
-#[command(name = "worker", version, about = "Tessera worker: trains S2 vision-language models")]
+#[command(
+    name = "worker",
+    version,
+    about = "Tessera worker: trains S2 vision-language models",
+    long_about = "Tessera worker: trains S2 vision-language models.\n\nWithout a subcommand it joins a multi-worker job: `worker --rank N --coordinator URL [--device cpu|cuda:K|auto]` (RANK/WORLD_SIZE/MASTER_ADDR/MASTER_PORT and SLURM_PROCID/SLURM_LOCALID are read when flags are absent).",
+    args_conflicts_with_subcommands = true
+)]
 struct Cli {
     #[command(subcommand)]
-    command: Command,
+    command: Option<Command>,
+    #[command(flatten)]
+    run: RunArgs,
+}
+
+/// Joining a multi-worker job.
+#[derive(clap::Args, Clone, Debug, Default)]
+struct RunArgs {
+    /// This worker's rank (else RANK or SLURM_PROCID; else the coordinator assigns one).
+    #[arg(long)]
+    rank: Option<u32>,
+    /// The coordinator's URL, e.g. http://head-node:29500 (else MASTER_ADDR and MASTER_PORT).
+    #[arg(long)]
+    coordinator: Option<String>,
+    /// cpu, cuda:K or auto.
+    #[arg(long)]
+    device: Option<String>,
+    /// Seconds to keep retrying a coordinator that is not up yet.
+    #[arg(long, default_value_t = 300.0)]
+    connect_timeout: f64,
+    /// Address the other workers reach this one at (default: this host's
+    /// address on the route to the coordinator).
+    #[arg(long)]
+    advertise_host: Option<String>,
 }
 
 #[derive(Subcommand)]
 enum Command {
+    /// Joins a multi-worker job (the same as giving the flags without a subcommand).
+    Run(RunArgs),
     /// One forward + backward pass with every module trainable; writes the
     /// loss and all gradients (DESIGN.md section 4).
     DebugStep {
@@ -107,7 +140,31 @@ enum Command {
 }
 
 fn run(cli: Cli) -> Result<()> {
-    match cli.command {
+    let command = match cli.command {
+        Some(c) => c,
+        None => {
+            let r = &cli.run;
+            if r.rank.is_none() && r.coordinator.is_none() && std::env::var_os("MASTER_ADDR").is_none() {
+                use clap::CommandFactory;
+                Cli::command().print_help()?;
+                bail!("nothing to do: give a subcommand, or --coordinator URL to join a job");
+            }
+            Command::Run(cli.run)
+        }
+    };
+    match command {
+        Command::Run(args) => {
+            let flags = LaunchFlags { rank: args.rank, coordinator: args.coordinator, device: args.device };
+            let launch = resolve(&flags, &|k| std::env::var(k).ok())?;
+            if !(args.connect_timeout.is_finite() && args.connect_timeout >= 0.0) {
+                bail!("--connect-timeout {}: expected seconds", args.connect_timeout);
+            }
+            run_worker(&WorkerOptions {
+                launch,
+                connect_patience: std::time::Duration::from_secs_f64(args.connect_timeout),
+                advertise_host: args.advertise_host,
+            })?;
+        }
         Command::DebugStep { model, batch, out, device } => {
             let loss = tessera_worker::debug_step::command(&model, &batch, &out, &device)?;
             println!("loss {loss:.6}; gradients written to {}", out.display());
@@ -215,7 +272,13 @@ fn train(job: &TrainJob, out: Option<&std::path::Path>, metrics: Option<&std::pa
 }
 
 fn main() -> ExitCode {
-    tracing_subscriber::fmt().with_env_filter(tracing_subscriber::EnvFilter::from_default_env()).init();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
     match run(Cli::parse()) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

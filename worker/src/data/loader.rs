@@ -209,21 +209,37 @@ impl Dataset {
         Ok(Example { id: s.id.clone(), tokens, pixels })
     }
 
-    /// The samples of step `step`, loaded and collated. Bad samples are
-    /// skipped (and returned) or fail the step, as `on_bad_sample` says.
-    pub fn load_step(&self, seed: u64, batch_size: usize, step: u64) -> Result<LoadedBatch> {
-        let mut examples = Vec::with_capacity(batch_size);
-        let mut bad = Vec::new();
-        // Computed once: asking `order` for epoch 0 here would evict the
-        // cached order of the current epoch and reshuffle it for every sample.
+    /// The sample at position `pos` of the stream: `order(pos / len)[pos % len]`.
+    pub fn sample_at(&self, seed: u64, pos: u64) -> Result<(usize, usize)> {
         let len = self.epoch_len() as u64;
         if len == 0 {
             bail!("data.datasets: every dataset has weight 0, so an epoch holds no sample");
         }
-        for k in 0..batch_size as u64 {
-            let pos = step * batch_size as u64 + k;
-            let order = self.order(seed, pos / len);
-            let (part, index) = order[(pos % len) as usize];
+        Ok(self.order(seed, pos / len)[(pos % len) as usize])
+    }
+
+    /// The samples at stream positions `first..first + count`.
+    pub fn samples_at(&self, seed: u64, first: u64, count: usize) -> Result<Vec<(usize, usize)>> {
+        (first..first + count as u64).map(|pos| self.sample_at(seed, pos)).collect()
+    }
+
+    /// The samples of step `step` (positions `step * batch_size ..`), loaded
+    /// and collated.
+    pub fn load_step(&self, seed: u64, batch_size: usize, step: u64) -> Result<LoadedBatch> {
+        let refs = self.samples_at(seed, step * batch_size as u64, batch_size)?;
+        self.load_samples(&refs, step)
+    }
+
+    /// Loads and collates the given samples (a worker's share of a step).
+    /// Bad samples are skipped (and returned) or fail the step, as
+    /// `on_bad_sample` says.
+    pub fn load_samples(&self, refs: &[(usize, usize)], step: u64) -> Result<LoadedBatch> {
+        let mut examples = Vec::with_capacity(refs.len());
+        let mut bad = Vec::new();
+        for &(part, index) in refs {
+            if part >= self.parts.len() || index >= self.parts[part].1.len() {
+                bail!("sample ({part}, {index}) does not exist: the job's datasets differ from the planner's");
+            }
             match self.example(part, index) {
                 Ok(e) => examples.push(e),
                 Err(b) => match self.cfg.on_bad_sample {
@@ -281,31 +297,45 @@ pub fn collate(examples: &[Example]) -> Batch {
 }
 
 /// Prepares the batches of steps `first, first + 1, ...` on `threads`
-/// background threads, at most `depth` steps ahead, and hands them out in
+/// background threads, a bounded number of steps ahead, and hands them out in
 /// step order. Thread `w` makes steps `first + w, first + w + threads, ...`
 /// into its own bounded channel, so the order is fixed and memory bounded.
-pub struct Prefetcher {
+pub struct Prefetcher<T: Send + 'static = LoadedBatch> {
     next: u64,
     first: u64,
-    channels: Vec<crossbeam_channel::Receiver<Result<LoadedBatch>>>,
+    channels: Vec<crossbeam_channel::Receiver<Result<T>>>,
     stop: Arc<std::sync::atomic::AtomicBool>,
     threads: Vec<std::thread::JoinHandle<()>>,
 }
 
-impl Prefetcher {
+impl Prefetcher<LoadedBatch> {
+    /// The single-process stream: step `s` is `dataset.load_step(seed, batch_size, s)`.
     pub fn new(dataset: Arc<Dataset>, seed: u64, batch_size: usize, first: u64, threads: usize) -> Self {
+        let ahead = dataset.cfg.prefetch;
+        Self::with(move |step| dataset.load_step(seed, batch_size, step), first, threads, ahead)
+    }
+}
+
+impl<T: Send + 'static> Prefetcher<T> {
+    /// Prefetches `load(step)` for steps `first, first + 1, ...`, at most
+    /// `ahead` steps in advance.
+    pub fn with<F>(load: F, first: u64, threads: usize, ahead: usize) -> Self
+    where
+        F: Fn(u64) -> Result<T> + Send + Sync + 'static,
+    {
+        let load = Arc::new(load);
         let threads = threads.max(1);
-        let depth = dataset.cfg.prefetch.div_ceil(threads).max(1);
+        let depth = ahead.div_ceil(threads).max(1);
         let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let mut channels = Vec::new();
         let mut handles = Vec::new();
         for w in 0..threads as u64 {
             let (tx, rx) = crossbeam_channel::bounded(depth);
-            let (ds, stop) = (dataset.clone(), stop.clone());
+            let (load, stop) = (load.clone(), stop.clone());
             handles.push(std::thread::spawn(move || {
                 let mut step = first + w;
                 while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                    if tx.send(ds.load_step(seed, batch_size, step)).is_err() {
+                    if tx.send(load(step)).is_err() {
                         break;
                     }
                     step += threads as u64;
@@ -317,14 +347,14 @@ impl Prefetcher {
     }
 
     /// The next step's batch, in order.
-    pub fn next_batch(&mut self) -> Result<LoadedBatch> {
+    pub fn next_batch(&mut self) -> Result<T> {
         let w = ((self.next - self.first) % self.channels.len() as u64) as usize;
         self.next += 1;
         self.channels[w].recv().context("data loader thread stopped")?
     }
 }
 
-impl Drop for Prefetcher {
+impl<T: Send + 'static> Drop for Prefetcher<T> {
     fn drop(&mut self) {
         self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
         // Unblock senders waiting on full channels, then join.

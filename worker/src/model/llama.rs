@@ -3,7 +3,7 @@
 
 use super::config::LlmConfig;
 use super::linear::{self, Dims};
-use super::store::ParamStore;
+use super::store::{GradReady, ParamStore};
 use crate::engine::{AttnShape, Backend, RopeShape};
 
 struct LayerParams {
@@ -216,7 +216,8 @@ impl<B: Backend> Llama<B> {
 
     /// Backward from the gradient `loss` left; returns the gradient of the input
     /// embeddings. `param_grads` false (a frozen LLM) skips weight gradients.
-    pub fn backward(&mut self, be: &B, p: &mut ParamStore<B>, param_grads: bool) -> &B::Buf {
+    /// `ready` hears which parameters' gradients are final, layer by layer.
+    pub fn backward(&mut self, be: &B, p: &mut ParamStore<B>, param_grads: bool, ready: GradReady<B>) -> &B::Buf {
         let ws = self.ws.as_mut().expect("call loss with a grad_scale before backward");
         let (batch, seq) = (ws.batch, ws.seq);
         let c = &self.cfg;
@@ -239,6 +240,7 @@ impl<B: Backend> Llama<B> {
         be.fill(&mut ws.dx, 0.0);
         let last = &ws.xs[self.layers.len()];
         be.rmsnorm_bwd(last, &w[self.norm], &ws.final_rstd, &ws.dh, &mut ws.dx, &mut g[self.norm], rows, h);
+        ready(&g[..], &[self.head, self.norm]);
         for (l, lp) in self.layers.iter().enumerate().rev() {
             let (x, s) = (&ws.xs[l], &ws.layers[l]);
             // MLP: out = x1 + down(silu(gate(h2)) * up(h2))
@@ -314,6 +316,7 @@ impl<B: Backend> Llama<B> {
             }
             be.copy(&ws.dx1, 0, &mut ws.dx, 0, rows * h);
             be.rmsnorm_bwd(x, &w[lp.ln1], &s.rstd1, &ws.dh, &mut ws.dx, &mut g[lp.ln1], rows, h);
+            ready(&g[..], &[lp.ln1, lp.q, lp.k, lp.v, lp.o, lp.ln2, lp.gate, lp.up, lp.down]);
         }
         &ws.dx
     }

@@ -16,5 +16,5 @@ pub mod weights;
 pub use batch::Batch;
 pub use config::ModelConfig;
 pub use params::{param_specs, Module, ParamSpec};
-pub use store::ParamStore;
+pub use store::{GradReady, ParamStore};
 pub use vlm::{LossSum, Trainable, Vlm};

@@ -5,7 +5,7 @@
 //! pooling and stitching into every tile and so into the ViT.
 
 use super::config::ModelConfig;
-use super::store::ParamStore;
+use super::store::{GradReady, ParamStore};
 use super::vit::Vit;
 use crate::engine::{Backend, GridShape, ImageShape};
 
@@ -104,7 +104,7 @@ impl<B: Backend> S2<B> {
     }
 
     /// Backward from the gradient of the features into the ViT's parameters.
-    pub fn backward(&mut self, be: &B, p: &mut ParamStore<B>, dfeatures: &B::Buf) {
+    pub fn backward(&mut self, be: &B, p: &mut ParamStore<B>, dfeatures: &B::Buf, ready: GradReady<B>) {
         let c = self.cfg.clone();
         let batch = self.ws.as_ref().expect("S2 backward needs a forward first").batch;
         let offsets = self.tile_offsets(batch);
@@ -120,6 +120,6 @@ impl<B: Backend> S2<B> {
             be.area_pool_bwd(&ws.pooled[i], merged_shape, n, &mut ws.merged[i]);
             be.tile_merge_bwd(&ws.merged[i], merged_shape, n, &mut ws.dtiles, offsets[i]);
         }
-        self.vit.backward(be, p, &ws.dtiles);
+        self.vit.backward(be, p, &ws.dtiles, ready);
     }
 }

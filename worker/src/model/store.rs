@@ -9,6 +9,11 @@ use rand_chacha::ChaCha8Rng;
 use rand_distr::{Distribution, Normal};
 use std::collections::{BTreeMap, HashMap};
 
+/// Told during backward which parameters' gradients are final (with all
+/// gradients, to read them), so their all-reduce can start while backward
+/// continues (`train::grad_sync`).
+pub type GradReady<'a, B> = &'a mut dyn FnMut(&[<B as Backend>::Buf], &[usize]);
+
 pub struct ParamStore<B: Backend> {
     pub specs: Vec<ParamSpec>,
     pub values: Vec<B::Buf>,

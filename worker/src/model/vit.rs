@@ -7,7 +7,7 @@
 
 use super::config::VisionConfig;
 use super::linear::{self, Dims};
-use super::store::ParamStore;
+use super::store::{GradReady, ParamStore};
 use crate::engine::{AttnShape, Backend, GeluKind, ImageShape};
 
 struct LayerParams {
@@ -27,6 +27,15 @@ struct LayerParams {
     fc1_b: usize,
     fc2_w: usize,
     fc2_b: usize,
+}
+
+impl LayerParams {
+    fn ids(&self) -> [usize; 16] {
+        [
+            self.ln1_w, self.ln1_b, self.q_w, self.q_b, self.k_w, self.k_b, self.v_w, self.v_b, self.o_w, self.o_b,
+            self.ln2_w, self.ln2_b, self.fc1_w, self.fc1_b, self.fc2_w, self.fc2_b,
+        ]
+    }
 }
 
 /// Everything one layer's backward reads, for a fixed number of tokens.
@@ -188,7 +197,8 @@ impl<B: Backend> Vit<B> {
 
     /// Backward from `dout` (gradient of the selected hidden state). Parameter
     /// gradients are added into `p.grads`.
-    pub fn backward(&mut self, be: &B, p: &mut ParamStore<B>, dout: &B::Buf) {
+    /// `ready` hears which parameters' gradients are final, layer by layer.
+    pub fn backward(&mut self, be: &B, p: &mut ParamStore<B>, dout: &B::Buf, ready: GradReady<B>) {
         let c = self.cfg.clone();
         let ws = self.ws.as_mut().expect("ViT backward needs a forward first");
         let tiles = ws.tiles;
@@ -208,12 +218,14 @@ impl<B: Backend> Vit<B> {
                 l
             };
             layer_backward(be, p, &c, lp, &a, &ws.xs[l], &ws.layers[slot], &mut ws.sc);
+            ready(&p.grads, &lp.ids());
         }
         let kdim = c.num_channels * c.patch_size * c.patch_size;
         be.add_broadcast_bwd(&ws.sc.dx, &mut p.grads[self.pos], tiles, c.num_patches(), c.hidden_size);
         let d = Dims { rows, din: kdim, dout: c.hidden_size };
         let (gw, gb) = two_mut(&mut p.grads, self.patch_w, self.patch_b);
         linear::backward(be, &ws.patches, &p.values[self.patch_w], &ws.sc.dx, None, Some(gw), Some(gb), d);
+        ready(&p.grads, &[self.pos, self.patch_w, self.patch_b]);
     }
 }
 

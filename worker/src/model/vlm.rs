@@ -8,7 +8,7 @@ use super::llama::Llama;
 use super::params::Module;
 use super::projector::Projector;
 use super::s2::S2;
-use super::store::ParamStore;
+use super::store::{GradReady, ParamStore};
 use crate::engine::Backend;
 use anyhow::Result;
 
@@ -53,6 +53,8 @@ pub struct Vlm<B: Backend> {
     projector: Projector<B>,
     llm: Llama<B>,
     dimage: Option<B::Buf>,
+    /// The projector's parameters, reported ready together.
+    projector_ids: Vec<usize>,
 }
 
 impl<B: Backend> Vlm<B> {
@@ -62,6 +64,7 @@ impl<B: Backend> Vlm<B> {
             s2: S2::new(cfg, &params, recompute_vit),
             projector: Projector::new(cfg, &params),
             llm: Llama::new(&cfg.llm, &params),
+            projector_ids: (0..params.specs.len()).filter(|&i| params.specs[i].module == Module::Projector).collect(),
             params,
             trainable: Trainable::ALL,
             dimage: None,
@@ -114,6 +117,20 @@ impl<B: Backend> Vlm<B> {
     /// count of the step, so accumulation and data parallelism sum up to the
     /// gradient of the mean loss). `None` uses this batch's own count.
     pub fn forward_backward(&mut self, be: &B, batch: &Batch, denominator: Option<usize>) -> Result<LossSum> {
+        self.forward_backward_with(be, batch, denominator, &mut |_, _| {})
+    }
+
+    /// `forward_backward` that tells `ready` which gradients are final as
+    /// backward goes (LLM layers from the last, the embedding, the projector,
+    /// ViT layers from the last), so data-parallel training can all-reduce
+    /// them while backward continues.
+    pub fn forward_backward_with(
+        &mut self,
+        be: &B,
+        batch: &Batch,
+        denominator: Option<usize>,
+        ready: GradReady<B>,
+    ) -> Result<LossSum> {
         let (prep, ids, rows) = self.forward(be, batch, true)?;
         let targets = be.upload_idx(&prep.targets);
         let denom = denominator.unwrap_or(prep.n_targets).max(1);
@@ -122,10 +139,11 @@ impl<B: Backend> Vlm<B> {
         let n_rows = prep.batch * prep.seq;
         let h = self.cfg.llm.hidden_size;
         let embed = self.llm.embed;
-        let dembeds = self.llm.backward(be, &mut self.params, t.llm);
+        let dembeds = self.llm.backward(be, &mut self.params, t.llm, &mut *ready);
         if t.llm {
             be.embedding_bwd(dembeds, &ids, &mut self.params.grads[embed], n_rows, h);
         }
+        ready(&self.params.grads, &[embed]);
         if (t.projector || t.vision_tower) && prep.images > 0 {
             let n_img = prep.image_rows.len();
             let dimage = self.dimage.get_or_insert_with(|| be.alloc(0));
@@ -135,8 +153,9 @@ impl<B: Backend> Vlm<B> {
             be.fill(dimage, 0.0);
             be.scatter_rows_bwd(dembeds, &rows, dimage, n_img, h);
             let dfeatures = self.projector.backward(be, &mut self.params, dimage, t.projector);
+            ready(&self.params.grads, &self.projector_ids);
             if t.vision_tower {
-                self.s2.backward(be, &mut self.params, dfeatures);
+                self.s2.backward(be, &mut self.params, dfeatures, ready);
             }
         }
         Ok(LossSum { sum, tokens: prep.n_targets })

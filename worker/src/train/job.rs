@@ -1,4 +1,5 @@
-//! The single-process training job config (TOML), e.g. `configs/tiny.toml`.
+//! The training job config (TOML), e.g. `configs/tiny.toml`: one schema for
+//! `worker train` (one process) and the coordinator (many workers).
 
 use super::optimizer::OptimConfig;
 use crate::data::loader::DataConfig;
@@ -59,6 +60,49 @@ pub struct TrainJob {
     /// Real data; without it the job trains on synthetic batches.
     #[serde(default)]
     pub data: Option<DataConfig>,
+    /// How many workers train together (read by the coordinator).
+    #[serde(default)]
+    pub cluster: ClusterSection,
+}
+
+/// The `[cluster]` section: the multi-worker job.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterSection {
+    /// Workers that train together; the global batch is split among them.
+    #[serde(default = "one")]
+    pub world_size: usize,
+    /// Seconds between a worker's heartbeats.
+    #[serde(default = "two")]
+    pub heartbeat_interval_s: f64,
+    /// Gradient buckets all-reduced while backward continues: a small first
+    /// one so communication starts early, then buckets of `bucket_mb` (DDP's
+    /// defaults).
+    #[serde(default = "first_bucket_mb")]
+    pub first_bucket_mb: f64,
+    #[serde(default = "bucket_mb")]
+    pub bucket_mb: f64,
+}
+
+impl Default for ClusterSection {
+    fn default() -> Self {
+        ClusterSection {
+            world_size: 1,
+            heartbeat_interval_s: two(),
+            first_bucket_mb: first_bucket_mb(),
+            bucket_mb: bucket_mb(),
+        }
+    }
+}
+
+fn two() -> f64 {
+    2.0
+}
+fn first_bucket_mb() -> f64 {
+    1.0
+}
+fn bucket_mb() -> f64 {
+    25.0
 }
 
 impl TrainJob {
@@ -114,6 +158,18 @@ impl TrainJob {
         if o.freeze.vision_tower && o.freeze.projector && o.freeze.llm {
             bail!("optim.freeze: every module is frozen, nothing would train");
         }
+        let c = &self.cluster;
+        if c.world_size == 0 {
+            bail!("cluster.world_size: must be positive");
+        }
+        if !(c.heartbeat_interval_s.is_finite() && c.heartbeat_interval_s > 0.0) {
+            bail!("cluster.heartbeat_interval_s: {} is not a positive number of seconds", c.heartbeat_interval_s);
+        }
+        for (key, v) in [("cluster.first_bucket_mb", c.first_bucket_mb), ("cluster.bucket_mb", c.bucket_mb)] {
+            if !(v.is_finite() && v > 0.0) {
+                bail!("{key}: {v} is not a positive size in MB");
+            }
+        }
         Ok(())
     }
 }
@@ -157,6 +213,10 @@ llm = true
         assert!(e.contains("model.preset"), "{e}");
         let e = TrainJob::parse(&GOOD.replace("steps = 10", "steps = \"ten\"")).unwrap_err().to_string();
         assert!(e.contains("steps"), "{e}");
+        let e = TrainJob::parse(&format!("{GOOD}\n[cluster]\nworld_size = 0\n")).unwrap_err().to_string();
+        assert!(e.contains("cluster.world_size"), "{e}");
+        let e = TrainJob::parse(&format!("{GOOD}\n[cluster]\nbucket_mb = -1\n")).unwrap_err().to_string();
+        assert!(e.contains("cluster.bucket_mb"), "{e}");
     }
 
     #[test]

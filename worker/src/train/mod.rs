@@ -1,5 +1,7 @@
 //! Training: optimizer, schedule and the step loop.
 
+pub mod distributed;
+pub mod grad_sync;
 pub mod job;
 pub mod optimizer;
 pub mod run;
@@ -7,4 +9,4 @@ pub mod schedule;
 pub mod trainer;
 
 pub use optimizer::{OptimConfig, Optimizer, PerModule, StepInfo};
-pub use trainer::{train_step, StepReport};
+pub use trainer::{train_step, train_step_dp, DpStepReport, StepReport};

@@ -1,9 +1,12 @@
 //! One training step: gradient accumulation over micro-batches, then AdamW.
 
+use super::grad_sync::{BucketSizes, CommThread, GradSync};
 use super::optimizer::{Optimizer, StepInfo};
 use crate::engine::Backend;
+use crate::model::params::is_used;
 use crate::model::{Batch, LossSum, Vlm};
 use anyhow::Result;
+use std::time::Duration;
 
 #[derive(Clone, Copy, Debug)]
 pub struct StepReport {
@@ -34,6 +37,66 @@ pub fn train_step<B: Backend>(
     }
     let info = opt.step(be, &mut model.params);
     Ok(StepReport { loss, info })
+}
+
+/// A data-parallel step's report.
+#[derive(Clone, Copy, Debug)]
+pub struct DpStepReport {
+    /// This rank's loss sum and target count.
+    pub loss: LossSum,
+    /// Target tokens over all ranks: the divisor of every gradient.
+    pub global_targets: u64,
+    pub info: StepInfo,
+    /// Time blocked on the all-reduce after backward ended.
+    pub comm_wait: Duration,
+}
+
+/// Which gradients take part in the all-reduce: trainable parameters that
+/// backward reaches (not the ViT layers after the selected one).
+pub fn synced_params<B: Backend>(model: &Vlm<B>, opt: &Optimizer<B>) -> Vec<bool> {
+    let t = opt.cfg.trainable();
+    model.params.specs.iter().map(|s| t.get(s.module) && is_used(&model.cfg, s)).collect()
+}
+
+/// One data-parallel step: this rank's micro-batches (maybe none), the
+/// gradient of the *global* mean loss (each rank divides by the target
+/// count summed over all ranks), all-reduced in buckets while the last
+/// micro-batch's backward runs, then the same AdamW update on every rank.
+pub fn train_step_dp<B: Backend>(
+    be: &B,
+    model: &mut Vlm<B>,
+    opt: &mut Optimizer<B>,
+    micro_batches: &[Batch],
+    comm: &CommThread<B::Buf>,
+    sizes: BucketSizes,
+    synced: &[bool],
+) -> Result<DpStepReport>
+where
+    B::Buf: Send + 'static,
+{
+    let mut local = 0;
+    for b in micro_batches {
+        local += b.prepare(&model.cfg)?.n_targets;
+    }
+    let global = comm.sum_counts(vec![local as u64])?[0];
+    model.trainable = opt.cfg.trainable();
+    model.params.zero_grads(be);
+    let mut loss = LossSum { sum: 0.0, tokens: 0 };
+    let mut sync = GradSync::new(be, comm, sizes, synced);
+    let denom = Some(global as usize);
+    for (k, b) in micro_batches.iter().enumerate() {
+        // Only the last micro-batch's backward finishes gradients (DDP's no_sync).
+        let l = if k + 1 == micro_batches.len() {
+            model.forward_backward_with(be, b, denom, &mut |g, ids| sync.ready(g, ids))?
+        } else {
+            model.forward_backward(be, b, denom)?
+        };
+        loss.sum += l.sum;
+        loss.tokens += l.tokens;
+    }
+    let comm_wait = sync.finish(&mut model.params.grads)?;
+    let info = opt.step(be, &mut model.params);
+    Ok(DpStepReport { loss, global_targets: global, info, comm_wait })
 }
 
 #[cfg(test)]

@@ -1,0 +1,215 @@
+//! Runs a job: serve the workers, show progress, and when every worker has
+//! left, write the metrics, the loss curve and the outcome.
+
+use crate::job;
+use crate::loss_curve::loss_curve_svg;
+use crate::planner::Planner;
+use crate::progress::StepSummary;
+use crate::service::{Service, Shared};
+use crate::state::{JobState, Outcome};
+use anyhow::{bail, Context, Result};
+use std::io::Write;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tessera_worker::data::loader::Dataset;
+use tessera_worker::train::run::model_config;
+
+pub struct RunOptions {
+    pub config: PathBuf,
+    pub listen: SocketAddr,
+    /// metrics.jsonl, loss_curve.svg and the model directory go here.
+    pub out: PathBuf,
+    /// Heartbeats a rank may miss before it is declared dead.
+    pub missed_heartbeats: f64,
+}
+
+/// What the job produced.
+pub struct RunReport {
+    pub outcome: Outcome,
+    pub steps: Vec<StepSummary>,
+    pub eval: Option<tessera_proto::v1::EvalResult>,
+}
+
+pub fn run(opts: &RunOptions) -> Result<RunReport> {
+    let job = job::load(&opts.config)?;
+    let cfg = model_config(&job)?;
+    let data_cfg = job.data.clone().context("job config: [data] is missing")?;
+    let t0 = Instant::now();
+    let dataset = Arc::new(Dataset::open(&data_cfg, &cfg)?);
+    tracing::info!(
+        samples_per_epoch = dataset.epoch_len(),
+        bad_records = dataset.bad_records.len(),
+        seconds = t0.elapsed().as_secs_f64(),
+        "dataset indexed"
+    );
+    let world = job.cluster.world_size;
+    let global_batch = job::global_batch(&job);
+    let planner = Arc::new(Planner::new(dataset, cfg, job.train.seed, global_batch));
+    let costs = planner.cost_model();
+    tracing::info!(
+        global_batch,
+        vit_gflop_per_tile = costs.per_tile / 1e9,
+        llm_gflop_per_token = costs.per_token / 1e9,
+        "cost model for sharding"
+    );
+    std::fs::create_dir_all(&opts.out).with_context(|| format!("cannot create {}", opts.out.display()))?;
+    let out = opts.out.canonicalize().with_context(|| format!("cannot resolve {}", opts.out.display()))?;
+    let spec = job::spec(&job, Some(&out.join("model")))?;
+    let total = spec.total_steps;
+    let deadline = job.cluster.heartbeat_interval_s * opts.missed_heartbeats;
+    let metrics_path = out.join("metrics.jsonl");
+    let metrics = Mutex::new(std::io::BufWriter::new(
+        std::fs::File::create(&metrics_path).with_context(|| format!("cannot create {}", metrics_path.display()))?,
+    ));
+    let bar = progress_bar(total);
+    let bar_for_steps = bar.clone();
+    let log_every = (total / 20).max(1);
+    let on_step = move |s: &StepSummary| {
+        if let Ok(line) = serde_json::to_string(s) {
+            let mut m = metrics.lock().unwrap_or_else(|e| e.into_inner());
+            if let Err(e) = writeln!(m, "{line}").and_then(|_| m.flush()) {
+                tracing::error!(error = %e, "cannot write metrics.jsonl");
+            }
+        }
+        bar_for_steps.set_position(s.step + 1);
+        bar_for_steps.set_message(format!(
+            "loss {:.4}  {:.0} tok/s  {:.1} tiles/s  imbalance {:.0}%",
+            s.loss,
+            s.tokens_per_s,
+            s.tiles_per_s,
+            100.0 * s.plan_imbalance
+        ));
+        if bar_for_steps.is_hidden() && ((s.step + 1) % log_every == 0 || s.step + 1 == total) {
+            tracing::info!(
+                step = s.step + 1,
+                loss = format!("{:.4}", s.loss),
+                tokens_per_s = format!("{:.0}", s.tokens_per_s),
+                tiles_per_s = format!("{:.1}", s.tiles_per_s),
+                plan_imbalance = format!("{:.3}", s.plan_imbalance),
+                compute_imbalance = format!("{:.3}", s.compute_imbalance),
+                comm_wait_s = format!("{:.3}", s.comm_wait_s),
+                "step"
+            );
+        } else {
+            tracing::debug!(step = s.step + 1, loss = s.loss, plan_imbalance = s.plan_imbalance, "step");
+        }
+    };
+    let shared = Arc::new(Shared {
+        state: Mutex::new(JobState::new(spec, world, deadline)),
+        planner,
+        changed: tokio::sync::Notify::new(),
+        started: Instant::now(),
+        on_step: Box::new(on_step),
+    });
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    let outcome = rt.block_on(serve(shared.clone(), opts.listen, world))?;
+    bar.finish_and_clear();
+    let st = shared.lock();
+    let points: Vec<(u64, f64)> = st.summaries.iter().map(|s| (s.step + 1, s.loss)).collect();
+    let svg_path = out.join("loss_curve.svg");
+    let title = format!("{} on {world} worker(s)", opts.config.display());
+    std::fs::write(&svg_path, loss_curve_svg(&points, &title))
+        .with_context(|| format!("cannot write {}", svg_path.display()))?;
+    tracing::info!(metrics = %metrics_path.display(), loss_curve = %svg_path.display(), "wrote metrics");
+    if let Some(m) = &st.saved_model {
+        tracing::info!(model = %m, "rank 0 saved the model");
+    }
+    Ok(RunReport { outcome, steps: st.summaries.clone(), eval: st.eval })
+}
+
+fn progress_bar(total: u64) -> indicatif::ProgressBar {
+    use std::io::IsTerminal;
+    if !std::io::stderr().is_terminal() {
+        return indicatif::ProgressBar::hidden();
+    }
+    let bar = indicatif::ProgressBar::new(total);
+    if let Ok(style) =
+        indicatif::ProgressStyle::with_template("{bar:30.cyan/blue} {pos}/{len} steps  {elapsed} (eta {eta})  {msg}")
+    {
+        bar.set_style(style);
+    }
+    bar
+}
+
+/// Serves until the job has an outcome and every worker has left (or a
+/// failed job's workers had a chance to hear it).
+async fn serve(shared: Arc<Shared>, listen: SocketAddr, world: usize) -> Result<Outcome> {
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .with_context(|| format!("cannot listen on {listen} (is another coordinator running there?)"))?;
+    let addr = listener.local_addr().context("listener address")?;
+    tracing::info!(%addr, world_size = world, "coordinator listening; waiting for workers");
+    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let server = tonic::transport::Server::builder()
+        .add_service(tessera_proto::CoordinatorServer::new(Service(shared.clone())))
+        .serve_with_incoming_shutdown(incoming, async {
+            let _ = stop_rx.await;
+        });
+    let server = tokio::spawn(server);
+    let mut last_wait_log = Instant::now();
+    let outcome = loop {
+        let notified = shared.changed.notified();
+        {
+            let mut st = shared.lock();
+            if let Some(dead) = st.check_liveness(shared.now()) {
+                tracing::error!(rank = dead, "worker declared dead");
+            }
+            let joined = st.members.joined();
+            if st.outcome == Outcome::Running && joined < world && last_wait_log.elapsed() > Duration::from_secs(10) {
+                tracing::info!(joined, world_size = world, "waiting for workers");
+                last_wait_log = Instant::now();
+            }
+            match &st.outcome {
+                Outcome::Finished => break st.outcome.clone(),
+                Outcome::Failed(_) => {
+                    let grace = 2.0 * st.spec.heartbeat_interval_s + 1.0;
+                    let outcome = st.outcome.clone();
+                    drop(st);
+                    // Let the survivors hear "shutdown" on their next heartbeat.
+                    tokio::time::sleep(Duration::from_secs_f64(grace)).await;
+                    break outcome;
+                }
+                Outcome::Running => {}
+            }
+        }
+        let _ = tokio::time::timeout(Duration::from_millis(500), notified).await;
+    };
+    let _ = stop_tx.send(());
+    match server.await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => bail!("gRPC server: {e}"),
+        Err(e) => bail!("gRPC server task: {e}"),
+    }
+    Ok(outcome)
+}
+
+/// Prints the end of a run for people.
+pub fn print_report(r: &RunReport, out: &Path) {
+    if let Some(last) = r.steps.last() {
+        let secs: f64 = r.steps.iter().map(|s| s.seconds).sum();
+        println!(
+            "trained {} steps; final loss {:.4}; {:.0} tokens/s, {:.1} tiles/s (mean)",
+            last.step + 1,
+            last.loss,
+            r.steps.iter().map(|s| s.llm_tokens as f64).sum::<f64>() / secs.max(1e-9),
+            r.steps.iter().map(|s| s.tiles as f64).sum::<f64>() / secs.max(1e-9),
+        );
+    }
+    if let Some(e) = &r.eval {
+        println!(
+            "eval: accuracy {:.3} ({}/{}), mean loss {:.4}",
+            e.correct as f64 / (e.total.max(1)) as f64,
+            e.correct,
+            e.total,
+            e.mean_loss
+        );
+    }
+    println!("metrics: {}  loss curve: {}", out.join("metrics.jsonl").display(), out.join("loss_curve.svg").display());
+}

@@ -1,0 +1,101 @@
+//! The worker's side of the coordinator protocol: a blocking facade over the
+//! tonic client, usable from the step loop, the data threads and the
+//! heartbeat thread at once (each call runs on one shared runtime).
+
+use anyhow::{anyhow, bail, Context, Result};
+use std::time::{Duration, Instant};
+use tessera_proto::v1::{
+    Assignment, AssignmentRequest, HeartbeatReply, HeartbeatRequest, JoinReply, JoinRequest, LeaveRequest,
+    RendezvousReply, RendezvousRequest, StepAck, StepReport,
+};
+use tessera_proto::CoordinatorClient;
+use tonic::transport::{Channel, Endpoint};
+
+/// Longest any one call may take; Rendezvous itself answers within 10 s.
+const CALL_TIMEOUT: Duration = Duration::from_secs(60);
+
+#[derive(Clone)]
+pub struct Client {
+    url: String,
+    rt: std::sync::Arc<tokio::runtime::Runtime>,
+    inner: CoordinatorClient<Channel>,
+}
+
+impl Client {
+    /// Connects to the coordinator, retrying with exponential backoff (a
+    /// worker may start before the coordinator is up) until `patience` runs out.
+    pub fn connect(url: &str, patience: Duration) -> Result<Self> {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .context("cannot start the async runtime")?;
+        let endpoint = Endpoint::from_shared(url.to_string())
+            .map_err(|e| anyhow!("coordinator URL {url:?} is not valid: {e} (expected e.g. http://head-node:29500)"))?
+            .timeout(CALL_TIMEOUT)
+            .connect_timeout(Duration::from_secs(5))
+            .tcp_nodelay(true);
+        let start = Instant::now();
+        let mut delay = Duration::from_millis(100);
+        let channel = loop {
+            match rt.block_on(endpoint.connect()) {
+                Ok(c) => break c,
+                Err(e) => {
+                    if start.elapsed() + delay > patience {
+                        bail!(
+                            "cannot reach the coordinator at {url} after {:.0} s: {} (is it running, and is the address right?)",
+                            start.elapsed().as_secs_f64(),
+                            source_chain(&e)
+                        );
+                    }
+                    tracing::info!(%url, retry_in_ms = delay.as_millis() as u64, "coordinator not reachable yet");
+                    std::thread::sleep(delay);
+                    delay = (delay * 2).min(Duration::from_secs(5));
+                }
+            }
+        };
+        Ok(Client { url: url.to_string(), rt: std::sync::Arc::new(rt), inner: CoordinatorClient::new(channel) })
+    }
+
+    fn call<T, F, Fut>(&self, what: &str, f: F) -> Result<T>
+    where
+        F: FnOnce(CoordinatorClient<Channel>) -> Fut,
+        Fut: std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+    {
+        self.rt
+            .block_on(f(self.inner.clone()))
+            .map(|r| r.into_inner())
+            .map_err(|s| anyhow!("coordinator {} refused {what}: {} ({:?})", self.url, s.message(), s.code()))
+    }
+
+    pub fn join(&self, req: JoinRequest) -> Result<JoinReply> {
+        self.call("join", |mut c| async move { c.join(req).await })
+    }
+    pub fn rendezvous(&self, req: RendezvousRequest) -> Result<RendezvousReply> {
+        self.call("rendezvous", |mut c| async move { c.rendezvous(req).await })
+    }
+    pub fn assignment(&self, req: AssignmentRequest) -> Result<Assignment> {
+        self.call("assignment", |mut c| async move { c.get_assignment(req).await })
+    }
+    pub fn report(&self, req: StepReport) -> Result<StepAck> {
+        self.call("step report", |mut c| async move { c.report_step(req).await })
+    }
+    pub fn heartbeat(&self, req: HeartbeatRequest) -> Result<HeartbeatReply> {
+        self.call("heartbeat", |mut c| async move { c.heartbeat(req).await })
+    }
+    pub fn leave(&self, req: LeaveRequest) -> Result<()> {
+        self.call("leave", |mut c| async move { c.leave(req).await }).map(|_| ())
+    }
+}
+
+/// "transport error: connection refused" rather than only the outer layer.
+fn source_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(inner) = cur {
+        s.push_str(": ");
+        s.push_str(&inner.to_string());
+        cur = inner.source();
+    }
+    s
+}

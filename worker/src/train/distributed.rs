@@ -1,0 +1,302 @@
+//! A worker of a multi-worker job: join the coordinator, build the model the
+//! job describes (identical on every rank), meet the other ranks on the
+//! ring, then train the samples the coordinator assigns each step, with
+//! gradients all-reduced in buckets while backward runs.
+
+use super::grad_sync::{BucketSizes, CommThread};
+use super::job::TrainJob;
+use super::run::model_config;
+use super::schedule::warmup_steps;
+use super::trainer::{synced_params, train_step_dp};
+use super::{OptimConfig, Optimizer};
+use crate::client::Client;
+use crate::collective::ring::RingCollective;
+use crate::data::loader::{Dataset, LoadedBatch, Prefetcher};
+use crate::engine::cpu::Cpu;
+use crate::eval::evaluate;
+use crate::launch::Launch;
+use crate::model::weights::{save_model_dir, SaveDtype};
+use crate::model::{ParamStore, Vlm};
+use anyhow::{anyhow, bail, Context, Result};
+use std::net::TcpListener;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tessera_proto::v1::{
+    Action, AssignmentRequest, EvalResult, HeartbeatRequest, JoinRequest, LeaveRequest, RendezvousRequest, StepReport,
+    Timings,
+};
+
+pub struct WorkerOptions {
+    pub launch: Launch,
+    /// How long to keep retrying an unreachable coordinator.
+    pub connect_patience: Duration,
+    /// Host name or address the other ranks reach this one at (ring).
+    pub advertise_host: Option<String>,
+}
+
+/// One step's share for this rank, cut into micro-batches.
+struct Share {
+    micro: Vec<LoadedBatch>,
+}
+
+/// Runs the worker until the job ends; errors are also reported to the
+/// coordinator (Leave) so the job fails with the reason, not a timeout.
+pub fn run_worker(opts: &WorkerOptions) -> Result<()> {
+    if opts.launch.device != "cpu" {
+        bail!(
+            "--device {}: this build has only the CPU backend (the CUDA backend is not written yet); use --device cpu",
+            opts.launch.device
+        );
+    }
+    let client = Client::connect(&opts.launch.coordinator, opts.connect_patience)?;
+    let listener = TcpListener::bind("0.0.0.0:0").context("cannot open the ring listener")?;
+    let port = listener.local_addr().context("ring listener address")?.port();
+    let host = match &opts.advertise_host {
+        Some(h) => h.clone(),
+        None => advertise_host(&opts.launch.coordinator),
+    };
+    let joined = client.join(JoinRequest {
+        protocol_version: tessera_proto::PROTOCOL_VERSION,
+        rank: opts.launch.rank,
+        host: host.clone(),
+        device: opts.launch.device.clone(),
+        collective_addr: format!("{host}:{port}"),
+        pid: std::process::id(),
+    })?;
+    let (rank, generation) = (joined.rank, joined.generation);
+    let world = joined.world_size as usize;
+    if let Some(n) = opts.launch.world_size.filter(|&n| n != world) {
+        let msg = format!("the launcher says WORLD_SIZE={n} but the job has cluster.world_size = {world}");
+        let _ = client.leave(LeaveRequest { rank, generation, error: msg.clone(), ..Default::default() });
+        bail!(msg);
+    }
+    tracing::info!(rank, world_size = world, generation, "joined the job");
+    let result = train(&client, rank, generation, world, joined.job.context("the coordinator sent no job")?, listener);
+    match &result {
+        Ok((eval, saved)) => {
+            let leave = LeaveRequest {
+                rank,
+                generation,
+                finished: true,
+                eval: *eval,
+                saved_model: saved.clone().unwrap_or_default(),
+                ..Default::default()
+            };
+            client.leave(leave)?;
+        }
+        Err(e) => {
+            let _ = client.leave(LeaveRequest { rank, generation, error: format!("{e:#}"), ..Default::default() });
+        }
+    }
+    result.map(|_| ())
+}
+
+type Finished = (Option<EvalResult>, Option<String>);
+
+fn train(
+    client: &Client,
+    rank: u32,
+    generation: u64,
+    world: usize,
+    spec: tessera_proto::v1::JobSpec,
+    listener: TcpListener,
+) -> Result<Finished> {
+    let job = TrainJob::parse(&spec.config_toml).context("the job config the coordinator sent")?;
+    let cfg = model_config(&job)?;
+    let be = Cpu::<f32>::new();
+    let t = &job.train;
+    // The same seed on every rank gives every rank the same initial weights.
+    let params = match &job.model.dir {
+        Some(dir) => ParamStore::from_dir(&be, &cfg, dir)?,
+        None => ParamStore::init(&be, &cfg, t.seed),
+    };
+    let mut vlm = Vlm::new(&cfg, params, job.model.recompute_vit);
+    let oc =
+        OptimConfig { warmup_steps: warmup_steps(t.warmup_ratio, t.steps), total_steps: t.steps, ..job.optim.clone() };
+    let mut opt = Optimizer::new(&be, oc, &vlm.params);
+    let data_cfg = job.data.clone().context("the job has no [data] section")?;
+    let dataset = Arc::new(Dataset::open(&data_cfg, &cfg)?);
+
+    // Heartbeats from their own thread, so a long step never looks like death.
+    let step_now = Arc::new(AtomicU64::new(0));
+    let stop = Arc::new(AtomicBool::new(false));
+    let shutdown: Arc<Mutex<Option<String>>> = Arc::new(Mutex::new(None));
+    let heartbeat = {
+        let (client, step_now, stop, shutdown) = (client.clone(), step_now.clone(), stop.clone(), shutdown.clone());
+        let interval = Duration::from_secs_f64(spec.heartbeat_interval_s.max(0.05));
+        std::thread::spawn(move || heartbeat_loop(&client, rank, generation, interval, &step_now, &stop, &shutdown))
+    };
+    let _stop_heartbeat = StopOnDrop(stop.clone(), Some(heartbeat));
+
+    let rdv = loop {
+        let r = client.rendezvous(RendezvousRequest { rank, generation, ..Default::default() })?;
+        if r.ready {
+            break r;
+        }
+        tracing::info!(joined = r.joined, world_size = world, "waiting for the other workers");
+    };
+    let ring = RingCollective::<f32>::connect(
+        rank as usize,
+        world,
+        listener,
+        &rdv.ring_peers,
+        rdv.generation,
+        Duration::from_secs(120),
+    )?;
+    let comm = CommThread::new(ring);
+    let sizes = BucketSizes::from_mb(job.cluster.first_bucket_mb, job.cluster.bucket_mb);
+    let synced = synced_params(&vlm, &opt);
+    tracing::info!(rank, peers = ?rdv.ring_peers, "ring connected; training");
+
+    let accum = t.grad_accum;
+    let (loader_client, ds) = (client.clone(), dataset.clone());
+    let load = move |step: u64| -> Result<Share> {
+        let a = loader_client.assignment(AssignmentRequest { rank, generation, step })?;
+        if a.done {
+            return Ok(Share { micro: vec![] });
+        }
+        let refs: Vec<(usize, usize)> = a.samples.iter().map(|s| (s.part as usize, s.index as usize)).collect();
+        // Contiguous micro-batches; an empty share still takes part in the all-reduce.
+        let per = refs.len().div_ceil(accum).max(1);
+        refs.chunks(per).map(|c| ds.load_samples(c, step)).collect::<Result<Vec<_>>>().map(|micro| Share { micro })
+    };
+    let mut loader = Prefetcher::with(load, rdv.start_step, data_cfg.prefetch.min(2).max(1), data_cfg.prefetch);
+    let mut last_step_at = Instant::now();
+    for step in rdv.start_step..spec.total_steps {
+        if let Some(why) = shutdown.lock().unwrap_or_else(|e| e.into_inner()).clone() {
+            bail!("stopping at step {step}: {why}");
+        }
+        step_now.store(step, Ordering::Relaxed);
+        let tick = Instant::now();
+        let share = loader.next_batch()?;
+        let data_wait = tick.elapsed();
+        let (mut bad, mut truncated, mut tiles, mut llm_tokens) = (0, 0, 0, 0);
+        let mut micro = Vec::new();
+        for lb in share.micro {
+            bad += lb.bad.len();
+            truncated += lb.truncated;
+            let b = lb.batch;
+            if b.batch > 0 {
+                let prep = b.prepare(&cfg)?;
+                tiles += prep.images * cfg.s2.tiles_per_image();
+                llm_tokens += prep.batch * prep.seq;
+                micro.push(b);
+            }
+        }
+        let samples: usize = micro.iter().map(|b| b.batch).sum();
+        let r = train_step_dp(&be, &mut vlm, &mut opt, &micro, &comm, sizes, &synced)?;
+        let step_s = last_step_at.elapsed().max(tick.elapsed());
+        last_step_at = Instant::now();
+        client.report(StepReport {
+            rank,
+            generation,
+            step,
+            loss_sum: r.loss.sum,
+            target_tokens: r.loss.tokens as u64,
+            samples: samples as u32,
+            tiles: tiles as u32,
+            llm_tokens: llm_tokens as u64,
+            bad_samples: bad as u32,
+            truncated: truncated as u32,
+            grad_norm: r.info.grad_norm,
+            lr_scale: r.info.lr_scale,
+            timings: Some(Timings {
+                data_wait_s: data_wait.as_secs_f64(),
+                compute_s: (tick.elapsed() - data_wait - r.comm_wait).as_secs_f64(),
+                comm_wait_s: r.comm_wait.as_secs_f64(),
+                step_s: step_s.as_secs_f64(),
+            }),
+        })?;
+    }
+    drop(loader);
+    if rank != 0 {
+        return Ok((None, None));
+    }
+    // Rank 0 speaks for the job: every rank holds the same weights.
+    let mut saved = None;
+    if !spec.output_dir.is_empty() {
+        let dir = PathBuf::from(&spec.output_dir);
+        save_model_dir(&dir, &cfg, &vlm.params.to_host(&be), SaveDtype::F32, None)?;
+        tracing::info!(model = %dir.display(), "saved the model");
+        saved = Some(spec.output_dir.clone());
+    }
+    let eval = if data_cfg.eval_datasets.is_empty() {
+        None
+    } else {
+        let ds = Dataset::open_eval(&data_cfg, &cfg)?;
+        let e = evaluate(&be, &mut vlm, &ds, 8)?;
+        tracing::info!(accuracy = e.accuracy(), samples = e.samples, "evaluated");
+        Some(EvalResult { correct: e.correct as u32, total: e.samples as u32, mean_loss: e.mean_loss })
+    };
+    Ok((eval, saved))
+}
+
+fn heartbeat_loop(
+    client: &Client,
+    rank: u32,
+    generation: u64,
+    interval: Duration,
+    step: &AtomicU64,
+    stop: &AtomicBool,
+    shutdown: &Mutex<Option<String>>,
+) {
+    let mut failures = 0;
+    while !stop.load(Ordering::Relaxed) {
+        std::thread::sleep(interval);
+        if stop.load(Ordering::Relaxed) {
+            break;
+        }
+        let req = HeartbeatRequest { rank, generation, step: step.load(Ordering::Relaxed) };
+        let verdict = match client.heartbeat(req) {
+            Ok(r) if r.action == Action::Continue as i32 => {
+                failures = 0;
+                None
+            }
+            Ok(r) => Some(if r.reason.is_empty() { "the coordinator ended the job".to_string() } else { r.reason }),
+            Err(e) => {
+                failures += 1;
+                tracing::warn!(error = %e, failures, "heartbeat failed");
+                (failures >= 5).then(|| format!("lost the coordinator: {e:#}"))
+            }
+        };
+        if let Some(why) = verdict {
+            *shutdown.lock().unwrap_or_else(|e| e.into_inner()) = Some(why);
+            break;
+        }
+    }
+}
+
+/// Stops and joins the heartbeat thread when training ends, however it ends.
+struct StopOnDrop(Arc<AtomicBool>, Option<std::thread::JoinHandle<()>>);
+
+impl Drop for StopOnDrop {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Relaxed);
+        if let Some(t) = self.1.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// The address other ranks can reach this one at: the local address of a
+/// route to the coordinator (no packet is sent), or loopback for a local job.
+fn advertise_host(coordinator: &str) -> String {
+    let hostport = coordinator.split("://").nth(1).unwrap_or(coordinator).trim_end_matches('/');
+    let route = std::net::UdpSocket::bind("0.0.0.0:0")
+        .and_then(|s| {
+            use std::net::ToSocketAddrs;
+            let addr = hostport
+                .to_socket_addrs()?
+                .next()
+                .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::NotFound, "no address"))?;
+            s.connect(addr)?;
+            s.local_addr()
+        })
+        .map(|a| a.ip().to_string());
+    route.unwrap_or_else(|e| {
+        tracing::warn!(error = %anyhow!(e), "cannot find this host's address towards the coordinator; advertising 127.0.0.1");
+        "127.0.0.1".to_string()
+    })
+}
