@@ -86,24 +86,32 @@ impl tessera_proto::Coordinator for Service {
         loop {
             // Register interest before looking, so a change in between is not missed.
             let notified = s.changed.notified();
-            {
+            // Rank 0 bringing the NCCL id can complete the rendezvous: the
+            // ranks already waiting must hear it now, not at their deadline.
+            let mut id_arrived = false;
+            let reply = {
                 let mut st = s.lock();
                 st.check(r.rank, r.generation, s.now()).map_err(refused)?;
-                if r.rank == 0 && !r.nccl_unique_id.is_empty() {
+                if r.rank == 0 && !r.nccl_unique_id.is_empty() && st.members.nccl_id != r.nccl_unique_id {
                     st.members.nccl_id = r.nccl_unique_id.clone();
+                    id_arrived = true;
                 }
                 let m = &st.members;
-                if m.complete() || tokio::time::Instant::now() >= deadline {
-                    return Ok(Response::new(RendezvousReply {
-                        ready: m.complete(),
-                        generation: m.generation,
-                        world_size: m.world_size as u32,
-                        ring_peers: if m.complete() { m.ring_peers() } else { vec![] },
-                        nccl_unique_id: m.nccl_id.clone(),
-                        start_step: 0,
-                        joined: m.joined() as u32,
-                    }));
-                }
+                (m.complete() || tokio::time::Instant::now() >= deadline).then(|| RendezvousReply {
+                    ready: m.complete(),
+                    generation: m.generation,
+                    world_size: m.world_size as u32,
+                    ring_peers: if m.complete() { m.ring_peers() } else { vec![] },
+                    nccl_unique_id: m.nccl_id.clone(),
+                    start_step: 0,
+                    joined: m.joined() as u32,
+                })
+            };
+            if id_arrived {
+                s.changed.notify_waiters();
+            }
+            if let Some(reply) = reply {
+                return Ok(Response::new(reply));
             }
             let _ = tokio::time::timeout_at(deadline, notified).await;
         }

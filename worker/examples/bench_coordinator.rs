@@ -1,0 +1,613 @@
+//! Coordinator scale benchmark: N simulated workers in this one process talk
+//! real gRPC to a real `coordinator` process on 127.0.0.1.
+//!
+//! For each N it writes a job config (configs/demo.toml with
+//! `train.steps = --steps`, `train.batch_size = N`, so each rank gets about
+//! one sample a step, `cluster.world_size = N` and a 30 s heartbeat
+//! interval), starts `coordinator --config ... --listen 127.0.0.1:PORT --out
+//! TMP`, and opens N tonic channels, one TCP connection each. Then, timed
+//! phase by phase, every simulated worker
+//!
+//! 1. calls Join (its own fake host, pid and ring address, device "cpu") and
+//!    then Rendezvous until the reply says ready. The rendezvous time runs
+//!    from the first Join sent to the last ready reply received;
+//! 2. fetches GetAssignment for steps 0..steps, one after another (all
+//!    workers at once, as ranks in lock step do); the per-step sample counts
+//!    over all ranks are checked against the global batch. Then it fetches
+//!    them all again: the coordinator caches plans, so this second pass
+//!    measures the RPC and a cache lookup without planning;
+//! 3. sends a ReportStep for each step and Leave(finished = true), so the
+//!    coordinator ends the job as finished, exits 0 and is reaped.
+//!
+//! The connections are opened before the clock starts (the table shows how
+//! long that took). Both processes share the machine's cores; the table
+//! shows the coordinator's CPU time (user + system) in each phase.
+//!
+//! `--device cuda` simulates a GPU job instead: worker i claims cuda:(i % 8)
+//! on fake host i / 8, and rank 0 sends a 128-byte NCCL id with its
+//! Rendezvous, which it starts `--rank0-delay-ms` after its Join (creating
+//! the id and initializing CUDA take a moment), so the other ranks are
+//! already waiting in Rendezvous when the id arrives.
+//!
+//! ```text
+//! cargo build --release -p tessera-worker -p tessera-coordinator --example bench_coordinator
+//! target/release/examples/bench_coordinator [--workers 64,256,1024] [--steps 100]
+//! ```
+//! or `tools/bench_coordinator.sh`, which builds and prints the machine.
+
+use anyhow::{anyhow, bail, Context, Result};
+use clap::Parser;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tessera_proto::v1::{AssignmentRequest, JoinRequest, LeaveRequest, RendezvousRequest, StepReport, Timings};
+use tessera_proto::CoordinatorClient;
+use tonic::transport::{Channel, Endpoint};
+
+#[derive(Parser)]
+#[command(about = "N simulated workers against a real coordinator over gRPC")]
+struct Args {
+    /// Simulated worker counts, one coordinator run each.
+    #[arg(long, value_delimiter = ',', default_value = "64,256,1024")]
+    workers: Vec<usize>,
+    /// Step assignments each worker fetches (and steps the job has).
+    #[arg(long, default_value_t = 100)]
+    steps: u64,
+    /// The job config to copy (model, optimizer, data template).
+    #[arg(long, default_value = "configs/demo.toml")]
+    base_config: PathBuf,
+    /// Demo data folder; made with `worker make-demo-data` when absent.
+    #[arg(long, default_value = "data/demo")]
+    data: PathBuf,
+    /// Folder with the `coordinator` and `worker` binaries (default: the
+    /// folder above this example's, i.e. target/release).
+    #[arg(long)]
+    bin_dir: Option<PathBuf>,
+    /// Async runtime threads of the simulated workers.
+    #[arg(long, default_value_t = 2)]
+    client_threads: usize,
+    /// Connections opened at once while setting up.
+    #[arg(long, default_value_t = 128)]
+    connect_batch: usize,
+    /// Keep each run's folder (config, coordinator log, metrics).
+    #[arg(long)]
+    keep: bool,
+    /// cpu: every worker on "cpu"; cuda: 8 fake GPUs per fake host, and
+    /// rank 0 sends an NCCL id with its Rendezvous.
+    #[arg(long, default_value = "cpu", value_parser = ["cpu", "cuda"])]
+    device: String,
+    /// With --device cuda: rank 0 starts its Rendezvous this long after its Join.
+    #[arg(long, default_value_t = 200)]
+    rank0_delay_ms: u64,
+}
+
+/// One row of the table.
+struct Row {
+    workers: usize,
+    device: String,
+    connect_s: f64,
+    all_joined_s: f64,
+    rendezvous_s: f64,
+    polls: u64,
+    rendezvous_cpu_s: Option<f64>,
+    assignments: u64,
+    assign_s: f64,
+    latency_p50_ms: f64,
+    latency_p99_ms: f64,
+    assign_cpu_s: Option<f64>,
+    cached_assign_s: f64,
+    reports_s: f64,
+    leave_exit_s: f64,
+    coordinator_peak_rss_mib: Option<f64>,
+    exit: String,
+}
+
+/// Kills the coordinator if the benchmark bails out while it runs.
+struct Reaper(Option<Child>);
+
+impl Drop for Reaper {
+    fn drop(&mut self) {
+        if let Some(c) = self.0.as_mut() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+fn main() -> Result<()> {
+    let args = Args::parse();
+    let bin_dir = match &args.bin_dir {
+        Some(d) => d.clone(),
+        None => {
+            let exe = std::env::current_exe().context("cannot find this program's path")?;
+            exe.parent()
+                .and_then(Path::parent)
+                .map(Path::to_path_buf)
+                .context("cannot find target/release from this program's path")?
+        }
+    };
+    let coordinator = bin_dir.join("coordinator");
+    let worker = bin_dir.join("worker");
+    for b in [&coordinator, &worker] {
+        if !b.exists() {
+            bail!(
+                "{} is missing: cargo build --release -p tessera-worker -p tessera-coordinator (or pass --bin-dir)",
+                b.display()
+            );
+        }
+    }
+    let max_n = args.workers.iter().copied().max().unwrap_or(0);
+    check_open_files(max_n)?;
+    let data = ensure_demo_data(&worker, &args.data)?;
+    let base = std::fs::read_to_string(&args.base_config)
+        .with_context(|| format!("cannot read {}", args.base_config.display()))?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(args.client_threads.max(1))
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    let mut rows = Vec::new();
+    for &n in &args.workers {
+        if n == 0 {
+            bail!("--workers: 0 is not a worker count");
+        }
+        let dir = tempfile::Builder::new().prefix(&format!("bench-coord-{n}-")).tempdir().context("temp dir")?;
+        eprintln!("== {n} workers ({})", dir.path().display());
+        let row = rt.block_on(run_one(&args, n, &coordinator, &base, &data, dir.path()));
+        if args.keep {
+            eprintln!("   kept {}", dir.keep().display());
+        }
+        let row = row?;
+        eprintln!(
+            "   rendezvous {:.3} s, {:.0} assignments/s, coordinator: {} {:.2} s after the last Leave",
+            row.rendezvous_s,
+            row.assignments as f64 / row.assign_s,
+            row.exit,
+            row.leave_exit_s
+        );
+        rows.push(row);
+    }
+    print_table(&rows, args.steps);
+    Ok(())
+}
+
+/// Each process holds one socket per simulated worker (plus a few): refuse
+/// early with the fix rather than failing halfway through a run.
+fn check_open_files(n: usize) -> Result<()> {
+    let limits = std::fs::read_to_string("/proc/self/limits").unwrap_or_default();
+    let soft = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .and_then(|l| l.split_whitespace().nth(3))
+        .and_then(|v| v.parse::<usize>().ok());
+    eprintln!("open-file limit (soft): {}", soft.map(|s| s.to_string()).unwrap_or_else(|| "unknown".into()));
+    if let Some(soft) = soft {
+        if soft < n + 256 {
+            bail!(
+                "the open-file limit is {soft}, too low for {n} connections (and the coordinator's {n}): \
+                 raise it with `ulimit -n {}` (hard limit: `ulimit -Hn`)",
+                n + 1024
+            );
+        }
+    }
+    Ok(())
+}
+
+fn ensure_demo_data(worker: &Path, data: &Path) -> Result<PathBuf> {
+    if !data.join("train.jsonl").exists() {
+        eprintln!("making the demo data in {}", data.display());
+        let status = Command::new(worker)
+            .args(["make-demo-data", "--out"])
+            .arg(data)
+            .status()
+            .with_context(|| format!("cannot run {}", worker.display()))?;
+        if !status.success() {
+            bail!("worker make-demo-data --out {} failed: {status}", data.display());
+        }
+    }
+    data.canonicalize().with_context(|| format!("cannot resolve {}", data.display()))
+}
+
+/// The base config with this run's size, steps and absolute data paths.
+fn job_config(base: &str, n: usize, steps: u64, data: &Path) -> Result<String> {
+    let mut t: toml::Table = base.parse().context("the base config is not valid TOML")?;
+    let section = |t: &mut toml::Table, name: &str| -> Result<toml::Table> {
+        match t.remove(name) {
+            Some(toml::Value::Table(s)) => Ok(s),
+            None => Ok(toml::Table::new()),
+            Some(_) => bail!("[{name}] is not a table"),
+        }
+    };
+    let mut train = section(&mut t, "train")?;
+    train.insert("steps".into(), toml::Value::Integer(steps as i64));
+    train.insert("batch_size".into(), toml::Value::Integer(n as i64));
+    t.insert("train".into(), toml::Value::Table(train));
+    let mut cluster = section(&mut t, "cluster")?;
+    cluster.insert("world_size".into(), toml::Value::Integer(n as i64));
+    cluster.insert("heartbeat_interval_s".into(), toml::Value::Float(30.0));
+    t.insert("cluster".into(), toml::Value::Table(cluster));
+    let mut d = section(&mut t, "data")?;
+    let s = |p: PathBuf| toml::Value::String(p.display().to_string());
+    let part = |jsonl: &str| {
+        let mut p = toml::Table::new();
+        p.insert("path".into(), s(data.join(jsonl)));
+        p.insert("image_folder".into(), s(data.join("images")));
+        toml::Value::Array(vec![toml::Value::Table(p)])
+    };
+    d.insert("tokenizer".into(), s(data.join("tokenizer.json")));
+    d.insert("datasets".into(), part("train.jsonl"));
+    d.insert("eval_datasets".into(), part("eval.jsonl"));
+    t.insert("data".into(), toml::Value::Table(d));
+    toml::to_string(&t).context("cannot write the job config")
+}
+
+fn free_port() -> Result<u16> {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").context("cannot bind a port on 127.0.0.1")?;
+    Ok(l.local_addr().context("listener address")?.port())
+}
+
+fn log_tail(path: &Path) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(15)..].join("\n")
+}
+
+/// CPU seconds (user + system) a running process has used (Linux; the
+/// kernel's clock tick is 100 Hz on every common configuration).
+fn cpu_s(pid: u32) -> Option<f64> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let after_name = &s[s.rfind(')')? + 2..];
+    let f: Vec<&str> = after_name.split_whitespace().collect();
+    // Fields 14 and 15 of stat (utime, stime); `after_name` starts at field 3.
+    let ticks: u64 = f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?;
+    Some(ticks as f64 / 100.0)
+}
+
+fn delta(a: Option<f64>, b: Option<f64>) -> Option<f64> {
+    Some(b? - a?)
+}
+
+/// Peak resident memory of a running process (Linux).
+fn peak_rss_mib(pid: u32) -> Option<f64> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let kib: f64 = s.lines().find(|l| l.starts_with("VmHWM:"))?.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib / 1024.0)
+}
+
+async fn run_one(args: &Args, n: usize, coordinator: &Path, base: &str, data: &Path, dir: &Path) -> Result<Row> {
+    let steps = args.steps;
+    let config = dir.join("job.toml");
+    std::fs::write(&config, job_config(base, n, steps, data)?)
+        .with_context(|| format!("cannot write {}", config.display()))?;
+    let port = free_port()?;
+    let log = dir.join("coordinator.log");
+    let log_file = std::fs::File::create(&log).with_context(|| format!("cannot create {}", log.display()))?;
+    let out_file = log_file.try_clone().context("cannot share the log file")?;
+    let child = Command::new(coordinator)
+        .arg("--config")
+        .arg(&config)
+        .args(["--listen", &format!("127.0.0.1:{port}"), "--out"])
+        .arg(dir.join("out"))
+        .stdout(Stdio::from(out_file))
+        .stderr(Stdio::from(log_file))
+        .spawn()
+        .with_context(|| format!("cannot start {}", coordinator.display()))?;
+    let pid = child.id();
+    let mut reaper = Reaper(Some(child));
+    let url = format!("http://127.0.0.1:{port}");
+    let endpoint = Endpoint::from_shared(url.clone())
+        .map_err(|e| anyhow!("bad URL {url}: {e}"))?
+        .timeout(Duration::from_secs(60))
+        .connect_timeout(Duration::from_secs(10))
+        .tcp_nodelay(true);
+
+    // Wait until the coordinator listens (it indexes the dataset first).
+    let up = Instant::now();
+    loop {
+        if let Some(c) = reaper.0.as_mut() {
+            if let Some(status) = c.try_wait().context("cannot poll the coordinator")? {
+                bail!("the coordinator exited early ({status}):\n{}", log_tail(&log));
+            }
+        }
+        match endpoint.connect().await {
+            Ok(_) => break,
+            Err(_) if up.elapsed() < Duration::from_secs(60) => tokio::time::sleep(Duration::from_millis(20)).await,
+            Err(e) => bail!("the coordinator did not listen on {url} within 60 s: {e}\n{}", log_tail(&log)),
+        }
+    }
+
+    // One connection per simulated worker, opened before the clock starts.
+    let t = Instant::now();
+    let mut clients: Vec<CoordinatorClient<Channel>> = Vec::with_capacity(n);
+    while clients.len() < n {
+        let batch = args.connect_batch.max(1).min(n - clients.len());
+        let handles: Vec<_> = (0..batch)
+            .map(|_| {
+                let e = endpoint.clone();
+                tokio::spawn(async move { e.connect().await })
+            })
+            .collect();
+        for h in handles {
+            let ch = h.await.context("connect task")?.with_context(|| format!("cannot connect to {url}"))?;
+            clients.push(CoordinatorClient::new(ch));
+        }
+    }
+    let connect_s = t.elapsed().as_secs_f64();
+
+    // Phase 1: Join, then Rendezvous until ready.
+    let cuda = args.device == "cuda";
+    let rank0_delay = Duration::from_millis(args.rank0_delay_ms);
+    let cpu0 = cpu_s(pid);
+    let handles: Vec<_> = clients
+        .iter()
+        .enumerate()
+        .map(|(i, c)| {
+            let mut c = c.clone();
+            tokio::spawn(async move {
+                let t_join = Instant::now();
+                let j = c
+                    .join(JoinRequest {
+                        protocol_version: tessera_proto::PROTOCOL_VERSION,
+                        rank: Some(i as u32),
+                        host: if cuda { format!("sim-node-{}", i / 8) } else { format!("sim-{i}") },
+                        device: if cuda { format!("cuda:{}", i % 8) } else { "cpu".into() },
+                        collective_addr: format!("10.{}.{}.{}:29600", i >> 16 & 255, i >> 8 & 255, i & 255),
+                        pid: 100_000 + i as u32,
+                    })
+                    .await
+                    .map_err(|s| anyhow!("rank {i}: join: {}", s.message()))?
+                    .into_inner();
+                let t_joined = Instant::now();
+                if j.rank != i as u32 || j.world_size as usize != n {
+                    bail!("rank {i}: join answered rank {} of {}", j.rank, j.world_size);
+                }
+                let nccl_unique_id = if cuda && i == 0 {
+                    tokio::time::sleep(rank0_delay).await;
+                    vec![7u8; 128]
+                } else {
+                    vec![]
+                };
+                let mut polls = 0u64;
+                loop {
+                    let r = c
+                        .rendezvous(RendezvousRequest {
+                            rank: j.rank,
+                            generation: j.generation,
+                            nccl_unique_id: nccl_unique_id.clone(),
+                        })
+                        .await
+                        .map_err(|s| anyhow!("rank {i}: rendezvous: {}", s.message()))?
+                        .into_inner();
+                    polls += 1;
+                    if r.ready {
+                        if r.ring_peers.len() != n {
+                            bail!("rank {i}: {} ring peers, expected {n}", r.ring_peers.len());
+                        }
+                        if cuda && r.nccl_unique_id.len() != 128 {
+                            bail!("rank {i}: ready without the NCCL id");
+                        }
+                        return Ok((t_join, t_joined, Instant::now(), polls, j.generation));
+                    }
+                }
+            })
+        })
+        .collect();
+    let mut first_join: Option<Instant> = None;
+    let (mut last_joined, mut last_ready) = (None::<Instant>, None::<Instant>);
+    let (mut polls, mut generation) = (0u64, 0u64);
+    for h in handles {
+        let (tj, tjd, tr, p, g) = h.await.context("rendezvous task")??;
+        first_join = Some(first_join.map_or(tj, |f| f.min(tj)));
+        last_joined = Some(last_joined.map_or(tjd, |l| l.max(tjd)));
+        last_ready = Some(last_ready.map_or(tr, |l| l.max(tr)));
+        polls += p;
+        generation = g;
+    }
+    let first_join = first_join.context("no workers")?;
+    let all_joined_s = last_joined.map_or(0.0, |l| (l - first_join).as_secs_f64());
+    let rendezvous_s = last_ready.map_or(0.0, |l| (l - first_join).as_secs_f64());
+    let cpu1 = cpu_s(pid);
+
+    // Phase 2: every worker fetches its assignment for each step.
+    let per_step: Arc<Vec<AtomicU64>> = Arc::new((0..steps).map(|_| AtomicU64::new(0)).collect());
+    let t = Instant::now();
+    let handles: Vec<_> = clients
+        .iter()
+        .enumerate()
+        .map(|(i, c)| {
+            let mut c = c.clone();
+            let per_step = per_step.clone();
+            tokio::spawn(async move {
+                let mut lat = Vec::with_capacity(steps as usize);
+                let mut mine = Vec::with_capacity(steps as usize);
+                for step in 0..steps {
+                    let t = Instant::now();
+                    let a = c
+                        .get_assignment(AssignmentRequest { rank: i as u32, generation, step })
+                        .await
+                        .map_err(|s| anyhow!("rank {i}: assignment {step}: {}", s.message()))?
+                        .into_inner();
+                    lat.push(t.elapsed().as_secs_f64());
+                    if a.done || a.step != step || a.global_samples as usize != n {
+                        bail!(
+                            "rank {i}: step {step}: unexpected assignment (done {}, {} global samples)",
+                            a.done,
+                            a.global_samples
+                        );
+                    }
+                    per_step[step as usize].fetch_add(a.samples.len() as u64, Ordering::Relaxed);
+                    mine.push(a.samples.len() as u32);
+                }
+                Ok((lat, mine))
+            })
+        })
+        .collect();
+    let mut latencies = Vec::with_capacity(n * steps as usize);
+    let mut samples: Vec<Vec<u32>> = Vec::with_capacity(n);
+    for h in handles {
+        let (lat, mine) = h.await.context("assignment task")??;
+        latencies.extend(lat);
+        samples.push(mine);
+    }
+    let assign_s = t.elapsed().as_secs_f64();
+    for (step, total) in per_step.iter().enumerate() {
+        let total = total.load(Ordering::Relaxed);
+        if total != n as u64 {
+            bail!("step {step}: the ranks' assignments hold {total} samples, the global batch is {n}");
+        }
+    }
+    latencies.sort_by(f64::total_cmp);
+    let pct = |q: f64| latencies[((latencies.len() - 1) as f64 * q).round() as usize] * 1e3;
+    let cpu2 = cpu_s(pid);
+
+    // Phase 2b: the same assignments again, now from the plan cache.
+    let t = Instant::now();
+    let handles: Vec<_> = clients
+        .iter()
+        .enumerate()
+        .map(|(i, c)| {
+            let mut c = c.clone();
+            tokio::spawn(async move {
+                for step in 0..steps {
+                    c.get_assignment(AssignmentRequest { rank: i as u32, generation, step })
+                        .await
+                        .map_err(|s| anyhow!("rank {i}: assignment {step} (again): {}", s.message()))?;
+                }
+                Ok::<_, anyhow::Error>(())
+            })
+        })
+        .collect();
+    for h in handles {
+        h.await.context("assignment task")??;
+    }
+    let cached_assign_s = t.elapsed().as_secs_f64();
+    let coordinator_peak_rss_mib = peak_rss_mib(pid);
+
+    // Phase 3: report every step, then leave as finished.
+    let t = Instant::now();
+    let handles: Vec<_> = clients
+        .iter()
+        .zip(samples)
+        .enumerate()
+        .map(|(i, (c, mine))| {
+            let mut c = c.clone();
+            tokio::spawn(async move {
+                for (step, &k) in mine.iter().enumerate() {
+                    c.report_step(StepReport {
+                        rank: i as u32,
+                        generation,
+                        step: step as u64,
+                        loss_sum: k as f64,
+                        target_tokens: k as u64,
+                        samples: k,
+                        tiles: 2 * k,
+                        llm_tokens: 32 * k as u64,
+                        grad_norm: 1.0,
+                        lr_scale: 1.0,
+                        timings: Some(Timings { data_wait_s: 0.0, compute_s: 0.01, comm_wait_s: 0.0, step_s: 0.01 }),
+                        ..Default::default()
+                    })
+                    .await
+                    .map_err(|s| anyhow!("rank {i}: report {step}: {}", s.message()))?;
+                }
+                Ok::<_, anyhow::Error>(())
+            })
+        })
+        .collect();
+    for h in handles {
+        h.await.context("report task")??;
+    }
+    let reports_s = t.elapsed().as_secs_f64();
+    let t = Instant::now();
+    let handles: Vec<_> = clients
+        .iter()
+        .enumerate()
+        .map(|(i, c)| {
+            let mut c = c.clone();
+            tokio::spawn(async move {
+                c.leave(LeaveRequest { rank: i as u32, generation, finished: true, ..Default::default() })
+                    .await
+                    .map_err(|s| anyhow!("rank {i}: leave: {}", s.message()))
+            })
+        })
+        .collect();
+    for h in handles {
+        h.await.context("leave task")??;
+    }
+    drop(clients);
+    let mut child = reaper.0.take().context("the coordinator is gone")?;
+    let status = loop {
+        if let Some(s) = child.try_wait().context("cannot poll the coordinator")? {
+            break s;
+        }
+        if t.elapsed() > Duration::from_secs(60) {
+            let _ = child.kill();
+            let _ = child.wait();
+            bail!("the coordinator did not exit within 60 s of the last Leave:\n{}", log_tail(&log));
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    let leave_exit_s = t.elapsed().as_secs_f64();
+    if !status.success() {
+        bail!("the coordinator exited with {status}:\n{}", log_tail(&log));
+    }
+    Ok(Row {
+        workers: n,
+        device: args.device.clone(),
+        connect_s,
+        all_joined_s,
+        rendezvous_s,
+        polls,
+        rendezvous_cpu_s: delta(cpu0, cpu1),
+        assignments: n as u64 * steps,
+        assign_s,
+        latency_p50_ms: pct(0.5),
+        latency_p99_ms: pct(0.99),
+        assign_cpu_s: delta(cpu1, cpu2),
+        cached_assign_s,
+        reports_s,
+        leave_exit_s,
+        coordinator_peak_rss_mib,
+        exit: format!("exit {}", status.code().map_or("signal".into(), |c| c.to_string())),
+    })
+}
+
+fn print_table(rows: &[Row], steps: u64) {
+    let opt = |v: Option<f64>, digits: usize| v.map_or("?".to_string(), |v| format!("{v:.digits$}"));
+    println!();
+    println!(
+        "| workers | device | connect (s) | all joined (s) | rendezvous (s) | < 2 s | Rendezvous calls | coordinator CPU (s) | assignments | time (s) | assignments/s | latency p50 / p99 (ms) | coordinator CPU (s) | assignments/s, plans cached | reports/s | coordinator peak RSS (MiB) | coordinator |"
+    );
+    println!("|---:|---|---:|---:|---:|:---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|");
+    for r in rows {
+        let total = (r.workers as u64 * steps) as f64;
+        println!(
+            "| {} | {} | {:.3} | {:.3} | **{:.3}** | {} | {} | {} | {} | {:.2} | **{:.0}** | {:.1} / {:.1} | {} | {:.0} | {:.0} | {} | {} |",
+            r.workers,
+            r.device,
+            r.connect_s,
+            r.all_joined_s,
+            r.rendezvous_s,
+            if r.rendezvous_s < 2.0 { "yes" } else { "no" },
+            r.polls,
+            opt(r.rendezvous_cpu_s, 2),
+            r.assignments,
+            r.assign_s,
+            r.assignments as f64 / r.assign_s,
+            r.latency_p50_ms,
+            r.latency_p99_ms,
+            opt(r.assign_cpu_s, 1),
+            total / r.cached_assign_s,
+            total / r.reports_s,
+            opt(r.coordinator_peak_rss_mib, 0),
+            r.exit,
+        );
+    }
+    println!();
+    println!(
+        "rendezvous: first Join sent to last ready Rendezvous reply; the first coordinator CPU column covers it, the \
+         second the first assignment pass (planning). Connections are opened before the clock starts."
+    );
+}
