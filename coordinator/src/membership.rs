@@ -88,7 +88,6 @@ impl Membership {
         let gpu = parse_device(&info.device)?;
         if let Some((r, m)) = self.find(|m| m.info.host == info.host && m.info.pid == info.pid && !m.left) {
             if info.rank.is_none_or(|want| want == r) {
-                let r = r;
                 if let Some(Some(m)) = self.members.get_mut(r as usize) {
                     m.last_seen = now;
                     m.info.collective_addr = info.collective_addr;

@@ -29,7 +29,9 @@ pub struct StepSummary {
     pub compute_imbalance: f64,
     /// The longest any rank waited on the gradient all-reduce after backward.
     pub comm_wait_s: f64,
+    /// Per rank: compute seconds and samples trained.
     pub compute_s: Vec<f64>,
+    pub rank_samples: Vec<u64>,
 }
 
 /// Collects reports until every rank has reported a step.
@@ -95,6 +97,7 @@ fn summarize(step: u64, r: &[StepReport], plan_imbalance: f64) -> StepSummary {
         compute_imbalance: if mean_compute > 0.0 { max_compute / mean_compute - 1.0 } else { 0.0 },
         comm_wait_s: timing(|t| t.comm_wait_s).into_iter().fold(0.0, f64::max),
         compute_s,
+        rank_samples: r.iter().map(|x| x.samples as u64).collect(),
     }
 }
 
@@ -130,6 +133,7 @@ mod tests {
         assert!((s.compute_imbalance - 0.5).abs() < 1e-12, "3 s against a mean of 2 s");
         assert!((s.tokens_per_s - 200.0 / 3.5).abs() < 1e-9);
         assert_eq!(s.compute_s, vec![1.0, 3.0]);
+        assert_eq!(s.rank_samples, vec![2, 2]);
         assert_eq!(b.record(report(5, 1, 1.0, 1, 1.0), 0.0), None, "an out-of-range rank is ignored");
     }
 }

@@ -81,7 +81,7 @@ pub fn run(opts: &RunOptions) -> Result<RunReport> {
             s.tiles_per_s,
             100.0 * s.plan_imbalance
         ));
-        if bar_for_steps.is_hidden() && ((s.step + 1) % log_every == 0 || s.step + 1 == total) {
+        if bar_for_steps.is_hidden() && ((s.step + 1).is_multiple_of(log_every) || s.step + 1 == total) {
             tracing::info!(
                 step = s.step + 1,
                 loss = format!("{:.4}", s.loss),
@@ -108,7 +108,8 @@ pub fn run(opts: &RunOptions) -> Result<RunReport> {
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;
-    let outcome = rt.block_on(serve(shared.clone(), opts.listen, world))?;
+    let join_timeout = job.cluster.join_timeout_s;
+    let outcome = rt.block_on(serve(shared.clone(), opts.listen, world, join_timeout))?;
     bar.finish_and_clear();
     let st = shared.lock();
     let points: Vec<(u64, f64)> = st.summaries.iter().map(|s| (s.step + 1, s.loss)).collect();
@@ -139,7 +140,7 @@ fn progress_bar(total: u64) -> indicatif::ProgressBar {
 
 /// Serves until the job has an outcome and every worker has left (or a
 /// failed job's workers had a chance to hear it).
-async fn serve(shared: Arc<Shared>, listen: SocketAddr, world: usize) -> Result<Outcome> {
+async fn serve(shared: Arc<Shared>, listen: SocketAddr, world: usize, join_timeout_s: f64) -> Result<Outcome> {
     let listener = tokio::net::TcpListener::bind(listen)
         .await
         .with_context(|| format!("cannot listen on {listen} (is another coordinator running there?)"))?;
@@ -156,10 +157,14 @@ async fn serve(shared: Arc<Shared>, listen: SocketAddr, world: usize) -> Result<
     let mut last_wait_log = Instant::now();
     let outcome = loop {
         let notified = shared.changed.notified();
-        {
+        // Decided under the lock, awaited after it is released.
+        let ended = {
             let mut st = shared.lock();
             if let Some(dead) = st.check_liveness(shared.now()) {
                 tracing::error!(rank = dead, "worker declared dead");
+            }
+            if st.check_join_timeout(shared.now(), join_timeout_s) {
+                tracing::error!(joined = st.members.joined(), world_size = world, "gave up waiting for workers");
             }
             let joined = st.members.joined();
             if st.outcome == Outcome::Running && joined < world && last_wait_log.elapsed() > Duration::from_secs(10) {
@@ -167,17 +172,15 @@ async fn serve(shared: Arc<Shared>, listen: SocketAddr, world: usize) -> Result<
                 last_wait_log = Instant::now();
             }
             match &st.outcome {
-                Outcome::Finished => break st.outcome.clone(),
-                Outcome::Failed(_) => {
-                    let grace = 2.0 * st.spec.heartbeat_interval_s + 1.0;
-                    let outcome = st.outcome.clone();
-                    drop(st);
-                    // Let the survivors hear "shutdown" on their next heartbeat.
-                    tokio::time::sleep(Duration::from_secs_f64(grace)).await;
-                    break outcome;
-                }
-                Outcome::Running => {}
+                Outcome::Running => None,
+                Outcome::Finished => Some((st.outcome.clone(), 0.0)),
+                // Let the survivors hear "shutdown" on their next heartbeat.
+                Outcome::Failed(_) => Some((st.outcome.clone(), 2.0 * st.spec.heartbeat_interval_s + 1.0)),
             }
+        };
+        if let Some((outcome, grace)) = ended {
+            tokio::time::sleep(Duration::from_secs_f64(grace)).await;
+            break outcome;
         }
         let _ = tokio::time::timeout(Duration::from_millis(500), notified).await;
     };

@@ -103,6 +103,25 @@ impl JobState {
         }
     }
 
+    /// Gives up on a job whose workers did not all join within `timeout_s`.
+    pub fn check_join_timeout(&mut self, now: f64, timeout_s: f64) -> bool {
+        if self.outcome != Outcome::Running || self.members.joined() == self.members.world_size || now < timeout_s {
+            return false;
+        }
+        // Once the job has trained, missing ranks are the liveness check's business.
+        if !self.summaries.is_empty() {
+            return false;
+        }
+        let missing: Vec<usize> =
+            (0..self.members.world_size).filter(|&r| self.members.members[r].as_ref().is_none_or(|m| m.left)).collect();
+        self.outcome = Outcome::Failed(format!(
+            "only {} of {} workers joined within cluster.join_timeout_s = {timeout_s} s; missing ranks: {missing:?}",
+            self.members.joined(),
+            self.members.world_size
+        ));
+        true
+    }
+
     /// Declares dead every member silent for longer than the deadline.
     /// Recovery (a new generation) belongs to the failure-recovery work; for
     /// now a dead rank fails the job with a message naming it.
@@ -172,6 +191,20 @@ mod tests {
         assert_eq!(s.check_liveness(10.5), Some(b), "rank 1 was last seen at 0 s");
         assert!(matches!(&s.outcome, Outcome::Failed(m) if m.contains("rank 1")));
         assert_eq!(s.action().0, Action::Shutdown);
+    }
+
+    #[test]
+    fn gives_up_when_workers_do_not_join_in_time() {
+        let mut s = state(3);
+        join(&mut s, 1, 0.0);
+        assert!(!s.check_join_timeout(5.0, 10.0));
+        assert!(s.check_join_timeout(10.0, 10.0));
+        assert_eq!(
+            s.outcome,
+            Outcome::Failed(
+                "only 1 of 3 workers joined within cluster.join_timeout_s = 10 s; missing ranks: [1, 2]".into()
+            )
+        );
     }
 
     #[test]

@@ -131,6 +131,9 @@ fn train(
     let _stop_heartbeat = StopOnDrop(stop.clone(), Some(heartbeat));
 
     let rdv = loop {
+        if let Some(why) = shutdown.lock().unwrap_or_else(|e| e.into_inner()).clone() {
+            bail!("stopped while waiting for the other workers: {why}");
+        }
         let r = client.rendezvous(RendezvousRequest { rank, generation, ..Default::default() })?;
         if r.ready {
             break r;
@@ -162,7 +165,7 @@ fn train(
         let per = refs.len().div_ceil(accum).max(1);
         refs.chunks(per).map(|c| ds.load_samples(c, step)).collect::<Result<Vec<_>>>().map(|micro| Share { micro })
     };
-    let mut loader = Prefetcher::with(load, rdv.start_step, data_cfg.prefetch.min(2).max(1), data_cfg.prefetch);
+    let mut loader = Prefetcher::with(load, rdv.start_step, data_cfg.prefetch.clamp(1, 2), data_cfg.prefetch);
     let mut last_step_at = Instant::now();
     for step in rdv.start_step..spec.total_steps {
         if let Some(why) = shutdown.lock().unwrap_or_else(|e| e.into_inner()).clone() {

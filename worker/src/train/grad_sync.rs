@@ -5,8 +5,11 @@
 //! thread that all-reduces it while backward carries on. `finish` flushes
 //! the last bucket, waits, and writes the sums back into the gradients.
 //!
-//! Buckets close at the same parameters on every rank because every rank
-//! runs the same backward and so calls `ready` in the same order.
+//! The buckets are fixed before backward starts (parameters in reverse
+//! order, which is the order backward finishes them), and they are reduced
+//! strictly in that order: a rank whose backward skips a module (a
+//! micro-batch without images, or no samples at all) still issues the same
+//! sequence of all-reduces with the same contents, only later.
 
 use crate::collective::Collective;
 use crate::engine::Backend;
@@ -98,91 +101,118 @@ impl BucketSizes {
 pub struct GradSync<'a, B: Backend> {
     be: &'a B,
     comm: &'a CommThread<B::Buf>,
-    sizes: BucketSizes,
-    /// Whose gradients take part: trainable parameters that receive one.
-    wanted: &'a [bool],
-    /// Parameters gathered for the open bucket, and their element count.
-    open: Vec<usize>,
-    open_len: usize,
-    /// Buckets sent, in order, with their parameters.
-    sent: Vec<Vec<usize>>,
+    /// Parameters of each bucket, in reduction order.
+    buckets: Vec<Vec<usize>>,
+    bucket_len: Vec<usize>,
+    /// Per parameter: its bucket, if it takes part.
+    bucket_of: Vec<Option<usize>>,
+    /// Per bucket: parameters not yet ready.
+    pending: Vec<usize>,
+    marked: Vec<bool>,
+    /// Buckets handed to the communication thread (always a prefix).
+    sent: usize,
     /// Time spent in `finish` waiting for reductions backward did not hide.
     pub wait: Duration,
     /// The first failure inside `ready` (backward cannot stop for it).
     error: Option<anyhow::Error>,
 }
 
+/// Groups the parameters that take part into buckets: reverse parameter
+/// order, a small first bucket, then buckets of about `sizes.rest` elements.
+pub fn plan_buckets(lens: &[usize], wanted: &[bool], sizes: BucketSizes) -> Vec<Vec<usize>> {
+    let mut buckets: Vec<Vec<usize>> = Vec::new();
+    let (mut open, mut open_len) = (Vec::new(), 0);
+    for i in (0..lens.len()).rev().filter(|&i| wanted[i]) {
+        open.push(i);
+        open_len += lens[i];
+        let cap = if buckets.is_empty() { sizes.first } else { sizes.rest };
+        if open_len >= cap {
+            buckets.push(std::mem::take(&mut open));
+            open_len = 0;
+        }
+    }
+    if !open.is_empty() {
+        buckets.push(open);
+    }
+    buckets
+}
+
 impl<'a, B: Backend> GradSync<'a, B>
 where
     B::Buf: Send + 'static,
 {
-    pub fn new(be: &'a B, comm: &'a CommThread<B::Buf>, sizes: BucketSizes, wanted: &'a [bool]) -> Self {
-        GradSync { be, comm, sizes, wanted, open: vec![], open_len: 0, sent: vec![], wait: Duration::ZERO, error: None }
+    pub fn new(be: &'a B, comm: &'a CommThread<B::Buf>, sizes: BucketSizes, wanted: &[bool], grads: &[B::Buf]) -> Self {
+        let lens: Vec<usize> = grads.iter().map(|g| be.buf_len(g)).collect();
+        let buckets = plan_buckets(&lens, wanted, sizes);
+        let mut bucket_of = vec![None; grads.len()];
+        for (b, ids) in buckets.iter().enumerate() {
+            for &i in ids {
+                bucket_of[i] = Some(b);
+            }
+        }
+        GradSync {
+            be,
+            comm,
+            bucket_len: buckets.iter().map(|ids| ids.iter().map(|&i| lens[i]).sum()).collect(),
+            pending: buckets.iter().map(|ids| ids.len()).collect(),
+            marked: vec![false; grads.len()],
+            buckets,
+            bucket_of,
+            sent: 0,
+            wait: Duration::ZERO,
+            error: None,
+        }
     }
 
-    /// Backward's signal: the gradients of `ids` are final. A failure is
-    /// kept and returned by `finish`.
+    /// Backward's signal: the gradients of `ids` are final. Every bucket
+    /// whose parameters are all final (and whose predecessors are sent) is
+    /// sent. A failure is kept and returned by `finish`.
     pub fn ready(&mut self, grads: &[B::Buf], ids: &[usize]) {
-        if self.error.is_none() {
-            if let Err(e) = self.gather(grads, ids) {
+        for &i in ids {
+            if let (Some(b), false) = (self.bucket_of.get(i).copied().flatten(), self.marked[i]) {
+                self.marked[i] = true;
+                self.pending[b] -= 1;
+            }
+        }
+        while self.error.is_none() && self.sent < self.buckets.len() && self.pending[self.sent] == 0 {
+            if let Err(e) = self.send_next(grads) {
                 self.error = Some(e);
             }
         }
     }
 
-    fn gather(&mut self, grads: &[B::Buf], ids: &[usize]) -> Result<()> {
-        for &i in ids {
-            if self.wanted.get(i).copied().unwrap_or(false) {
-                self.open.push(i);
-                self.open_len += self.be.buf_len(&grads[i]);
-            }
-        }
-        let cap = if self.sent.is_empty() { self.sizes.first } else { self.sizes.rest };
-        if self.open_len >= cap {
-            self.flush(grads)?;
-        }
-        Ok(())
-    }
-
-    fn flush(&mut self, grads: &[B::Buf]) -> Result<()> {
-        if self.open.is_empty() {
-            return Ok(());
-        }
-        let mut bucket = self.be.alloc(self.open_len);
+    fn send_next(&mut self, grads: &[B::Buf]) -> Result<()> {
+        let b = self.sent;
+        let mut bucket = self.be.alloc(self.bucket_len[b]);
         let mut off = 0;
-        for &i in &self.open {
+        for &i in &self.buckets[b] {
             let n = self.be.buf_len(&grads[i]);
             self.be.copy(&grads[i], 0, &mut bucket, off, n);
             off += n;
         }
         self.comm.send(Job::Reduce(bucket))?;
-        self.sent.push(std::mem::take(&mut self.open));
-        self.open_len = 0;
+        self.sent += 1;
         Ok(())
     }
 
-    /// Sends what is left, waits for every bucket and writes the sums back.
-    /// Parameters never marked ready are reduced here too, so nothing is
-    /// left unsummed whatever backward reported.
+    /// Sends the buckets backward did not complete (their parameters got no
+    /// gradient on this rank, so they hold zeros), waits for every bucket
+    /// and writes the sums back into the gradients.
     pub fn finish(mut self, grads: &mut [B::Buf]) -> Result<Duration> {
         if let Some(e) = self.error.take() {
             return Err(e);
         }
-        let marked: std::collections::HashSet<usize> = self.sent.iter().flatten().chain(&self.open).copied().collect();
-        let rest: Vec<usize> = (0..grads.len()).filter(|i| self.wanted[*i] && !marked.contains(i)).collect();
-        for i in rest {
-            self.open.push(i);
-            self.open_len += self.be.buf_len(&grads[i]);
+        while self.sent < self.buckets.len() {
+            self.send_next(grads)?;
         }
-        self.flush(grads)?;
         let t = Instant::now();
-        for ids in std::mem::take(&mut self.sent) {
+        for ids in &self.buckets {
             let bucket = match self.comm.done.recv().map_err(|_| anyhow!("the all-reduce thread has stopped"))? {
                 Done::Reduced(r) => r.context("gradient all-reduce")?,
                 Done::Counts(_) => return Err(anyhow!("all-reduce results arrived out of order")),
             };
             let mut off = 0;
-            for i in ids {
+            for &i in ids {
                 let n = self.be.buf_len(&grads[i]);
                 self.be.copy(&bucket, off, &mut grads[i], 0, n);
                 off += n;
@@ -190,5 +220,19 @@ where
         }
         self.wait = t.elapsed();
         Ok(self.wait)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn buckets_run_backwards_with_a_small_first_one() {
+        let lens = [10, 40, 5, 30, 30, 20];
+        let wanted = [true, true, false, true, true, true];
+        let b = plan_buckets(&lens, &wanted, BucketSizes { first: 15, rest: 50 });
+        assert_eq!(b, vec![vec![5], vec![4, 3], vec![1, 0]]);
+        assert!(plan_buckets(&lens, &[false; 6], BucketSizes { first: 1, rest: 1 }).is_empty());
     }
 }

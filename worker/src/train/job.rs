@@ -75,6 +75,10 @@ pub struct ClusterSection {
     /// Seconds between a worker's heartbeats.
     #[serde(default = "two")]
     pub heartbeat_interval_s: f64,
+    /// Seconds the coordinator waits for all `world_size` workers to join
+    /// before it gives up on the job.
+    #[serde(default = "ten_minutes")]
+    pub join_timeout_s: f64,
     /// Gradient buckets all-reduced while backward continues: a small first
     /// one so communication starts early, then buckets of `bucket_mb` (DDP's
     /// defaults).
@@ -89,6 +93,7 @@ impl Default for ClusterSection {
         ClusterSection {
             world_size: 1,
             heartbeat_interval_s: two(),
+            join_timeout_s: ten_minutes(),
             first_bucket_mb: first_bucket_mb(),
             bucket_mb: bucket_mb(),
         }
@@ -97,6 +102,9 @@ impl Default for ClusterSection {
 
 fn two() -> f64 {
     2.0
+}
+fn ten_minutes() -> f64 {
+    600.0
 }
 fn first_bucket_mb() -> f64 {
     1.0
@@ -164,6 +172,9 @@ impl TrainJob {
         }
         if !(c.heartbeat_interval_s.is_finite() && c.heartbeat_interval_s > 0.0) {
             bail!("cluster.heartbeat_interval_s: {} is not a positive number of seconds", c.heartbeat_interval_s);
+        }
+        if !(c.join_timeout_s.is_finite() && c.join_timeout_s > 0.0) {
+            bail!("cluster.join_timeout_s: {} is not a positive number of seconds", c.join_timeout_s);
         }
         for (key, v) in [("cluster.first_bucket_mb", c.first_bucket_mb), ("cluster.bucket_mb", c.bucket_mb)] {
             if !(v.is_finite() && v > 0.0) {

@@ -82,7 +82,7 @@ where
     model.trainable = opt.cfg.trainable();
     model.params.zero_grads(be);
     let mut loss = LossSum { sum: 0.0, tokens: 0 };
-    let mut sync = GradSync::new(be, comm, sizes, synced);
+    let mut sync = GradSync::new(be, comm, sizes, synced, &model.params.grads);
     let denom = Some(global as usize);
     for (k, b) in micro_batches.iter().enumerate() {
         // Only the last micro-batch's backward finishes gradients (DDP's no_sync).

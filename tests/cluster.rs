@@ -1,0 +1,330 @@
+//! End-to-end tests of multi-worker training: a real coordinator process and
+//! real worker processes talking gRPC and the TCP ring on 127.0.0.1.
+
+mod common;
+
+use common::bin;
+use std::collections::BTreeMap;
+use std::io::Read;
+use std::path::Path;
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+/// A port nobody listens on right now.
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// A small demo dataset plus a text-only dataset of long prompts made from
+/// its questions, so a step mixes samples of very different cost.
+fn make_data(dir: &Path) {
+    let out = Command::new(bin("worker"))
+        .args(["make-demo-data", "--out", dir.to_str().unwrap(), "--train", "48", "--eval", "6"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let train = std::fs::read_to_string(dir.join("train.jsonl")).unwrap();
+    let text: Vec<String> = train
+        .lines()
+        .take(24)
+        .map(|l| {
+            let mut v: serde_json::Value = serde_json::from_str(l).unwrap();
+            let o = v.as_object_mut().unwrap();
+            o.remove("image");
+            let id = format!("text-{}", o["id"].as_str().unwrap());
+            o.insert("id".into(), id.into());
+            let q = o["conversations"][0]["value"].as_str().unwrap().replace("<image>\n", "");
+            let q = vec![q; 30].join(" ");
+            o.get_mut("conversations").unwrap()[0]["value"] = q.into();
+            v.to_string()
+        })
+        .collect();
+    std::fs::write(dir.join("text.jsonl"), text.join("\n") + "\n").unwrap();
+}
+
+fn config(data: &Path, steps: u64, batch: usize, accum: usize, world: usize, extra: &str) -> String {
+    let d = data.display();
+    format!(
+        r#"
+[model]
+preset = "tiny"
+[train]
+steps = {steps}
+batch_size = {batch}
+grad_accum = {accum}
+seed = 3
+warmup_ratio = 0.0
+[optim]
+weight_decay = 0.0
+max_grad_norm = 1.0
+eps = 1e-6
+[optim.lr]
+vision_tower = 1e-3
+projector = 1e-3
+llm = 1e-3
+[data]
+tokenizer = "{d}/tokenizer.json"
+prefetch = 2
+[[data.datasets]]
+path = "{d}/train.jsonl"
+image_folder = "{d}/images"
+[[data.datasets]]
+path = "{d}/text.jsonl"
+image_folder = "{d}/images"
+[[data.eval_datasets]]
+path = "{d}/eval.jsonl"
+image_folder = "{d}/images"
+[cluster]
+world_size = {world}
+heartbeat_interval_s = 0.5
+{extra}
+"#
+    )
+}
+
+/// Waits for a child with a deadline (a hung job fails the test instead of CI).
+fn wait(mut child: Child, limit: Duration, what: &str) -> Output {
+    let start = Instant::now();
+    loop {
+        if child.try_wait().unwrap().is_some() {
+            return child.wait_with_output().unwrap();
+        }
+        if start.elapsed() > limit {
+            let _ = child.kill();
+            let out = child.wait_with_output().unwrap();
+            panic!("{what} did not finish in {limit:?}; stderr: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn coordinator(config: &Path, port: u16, out: &Path) -> Child {
+    Command::new(bin("coordinator"))
+        .args(["--config", config.to_str().unwrap(), "--listen", &format!("127.0.0.1:{port}")])
+        .args(["--out", out.to_str().unwrap()])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+fn worker(args: &[&str], port: u16) -> Child {
+    Command::new(bin("worker"))
+        .args(args)
+        .args(["--coordinator", &format!("http://127.0.0.1:{port}"), "--connect-timeout", "30"])
+        .env("RAYON_NUM_THREADS", "1")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+/// Runs a whole job on `world` workers; returns the coordinator's stdout.
+fn run_job(cfg: &Path, world: usize, out: &Path) -> String {
+    let port = free_port();
+    let c = coordinator(cfg, port, out);
+    let workers: Vec<Child> = (0..world).map(|r| worker(&["--rank", &r.to_string()], port)).collect();
+    for (r, w) in workers.into_iter().enumerate() {
+        let o = wait(w, Duration::from_secs(240), "worker");
+        assert!(o.status.success(), "worker {r} failed: {}", String::from_utf8_lossy(&o.stderr));
+    }
+    let o = wait(c, Duration::from_secs(60), "coordinator");
+    assert!(o.status.success(), "coordinator failed: {}", String::from_utf8_lossy(&o.stderr));
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+fn load_model(dir: &Path) -> BTreeMap<String, Vec<f32>> {
+    let mut all = BTreeMap::new();
+    for module in ["vision_tower", "mm_projector", "llm"] {
+        let bytes = std::fs::read(dir.join(module).join("model.safetensors")).unwrap();
+        let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+        for (name, t) in st.tensors() {
+            assert_eq!(t.dtype(), safetensors::Dtype::F32);
+            let v = t.data().chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect();
+            all.insert(format!("{module}.{name}"), v);
+        }
+    }
+    all
+}
+
+/// The worst per-tensor relative error ||a - b|| / ||a||, where an RMS
+/// below 1e-3 (the init scale is 0.02) counts as 1e-3: a tensor can hold
+/// only rounding noise, such as the attention key bias, whose gradient is
+/// zero in exact arithmetic (softmax ignores a shift), and that noise
+/// depends on the summation order. AdamW's m / sqrt(v) turns such noise
+/// into steps of up to lr; `eps = 1e-6` in the test config keeps it small
+/// (with the default 1e-8 the worst tensor, a key bias, differs by 1.4e-5,
+/// every other tensor by under 2e-6). Set SHOW_ERRORS=1 to print every tensor.
+fn worst_relative_error(a: &BTreeMap<String, Vec<f32>>, b: &BTreeMap<String, Vec<f32>>) -> (f64, String) {
+    assert_eq!(a.keys().collect::<Vec<_>>(), b.keys().collect::<Vec<_>>());
+    let mut worst = (0.0, String::new());
+    for (k, x) in a {
+        let y = &b[k];
+        let diff: f64 = x.iter().zip(y).map(|(p, q)| ((p - q) as f64).powi(2)).sum::<f64>().sqrt();
+        let floor = 1e-3 * (x.len() as f64).sqrt();
+        let norm: f64 = x.iter().map(|p| (*p as f64).powi(2)).sum::<f64>().sqrt().max(floor);
+        if std::env::var("SHOW_ERRORS").is_ok() {
+            eprintln!("{k}: {:e} (norm {norm:e})", diff / norm);
+        }
+        if diff / norm > worst.0 {
+            worst = (diff / norm, k.clone());
+        }
+    }
+    worst
+}
+
+fn metrics(out: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(out.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+/// Data-parallel equivalence: 2 workers with global batch B give, after K
+/// steps, the parameters 1 worker gets with the same global batch, within
+/// 1e-5 relative, although cost balancing gives the ranks different sample
+/// counts. And 1 worker under the coordinator is bit-identical to `worker
+/// train` in one process: the same samples, the same micro-batches.
+#[test]
+fn two_workers_train_the_same_model_as_one() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    make_data(&data);
+    let (steps, batch, accum) = (4, 5, 2);
+    let mut models = Vec::new();
+    for world in [1, 2] {
+        let cfg = tmp.path().join(format!("w{world}.toml"));
+        std::fs::write(&cfg, config(&data, steps, batch, accum, world, "")).unwrap();
+        let out = tmp.path().join(format!("run{world}"));
+        let stdout = run_job(&cfg, world, &out);
+        assert!(stdout.contains("eval: accuracy"), "rank 0 evaluates and the coordinator prints it: {stdout}");
+        let m = metrics(&out);
+        assert_eq!(m.len(), steps as usize);
+        for s in &m {
+            assert_eq!(s["samples"], (batch * accum) as u64, "every sample of the global batch is trained");
+        }
+        if world == 2 {
+            let uneven = m.iter().any(|s| s["rank_samples"][0] != s["rank_samples"][1]);
+            assert!(uneven, "cost balancing should split some step unevenly: {m:?}");
+        }
+        assert!(out.join("loss_curve.svg").exists());
+        models.push(load_model(&out.join("model")));
+    }
+    let (err, name) = worst_relative_error(&models[0], &models[1]);
+    assert!(err < 1e-5, "2 workers differ from 1 by {err:e} (relative) in {name}");
+    let start = load_model(&{
+        let d = tmp.path().join("init");
+        let o = Command::new(bin("worker"))
+            .args(["init-model", "--preset", "tiny", "--seed", "3", "--out", d.to_str().unwrap()])
+            .output()
+            .unwrap();
+        assert!(o.status.success());
+        d
+    });
+    let (moved, _) = worst_relative_error(&start, &models[1]);
+    assert!(moved > 1e-3, "training must move the weights for the comparison to mean anything ({moved:e})");
+
+    let single = tmp.path().join("single");
+    let o = Command::new(bin("worker"))
+        .args(["train", "--config", tmp.path().join("w1.toml").to_str().unwrap()])
+        .args(["--out", single.to_str().unwrap()])
+        .env("RAYON_NUM_THREADS", "1")
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(worst_relative_error(&models[0], &load_model(&single)).0, 0.0, "1 worker must equal `worker train`");
+}
+
+fn stderr_of(mut child: Child) -> String {
+    let mut s = String::new();
+    child.stderr.take().unwrap().read_to_string(&mut s).unwrap();
+    let _ = child.wait();
+    s
+}
+
+/// Wrong ranks are refused by name; a job whose workers never all join
+/// fails after its join timeout with the missing ranks, and the worker that
+/// did join is told to stop.
+#[test]
+fn refuses_bad_ranks_and_gives_up_on_missing_workers() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    make_data(&data);
+    let cfg = tmp.path().join("job.toml");
+    std::fs::write(&cfg, config(&data, 2, 4, 1, 2, "join_timeout_s = 6")).unwrap();
+    let port = free_port();
+    let c = coordinator(&cfg, port, &tmp.path().join("out"));
+
+    let out_of_range = wait(worker(&["--rank", "2"], port), Duration::from_secs(60), "worker");
+    let e = String::from_utf8_lossy(&out_of_range.stderr);
+    assert!(!out_of_range.status.success() && !e.contains("panicked"), "{e}");
+    assert!(e.contains("rank 2 is out of range") && e.contains("world_size 2"), "{e}");
+
+    let first = worker(&["--rank", "0"], port);
+    std::thread::sleep(Duration::from_millis(1500));
+    let dup = wait(worker(&["--rank", "0"], port), Duration::from_secs(60), "worker");
+    let e = String::from_utf8_lossy(&dup.stderr);
+    assert!(!dup.status.success() && e.contains("rank 0 is already taken"), "{e}");
+
+    let c = wait(c, Duration::from_secs(60), "coordinator");
+    let e = String::from_utf8_lossy(&c.stderr);
+    assert!(!c.status.success(), "{e}");
+    assert!(e.contains("only 1 of 2 workers joined within cluster.join_timeout_s = 6 s; missing ranks: [1]"), "{e}");
+    let e = stderr_of(first);
+    assert!(e.contains("the job failed") && !e.contains("panicked"), "{e}");
+}
+
+/// A worker whose coordinator never comes up retries, then says so.
+#[test]
+fn a_coordinator_that_never_comes_up_is_a_clear_error() {
+    let port = free_port();
+    let t = Instant::now();
+    let o = Command::new(bin("worker"))
+        .args(["--rank", "0", "--coordinator", &format!("http://127.0.0.1:{port}"), "--connect-timeout", "2"])
+        .output()
+        .unwrap();
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && !e.contains("panicked"), "{e}");
+    let last = e.lines().last().unwrap_or("");
+    assert!(last.starts_with("error: cannot reach the coordinator at http://127.0.0.1:"), "{e}");
+    assert!(t.elapsed() < Duration::from_secs(20), "gave up after {:?}", t.elapsed());
+}
+
+/// A worker speaking another protocol version is refused with the reason.
+#[test]
+fn another_protocol_version_is_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    make_data(&data);
+    let cfg = tmp.path().join("job.toml");
+    std::fs::write(&cfg, config(&data, 2, 4, 1, 1, "join_timeout_s = 30")).unwrap();
+    let port = free_port();
+    let mut c = coordinator(&cfg, port, &tmp.path().join("out"));
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let status = rt.block_on(async {
+        let url = format!("http://127.0.0.1:{port}");
+        let mut client = None;
+        for _ in 0..100 {
+            if let Ok(cl) = tessera_proto::CoordinatorClient::connect(url.clone()).await {
+                client = Some(cl);
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let mut client = client.expect("coordinator came up");
+        let req = tessera_proto::v1::JoinRequest {
+            protocol_version: tessera_proto::PROTOCOL_VERSION + 98,
+            host: "h".into(),
+            device: "cpu".into(),
+            collective_addr: "h:1".into(),
+            ..Default::default()
+        };
+        client.join(req).await.unwrap_err()
+    });
+    let _ = c.kill();
+    let _ = c.wait();
+    assert_eq!(status.code(), tonic::Code::FailedPrecondition);
+    let want = format!("worker speaks protocol v{}", tessera_proto::PROTOCOL_VERSION + 98);
+    assert!(status.message().contains(&want), "{}", status.message());
+}
