@@ -167,7 +167,8 @@ async fn serve(shared: Arc<Shared>, listen: SocketAddr, world: usize, join_timeo
                 tracing::error!(joined = st.members.joined(), world_size = world, "gave up waiting for workers");
             }
             let joined = st.members.joined();
-            if st.outcome == Outcome::Running && joined < world && last_wait_log.elapsed() > Duration::from_secs(10) {
+            let waiting = st.outcome == Outcome::Running && joined < world && st.summaries.is_empty();
+            if waiting && last_wait_log.elapsed() > Duration::from_secs(10) {
                 tracing::info!(joined, world_size = world, "waiting for workers");
                 last_wait_log = Instant::now();
             }

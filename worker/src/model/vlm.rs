@@ -326,4 +326,33 @@ mod tests {
             assert!(err < 1e-12, "parameter {k}: max difference {err}");
         }
     }
+
+    /// `logits_at` picks the right row: at text positions before and after
+    /// the image of the third sample of a batch, the loss of a batch whose
+    /// only target is the next token equals -log softmax(logits_at(...))
+    /// [that token]. The loss finds its row through `Batch::prepare`,
+    /// independently of `logits_at`'s arithmetic.
+    #[test]
+    fn logits_at_reads_the_row_of_the_asked_text_position() {
+        let cfg = ModelConfig::tiny();
+        let be = Cpu::<f64>::new();
+        let host = lively_weights(&cfg, 4);
+        let (n, t, sample) = (3, 9, 2);
+        let base = Batch::synthetic(&cfg, n, t, 6);
+        assert_eq!(base.input_ids[sample * t + 2], IMAGE_TOKEN_INDEX, "the image sits at text position 2");
+        let mut m = model(&cfg, &host, false);
+        for pos in [0usize, 3, 5, 7] {
+            let mut b = base.clone();
+            b.labels = vec![-100; n * t];
+            let next = b.input_ids[sample * t + pos + 1];
+            b.labels[sample * t + pos + 1] = next;
+            let loss = m.loss(&be, &b).unwrap();
+            assert_eq!(loss.tokens, 1);
+            let logits = m.logits_at(&be, &b, sample, pos).unwrap();
+            let max = logits.iter().cloned().fold(f32::MIN, f32::max) as f64;
+            let lse = max + logits.iter().map(|&x| (x as f64 - max).exp()).sum::<f64>().ln();
+            let want = lse - logits[next as usize] as f64;
+            assert!((loss.sum - want).abs() < 1e-5 * want.abs().max(1.0), "pos {pos}: {} vs {want}", loss.sum);
+        }
+    }
 }
