@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# CPU all-reduce: Tessera's TCP ring vs PyTorch gloo, same sizes, iteration
+# counts and timing, in one run (worker/examples/bench_allreduce.rs starts
+# both). Prints the machine, then a table with the ratio gloo / ours
+# (> 1: ours is faster). Extra arguments go to the example, e.g.
+#
+#   tools/bench_allreduce.sh --sizes-mib 1,25,100 --iters 20 --warmup 3 --world-size 2
+#   PYTHON=/path/to/python tools/bench_allreduce.sh
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+PYTHON="${PYTHON:-python3}"
+
+echo "== machine"
+echo "date:    $(date)"
+echo "nproc:   $(nproc)"
+echo "cpu:     $(grep -m1 '^model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ *//')"
+echo "rustc:   $(rustc --version)"
+echo "tessera: git $(git rev-parse --short HEAD 2>/dev/null || echo unknown)$(git diff --quiet HEAD -- worker 2>/dev/null || echo " + uncommitted changes in worker/")"
+echo "torch:   $("$PYTHON" -c 'import torch; print(torch.__version__)')"
+
+echo "== build"
+cargo build --release -p tessera-worker --example bench_allreduce
+
+echo "== run (loadavg before: $(cut -d" " -f1-3 /proc/loadavg))"
+"${CARGO_TARGET_DIR:-target}/release/examples/bench_allreduce" --python "$PYTHON" "$@"
+echo "(loadavg after: $(cut -d" " -f1-3 /proc/loadavg))"

@@ -1,0 +1,1364 @@
+//! The CPU collective: a ring all-reduce over TCP.
+//!
+//! Every rank holds two connections: one it opened to its successor
+//! (`rank + 1`), on which it only writes, and one it accepted from its
+//! predecessor (`rank - 1`), on which it only reads. An all-reduce is a
+//! reduce-scatter followed by an all-gather, 2(n-1) steps over n chunks of the
+//! buffer, and each chunk travels in segments so that a rank forwards the first
+//! segment of a chunk while the rest of it is still arriving.
+//!
+//! A rank writes to its successor and reads from its predecessor at the same
+//! time: with blocking sockets and large messages, write-then-read would
+//! deadlock once the kernel buffers fill. Each call therefore runs a scoped
+//! sender thread that encodes and writes, while the calling thread reads and
+//! reduces. Segments of the caller's buffer move between the two threads by
+//! ownership (`&mut [E]` through channels), so no element is shared and no
+//! `unsafe` is needed.
+//!
+//! Reduction order: chunk `c` is summed as `((x[c] + x[c+1]) + ...) + x[c-1]`
+//! (rank indices mod n; chunk c starts at rank c and ends complete at rank
+//! c-1) in every call, and the all-gather copies the final
+//! bits to every rank, so results repeat bit for bit and agree on all ranks.
+//! The order does not depend on the segment size: the bytes on each link are
+//! the same whatever the segmentation, which may even differ between ranks.
+//!
+//! Failure: any error (a dead or aborted peer, a mismatched call) shuts down
+//! both sockets of the rank that saw it. Its neighbours then fail their next
+//! read or write, so the error goes round the ring and no rank stays blocked.
+//! The collective is then broken for good; recovery builds a new one with the
+//! next generation.
+
+use super::Collective;
+use crate::engine::cpu::Real;
+use anyhow::{anyhow, bail, Context, Result};
+use std::io::{ErrorKind, Read, Write};
+use std::marker::PhantomData;
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// First bytes of every handshake, so a stray connection (another program,
+/// an old build) is refused by name instead of being read as data.
+const MAGIC: [u8; 8] = *b"TESSRING";
+/// Bumped whenever the bytes on the wire change meaning.
+const PROTOCOL_VERSION: u32 = 1;
+/// Default segment size. Large enough that per-segment overhead (a channel
+/// hop, a syscall) is small against the copy, small enough that the pipeline
+/// fills quickly and both scratch buffers stay in L2/L3.
+pub const DEFAULT_SEGMENT_BYTES: usize = 512 * 1024;
+
+/// A rank's identity as the peer at the other end checks it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Hello {
+    version: u32,
+    world_size: u64,
+    generation: u64,
+    /// The rank that sent this hello.
+    from: u64,
+    /// The rank the sender believes it is talking to.
+    to: u64,
+}
+
+const HELLO_BYTES: usize = 48;
+
+impl Hello {
+    fn encode(&self) -> [u8; HELLO_BYTES] {
+        let mut b = [0u8; HELLO_BYTES];
+        b[0..8].copy_from_slice(&MAGIC);
+        b[8..12].copy_from_slice(&self.version.to_le_bytes());
+        // 12..16 reserved (zero).
+        b[16..24].copy_from_slice(&self.world_size.to_le_bytes());
+        b[24..32].copy_from_slice(&self.generation.to_le_bytes());
+        b[32..40].copy_from_slice(&self.from.to_le_bytes());
+        b[40..48].copy_from_slice(&self.to.to_le_bytes());
+        b
+    }
+
+    fn decode(b: &[u8; HELLO_BYTES]) -> Result<Hello> {
+        if b[0..8] != MAGIC {
+            bail!("it is not a Tessera ring peer (magic bytes {:02x?}, expected {:02x?})", &b[0..8], MAGIC);
+        }
+        let u64_at = |i: usize| {
+            let mut w = [0u8; 8];
+            w.copy_from_slice(&b[i..i + 8]);
+            u64::from_le_bytes(w)
+        };
+        let mut v = [0u8; 4];
+        v.copy_from_slice(&b[8..12]);
+        Ok(Hello {
+            version: u32::from_le_bytes(v),
+            world_size: u64_at(16),
+            generation: u64_at(24),
+            from: u64_at(32),
+            to: u64_at(40),
+        })
+    }
+
+    /// Every field that differs from what this rank expects, in words.
+    fn check(&self, expected: &Hello) -> Result<()> {
+        let mut diffs = Vec::new();
+        if self.version != expected.version {
+            diffs.push(format!("protocol version {} (this rank speaks {})", self.version, expected.version));
+        }
+        if self.world_size != expected.world_size {
+            diffs.push(format!("world size {} (this rank has {})", self.world_size, expected.world_size));
+        }
+        if self.generation != expected.generation {
+            diffs.push(format!("generation {} (this rank is in {})", self.generation, expected.generation));
+        }
+        if self.from != expected.from {
+            diffs.push(format!("sender rank {} (expected rank {})", self.from, expected.from));
+        }
+        if self.to != expected.to {
+            diffs.push(format!("addressed to rank {} (this is rank {})", self.to, expected.to));
+        }
+        if diffs.is_empty() {
+            Ok(())
+        } else {
+            bail!("handshake mismatch: peer sent {}", diffs.join(", "))
+        }
+    }
+}
+
+/// Sent before every collective, so ranks that disagree about the call (a
+/// different length or element type, a skipped call) fail with a message
+/// instead of summing unrelated bytes or waiting forever.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct CallHeader {
+    seq: u64,
+    kind: u8,
+    len: u64,
+}
+
+const CALL_BYTES: usize = 24;
+const CALL_TAG: u8 = b'C';
+
+impl CallHeader {
+    fn encode(&self) -> [u8; CALL_BYTES] {
+        let mut b = [0u8; CALL_BYTES];
+        b[0] = CALL_TAG;
+        b[1] = self.kind;
+        b[8..16].copy_from_slice(&self.seq.to_le_bytes());
+        b[16..24].copy_from_slice(&self.len.to_le_bytes());
+        b
+    }
+
+    fn decode(b: &[u8; CALL_BYTES]) -> Result<CallHeader> {
+        if b[0] != CALL_TAG {
+            bail!("the stream is out of step (call tag {:#04x}, expected {:#04x})", b[0], CALL_TAG);
+        }
+        let mut seq = [0u8; 8];
+        seq.copy_from_slice(&b[8..16]);
+        let mut len = [0u8; 8];
+        len.copy_from_slice(&b[16..24]);
+        Ok(CallHeader { seq: u64::from_le_bytes(seq), kind: b[1], len: u64::from_le_bytes(len) })
+    }
+}
+
+fn kind_name(kind: u8) -> &'static str {
+    match kind {
+        1 => "f32",
+        2 => "f64",
+        3 => "u64",
+        _ => "unknown",
+    }
+}
+
+/// How elements go on the wire (little-endian) and are summed.
+trait Wire: Copy + Send + Sync + 'static {
+    /// Element type code in the call header.
+    const KIND: u8;
+    const BYTES: usize;
+    /// `dst` holds exactly `src.len() * BYTES` bytes.
+    fn encode(src: &[Self], dst: &mut [u8]);
+    /// `dst[i] = decode(src[i])`.
+    fn decode(src: &[u8], dst: &mut [Self]);
+    /// `dst[i] += decode(src[i])`; false if an exact sum overflowed.
+    fn add_decoded(src: &[u8], dst: &mut [Self]) -> bool;
+    /// True when the bytes of `Self` in memory are its wire bytes (f32, f64
+    /// and u64 on little-endian targets), so segments can be written from
+    /// and read into the caller's buffer without a copy.
+    fn plain() -> bool;
+}
+
+/// The bytes of `s` in memory, when they are its wire bytes. Sending from
+/// (and, below, receiving into) the caller's buffer saves a copy of every
+/// byte sent and of half the bytes received; loopback TCP on a few cores is
+/// bound by exactly such memory traffic.
+fn wire_bytes<E: Wire>(s: &[E]) -> Option<&[u8]> {
+    if !E::plain() {
+        return None;
+    }
+    // SAFETY: `plain` holds only for f32, f64 and u64 (checked by TypeId for
+    // `Real`), which have no padding, so all `size_of_val(s)` bytes from the
+    // start of `s` are initialized; u8 needs no alignment; the view borrows
+    // `s`.
+    Some(unsafe { std::slice::from_raw_parts(s.as_ptr().cast::<u8>(), std::mem::size_of_val(s)) })
+}
+
+/// [`wire_bytes`] for receiving into `s`.
+fn wire_bytes_mut<E: Wire>(s: &mut [E]) -> Option<&mut [u8]> {
+    if !E::plain() {
+        return None;
+    }
+    // SAFETY: as in `wire_bytes`; moreover every bit pattern is a valid f32,
+    // f64 or u64, so whatever is written through the view leaves valid
+    // values, and the view holds the only (mutable) borrow of `s`.
+    Some(unsafe { std::slice::from_raw_parts_mut(s.as_mut_ptr().cast::<u8>(), std::mem::size_of_val(s)) })
+}
+
+/// `Real` has no byte conversion of its own. Its only types are f32 and f64,
+/// and both round-trip exactly through f64, so the wire format goes through
+/// `f64()`/`of()`; the compiler folds those conversions away.
+impl<T: Real> Wire for T {
+    const KIND: u8 = if Self::BYTES == 4 { 1 } else { 2 };
+    const BYTES: usize = {
+        let b = std::mem::size_of::<T>();
+        assert!(b == 4 || b == 8, "the ring sends only 4-byte (f32) or 8-byte (f64) reals");
+        b
+    };
+
+    #[inline]
+    fn encode(src: &[T], dst: &mut [u8]) {
+        if Self::BYTES == 4 {
+            for (d, x) in dst.as_chunks_mut::<4>().0.iter_mut().zip(src) {
+                *d = (x.f64() as f32).to_le_bytes();
+            }
+        } else {
+            for (d, x) in dst.as_chunks_mut::<8>().0.iter_mut().zip(src) {
+                *d = x.f64().to_le_bytes();
+            }
+        }
+    }
+
+    #[inline]
+    fn decode(src: &[u8], dst: &mut [T]) {
+        if Self::BYTES == 4 {
+            for (x, b) in dst.iter_mut().zip(src.as_chunks::<4>().0) {
+                *x = T::of(f32::from_le_bytes(*b) as f64);
+            }
+        } else {
+            for (x, b) in dst.iter_mut().zip(src.as_chunks::<8>().0) {
+                *x = T::of(f64::from_le_bytes(*b));
+            }
+        }
+    }
+
+    #[inline]
+    fn add_decoded(src: &[u8], dst: &mut [T]) -> bool {
+        if Self::BYTES == 4 {
+            for (x, b) in dst.iter_mut().zip(src.as_chunks::<4>().0) {
+                *x += T::of(f32::from_le_bytes(*b) as f64);
+            }
+        } else {
+            for (x, b) in dst.iter_mut().zip(src.as_chunks::<8>().0) {
+                *x += T::of(f64::from_le_bytes(*b));
+            }
+        }
+        true
+    }
+
+    #[inline]
+    fn plain() -> bool {
+        use std::any::TypeId;
+        let t = TypeId::of::<T>();
+        cfg!(target_endian = "little") && (t == TypeId::of::<f32>() || t == TypeId::of::<f64>())
+    }
+}
+
+impl Wire for u64 {
+    const KIND: u8 = 3;
+    const BYTES: usize = 8;
+
+    fn encode(src: &[u64], dst: &mut [u8]) {
+        for (d, x) in dst.as_chunks_mut::<8>().0.iter_mut().zip(src) {
+            *d = x.to_le_bytes();
+        }
+    }
+
+    fn decode(src: &[u8], dst: &mut [u64]) {
+        for (x, b) in dst.iter_mut().zip(src.as_chunks::<8>().0) {
+            *x = u64::from_le_bytes(*b);
+        }
+    }
+
+    fn add_decoded(src: &[u8], dst: &mut [u64]) -> bool {
+        let mut ok = true;
+        for (x, b) in dst.iter_mut().zip(src.as_chunks::<8>().0) {
+            let (sum, overflow) = x.overflowing_add(u64::from_le_bytes(*b));
+            *x = sum;
+            ok &= !overflow;
+        }
+        ok
+    }
+
+    fn plain() -> bool {
+        cfg!(target_endian = "little")
+    }
+}
+
+/// The two sockets of a rank with more than one rank in its job.
+struct Links {
+    /// Opened by this rank; carries data to the successor.
+    next: TcpStream,
+    /// Accepted by this rank; carries data from the predecessor.
+    prev: TcpStream,
+    /// "rank R (successor, host:port)", for error messages.
+    next_name: String,
+    prev_name: String,
+}
+
+/// State shared with [`AbortHandle`]s, which other threads hold.
+struct Shared {
+    aborted: AtomicBool,
+    links: Option<Links>,
+}
+
+impl Shared {
+    /// Closes both directions of both sockets. A thread blocked in a read or
+    /// write on them (here, or in a neighbour through the dead connection)
+    /// returns with an error.
+    fn shutdown(&self) {
+        if let Some(l) = &self.links {
+            let _ = l.next.shutdown(Shutdown::Both);
+            let _ = l.prev.shutdown(Shutdown::Both);
+        }
+    }
+}
+
+/// Aborts a [`RingCollective`] from any thread, including while another
+/// thread is blocked inside one of its collectives (that call then returns an
+/// error, and so do the blocked calls of the other ranks as the closed
+/// connections are noticed round the ring). Failure recovery uses it when the
+/// coordinator announces a new generation.
+#[derive(Clone)]
+pub struct AbortHandle {
+    shared: Arc<Shared>,
+}
+
+impl AbortHandle {
+    pub fn abort(&self) {
+        self.shared.aborted.store(true, Ordering::SeqCst);
+        self.shared.shutdown();
+    }
+}
+
+/// A ring all-reduce over TCP for CPU workers. See the module docs.
+pub struct RingCollective<T> {
+    rank: usize,
+    world_size: usize,
+    generation: u64,
+    shared: Arc<Shared>,
+    segment_bytes: usize,
+    /// Reused across calls: the reading thread's segment buffer...
+    recv_scratch: Vec<u8>,
+    /// ...and the sending thread's.
+    send_scratch: Vec<u8>,
+    /// Collectives started so far; checked against the predecessor's count.
+    calls: u64,
+    /// Why the ring stopped working, once it has.
+    broken: Option<String>,
+    _elem: PhantomData<fn() -> T>,
+}
+
+fn remaining(deadline: Instant) -> Duration {
+    deadline.saturating_duration_since(Instant::now())
+}
+
+/// A read timeout that is never zero (std refuses a zero timeout).
+fn read_timeout(deadline: Instant) -> Duration {
+    remaining(deadline).max(Duration::from_millis(1))
+}
+
+/// Connects to `addr`, retrying with backoff until `deadline`: the peer may
+/// not have bound its listener yet, or its name may not resolve yet.
+fn connect_with_retry(addr: &str, deadline: Instant, what: &str) -> Result<TcpStream> {
+    let mut backoff = Duration::from_millis(10);
+    let mut attempts = 0u32;
+    loop {
+        attempts += 1;
+        let last_error = match addr.to_socket_addrs() {
+            Err(e) => format!("cannot resolve the address: {e}"),
+            Ok(addrs) => {
+                let addrs: Vec<SocketAddr> = addrs.collect();
+                let mut last = format!("{addr} resolves to no address");
+                for a in addrs {
+                    let budget = remaining(deadline).clamp(Duration::from_millis(10), Duration::from_secs(5));
+                    match TcpStream::connect_timeout(&a, budget) {
+                        Ok(s) => return Ok(s),
+                        Err(e) => last = format!("{a}: {e}"),
+                    }
+                }
+                last
+            }
+        };
+        let left = remaining(deadline);
+        if left.is_zero() {
+            bail!("could not connect to {what} after {attempts} attempts; last error: {last_error}");
+        }
+        std::thread::sleep(backoff.min(left));
+        backoff = (backoff * 2).min(Duration::from_millis(500));
+    }
+}
+
+/// Accepts one connection before `deadline` (std has no accept timeout, so
+/// the listener is polled in non-blocking mode).
+fn accept_until(listener: &TcpListener, deadline: Instant, what: &str) -> Result<(TcpStream, SocketAddr)> {
+    listener.set_nonblocking(true).context("cannot make the listener non-blocking")?;
+    let local = listener.local_addr().map(|a| a.to_string()).unwrap_or_else(|_| "?".into());
+    loop {
+        match listener.accept() {
+            Ok((s, a)) => {
+                // Some platforms let accepted sockets inherit O_NONBLOCK.
+                s.set_nonblocking(false).with_context(|| format!("cannot make the connection from {a} blocking"))?;
+                return Ok((s, a));
+            }
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    ErrorKind::WouldBlock | ErrorKind::Interrupted | ErrorKind::ConnectionAborted
+                ) =>
+            {
+                let left = remaining(deadline);
+                if left.is_zero() {
+                    bail!("{what} did not connect to this rank's listener {local} in time");
+                }
+                std::thread::sleep(left.min(Duration::from_millis(5)));
+            }
+            Err(e) => return Err(e).with_context(|| format!("accepting on {local} (waiting for {what}) failed")),
+        }
+    }
+}
+
+fn read_hello(mut s: &TcpStream, deadline: Instant) -> std::io::Result<[u8; HELLO_BYTES]> {
+    s.set_read_timeout(Some(read_timeout(deadline)))?;
+    let mut b = [0u8; HELLO_BYTES];
+    s.read_exact(&mut b)?;
+    Ok(b)
+}
+
+impl<T: Real> RingCollective<T> {
+    /// Joins the ring of `world_size` ranks as `rank`.
+    ///
+    /// `listener` is this rank's already bound listener (its address was
+    /// advertised); `peers[i]` is the "host:port" of rank i's listener.
+    /// This rank connects to rank+1 (retrying until `timeout`, since peers
+    /// start at different times) and accepts one connection from rank-1;
+    /// both ends check magic bytes, protocol version, world size, generation
+    /// and ranks. A world size of 1 opens no sockets (the listener is
+    /// dropped).
+    pub fn connect(
+        rank: usize,
+        world_size: usize,
+        listener: TcpListener,
+        peers: &[String],
+        generation: u64,
+        timeout: Duration,
+    ) -> Result<Self> {
+        if world_size == 0 {
+            bail!("world size must be at least 1");
+        }
+        if rank >= world_size {
+            bail!("rank {rank} is out of range for world size {world_size}");
+        }
+        if peers.len() != world_size {
+            bail!("{} peer addresses for world size {world_size}", peers.len());
+        }
+        let links = if world_size == 1 {
+            None
+        } else {
+            Some(Self::handshake(rank, world_size, &listener, peers, generation, Instant::now() + timeout)?)
+        };
+        Ok(RingCollective {
+            rank,
+            world_size,
+            generation,
+            shared: Arc::new(Shared { aborted: AtomicBool::new(false), links }),
+            segment_bytes: DEFAULT_SEGMENT_BYTES,
+            recv_scratch: Vec::new(),
+            send_scratch: Vec::new(),
+            calls: 0,
+            broken: None,
+            _elem: PhantomData,
+        })
+    }
+
+    /// Opens the successor link and accepts the predecessor link. No step
+    /// waits for a peer to do anything but bind its listener and run the
+    /// same sequence, so ranks starting in any order cannot deadlock:
+    /// 1. connect to the successor and send our hello (it fits the socket
+    ///    buffer, so it does not wait for the successor to accept);
+    /// 2. accept the predecessor, read its hello, answer with ours, check;
+    /// 3. read the successor's answer and check it.
+    fn handshake(
+        rank: usize,
+        n: usize,
+        listener: &TcpListener,
+        peers: &[String],
+        generation: u64,
+        deadline: Instant,
+    ) -> Result<Links> {
+        let next_rank = (rank + 1) % n;
+        let prev_rank = (rank + n - 1) % n;
+        let me = |to: usize| Hello {
+            version: PROTOCOL_VERSION,
+            world_size: n as u64,
+            generation,
+            from: rank as u64,
+            to: to as u64,
+        };
+        let next_name = format!("rank {next_rank} (successor, {})", peers[next_rank]);
+
+        // 1. Successor.
+        let next = connect_with_retry(&peers[next_rank], deadline, &next_name)?;
+        next.set_nodelay(true).with_context(|| format!("setting TCP_NODELAY towards {next_name} failed"))?;
+        (&next)
+            .write_all(&me(next_rank).encode())
+            .with_context(|| format!("sending the handshake to {next_name} failed"))?;
+
+        // 2. Predecessor.
+        let prev_advertised = format!("rank {prev_rank} (predecessor, advertised as {})", peers[prev_rank]);
+        let (prev, prev_addr) = accept_until(listener, deadline, &prev_advertised)?;
+        let prev_name = format!("rank {prev_rank} (predecessor, {prev_addr})");
+        prev.set_nodelay(true).with_context(|| format!("setting TCP_NODELAY towards {prev_name} failed"))?;
+        let got = read_hello(&prev, deadline)
+            .with_context(|| format!("reading the handshake of the connection from {prev_addr} failed"))?;
+        // Answer before checking, so the peer can name the mismatch too.
+        let answer = (&prev).write_all(&me(prev_rank).encode());
+        Hello::decode(&got)
+            .and_then(|h| h.check(&Hello { from: prev_rank as u64, to: rank as u64, ..me(prev_rank) }))
+            .with_context(|| {
+                format!("rank {rank}: the connection from {prev_addr} (expected: {prev_advertised}) was refused")
+            })?;
+        answer.with_context(|| format!("answering the handshake of {prev_name} failed"))?;
+
+        // 3. The successor's answer.
+        let got = read_hello(&next, deadline).with_context(|| {
+            format!("reading the handshake answer of {next_name} failed (did it refuse this rank? see its log)")
+        })?;
+        Hello::decode(&got)
+            .and_then(|h| h.check(&Hello { from: next_rank as u64, to: rank as u64, ..me(next_rank) }))
+            .with_context(|| format!("rank {rank}: {next_name} answered the handshake wrongly"))?;
+
+        // Collectives block for as long as the slowest rank takes; failure
+        // detection is the coordinator's heartbeat plus `abort`, or an
+        // explicit `set_io_timeout`.
+        for (s, name) in [(&next, &next_name), (&prev, &prev_name)] {
+            s.set_read_timeout(None).with_context(|| format!("clearing the read timeout towards {name} failed"))?;
+        }
+        tracing::debug!(rank, world_size = n, generation, successor = %next_name, predecessor = %prev_name, "ring connected");
+        Ok(Links { next, prev, next_name, prev_name })
+    }
+
+    pub fn generation(&self) -> u64 {
+        self.generation
+    }
+
+    /// A handle that aborts this collective from another thread.
+    pub fn abort_handle(&self) -> AbortHandle {
+        AbortHandle { shared: self.shared.clone() }
+    }
+
+    /// Shuts down both sockets; this and every later collective returns an
+    /// error, and so do the neighbours' (see [`AbortHandle`]).
+    pub fn abort(&self) {
+        self.abort_handle().abort();
+    }
+
+    /// Segment size in bytes (at least one element). Only a tuning knob: it
+    /// changes neither the bytes on the wire nor the result, and ranks need
+    /// not agree on it.
+    pub fn set_segment_bytes(&mut self, bytes: usize) {
+        self.segment_bytes = bytes.max(1);
+    }
+
+    /// Fails a collective whose read or write blocks longer than `timeout`
+    /// (None: wait forever, the default). It guards against a peer host that
+    /// vanishes without closing its connections; it must exceed the longest
+    /// legitimate wait, i.e. the step-time skew between ranks.
+    pub fn set_io_timeout(&self, timeout: Option<Duration>) -> Result<()> {
+        if let Some(l) = &self.shared.links {
+            for (s, name) in [(&l.next, &l.next_name), (&l.prev, &l.prev_name)] {
+                s.set_read_timeout(timeout)
+                    .with_context(|| format!("setting the read timeout towards {name} failed"))?;
+                s.set_write_timeout(timeout)
+                    .with_context(|| format!("setting the write timeout towards {name} failed"))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// [`Collective::all_reduce_sum`] on a slice (a bucket inside a larger
+    /// buffer, say).
+    pub fn all_reduce_sum_slice(&mut self, buf: &mut [T]) -> Result<()> {
+        self.reduce(buf, "all_reduce_sum")
+    }
+
+    fn reduce<E: Wire>(&mut self, buf: &mut [E], op: &str) -> Result<()> {
+        if self.shared.aborted.load(Ordering::SeqCst) {
+            bail!("rank {}: {op} on a ring collective that was aborted (generation {})", self.rank, self.generation);
+        }
+        if let Some(why) = &self.broken {
+            bail!("rank {}: {op} on a ring collective broken by an earlier error: {why}", self.rank);
+        }
+        let seq = self.calls;
+        self.calls += 1;
+        let Some(links) = &self.shared.links else {
+            return Ok(());
+        };
+        let seg_elems = (self.segment_bytes / E::BYTES).max(1);
+        let result = run_ring(
+            links,
+            Step { rank: self.rank, n: self.world_size, seq, seg_elems },
+            buf,
+            &mut self.recv_scratch,
+            &mut self.send_scratch,
+        );
+        result.map_err(|e| {
+            self.shared.shutdown();
+            let e =
+                if self.shared.aborted.load(Ordering::SeqCst) { e.context("the collective was aborted") } else { e };
+            let e = e.context(format!(
+                "rank {} of {}: {op} #{seq} ({} {} elements, generation {}) failed",
+                self.rank,
+                self.world_size,
+                buf.len(),
+                kind_name(E::KIND),
+                self.generation
+            ));
+            self.broken = Some(format!("{e:#}"));
+            e
+        })
+    }
+}
+
+/// The parameters of one collective call.
+#[derive(Clone, Copy)]
+struct Step {
+    rank: usize,
+    n: usize,
+    seq: u64,
+    seg_elems: usize,
+}
+
+/// The buffer cut into n chunks (sizes differ by at most one element; the
+/// first `len % n` are longer) and each chunk into segments. Segment ids are
+/// global, chunk by chunk.
+struct Plan {
+    /// Element offset of chunk c; n + 1 entries.
+    chunk_start: Vec<usize>,
+    /// Id of the first segment of chunk c; n + 1 entries.
+    seg_first: Vec<usize>,
+    seg_elems: usize,
+}
+
+impl Plan {
+    fn new(len: usize, n: usize, seg_elems: usize) -> Plan {
+        let (base, extra) = (len / n, len % n);
+        let mut chunk_start = Vec::with_capacity(n + 1);
+        let mut seg_first = Vec::with_capacity(n + 1);
+        let (mut at, mut seg) = (0, 0);
+        for c in 0..n {
+            chunk_start.push(at);
+            seg_first.push(seg);
+            let clen = base + usize::from(c < extra);
+            at += clen;
+            seg += clen.div_ceil(seg_elems);
+        }
+        chunk_start.push(at);
+        seg_first.push(seg);
+        Plan { chunk_start, seg_first, seg_elems }
+    }
+
+    fn segments(&self, chunk: usize) -> std::ops::Range<usize> {
+        self.seg_first[chunk]..self.seg_first[chunk + 1]
+    }
+
+    /// Cuts `buf` into its segments, indexed by segment id.
+    fn split<'a, E>(&self, buf: &'a mut [E]) -> Vec<Option<&'a mut [E]>> {
+        let mut out = Vec::with_capacity(self.seg_first[self.seg_first.len() - 1]);
+        let mut rest = buf;
+        for c in 0..self.chunk_start.len() - 1 {
+            let mut clen = self.chunk_start[c + 1] - self.chunk_start[c];
+            while clen > 0 {
+                let take = clen.min(self.seg_elems);
+                let (head, tail) = std::mem::take(&mut rest).split_at_mut(take);
+                out.push(Some(head));
+                rest = tail;
+                clen -= take;
+            }
+        }
+        out
+    }
+}
+
+/// Keeps the first error of the two threads of a call: once one fails it
+/// shuts the sockets down, so the other's error is only an echo.
+struct FirstError(Mutex<Option<anyhow::Error>>);
+
+impl FirstError {
+    fn record(&self, shared: &Links, e: anyhow::Error) {
+        if let Ok(mut slot) = self.0.lock() {
+            slot.get_or_insert(e);
+        }
+        let _ = shared.next.shutdown(Shutdown::Both);
+        let _ = shared.prev.shutdown(Shutdown::Both);
+    }
+}
+
+/// One all-reduce on a ring of n >= 2 ranks.
+///
+/// Rank r's wire schedule: it first sends chunk r, then forwards every chunk
+/// it receives except the last: at step t (0 <= t < 2(n-1)) it receives
+/// chunk (r - 1 - t) mod n, adds it into its own copy during the first n-1
+/// steps (reduce-scatter) and overwrites its copy during the rest
+/// (all-gather), and sends the result on at step t+1.
+fn run_ring<E: Wire>(
+    links: &Links,
+    step: Step,
+    buf: &mut [E],
+    recv_scratch: &mut Vec<u8>,
+    send_scratch: &mut Vec<u8>,
+) -> Result<()> {
+    let Step { rank: r, n, seq, seg_elems } = step;
+    let plan = Plan::new(buf.len(), n, seg_elems);
+    let seg_bytes = seg_elems.min(buf.len().div_ceil(n)).max(1) * E::BYTES;
+    if recv_scratch.len() < seg_bytes {
+        recv_scratch.resize(seg_bytes, 0);
+    }
+    if !E::plain() && send_scratch.len() < seg_bytes {
+        send_scratch.resize(seg_bytes, 0);
+    }
+    let header = CallHeader { seq, kind: E::KIND, len: buf.len() as u64 };
+    let mut table = plan.split(buf);
+    let first_error = FirstError(Mutex::new(None));
+    let steps = 2 * (n - 1);
+
+    // The header goes first, from this thread: 24 bytes into a socket
+    // buffer that the last call left empty, so it cannot block, and it is on
+    // its way before this rank can fail on the predecessor's header. Both
+    // ends of a mismatch then name it.
+    (&links.next)
+        .write_all(&header.encode())
+        .with_context(|| format!("sending the call header to {} failed", links.next_name))?;
+
+    std::thread::scope(|scope| {
+        let (job_tx, job_rx) = crossbeam_channel::unbounded::<(usize, &mut [E])>();
+        let (back_tx, back_rx) = crossbeam_channel::unbounded::<(usize, &mut [E])>();
+        let first_error = &first_error;
+
+        // The sender: segments in the order queued.
+        let sender = scope.spawn(move || {
+            let mut out = &links.next;
+            let result = (|| -> Result<()> {
+                for (id, seg) in job_rx {
+                    let bytes = match wire_bytes(seg) {
+                        Some(bytes) => bytes,
+                        None => {
+                            let bytes = &mut send_scratch[..seg.len() * E::BYTES];
+                            E::encode(seg, bytes);
+                            bytes
+                        }
+                    };
+                    out.write_all(bytes).with_context(|| {
+                        format!("sending {} bytes (segment {id}) to {} failed", bytes.len(), links.next_name)
+                    })?;
+                    // The reader may have returned early on an error.
+                    let _ = back_tx.send((id, seg));
+                }
+                Ok(())
+            })();
+            if let Err(e) = result {
+                first_error.record(links, e);
+            }
+        });
+
+        // The reader and reducer: this thread.
+        let result = (|| -> Result<()> {
+            let mut input = &links.prev;
+            let mut h = [0u8; CALL_BYTES];
+            // Queue our own chunk first so the sender starts while we wait.
+            for id in plan.segments(r) {
+                let seg = table[id].take().ok_or_else(|| anyhow!("internal: segment {id} queued twice"))?;
+                job_tx.send((id, seg)).map_err(|_| anyhow!("the sending thread stopped"))?;
+            }
+            input
+                .read_exact(&mut h)
+                .with_context(|| format!("reading the call header from {} failed", links.prev_name))?;
+            let theirs = CallHeader::decode(&h).with_context(|| format!("bad call header from {}", links.prev_name))?;
+            if theirs != header {
+                bail!(
+                    "{} is in collective #{} over {} {} elements; this rank is in #{} over {} {} elements",
+                    links.prev_name,
+                    theirs.seq,
+                    theirs.len,
+                    kind_name(theirs.kind),
+                    header.seq,
+                    header.len,
+                    kind_name(header.kind)
+                );
+            }
+            for t in 0..steps {
+                let chunk = (r + 2 * n - 1 - t) % n;
+                for id in plan.segments(chunk) {
+                    let seg = match table[id].take() {
+                        Some(seg) => seg,
+                        // Sent earlier; wait until the sender is done with it.
+                        None => loop {
+                            let (got, seg) = back_rx.recv().map_err(|_| anyhow!("the sending thread stopped"))?;
+                            if got == id {
+                                break seg;
+                            }
+                            table[got] = Some(seg);
+                        },
+                    };
+                    let len = seg.len() * E::BYTES;
+                    let what =
+                        || format!("reading {len} bytes (chunk {chunk}, step {t}) from {} failed", links.prev_name);
+                    if t < n - 1 {
+                        // Reduce-scatter: add the partial sum into ours.
+                        let bytes = &mut recv_scratch[..len];
+                        input.read_exact(bytes).with_context(what)?;
+                        if !E::add_decoded(bytes, seg) {
+                            bail!("a u64 sum overflowed in chunk {chunk}");
+                        }
+                    } else if let Some(bytes) = wire_bytes_mut(seg) {
+                        // All-gather: the final sum replaces ours.
+                        input.read_exact(bytes).with_context(what)?;
+                    } else {
+                        let bytes = &mut recv_scratch[..len];
+                        input.read_exact(bytes).with_context(what)?;
+                        E::decode(bytes, seg);
+                    }
+                    if t + 1 < steps {
+                        job_tx.send((id, seg)).map_err(|_| anyhow!("the sending thread stopped"))?;
+                    }
+                }
+            }
+            Ok(())
+        })();
+        if let Err(e) = result {
+            first_error.record(links, e);
+        }
+        // Ends the sender's loop once the queue is drained.
+        drop(job_tx);
+        if sender.join().is_err() {
+            first_error.record(links, anyhow!("the sending thread panicked"));
+        }
+    });
+
+    match first_error.0.into_inner() {
+        Ok(None) => Ok(()),
+        Ok(Some(e)) => Err(e),
+        Err(_) => Err(anyhow!("internal: the error slot was poisoned")),
+    }
+}
+
+impl<T: Real> Collective for RingCollective<T> {
+    type Buf = Vec<T>;
+
+    fn rank(&self) -> usize {
+        self.rank
+    }
+
+    fn world_size(&self) -> usize {
+        self.world_size
+    }
+
+    fn all_reduce_sum(&mut self, buf: &mut Vec<T>) -> Result<()> {
+        self.reduce(buf.as_mut_slice(), "all_reduce_sum")
+    }
+
+    fn all_reduce_sum_u64(&mut self, values: &mut [u64]) -> Result<()> {
+        self.reduce(values, "all_reduce_sum_u64")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::mpsc;
+    use std::thread;
+
+    const GENERATION: u64 = 7;
+    const CONNECT: Duration = Duration::from_secs(20);
+
+    /// Runs `f` on its own thread and fails the test if it takes longer than
+    /// `secs`: a hang must fail the test, not stall the suite.
+    fn within<R: Send + 'static>(secs: u64, f: impl FnOnce() -> R + Send + 'static) -> R {
+        let (tx, rx) = mpsc::channel();
+        let h = thread::spawn(move || {
+            let _ = tx.send(f());
+        });
+        match rx.recv_timeout(Duration::from_secs(secs)) {
+            Ok(r) => {
+                let _ = h.join();
+                r
+            }
+            Err(mpsc::RecvTimeoutError::Timeout) => panic!("no result after {secs} s: the collective hangs"),
+            Err(mpsc::RecvTimeoutError::Disconnected) => match h.join() {
+                Err(p) => std::panic::resume_unwind(p),
+                Ok(()) => panic!("the test thread ended without a result"),
+            },
+        }
+    }
+
+    fn listeners(n: usize) -> (Vec<TcpListener>, Vec<String>) {
+        let ls: Vec<TcpListener> = (0..n).map(|_| TcpListener::bind("127.0.0.1:0").unwrap()).collect();
+        let addrs = ls.iter().map(|l| l.local_addr().unwrap().to_string()).collect();
+        (ls, addrs)
+    }
+
+    /// Connects n ranks, each on its own thread, rank i in `generations[i]`.
+    fn connect_ring<T: Real>(generations: &[u64]) -> Vec<Result<RingCollective<T>>> {
+        let n = generations.len();
+        let (ls, addrs) = listeners(n);
+        thread::scope(|s| {
+            let hs: Vec<_> = ls
+                .into_iter()
+                .zip(generations)
+                .enumerate()
+                .map(|(rank, (l, &g))| {
+                    let addrs = &addrs;
+                    s.spawn(move || RingCollective::<T>::connect(rank, n, l, addrs, g, CONNECT))
+                })
+                .collect();
+            hs.into_iter().map(|h| h.join().unwrap()).collect()
+        })
+    }
+
+    fn ring<T: Real>(n: usize) -> Vec<RingCollective<T>> {
+        connect_ring(&vec![GENERATION; n]).into_iter().map(|r| r.unwrap()).collect()
+    }
+
+    /// Runs `f` on every rank at once, one thread per rank.
+    fn on_all<T: Real, R: Send>(
+        rings: Vec<RingCollective<T>>,
+        f: impl Fn(&mut RingCollective<T>) -> R + Sync,
+    ) -> Vec<(RingCollective<T>, R)> {
+        let f = &f;
+        thread::scope(|s| {
+            let hs: Vec<_> = rings
+                .into_iter()
+                .map(|mut c| {
+                    s.spawn(move || {
+                        let r = f(&mut c);
+                        (c, r)
+                    })
+                })
+                .collect();
+            hs.into_iter().map(|h| h.join().unwrap()).collect()
+        })
+    }
+
+    /// Reproducible values of mixed sign and magnitude, so that the order of
+    /// summation shows in the low bits.
+    fn value(rank: usize, i: usize) -> f64 {
+        let h =
+            (i as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ (rank as u64 + 1).wrapping_mul(0xD1B5_4A32_D192_ED03);
+        let h = h ^ (h >> 29);
+        let unit = (h.wrapping_mul(0xBF58_476D_1CE4_E5B9) >> 11) as f64 / (1u64 << 53) as f64;
+        (unit - 0.5) * 10f64.powi((i % 7) as i32 - 3)
+    }
+
+    fn input<T: Real>(rank: usize, len: usize) -> Vec<T> {
+        (0..len).map(|i| T::of(value(rank, i))).collect()
+    }
+
+    fn bits<T: Real>(v: &[T]) -> Vec<u64> {
+        v.iter().map(|x| x.f64().to_bits()).collect()
+    }
+
+    const LENGTHS: [usize; 9] = [0, 1, 2, 3, 4, 5, 17, 1000, 70_001];
+
+    /// For world sizes 1 to 4 and lengths including 0, 1 and fewer than the
+    /// world size: sums within rounding of the f64 sum, identical bits on
+    /// every rank, and identical bits on a repeat run and with another
+    /// segment size.
+    fn sums_are_right_and_repeat_bit_for_bit<T: Real>() {
+        for n in 1..=4 {
+            let run = |rings: Vec<RingCollective<T>>, segment_bytes: usize| {
+                on_all(rings, move |c| {
+                    c.set_segment_bytes(segment_bytes);
+                    LENGTHS
+                        .iter()
+                        .map(|&len| {
+                            let mut v = input::<T>(c.rank(), len);
+                            c.all_reduce_sum(&mut v).unwrap();
+                            v
+                        })
+                        .collect::<Vec<_>>()
+                })
+            };
+            // 64-byte segments: many segments per chunk, so the pipeline runs.
+            let (rings, first): (Vec<_>, Vec<_>) = run(ring::<T>(n), 64).into_iter().unzip();
+            let (rings, second): (Vec<_>, Vec<_>) = run(rings, 64).into_iter().unzip();
+            let (_, third): (Vec<_>, Vec<_>) = run(rings, DEFAULT_SEGMENT_BYTES).into_iter().unzip();
+            let eps = T::epsilon().f64();
+            for (li, &len) in LENGTHS.iter().enumerate() {
+                let got = &first[0][li];
+                assert_eq!(got.len(), len);
+                for (i, g) in got.iter().enumerate() {
+                    let terms: Vec<f64> = (0..n).map(|r| T::of(value(r, i)).f64()).collect();
+                    let exact: f64 = terms.iter().sum();
+                    let bound: f64 = terms.iter().map(|x| x.abs()).sum::<f64>() * eps * n as f64;
+                    let err = (g.f64() - exact).abs();
+                    assert!(err <= bound, "n={n} len={len} i={i}: got {g:?}, exact {exact}");
+                }
+                let want = bits(got);
+                for r in 0..n {
+                    assert_eq!(bits(&first[r][li]), want, "n={n} len={len}: rank {r} differs from rank 0");
+                    assert_eq!(bits(&second[r][li]), want, "n={n} len={len}: rank {r} differs on the repeat");
+                    assert_eq!(bits(&third[r][li]), want, "n={n} len={len}: rank {r} differs with other segments");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn f32_sums_are_right_and_repeat_bit_for_bit() {
+        within(120, sums_are_right_and_repeat_bit_for_bit::<f32>);
+    }
+
+    #[test]
+    fn f64_sums_are_right_and_repeat_bit_for_bit() {
+        within(120, sums_are_right_and_repeat_bit_for_bit::<f64>);
+    }
+
+    /// The summation order is the documented one: chunk c is
+    /// ((x[c] + x[c+1]) + ...) + x[c-1], ranks mod n.
+    #[test]
+    fn reduction_order_is_the_documented_one() {
+        within(60, || {
+            let n = 4;
+            let len = 4; // one element per chunk
+            let out = on_all(ring::<f32>(n), |c| {
+                let mut v = input::<f32>(c.rank(), len);
+                c.all_reduce_sum(&mut v).unwrap();
+                v
+            });
+            for chunk in 0..n {
+                let mut acc = value(chunk, chunk) as f32;
+                for k in 1..n {
+                    acc += value((chunk + k) % n, chunk) as f32;
+                }
+                assert_eq!(out[0].1[chunk].to_bits(), acc.to_bits(), "chunk {chunk}");
+            }
+        });
+    }
+
+    /// The copying wire path (taken on big-endian targets) agrees with the
+    /// in-memory bytes the little-endian fast path sends.
+    #[test]
+    fn wire_encoding_is_little_endian() {
+        fn check<E: Wire + std::fmt::Debug + PartialEq>(v: &[E], le: impl Fn(&E) -> Vec<u8>) {
+            let mut bytes = vec![0u8; v.len() * E::BYTES];
+            E::encode(v, &mut bytes);
+            assert_eq!(bytes, v.iter().flat_map(le).collect::<Vec<u8>>());
+            if E::plain() {
+                assert_eq!(wire_bytes(v), Some(&bytes[..]));
+            }
+            let mut back = v.to_vec();
+            back.reverse();
+            E::decode(&bytes, &mut back);
+            assert_eq!(back, v);
+        }
+        check(&[1.5f32, -0.0, f32::MIN_POSITIVE, 3.0e38], |x| x.to_le_bytes().to_vec());
+        check(&[1.5f64, -0.0, f64::MIN_POSITIVE, 1e300], |x| x.to_le_bytes().to_vec());
+        check(&[0u64, 1, u64::MAX, 1 << 40], |x| x.to_le_bytes().to_vec());
+        assert!(f32::plain() && f64::plain() && u64::plain());
+
+        let mut acc = [1.0f32, 2.0];
+        let mut b = vec![0u8; 8];
+        f32::encode(&[0.5, -2.0], &mut b);
+        assert!(f32::add_decoded(&b, &mut acc));
+        assert_eq!(acc, [1.5, 0.0]);
+        let mut acc = [u64::MAX - 1, 7];
+        let mut b = vec![0u8; 16];
+        u64::encode(&[1, 2], &mut b);
+        assert!(u64::add_decoded(&b, &mut acc));
+        assert_eq!(acc, [u64::MAX, 9]);
+        assert!(!u64::add_decoded(&b, &mut acc));
+    }
+
+    #[test]
+    fn u64_sums_are_exact() {
+        within(60, || {
+            for n in 1..=4 {
+                let lens = [0usize, 1, 3, 5, 1000];
+                let v = |r: usize, i: usize| (1u64 << 60) + r as u64 * 1_000_003 + i as u64;
+                let out = on_all(ring::<f32>(n), |c| {
+                    c.set_segment_bytes(24);
+                    lens.iter()
+                        .map(|&len| {
+                            let mut x: Vec<u64> = (0..len).map(|i| v(c.rank(), i)).collect();
+                            c.all_reduce_sum_u64(&mut x).unwrap();
+                            x
+                        })
+                        .collect::<Vec<_>>()
+                });
+                for (li, &len) in lens.iter().enumerate() {
+                    let want: Vec<u64> = (0..len).map(|i| (0..n).map(|r| v(r, i)).sum()).collect();
+                    for (r, (_, got)) in out.iter().enumerate() {
+                        assert_eq!(got[li], want, "n={n} len={len} rank {r}");
+                    }
+                }
+            }
+        });
+    }
+
+    #[test]
+    fn u64_overflow_is_an_error_on_every_rank() {
+        within(60, || {
+            let out = on_all(ring::<f32>(2), |c| c.all_reduce_sum_u64(&mut [u64::MAX / 2 + 1]));
+            for (c, r) in &out {
+                let e = format!("{:#}", r.as_ref().unwrap_err());
+                assert!(e.contains("all_reduce_sum_u64"), "rank {}: {e}", c.rank());
+            }
+            assert!(out.iter().any(|(_, r)| format!("{:#}", r.as_ref().unwrap_err()).contains("overflow")));
+        });
+    }
+
+    /// Buffers far larger than the kernel's socket buffers, with the default
+    /// segment size: would deadlock if a rank wrote before reading.
+    #[test]
+    fn large_buffers_do_not_deadlock() {
+        within(120, || {
+            for n in [2, 3] {
+                let len = 3 << 20; // 12 MiB of f32
+                let out = on_all(ring::<f32>(n), |c| {
+                    let mut v = vec![c.rank() as f32 + 1.0; len];
+                    c.all_reduce_sum(&mut v).unwrap();
+                    c.all_reduce_sum(&mut v).unwrap();
+                    v
+                });
+                let once: f32 = (1..=n).map(|r| r as f32).sum();
+                for (_, v) in &out {
+                    assert!(v.iter().all(|&x| x == once * n as f32), "n={n}");
+                }
+            }
+        });
+    }
+
+    #[test]
+    fn world_size_one_needs_no_sockets() {
+        within(10, || {
+            let (mut ls, addrs) = listeners(1);
+            let mut c = RingCollective::<f64>::connect(0, 1, ls.remove(0), &addrs, 0, CONNECT).unwrap();
+            assert!(c.shared.links.is_none());
+            assert_eq!((c.rank(), c.world_size()), (0, 1));
+            let mut v = vec![1.5, -2.0, 3.25];
+            c.all_reduce_sum(&mut v).unwrap();
+            assert_eq!(v, [1.5, -2.0, 3.25]);
+            let mut u = [5u64, u64::MAX];
+            c.all_reduce_sum_u64(&mut u).unwrap();
+            assert_eq!(u, [5, u64::MAX]);
+        });
+    }
+
+    #[test]
+    fn bad_arguments_are_refused() {
+        let (mut ls, addrs) = listeners(2);
+        let e = RingCollective::<f32>::connect(2, 2, ls.remove(0), &addrs, 0, CONNECT).err().unwrap();
+        assert!(format!("{e}").contains("out of range"), "{e}");
+        let e = RingCollective::<f32>::connect(0, 3, ls.remove(0), &addrs, 0, CONNECT).err().unwrap();
+        assert!(format!("{e}").contains("2 peer addresses for world size 3"), "{e}");
+    }
+
+    #[test]
+    fn generation_mismatch_is_named_on_both_sides() {
+        within(30, || {
+            let out = connect_ring::<f32>(&[3, 4]);
+            for (rank, r) in out.iter().enumerate() {
+                let e = format!("{:#}", r.as_ref().err().unwrap());
+                assert!(e.contains("generation"), "rank {rank}: {e}");
+            }
+            let e = format!("{:#}", out[0].as_ref().err().unwrap());
+            assert!(e.contains("generation 4 (this rank is in 3)"), "{e}");
+        });
+    }
+
+    /// A fake predecessor that sends `hello` to rank 0 of a two-rank ring
+    /// whose successor is a bare listener; returns rank 0's error.
+    fn refused_by_rank0(hello: [u8; HELLO_BYTES]) -> String {
+        let (mut ls, addrs) = listeners(2);
+        let l0 = ls.remove(0);
+        let _fake_successor = ls.remove(0); // the kernel completes rank 0's connect
+        let addr0 = addrs[0].clone();
+        let fake = thread::spawn(move || {
+            let mut s = TcpStream::connect(&addr0).unwrap();
+            s.write_all(&hello).unwrap();
+            let mut answer = [0u8; HELLO_BYTES];
+            let _ = s.read_exact(&mut answer);
+            answer
+        });
+        let e = RingCollective::<f32>::connect(0, 2, l0, &addrs, GENERATION, CONNECT).err().unwrap();
+        let answer = fake.join().unwrap();
+        // Rank 0 answered with its own identity before refusing.
+        let h = Hello::decode(&answer).unwrap();
+        assert_eq!((h.world_size, h.generation, h.from, h.to), (2, GENERATION, 0, 1));
+        format!("{e:#}")
+    }
+
+    #[test]
+    fn bad_magic_is_refused() {
+        within(30, || {
+            let mut junk = [b'x'; HELLO_BYTES];
+            junk[..16].copy_from_slice(b"GET / HTTP/1.1\r\n");
+            let e = refused_by_rank0(junk);
+            assert!(e.contains("not a Tessera ring peer"), "{e}");
+        });
+    }
+
+    #[test]
+    fn handshake_mismatch_names_every_difference() {
+        within(30, || {
+            let h = Hello { version: PROTOCOL_VERSION + 1, world_size: 3, generation: GENERATION, from: 2, to: 0 };
+            let e = refused_by_rank0(h.encode());
+            for part in [
+                "protocol version 2 (this rank speaks 1)",
+                "world size 3 (this rank has 2)",
+                "sender rank 2 (expected rank 1)",
+                "rank 0",
+            ] {
+                assert!(e.contains(part), "missing {part:?} in: {e}");
+            }
+            assert!(!e.contains("generation 7 ("), "{e}");
+        });
+    }
+
+    #[test]
+    fn unreachable_successor_times_out_naming_it() {
+        within(30, || {
+            let (mut ls, mut addrs) = listeners(2);
+            drop(ls.remove(1));
+            // Nobody listens there any more.
+            addrs[1] = {
+                let l = TcpListener::bind("127.0.0.1:0").unwrap();
+                l.local_addr().unwrap().to_string()
+            };
+            let start = Instant::now();
+            let e = RingCollective::<f32>::connect(0, 2, ls.remove(0), &addrs, 0, Duration::from_millis(300))
+                .err()
+                .unwrap();
+            let e = format!("{e:#}");
+            assert!(start.elapsed() < Duration::from_secs(5));
+            assert!(e.contains(&format!("rank 1 (successor, {})", addrs[1])), "{e}");
+        });
+    }
+
+    #[test]
+    fn missing_predecessor_times_out_naming_it() {
+        within(30, || {
+            let (mut ls, addrs) = listeners(2);
+            let l0 = ls.remove(0);
+            let _fake_successor = ls.remove(0);
+            let e = RingCollective::<f32>::connect(0, 2, l0, &addrs, 0, Duration::from_millis(300)).err().unwrap();
+            let e = format!("{e:#}");
+            assert!(e.contains("rank 1 (predecessor") && e.contains("did not connect"), "{e}");
+        });
+    }
+
+    #[test]
+    fn mismatched_calls_fail_on_every_rank() {
+        within(30, || {
+            // Different lengths.
+            let out = on_all(ring::<f32>(2), |c| c.all_reduce_sum(&mut vec![1.0; 10 + c.rank()]));
+            for (c, r) in &out {
+                let e = format!("{:#}", r.as_ref().unwrap_err());
+                assert!(e.contains("elements"), "rank {}: {e}", c.rank());
+            }
+            let e = format!("{:#}", out[1].1.as_ref().unwrap_err());
+            assert!(e.contains("over 10 f32 elements; this rank is in #0 over 11 f32 elements"), "{e}");
+            // The ring is broken for good afterwards.
+            let out = on_all(out.into_iter().map(|(c, _)| c).collect(), |c| c.all_reduce_sum(&mut vec![1.0; 4]));
+            for (_, r) in &out {
+                assert!(format!("{:#}", r.as_ref().unwrap_err()).contains("broken by an earlier error"));
+            }
+            // A skipped call: rank 0 sums counters first, rank 1 does not.
+            let out = on_all(ring::<f32>(3), |c| {
+                if c.rank() == 0 {
+                    c.all_reduce_sum_u64(&mut [1])?;
+                }
+                c.all_reduce_sum(&mut vec![1.0; 8])
+            });
+            for (c, r) in &out {
+                assert!(r.is_err(), "rank {} succeeded", c.rank());
+            }
+        });
+    }
+
+    /// Rank 2 stays out of the collective and is aborted from another
+    /// thread: ranks 0 and 1, blocked in the call, get errors.
+    #[test]
+    fn aborted_peer_makes_all_reduce_fail() {
+        within(30, || {
+            let mut rings = ring::<f32>(3);
+            let idle = rings.pop().unwrap();
+            let handle = idle.abort_handle();
+            let killer = thread::spawn(move || {
+                thread::sleep(Duration::from_millis(100));
+                handle.abort();
+            });
+            let out = on_all(rings, |c| c.all_reduce_sum(&mut vec![1.0; 1 << 20]));
+            killer.join().unwrap();
+            let e0 = format!("{:#}", out[0].1.as_ref().unwrap_err());
+            assert!(e0.contains("rank 2 (predecessor"), "{e0}");
+            assert!(out[1].1.is_err());
+            let mut idle = idle;
+            let e = format!("{:#}", idle.all_reduce_sum(&mut vec![1.0]).unwrap_err());
+            assert!(e.contains("aborted"), "{e}");
+        });
+    }
+
+    /// A peer that is gone (its process died and the kernel closed its
+    /// sockets) makes the others' collectives fail.
+    #[test]
+    fn dead_peer_makes_all_reduce_fail() {
+        within(30, || {
+            let mut rings = ring::<f64>(3);
+            drop(rings.remove(1));
+            let out = on_all(rings, |c| c.all_reduce_sum(&mut vec![1.0; 100_000]));
+            for (c, r) in &out {
+                let e = format!("{:#}", r.as_ref().unwrap_err());
+                assert!(e.contains(&format!("rank {} of 3", c.rank())), "{e}");
+            }
+            let e2 = format!("{:#}", out[1].1.as_ref().unwrap_err());
+            assert!(e2.contains("rank 1 (predecessor"), "{e2}");
+        });
+    }
+
+    /// The recovery path: this rank is blocked in a collective its peers
+    /// never join, and its own abort handle releases it.
+    #[test]
+    fn abort_releases_a_blocked_call() {
+        within(30, || {
+            let mut rings = ring::<f32>(2);
+            let _peer = rings.pop().unwrap();
+            let mut me = rings.pop().unwrap();
+            let handle = me.abort_handle();
+            let blocked = thread::spawn(move || {
+                let r = me.all_reduce_sum(&mut vec![1.0; 1 << 20]);
+                (me, r)
+            });
+            thread::sleep(Duration::from_millis(100));
+            handle.abort();
+            let (mut me, r) = blocked.join().unwrap();
+            let e = format!("{:#}", r.unwrap_err());
+            assert!(e.contains("aborted"), "{e}");
+            assert!(me.all_reduce_sum_u64(&mut [1]).is_err());
+        });
+    }
+
+    #[test]
+    fn io_timeout_fails_a_call_whose_peer_never_comes() {
+        within(30, || {
+            let mut rings = ring::<f32>(2);
+            let _peer = rings.pop().unwrap();
+            let mut me = rings.pop().unwrap();
+            me.set_io_timeout(Some(Duration::from_millis(200))).unwrap();
+            assert!(me.all_reduce_sum(&mut vec![1.0; 16]).is_err());
+        });
+    }
+}
