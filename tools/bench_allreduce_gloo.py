@@ -32,6 +32,11 @@ def rank_main(rank, args, port):
     import torch
     import torch.distributed as dist
 
+    # One intra-op thread: the all-reduce runs on gloo's own threads, and idle
+    # OpenMP workers left spinning by the buffer refill (a parallel copy_)
+    # would only take the cores from them. The Rust side refills with one
+    # thread too.
+    torch.set_num_threads(args.threads)
     dist.init_process_group(
         "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=args.world_size
     )
@@ -84,6 +89,7 @@ def main():
     p.add_argument("--sizes-bytes", default=",".join(str(m << 20) for m in (1, 25, 100)))
     p.add_argument("--iters", type=int, default=20)
     p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--threads", type=int, default=1, help="torch intra-op threads per rank")
     p.add_argument("--cpu-iters", default="", help="per size; default: --iters")
     args = p.parse_args()
     args.sizes_bytes = [int(s) for s in args.sizes_bytes.split(",")]

@@ -698,12 +698,12 @@ impl Plan {
 struct FirstError(Mutex<Option<anyhow::Error>>);
 
 impl FirstError {
-    fn record(&self, shared: &Links, e: anyhow::Error) {
+    fn record(&self, links: &Links, e: anyhow::Error) {
         if let Ok(mut slot) = self.0.lock() {
             slot.get_or_insert(e);
         }
-        let _ = shared.next.shutdown(Shutdown::Both);
-        let _ = shared.prev.shutdown(Shutdown::Both);
+        let _ = links.next.shutdown(Shutdown::Both);
+        let _ = links.prev.shutdown(Shutdown::Both);
     }
 }
 
