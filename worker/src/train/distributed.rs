@@ -10,7 +10,7 @@ use super::schedule::warmup_steps;
 use super::trainer::{synced_params, train_step_dp};
 use super::{OptimConfig, Optimizer};
 use crate::client::Client;
-use crate::collective::ring::RingCollective;
+use crate::collective::ring::{AbortHandle, RingCollective};
 use crate::data::loader::{Dataset, LoadedBatch, Prefetcher};
 use crate::engine::cpu::Cpu;
 use crate::eval::evaluate;
@@ -123,10 +123,20 @@ fn train(
     let step_now = Arc::new(AtomicU64::new(0));
     let stop = Arc::new(AtomicBool::new(false));
     let shutdown: Arc<Mutex<Option<String>>> = Arc::new(Mutex::new(None));
+    // Set once the ring is up: a shutdown then also releases a blocked all-reduce.
+    let abort: Arc<Mutex<Option<AbortHandle>>> = Arc::new(Mutex::new(None));
     let heartbeat = {
         let (client, step_now, stop, shutdown) = (client.clone(), step_now.clone(), stop.clone(), shutdown.clone());
+        let abort = abort.clone();
         let interval = Duration::from_secs_f64(spec.heartbeat_interval_s.max(0.05));
-        std::thread::spawn(move || heartbeat_loop(&client, rank, generation, interval, &step_now, &stop, &shutdown))
+        std::thread::spawn(move || {
+            heartbeat_loop(&client, rank, generation, interval, &step_now, &stop, &shutdown);
+            if !stop.load(Ordering::Relaxed) {
+                if let Some(a) = abort.lock().unwrap_or_else(|e| e.into_inner()).as_ref() {
+                    a.abort();
+                }
+            }
+        })
     };
     let _stop_heartbeat = StopOnDrop(stop.clone(), Some(heartbeat));
 
@@ -148,6 +158,7 @@ fn train(
         rdv.generation,
         Duration::from_secs(120),
     )?;
+    *abort.lock().unwrap_or_else(|e| e.into_inner()) = Some(ring.abort_handle());
     let comm = CommThread::new(ring);
     let sizes = BucketSizes::from_mb(job.cluster.first_bucket_mb, job.cluster.bucket_mb);
     let synced = synced_params(&vlm, &opt);
@@ -189,7 +200,13 @@ fn train(
             }
         }
         let samples: usize = micro.iter().map(|b| b.batch).sum();
-        let r = train_step_dp(&be, &mut vlm, &mut opt, &micro, &comm, sizes, &synced)?;
+        let r = train_step_dp(&be, &mut vlm, &mut opt, &micro, &comm, sizes, &synced).map_err(|e| {
+            // An all-reduce released by a shutdown fails; the shutdown is the news.
+            match shutdown.lock().unwrap_or_else(|e| e.into_inner()).clone() {
+                Some(why) => anyhow!("stopping at step {step}: {why}"),
+                None => e,
+            }
+        })?;
         let step_s = last_step_at.elapsed().max(tick.elapsed());
         last_step_at = Instant::now();
         client.report(StepReport {
