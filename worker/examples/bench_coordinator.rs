@@ -81,6 +81,9 @@ struct Args {
     /// With --device cuda: rank 0 starts its Rendezvous this long after its Join.
     #[arg(long, default_value_t = 200)]
     rank0_delay_ms: u64,
+    /// Longest one call may take (the worker's client allows 60 s).
+    #[arg(long, default_value_t = 60.0)]
+    call_timeout_s: f64,
 }
 
 /// One row of the table.
@@ -159,17 +162,23 @@ fn main() -> Result<()> {
         if args.keep {
             eprintln!("   kept {}", dir.keep().display());
         }
-        let row = row?;
-        eprintln!(
-            "   rendezvous {:.3} s, {:.0} assignments/s, coordinator: {} {:.2} s after the last Leave",
-            row.rendezvous_s,
-            row.assignments as f64 / row.assign_s,
-            row.exit,
-            row.leave_exit_s
-        );
-        rows.push(row);
+        match &row {
+            Ok(row) => eprintln!(
+                "   rendezvous {:.3} s, {:.0} assignments/s, coordinator: {} {:.2} s after the last Leave",
+                row.rendezvous_s,
+                row.assignments as f64 / row.assign_s,
+                row.exit,
+                row.leave_exit_s
+            ),
+            Err(e) => eprintln!("   FAILED: {e:#}"),
+        }
+        rows.push((n, row));
     }
-    print_table(&rows, args.steps);
+    print_table(&rows, &args);
+    let failed = rows.iter().filter(|(_, r)| r.is_err()).count();
+    if failed > 0 {
+        bail!("{failed} of {} runs failed", rows.len());
+    }
     Ok(())
 }
 
@@ -299,7 +308,7 @@ async fn run_one(args: &Args, n: usize, coordinator: &Path, base: &str, data: &P
     let url = format!("http://127.0.0.1:{port}");
     let endpoint = Endpoint::from_shared(url.clone())
         .map_err(|e| anyhow!("bad URL {url}: {e}"))?
-        .timeout(Duration::from_secs(60))
+        .timeout(Duration::from_secs_f64(args.call_timeout_s))
         .connect_timeout(Duration::from_secs(10))
         .tcp_nodelay(true);
 
@@ -574,14 +583,23 @@ async fn run_one(args: &Args, n: usize, coordinator: &Path, base: &str, data: &P
     })
 }
 
-fn print_table(rows: &[Row], steps: u64) {
+fn print_table(rows: &[(usize, Result<Row>)], args: &Args) {
+    let steps = args.steps;
     let opt = |v: Option<f64>, digits: usize| v.map_or("?".to_string(), |v| format!("{v:.digits$}"));
     println!();
     println!(
         "| workers | device | connect (s) | all joined (s) | rendezvous (s) | < 2 s | Rendezvous calls | coordinator CPU (s) | assignments | time (s) | assignments/s | latency p50 / p99 (ms) | coordinator CPU (s) | assignments/s, plans cached | reports/s | coordinator peak RSS (MiB) | coordinator |"
     );
     println!("|---:|---|---:|---:|---:|:---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|");
-    for r in rows {
+    for (n, r) in rows {
+        let r = match r {
+            Ok(r) => r,
+            Err(e) => {
+                let why = format!("{e:#}").replace('|', "/").replace('\n', " ");
+                println!("| {n} | {} | failed: {why} |", args.device);
+                continue;
+            }
+        };
         let total = (r.workers as u64 * steps) as f64;
         println!(
             "| {} | {} | {:.3} | {:.3} | **{:.3}** | {} | {} | {} | {} | {:.2} | **{:.0}** | {:.1} / {:.1} | {} | {:.0} | {:.0} | {} | {} |",
@@ -608,6 +626,8 @@ fn print_table(rows: &[Row], steps: u64) {
     println!();
     println!(
         "rendezvous: first Join sent to last ready Rendezvous reply; the first coordinator CPU column covers it, the \
-         second the first assignment pass (planning). Connections are opened before the clock starts."
+         second the first assignment pass (planning). Connections are opened before the clock starts. \
+         Call timeout {} s.",
+        args.call_timeout_s
     );
 }
