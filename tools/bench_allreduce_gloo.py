@@ -86,7 +86,7 @@ def rank_main(rank, args, port):
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--world-size", type=int, default=2)
-    p.add_argument("--sizes-bytes", default=",".join(str(m << 20) for m in (1, 25, 100)))
+    p.add_argument("--sizes-bytes", default=",".join(str(m << 20) for m in (1, 16, 128)))
     p.add_argument("--iters", type=int, default=20)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads per rank")

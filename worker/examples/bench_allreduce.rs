@@ -1,12 +1,12 @@
-//! All-reduce benchmark: Tessera's TCP ring against PyTorch's gloo backend,
+//! All-reduce benchmark: Tessera's ring against PyTorch's gloo backend,
 //! side by side in one run, on 127.0.0.1.
 //!
 //! The parent process starts `--world-size` copies of itself (`--rank R`),
 //! one process per rank as gloo has, hands them each other's listener
 //! addresses, and collects their timings. Then it runs
 //! `tools/bench_allreduce_gloo.py` with the same sizes, iteration counts,
-//! values and timing method, and prints one table with the ratio
-//! gloo time / ours (> 1: ours is faster).
+//! values and timing method, and prints one table with both bus bandwidths
+//! and their ratio ours / gloo (> 1: ours is faster).
 //!
 //! Timing, identical on both sides: per iteration, refill the f32 buffer from
 //! a template, barrier, time one in-place sum all-reduce. An iteration's time
@@ -20,7 +20,7 @@
 //!
 //! ```text
 //! cargo run --release -p tessera-worker --example bench_allreduce -- \
-//!     [--sizes-mib 1,25,100] [--iters 20] [--warmup 3] [--world-size 2] [--no-gloo]
+//!     [--sizes-mib 1,16,128] [--iters 20] [--warmup 3] [--world-size 2] [--no-gloo]
 //! ```
 //! or `tools/bench_allreduce.sh`, which also prints the machine.
 
@@ -37,7 +37,7 @@ use tessera_worker::collective::Collective;
 #[derive(Parser, Clone)]
 struct Args {
     /// Buffer sizes in MiB of f32.
-    #[arg(long, value_delimiter = ',', default_value = "1,25,100")]
+    #[arg(long, value_delimiter = ',', default_value = "1,16,128")]
     sizes_mib: Vec<f64>,
     /// Timed iterations per size.
     #[arg(long, default_value_t = 20)]
@@ -306,9 +306,10 @@ fn main() -> Result<()> {
 
     println!();
     println!(
-        "| size MiB | impl | median ms (min-max) | algbw GB/s | busbw GB/s | CPU ms/op, all ranks | gloo/ours time | gloo/ours CPU |"
+        "| size MiB | impl | median ms (min-max) | algbw GB/s | busbw GB/s | CPU ms/op, all ranks | busbw ours/gloo | CPU gloo/ours |"
     );
     println!("|---:|---|---:|---:|---:|---:|---:|---:|");
+    let busbw = |t: &Timing| t.size_bytes as f64 / t.median() / 1e9 * bus;
     let mut summary = Vec::new();
     for o in &ours {
         let mib = o.size_bytes as f64 / 1048576.0;
@@ -325,13 +326,13 @@ fn main() -> Result<()> {
         };
         println!("{}", line("tessera ring", o, " | |"));
         if let Some(g) = gloo.iter().find(|g| g.size_bytes == o.size_bytes) {
-            let (time, cpu) = (g.median() / o.median(), g.cpu_ms_per_op() / o.cpu_ms_per_op());
-            println!("{}", line("torch gloo", g, &format!(" **{time:.2}** | {cpu:.2} |")));
-            summary.push(format!("{mib:.0} MiB: {time:.2}"));
+            let (ratio, cpu) = (busbw(o) / busbw(g), g.cpu_ms_per_op() / o.cpu_ms_per_op());
+            println!("{}", line("torch gloo", g, &format!(" **{ratio:.2}** | {cpu:.2} |")));
+            summary.push(format!("{mib:.0} MiB: {:.2} vs {:.2} GB/s = {ratio:.2}x", busbw(o), busbw(g)));
         }
     }
     if !summary.is_empty() {
-        println!("ratio gloo/ours of median time (> 1: ours faster): {}", summary.join(", "));
+        println!("bus bandwidth, ours vs gloo (median; > 1x: ours faster): {}", summary.join("; "));
     }
     Ok(())
 }

@@ -1,5 +1,15 @@
 //! The CPU collective: a ring all-reduce over TCP.
 //!
+//! Ranks find each other and check each other's identity over TCP. On Linux,
+//! two neighbours in the same network namespace (in practice: on the same
+//! host) then move their link to a Unix domain socket, offered by the
+//! accepting rank under a random abstract name and claimed with a random
+//! token sent over the checked TCP connection (see
+//! [`RingCollective::connect`]). A Unix socket moves the same bytes with the
+//! same two copies but skips the TCP/IP stack, which on loopback costs about
+//! as much as the copies. Peers on other hosts, or an upgrade that fails,
+//! keep the TCP connection.
+//!
 //! Every rank holds two connections: one it opened to its successor
 //! (`rank + 1`), on which it only writes, and one it accepted from its
 //! predecessor (`rank - 1`), on which it only reads. An all-reduce is a
@@ -34,6 +44,8 @@ use anyhow::{anyhow, bail, Context, Result};
 use std::io::{ErrorKind, Read, Write};
 use std::marker::PhantomData;
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
+#[cfg(target_os = "linux")]
+use std::os::unix::net::{UnixListener, UnixStream};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -43,6 +55,12 @@ use std::time::{Duration, Instant};
 const MAGIC: [u8; 8] = *b"TESSRING";
 /// Bumped whenever the bytes on the wire change meaning.
 const PROTOCOL_VERSION: u32 = 1;
+/// Feature bit in [`Hello::features`]: the sender can move the link to a
+/// Unix socket after the handshake. A peer without it (another OS, an older
+/// build: the field was reserved and zero) keeps TCP.
+const FEATURE_UNIX: u32 = 1;
+/// The features this build offers.
+const LOCAL_FEATURES: u32 = if cfg!(target_os = "linux") { FEATURE_UNIX } else { 0 };
 /// Default segment size. Large enough that per-segment overhead (a channel
 /// hop, a syscall) is small against the copy, small enough that the pipeline
 /// fills quickly and both scratch buffers stay in L2/L3.
@@ -58,6 +76,8 @@ struct Hello {
     from: u64,
     /// The rank the sender believes it is talking to.
     to: u64,
+    /// Optional abilities ([`FEATURE_UNIX`]); not checked, only intersected.
+    features: u32,
 }
 
 const HELLO_BYTES: usize = 48;
@@ -67,7 +87,7 @@ impl Hello {
         let mut b = [0u8; HELLO_BYTES];
         b[0..8].copy_from_slice(&MAGIC);
         b[8..12].copy_from_slice(&self.version.to_le_bytes());
-        // 12..16 reserved (zero).
+        b[12..16].copy_from_slice(&self.features.to_le_bytes());
         b[16..24].copy_from_slice(&self.world_size.to_le_bytes());
         b[24..32].copy_from_slice(&self.generation.to_le_bytes());
         b[32..40].copy_from_slice(&self.from.to_le_bytes());
@@ -84,10 +104,14 @@ impl Hello {
             w.copy_from_slice(&b[i..i + 8]);
             u64::from_le_bytes(w)
         };
-        let mut v = [0u8; 4];
-        v.copy_from_slice(&b[8..12]);
+        let u32_at = |i: usize| {
+            let mut w = [0u8; 4];
+            w.copy_from_slice(&b[i..i + 4]);
+            u32::from_le_bytes(w)
+        };
         Ok(Hello {
-            version: u32::from_le_bytes(v),
+            version: u32_at(8),
+            features: u32_at(12),
             world_size: u64_at(16),
             generation: u64_at(24),
             from: u64_at(32),
@@ -298,12 +322,99 @@ impl Wire for u64 {
     }
 }
 
+/// One link of the ring: the TCP connection of the handshake, or the Unix
+/// socket it was moved to.
+enum Stream {
+    Tcp(TcpStream),
+    #[cfg(target_os = "linux")]
+    Unix(UnixStream),
+}
+
+impl Stream {
+    fn shutdown(&self) -> std::io::Result<()> {
+        match self {
+            Stream::Tcp(s) => s.shutdown(Shutdown::Both),
+            #[cfg(target_os = "linux")]
+            Stream::Unix(s) => s.shutdown(Shutdown::Both),
+        }
+    }
+
+    fn set_read_timeout(&self, t: Option<Duration>) -> std::io::Result<()> {
+        match self {
+            Stream::Tcp(s) => s.set_read_timeout(t),
+            #[cfg(target_os = "linux")]
+            Stream::Unix(s) => s.set_read_timeout(t),
+        }
+    }
+
+    fn set_write_timeout(&self, t: Option<Duration>) -> std::io::Result<()> {
+        match self {
+            Stream::Tcp(s) => s.set_write_timeout(t),
+            #[cfg(target_os = "linux")]
+            Stream::Unix(s) => s.set_write_timeout(t),
+        }
+    }
+
+    /// True if the peer has already closed this link (a read would return
+    /// end of file or an error at once). Only for error messages of a call
+    /// that is failing anyway: it may consume a byte.
+    fn closed_now(&self) -> bool {
+        let nonblocking = |on: bool| match self {
+            Stream::Tcp(s) => s.set_nonblocking(on),
+            #[cfg(target_os = "linux")]
+            Stream::Unix(s) => s.set_nonblocking(on),
+        };
+        if nonblocking(true).is_err() {
+            return false;
+        }
+        let closed = match (&*self).read(&mut [0u8]) {
+            Ok(0) => true,
+            Ok(_) => false,
+            Err(e) => e.kind() != ErrorKind::WouldBlock,
+        };
+        let _ = nonblocking(false);
+        closed
+    }
+
+    fn kind(&self) -> &'static str {
+        match self {
+            Stream::Tcp(_) => "tcp",
+            #[cfg(target_os = "linux")]
+            Stream::Unix(_) => "unix",
+        }
+    }
+}
+
+impl Read for &Stream {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        match self {
+            Stream::Tcp(s) => (&*s).read(buf),
+            #[cfg(target_os = "linux")]
+            Stream::Unix(s) => (&*s).read(buf),
+        }
+    }
+}
+
+impl Write for &Stream {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        match self {
+            Stream::Tcp(s) => (&*s).write(buf),
+            #[cfg(target_os = "linux")]
+            Stream::Unix(s) => (&*s).write(buf),
+        }
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
 /// The two sockets of a rank with more than one rank in its job.
 struct Links {
     /// Opened by this rank; carries data to the successor.
-    next: TcpStream,
+    next: Stream,
     /// Accepted by this rank; carries data from the predecessor.
-    prev: TcpStream,
+    prev: Stream,
     /// "rank R (successor, host:port)", for error messages.
     next_name: String,
     prev_name: String,
@@ -321,8 +432,8 @@ impl Shared {
     /// returns with an error.
     fn shutdown(&self) {
         if let Some(l) = &self.links {
-            let _ = l.next.shutdown(Shutdown::Both);
-            let _ = l.prev.shutdown(Shutdown::Both);
+            let _ = l.next.shutdown();
+            let _ = l.prev.shutdown();
         }
     }
 }
@@ -438,6 +549,129 @@ fn read_hello(mut s: &TcpStream, deadline: Instant) -> std::io::Result<[u8; HELL
     Ok(b)
 }
 
+/// Step 4 of the handshake: moving same-host links to Unix sockets.
+mod upgrade {
+    use super::*;
+
+    /// What the accepting end sends over the checked TCP connection: a tag,
+    /// then (for [`OFFER_UNIX`]) the random abstract socket name and the
+    /// random token that the connecting end must present on it.
+    const OFFER_BYTES: usize = 33;
+    const OFFER_UNIX: u8 = b'U';
+    const OFFER_NONE: u8 = b'-';
+    /// The connecting end's answer: it connected and sent the token, or not.
+    const CLAIMED: u8 = b'Y';
+    const DECLINED: u8 = b'N';
+
+    #[cfg(not(target_os = "linux"))]
+    pub(super) fn to_unix(
+        next: TcpStream,
+        prev: TcpStream,
+        _next_can: bool,
+        _prev_can: bool,
+        _deadline: Instant,
+        _names: (&str, &str),
+    ) -> Result<(Stream, Stream)> {
+        Ok((Stream::Tcp(next), Stream::Tcp(prev)))
+    }
+
+    /// `next_can`/`prev_can`: both ends of that link announced
+    /// [`FEATURE_UNIX`]. Like steps 1-3, no step waits for a peer to do more
+    /// than run the same sequence:
+    /// a. offer the predecessor a Unix socket (bind a listener under a random
+    ///    abstract name, send name and token);
+    /// b. read the successor's offer; connect to the name and send the token
+    ///    (the connection waits in the listener's backlog, so this needs no
+    ///    accept yet); tell the successor whether that worked;
+    /// c. read the predecessor's answer; if it connected, accept and check
+    ///    the token.
+    ///
+    /// The abstract name exists only in this network namespace, so the
+    /// connect fails for a peer on another host, which then keeps TCP.
+    #[cfg(target_os = "linux")]
+    pub(super) fn to_unix(
+        next: TcpStream,
+        prev: TcpStream,
+        next_can: bool,
+        prev_can: bool,
+        deadline: Instant,
+        (next_name, prev_name): (&str, &str),
+    ) -> Result<(Stream, Stream)> {
+        use std::os::linux::net::SocketAddrExt;
+        use std::os::unix::net::SocketAddr as UnixAddr;
+        let name = |id: &[u8]| {
+            let hex: String = id.iter().map(|b| format!("{b:02x}")).collect();
+            UnixAddr::from_abstract_name(format!("tessera-ring-{hex}"))
+        };
+
+        // a.
+        let mut offered = None;
+        if prev_can {
+            let mut offer = [0u8; OFFER_BYTES];
+            offer[0] = OFFER_NONE;
+            let (id, token): ([u8; 16], [u8; 16]) = (rand::random(), rand::random());
+            // A failed bind (no abstract sockets here) only means no offer.
+            if let Ok(listener) = name(&id).and_then(|a| UnixListener::bind_addr(&a)) {
+                offer[0] = OFFER_UNIX;
+                offer[1..17].copy_from_slice(&id);
+                offer[17..33].copy_from_slice(&token);
+                offered = Some((listener, token));
+            }
+            (&prev).write_all(&offer).with_context(|| format!("sending the link offer to {prev_name} failed"))?;
+        }
+
+        // b.
+        let mut next_unix = None;
+        if next_can {
+            let mut offer = [0u8; OFFER_BYTES];
+            next.set_read_timeout(Some(read_timeout(deadline)))?;
+            (&next).read_exact(&mut offer).with_context(|| format!("reading the link offer of {next_name} failed"))?;
+            next_unix = match offer[0] {
+                OFFER_UNIX => name(&offer[1..17])
+                    .and_then(|a| UnixStream::connect_addr(&a))
+                    .and_then(|s| (&s).write_all(&offer[17..33]).map(|()| s))
+                    .map_err(|e| tracing::debug!(peer = %next_name, error = %e, "keeping TCP: no Unix socket"))
+                    .ok(),
+                OFFER_NONE => None,
+                tag => bail!("{next_name} sent a bad link offer (tag {tag:#04x})"),
+            };
+            let answer = if next_unix.is_some() { CLAIMED } else { DECLINED };
+            (&next).write_all(&[answer]).with_context(|| format!("answering the link offer of {next_name} failed"))?;
+        }
+
+        // c.
+        let mut prev_unix = None;
+        if let Some((listener, token)) = offered {
+            let mut answer = [0u8];
+            prev.set_read_timeout(Some(read_timeout(deadline)))?;
+            (&prev)
+                .read_exact(&mut answer)
+                .with_context(|| format!("reading {prev_name}'s answer to the link offer failed"))?;
+            match answer[0] {
+                CLAIMED => {
+                    // Already in the backlog, so a blocking accept returns at once.
+                    let (s, _) = listener
+                        .accept()
+                        .with_context(|| format!("accepting the Unix socket of {prev_name} failed"))?;
+                    s.set_read_timeout(Some(read_timeout(deadline)))?;
+                    let mut got = [0u8; 16];
+                    (&s).read_exact(&mut got)
+                        .with_context(|| format!("reading the token of {prev_name}'s Unix socket failed"))?;
+                    if got != token {
+                        bail!("the Unix socket offered to {prev_name} was claimed with a wrong token");
+                    }
+                    prev_unix = Some(s);
+                }
+                DECLINED => {}
+                tag => bail!("{prev_name} answered the link offer wrongly (tag {tag:#04x})"),
+            }
+        }
+        let next = next_unix.map_or(Stream::Tcp(next), Stream::Unix);
+        let prev = prev_unix.map_or(Stream::Tcp(prev), Stream::Unix);
+        Ok((next, prev))
+    }
+}
+
 impl<T: Real> RingCollective<T> {
     /// Joins the ring of `world_size` ranks as `rank`.
     ///
@@ -507,6 +741,7 @@ impl<T: Real> RingCollective<T> {
             generation,
             from: rank as u64,
             to: to as u64,
+            features: LOCAL_FEATURES,
         };
         let next_name = format!("rank {next_rank} (successor, {})", peers[next_rank]);
 
@@ -526,8 +761,10 @@ impl<T: Real> RingCollective<T> {
             .with_context(|| format!("reading the handshake of the connection from {prev_addr} failed"))?;
         // Answer before checking, so the peer can name the mismatch too.
         let answer = (&prev).write_all(&me(prev_rank).encode());
-        Hello::decode(&got)
-            .and_then(|h| h.check(&Hello { from: prev_rank as u64, to: rank as u64, ..me(prev_rank) }))
+        let prev_features = Hello::decode(&got)
+            .and_then(|h| {
+                h.check(&Hello { from: prev_rank as u64, to: rank as u64, ..me(prev_rank) }).map(|()| h.features)
+            })
             .with_context(|| {
                 format!("rank {rank}: the connection from {prev_addr} (expected: {prev_advertised}) was refused")
             })?;
@@ -537,9 +774,21 @@ impl<T: Real> RingCollective<T> {
         let got = read_hello(&next, deadline).with_context(|| {
             format!("reading the handshake answer of {next_name} failed (did it refuse this rank? see its log)")
         })?;
-        Hello::decode(&got)
-            .and_then(|h| h.check(&Hello { from: next_rank as u64, to: rank as u64, ..me(next_rank) }))
+        let next_features = Hello::decode(&got)
+            .and_then(|h| {
+                h.check(&Hello { from: next_rank as u64, to: rank as u64, ..me(next_rank) }).map(|()| h.features)
+            })
             .with_context(|| format!("rank {rank}: {next_name} answered the handshake wrongly"))?;
+
+        // 4. Same-host links move to Unix sockets where both ends can.
+        let (next, prev) = upgrade::to_unix(
+            next,
+            prev,
+            LOCAL_FEATURES & next_features & FEATURE_UNIX != 0,
+            LOCAL_FEATURES & prev_features & FEATURE_UNIX != 0,
+            deadline,
+            (&next_name, &prev_name),
+        )?;
 
         // Collectives block for as long as the slowest rank takes; failure
         // detection is the coordinator's heartbeat plus `abort`, or an
@@ -547,7 +796,16 @@ impl<T: Real> RingCollective<T> {
         for (s, name) in [(&next, &next_name), (&prev, &prev_name)] {
             s.set_read_timeout(None).with_context(|| format!("clearing the read timeout towards {name} failed"))?;
         }
-        tracing::debug!(rank, world_size = n, generation, successor = %next_name, predecessor = %prev_name, "ring connected");
+        tracing::debug!(
+            rank,
+            world_size = n,
+            generation,
+            successor = %next_name,
+            successor_link = next.kind(),
+            predecessor = %prev_name,
+            predecessor_link = prev.kind(),
+            "ring connected"
+        );
         Ok(Links { next, prev, next_name, prev_name })
     }
 
@@ -702,8 +960,8 @@ impl FirstError {
         if let Ok(mut slot) = self.0.lock() {
             slot.get_or_insert(e);
         }
-        let _ = links.next.shutdown(Shutdown::Both);
-        let _ = links.prev.shutdown(Shutdown::Both);
+        let _ = links.next.shutdown();
+        let _ = links.prev.shutdown();
     }
 }
 
@@ -739,9 +997,16 @@ fn run_ring<E: Wire>(
     // buffer that the last call left empty, so it cannot block, and it is on
     // its way before this rank can fail on the predecessor's header. Both
     // ends of a mismatch then name it.
-    (&links.next)
-        .write_all(&header.encode())
-        .with_context(|| format!("sending the call header to {} failed", links.next_name))?;
+    if let Err(e) = (&links.next).write_all(&header.encode()) {
+        let e = anyhow::Error::new(e).context(format!("sending the call header to {} failed", links.next_name));
+        // A Unix socket reports a closed successor at once (TCP only on a
+        // later write), and the successor has often closed only because it
+        // saw a dead rank first, maybe our predecessor: then name that too.
+        if links.prev.closed_now() {
+            return Err(e.context(format!("{} has closed its connection too", links.prev_name)));
+        }
+        return Err(e);
+    }
 
     std::thread::scope(|scope| {
         let (job_tx, job_rx) = crossbeam_channel::unbounded::<(usize, &mut [E])>();
@@ -1141,6 +1406,19 @@ mod tests {
         });
     }
 
+    /// On Linux, ranks on one host talk over Unix sockets after the TCP
+    /// handshake; elsewhere they keep TCP.
+    #[test]
+    fn same_host_links_move_to_unix_sockets() {
+        within(30, || {
+            let want = if cfg!(target_os = "linux") { "unix" } else { "tcp" };
+            for c in ring::<f32>(3) {
+                let l = c.shared.links.as_ref().unwrap();
+                assert_eq!((l.next.kind(), l.prev.kind()), (want, want), "rank {}", c.rank);
+            }
+        });
+    }
+
     #[test]
     fn world_size_one_needs_no_sockets() {
         within(10, || {
@@ -1214,7 +1492,14 @@ mod tests {
     #[test]
     fn handshake_mismatch_names_every_difference() {
         within(30, || {
-            let h = Hello { version: PROTOCOL_VERSION + 1, world_size: 3, generation: GENERATION, from: 2, to: 0 };
+            let h = Hello {
+                version: PROTOCOL_VERSION + 1,
+                world_size: 3,
+                generation: GENERATION,
+                from: 2,
+                to: 0,
+                features: LOCAL_FEATURES,
+            };
             let e = refused_by_rank0(h.encode());
             for part in [
                 "protocol version 2 (this rank speaks 1)",
