@@ -4,11 +4,10 @@
 //! two neighbours in the same network namespace (in practice: on the same
 //! host) then move their link to a Unix domain socket, offered by the
 //! accepting rank under a random abstract name and claimed with a random
-//! token sent over the checked TCP connection (see
-//! [`RingCollective::connect`]). A Unix socket moves the same bytes with the
-//! same two copies but skips the TCP/IP stack, which on loopback costs about
-//! as much as the copies. Peers on other hosts, or an upgrade that fails,
-//! keep the TCP connection.
+//! token sent over the checked TCP connection (step 4 of the handshake). A
+//! Unix socket moves the same bytes with the same two copies but skips the
+//! TCP/IP stack, a large part of loopback TCP's cost (docs/BENCHMARKS.md).
+//! Peers on other hosts, or an upgrade that fails, keep the TCP connection.
 //!
 //! Every rank holds two connections: one it opened to its successor
 //! (`rank + 1`), on which it only writes, and one it accepted from its
@@ -680,8 +679,9 @@ impl<T: Real> RingCollective<T> {
     /// This rank connects to rank+1 (retrying until `timeout`, since peers
     /// start at different times) and accepts one connection from rank-1;
     /// both ends check magic bytes, protocol version, world size, generation
-    /// and ranks. A world size of 1 opens no sockets (the listener is
-    /// dropped).
+    /// and ranks. Then each link whose two ends can moves to a Unix socket
+    /// when they share a network namespace (see the module docs). A world
+    /// size of 1 opens no sockets (the listener is dropped).
     pub fn connect(
         rank: usize,
         world_size: usize,
@@ -724,7 +724,8 @@ impl<T: Real> RingCollective<T> {
     /// 1. connect to the successor and send our hello (it fits the socket
     ///    buffer, so it does not wait for the successor to accept);
     /// 2. accept the predecessor, read its hello, answer with ours, check;
-    /// 3. read the successor's answer and check it.
+    /// 3. read the successor's answer and check it;
+    /// 4. move same-host links to Unix sockets (`upgrade::to_unix`).
     fn handshake(
         rank: usize,
         n: usize,
@@ -952,13 +953,24 @@ impl Plan {
 }
 
 /// Keeps the first error of the two threads of a call: once one fails it
-/// shuts the sockets down, so the other's error is only an echo.
+/// shuts the sockets down, so the other's error is only an echo. One
+/// exception: a finding of this rank's own (a mismatched call header, an
+/// overflow) replaces an I/O error. A Unix socket fails a write to a peer
+/// that has just shut down at once, so the sender's broken pipe can come
+/// first although the reader is about to name the mismatch that caused it.
 struct FirstError(Mutex<Option<anyhow::Error>>);
 
 impl FirstError {
     fn record(&self, links: &Links, e: anyhow::Error) {
         if let Ok(mut slot) = self.0.lock() {
-            slot.get_or_insert(e);
+            let io = |e: &anyhow::Error| e.root_cause().is::<std::io::Error>();
+            let replace = match &*slot {
+                None => true,
+                Some(old) => io(old) && !io(&e),
+            };
+            if replace {
+                *slot = Some(e);
+            }
         }
         let _ = links.next.shutdown();
         let _ = links.prev.shutdown();
