@@ -95,6 +95,12 @@ struct Row {
     rendezvous_s: f64,
     polls: u64,
     rendezvous_cpu_s: Option<f64>,
+    /// The phases after the rendezvous, or why they failed.
+    rest: Result<Rest, String>,
+}
+
+/// Assignments, reports and the coordinator's exit.
+struct Rest {
     assignments: u64,
     assign_s: f64,
     latency_p50_ms: f64,
@@ -163,19 +169,21 @@ fn main() -> Result<()> {
             eprintln!("   kept {}", dir.keep().display());
         }
         match &row {
-            Ok(row) => eprintln!(
-                "   rendezvous {:.3} s, {:.0} assignments/s, coordinator: {} {:.2} s after the last Leave",
-                row.rendezvous_s,
-                row.assignments as f64 / row.assign_s,
-                row.exit,
-                row.leave_exit_s
+            Ok(Row { rendezvous_s, rest: Ok(r), .. }) => eprintln!(
+                "   rendezvous {rendezvous_s:.3} s, {:.0} assignments/s, coordinator: {} {:.2} s after the last Leave",
+                r.assignments as f64 / r.assign_s,
+                r.exit,
+                r.leave_exit_s
             ),
+            Ok(Row { rendezvous_s, rest: Err(e), .. }) => {
+                eprintln!("   rendezvous {rendezvous_s:.3} s, then FAILED: {e}")
+            }
             Err(e) => eprintln!("   FAILED: {e:#}"),
         }
         rows.push((n, row));
     }
     print_table(&rows, &args);
-    let failed = rows.iter().filter(|(_, r)| r.is_err()).count();
+    let failed = rows.iter().filter(|(_, r)| !matches!(r, Ok(Row { rest: Ok(_), .. }))).count();
     if failed > 0 {
         bail!("{failed} of {} runs failed", rows.len());
     }
@@ -418,7 +426,32 @@ async fn run_one(args: &Args, n: usize, coordinator: &Path, base: &str, data: &P
     let all_joined_s = last_joined.map_or(0.0, |l| (l - first_join).as_secs_f64());
     let rendezvous_s = last_ready.map_or(0.0, |l| (l - first_join).as_secs_f64());
     let cpu1 = cpu_s(pid);
+    let rest = later_phases(&clients, n, steps, generation, pid, &mut reaper, &log, cpu1).await;
+    Ok(Row {
+        workers: n,
+        device: args.device.clone(),
+        connect_s,
+        all_joined_s,
+        rendezvous_s,
+        polls,
+        rendezvous_cpu_s: delta(cpu0, cpu1),
+        rest: rest.map_err(|e| format!("{e:#}")),
+    })
+}
 
+/// Phases 2 and 3: assignments (planned, then cached), reports, Leave, and
+/// the coordinator's exit.
+#[allow(clippy::too_many_arguments)]
+async fn later_phases(
+    clients: &[CoordinatorClient<Channel>],
+    n: usize,
+    steps: u64,
+    generation: u64,
+    pid: u32,
+    reaper: &mut Reaper,
+    log: &Path,
+    cpu1: Option<f64>,
+) -> Result<Rest> {
     // Phase 2: every worker fetches its assignment for each step.
     let per_step: Arc<Vec<AtomicU64>> = Arc::new((0..steps).map(|_| AtomicU64::new(0)).collect());
     let t = Instant::now();
@@ -545,7 +578,6 @@ async fn run_one(args: &Args, n: usize, coordinator: &Path, base: &str, data: &P
     for h in handles {
         h.await.context("leave task")??;
     }
-    drop(clients);
     let mut child = reaper.0.take().context("the coordinator is gone")?;
     let status = loop {
         if let Some(s) = child.try_wait().context("cannot poll the coordinator")? {
@@ -554,22 +586,15 @@ async fn run_one(args: &Args, n: usize, coordinator: &Path, base: &str, data: &P
         if t.elapsed() > Duration::from_secs(60) {
             let _ = child.kill();
             let _ = child.wait();
-            bail!("the coordinator did not exit within 60 s of the last Leave:\n{}", log_tail(&log));
+            bail!("the coordinator did not exit within 60 s of the last Leave:\n{}", log_tail(log));
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
     };
     let leave_exit_s = t.elapsed().as_secs_f64();
     if !status.success() {
-        bail!("the coordinator exited with {status}:\n{}", log_tail(&log));
+        bail!("the coordinator exited with {status}:\n{}", log_tail(log));
     }
-    Ok(Row {
-        workers: n,
-        device: args.device.clone(),
-        connect_s,
-        all_joined_s,
-        rendezvous_s,
-        polls,
-        rendezvous_cpu_s: delta(cpu0, cpu1),
+    Ok(Rest {
         assignments: n as u64 * steps,
         assign_s,
         latency_p50_ms: pct(0.5),
@@ -591,18 +616,18 @@ fn print_table(rows: &[(usize, Result<Row>)], args: &Args) {
         "| workers | device | connect (s) | all joined (s) | rendezvous (s) | < 2 s | Rendezvous calls | coordinator CPU (s) | assignments | time (s) | assignments/s | latency p50 / p99 (ms) | coordinator CPU (s) | assignments/s, plans cached | reports/s | coordinator peak RSS (MiB) | coordinator |"
     );
     println!("|---:|---|---:|---:|---:|:---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|");
+    let failed = |e: &str| format!("failed: {}", e.replace('|', "/").replace('\n', " "));
     for (n, r) in rows {
         let r = match r {
             Ok(r) => r,
             Err(e) => {
-                let why = format!("{e:#}").replace('|', "/").replace('\n', " ");
-                println!("| {n} | {} | failed: {why} |", args.device);
+                println!("| {n} | {} | {} |", args.device, failed(&format!("{e:#}")));
                 continue;
             }
         };
         let total = (r.workers as u64 * steps) as f64;
-        println!(
-            "| {} | {} | {:.3} | {:.3} | **{:.3}** | {} | {} | {} | {} | {:.2} | **{:.0}** | {:.1} / {:.1} | {} | {:.0} | {:.0} | {} | {} |",
+        let head = format!(
+            "| {} | {} | {:.3} | {:.3} | **{:.3}** | {} | {} | {} |",
             r.workers,
             r.device,
             r.connect_s,
@@ -611,17 +636,23 @@ fn print_table(rows: &[(usize, Result<Row>)], args: &Args) {
             if r.rendezvous_s < 2.0 { "yes" } else { "no" },
             r.polls,
             opt(r.rendezvous_cpu_s, 2),
-            r.assignments,
-            r.assign_s,
-            r.assignments as f64 / r.assign_s,
-            r.latency_p50_ms,
-            r.latency_p99_ms,
-            opt(r.assign_cpu_s, 1),
-            total / r.cached_assign_s,
-            total / r.reports_s,
-            opt(r.coordinator_peak_rss_mib, 0),
-            r.exit,
         );
+        match &r.rest {
+            Ok(x) => println!(
+                "{head} {} | {:.2} | **{:.0}** | {:.1} / {:.1} | {} | {:.0} | {:.0} | {} | {} |",
+                x.assignments,
+                x.assign_s,
+                x.assignments as f64 / x.assign_s,
+                x.latency_p50_ms,
+                x.latency_p99_ms,
+                opt(x.assign_cpu_s, 1),
+                total / x.cached_assign_s,
+                total / x.reports_s,
+                opt(x.coordinator_peak_rss_mib, 0),
+                x.exit,
+            ),
+            Err(e) => println!("{head} {} |", failed(e)),
+        }
     }
     println!();
     println!(
