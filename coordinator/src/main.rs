@@ -37,14 +37,7 @@ struct Cli {
 }
 
 fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+    tessera_worker::logging::init();
     let cli = Cli::parse();
     let out = cli.out.clone().unwrap_or_else(|| {
         PathBuf::from("runs").join(cli.config.file_stem().map(|s| s.to_owned()).unwrap_or_else(|| "job".into()))

@@ -8,5 +8,6 @@ pub mod debug_step;
 pub mod engine;
 pub mod eval;
 pub mod launch;
+pub mod logging;
 pub mod model;
 pub mod train;

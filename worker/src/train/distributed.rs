@@ -5,10 +5,8 @@
 
 use super::grad_sync::{BucketSizes, CommThread};
 use super::job::TrainJob;
-use super::run::model_config;
-use super::schedule::warmup_steps;
+use super::run::{build_model, model_config};
 use super::trainer::{synced_params, train_step_dp};
-use super::{OptimConfig, Optimizer};
 use crate::client::Client;
 use crate::collective::ring::{AbortHandle, RingCollective};
 use crate::data::loader::{Dataset, LoadedBatch, Prefetcher};
@@ -16,7 +14,6 @@ use crate::engine::cpu::Cpu;
 use crate::eval::evaluate;
 use crate::launch::Launch;
 use crate::model::weights::{save_model_dir, SaveDtype};
-use crate::model::{ParamStore, Vlm};
 use anyhow::{anyhow, bail, Context, Result};
 use std::net::TcpListener;
 use std::path::PathBuf;
@@ -107,15 +104,7 @@ fn train(
     let cfg = model_config(&job)?;
     let be = Cpu::<f32>::new();
     let t = &job.train;
-    // The same seed on every rank gives every rank the same initial weights.
-    let params = match &job.model.dir {
-        Some(dir) => ParamStore::from_dir(&be, &cfg, dir)?,
-        None => ParamStore::init(&be, &cfg, t.seed),
-    };
-    let mut vlm = Vlm::new(&cfg, params, job.model.recompute_vit);
-    let oc =
-        OptimConfig { warmup_steps: warmup_steps(t.warmup_ratio, t.steps), total_steps: t.steps, ..job.optim.clone() };
-    let mut opt = Optimizer::new(&be, oc, &vlm.params);
+    let (mut vlm, mut opt) = build_model(&be, &job, &cfg)?;
     let data_cfg = job.data.clone().context("the job has no [data] section")?;
     let dataset = Arc::new(Dataset::open(&data_cfg, &cfg)?);
 

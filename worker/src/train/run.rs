@@ -6,6 +6,7 @@ use super::schedule::warmup_steps;
 use super::{train_step, OptimConfig, Optimizer};
 use crate::data::loader::{Dataset, Prefetcher};
 use crate::engine::cpu::Cpu;
+use crate::engine::Backend;
 use crate::eval::{evaluate, EvalReport};
 use crate::model::weights::{save_model_dir, SaveDtype};
 use crate::model::{hf_config, Batch, ModelConfig, ParamStore, Vlm};
@@ -56,6 +57,22 @@ pub fn model_config(job: &TrainJob) -> Result<ModelConfig> {
     Ok(cfg)
 }
 
+/// The job's model (loaded from its directory, or initialized from the job
+/// seed, so every rank of a multi-worker job starts from the same weights)
+/// and its optimizer with the job's schedule.
+pub fn build_model<B: Backend>(be: &B, job: &TrainJob, cfg: &ModelConfig) -> Result<(Vlm<B>, Optimizer<B>)> {
+    let t = &job.train;
+    let params = match &job.model.dir {
+        Some(dir) => ParamStore::from_dir(be, cfg, dir)?,
+        None => ParamStore::init(be, cfg, t.seed),
+    };
+    let vlm = Vlm::new(cfg, params, job.model.recompute_vit);
+    let oc =
+        OptimConfig { warmup_steps: warmup_steps(t.warmup_ratio, t.steps), total_steps: t.steps, ..job.optim.clone() };
+    let opt = Optimizer::new(be, oc, &vlm.params);
+    Ok((vlm, opt))
+}
+
 /// Trains `job` on the CPU; `out` receives the model directory at the end,
 /// `metrics` one JSON line per step.
 pub fn run_job(
@@ -77,14 +94,7 @@ pub fn run_job(
     let be = Cpu::<f32>::new();
     let t = &job.train;
     let cfg = model_config(job)?;
-    let params = match &job.model.dir {
-        Some(dir) => ParamStore::from_dir(&be, &cfg, dir)?,
-        None => ParamStore::init(&be, &cfg, t.seed),
-    };
-    let mut vlm = Vlm::new(&cfg, params, job.model.recompute_vit);
-    let oc =
-        OptimConfig { warmup_steps: warmup_steps(t.warmup_ratio, t.steps), total_steps: t.steps, ..job.optim.clone() };
-    let mut opt = Optimizer::new(&be, oc, &vlm.params);
+    let (mut vlm, mut opt) = build_model(&be, job, &cfg)?;
     let data = match &job.data {
         Some(d) => Some(Arc::new(Dataset::open(d, &cfg)?)),
         None => None,
