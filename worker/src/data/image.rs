@@ -33,9 +33,15 @@
 //!    height shrinks much more than their width; [`ImageConfig::pillow`]
 //!    picks the release to match (13 by default, `legacy` for <= 12, which
 //!    VILA 1.5 used). The two differ by a level or a few on some pixels.
+//!    The hot loops are vectorized (AVX2 where the CPU has it, chosen at run
+//!    time) and compute exactly Pillow's integer sums; the tests compare them
+//!    with a plain pixel-by-pixel transcription.
 //! 6. Normalize: `f32(v * (1/255))`, then `(x - 0.5) / 0.5` in f32, as
 //!    transformers' `rescale` + `normalize` compute it; output `[3, size,
 //!    size]` planar (CHW).
+//!
+//! `worker/examples/bench_image_pipeline.rs` measures these steps against
+//! PIL + numpy (docs/BENCHMARKS.md).
 //!
 //! The fixture script `tools/make_image_fixtures.py` computes the reference
 //! outputs with PIL and transformers' SigLIP processor; the tests here compare
@@ -490,22 +496,36 @@ pub fn resize_rgb8(rgb: &[u8], w: usize, h: usize, cfg: &ImageConfig) -> Vec<u8>
     resample(&source, size, size, cfg.pillow)
 }
 
-/// uint8 HWC RGB -> `[3, size, size]` f32: `(f32(v * (1/255)) - 0.5) / 0.5`.
+/// uint8 HWC RGB -> `[3, size, size]` f32: `(f32(v * (1/255)) - 0.5) / 0.5`,
+/// as transformers' `rescale` + `normalize` compute it. Rows in parallel,
+/// written straight into the output's spare capacity (no zero fill of the
+/// 7 MB it takes at 768).
 fn normalize_chw(hwc: &[u8], size: usize) -> Vec<f32> {
-    let lut: Vec<f32> = (0..256).map(|v| ((v as f64 * (1.0 / 255.0)) as f32 - SIGLIP_MEAN) / SIGLIP_STD).collect();
     let plane = size * size;
-    let mut out = vec![0f32; 3 * plane];
-    for (i, px) in hwc.chunks_exact(3).enumerate() {
-        for c in 0..3 {
-            out[c * plane + i] = lut[px[c] as usize];
-        }
+    assert_eq!(hwc.len(), 3 * plane, "normalize_chw: buffer is not {size} x {size} x 3");
+    let mut out = Vec::with_capacity(3 * plane);
+    if plane == 0 {
+        return out;
     }
+    let (r, gb) = out.spare_capacity_mut()[..3 * plane].split_at_mut(plane);
+    let (g, b) = gb.split_at_mut(plane);
+    hwc.par_chunks(3 * size)
+        .zip(r.par_chunks_mut(size))
+        .zip(g.par_chunks_mut(size))
+        .zip(b.par_chunks_mut(size))
+        .for_each(|(((p, r), g), b)| simd::normalize_rows(p, r, g, b));
+    // SAFETY: the three planes are the first 3 * plane elements of the
+    // spare capacity; their rows, zipped one for one with the `size` rows of
+    // `hwc`, cover them all, and `normalize_rows` writes every element of
+    // the rows it is given (a panic in there would never get here).
+    unsafe { out.set_len(3 * plane) };
     out
 }
 
 /// About how many bytes [`resize_rgb8`] allocates for a `w x h` image: the
 /// intermediate image of the first pass, the output and the fixed-point
-/// coefficient tables (`4 * (4 * in + out)` bytes an axis when shrinking).
+/// coefficient tables (Pillow's and the fast kernels' fixed-width copy: up to
+/// `8 * (4 * in + out)` bytes an axis when shrinking).
 /// Ordinary photos need a few MB; an extreme aspect ratio needs far more
 /// (mode `pad` on a 1 x 1,000,000 image: a 1,000,000-row intermediate),
 /// which is why [`read_header`] refuses images over
@@ -523,7 +543,7 @@ pub fn resize_work_bytes(w: usize, h: usize, cfg: &ImageConfig) -> u64 {
     let coeffs = |n: u64| {
         let support = 2.0 * (n as f64 / out as f64).max(1.0);
         let ksize = support.ceil() as u64 * 2 + 1;
-        out.saturating_mul(ksize).saturating_mul(4)
+        out.saturating_mul(ksize).saturating_mul(8)
     };
     let horizontal_first = cfg.pillow.horizontal_first(cw as usize, ch as usize, out as usize, out as usize);
     let tmp = if horizontal_first { ch.saturating_mul(out) } else { cw.saturating_mul(out) }.saturating_mul(c);
@@ -552,10 +572,20 @@ fn bicubic_filter(x: f64) -> f64 {
 
 /// One axis of the resample: for each output index the first input index
 /// and the tap count, and `ksize` fixed-point coefficients.
+///
+/// The same taps also come as fixed-width windows for the fast kernels:
+/// output `i` reads exactly `width` inputs from `start[i]` with the
+/// coefficients `window[i * width..][..width]`, which are Pillow's taps
+/// shifted into the window and zero elsewhere (`width` is the largest tap
+/// count, so `start[i] + width <= in_size`). A zero coefficient adds an exact
+/// zero to the integer sum: the result is Pillow's bit for bit.
 struct Coeffs {
     ksize: usize,
     bounds: Vec<(usize, usize)>,
     k: Vec<i32>,
+    width: usize,
+    start: Vec<usize>,
+    window: Vec<i32>,
 }
 
 impl Coeffs {
@@ -594,7 +624,17 @@ fn precompute_coeffs(in_size: usize, out_size: usize) -> Coeffs {
         }
         bounds.push((xmin, n));
     }
-    Coeffs { ksize, bounds, k }
+    // Fixed-width windows (see `Coeffs`).
+    let width = bounds.iter().map(|b| b.1).max().unwrap_or(0);
+    let mut start = Vec::with_capacity(out_size);
+    let mut window = vec![0i32; out_size * width];
+    for (xx, &(xmin, n)) in bounds.iter().enumerate() {
+        let s = xmin.min(in_size - width);
+        let at = xx * width + (xmin - s);
+        window[at..at + n].copy_from_slice(&k[xx * ksize..xx * ksize + n]);
+        start.push(s);
+    }
+    Coeffs { ksize, bounds, k, width, start, window }
 }
 
 /// Pillow's `clip8`: drop the fraction (the sums start at one half, so this
@@ -607,7 +647,7 @@ fn clip8(ss: i32) -> u8 {
 const HALF: i32 = 1 << (PRECISION_BITS - 1);
 
 /// Horizontal pass of one row, for the output columns `cols` (`out` holds
-/// just those).
+/// just those). `src` starts at the row and may go on past it.
 fn horizontal_row<const C: usize>(src: &[u8], co: &Coeffs, cols: Range<usize>, out: &mut [u8]) {
     for (xx, px) in cols.zip(out.chunks_exact_mut(C)) {
         let (xmin, k) = co.taps(xx);
@@ -627,7 +667,7 @@ fn horizontal_row_dyn(src: &[u8], channels: usize, co: &Coeffs, cols: Range<usiz
     match channels {
         1 => horizontal_row::<1>(src, co, cols, out),
         2 => horizontal_row::<2>(src, co, cols, out),
-        3 => horizontal_row::<3>(src, co, cols, out),
+        3 => simd::horizontal_rgb(src, co, cols, out),
         4 => horizontal_row::<4>(src, co, cols, out),
         _ => {
             for (xx, px) in cols.zip(out.chunks_exact_mut(channels)) {
@@ -693,17 +733,19 @@ fn resample(src: &Source, out_w: usize, out_h: usize, order: PillowOrder) -> Vec
                 out.copy_from_slice(&blank);
                 return;
             }
-            let r = &src.data[(y - src.top) * src.w * c..(y - src.top + 1) * src.w * c];
+            // The image row, and (for the fast kernels' 4-byte reads) the
+            // rest of the image after it.
+            let r = &src.data[(y - src.top) * src.w * c..];
             // The canvas row: the image row itself, or the fill with the
             // image row pasted in (only that part of `buf` ever changes).
             let row: &[u8] = if full {
                 r
             } else {
-                buf[src.left * c..(src.left + src.w) * c].copy_from_slice(r);
+                buf[src.left * c..(src.left + src.w) * c].copy_from_slice(&r[..src.w * c]);
                 buf
             };
             match &horiz {
-                None => out.copy_from_slice(row),
+                None => out.copy_from_slice(&row[..stride]),
                 Some(horiz) if full => horizontal_row_dyn(row, c, horiz, 0..out_w, out),
                 Some(horiz) => {
                     // Output pixels whose taps all fall on the fill are the
@@ -749,8 +791,8 @@ fn resample_vertical_first(src: &Source, out_w: usize, out_h: usize) -> Vec<u8> 
     let horiz = precompute_coeffs(cw, out_w);
     let mut out = vec![0u8; out_h * out_w * c];
     out.par_chunks_mut(out_w * c)
-        .zip(tmp.par_chunks(cw * c))
-        .for_each(|(o, row)| horizontal_row_dyn(row, c, &horiz, 0..out_w, o));
+        .enumerate()
+        .for_each(|(y, o)| horizontal_row_dyn(&tmp[y * cw * c..], c, &horiz, 0..out_w, o));
     out
 }
 
@@ -758,23 +800,231 @@ fn resample_vertical_first(src: &Source, out_w: usize, out_h: usize) -> Vec<u8> 
 /// (rows of `stride` bytes, the first being source row `first`).
 fn vertical_pass(src: &[u8], stride: usize, first: usize, vert: &Coeffs, out_h: usize) -> Vec<u8> {
     let mut out = vec![0u8; out_h * stride];
-    out.par_chunks_mut(stride).enumerate().for_each_init(
-        || vec![0i32; stride],
-        |ss, (yy, out_row)| {
-            let (ymin, k) = vert.taps(yy);
-            ss.fill(HALF);
-            for (y, &kv) in k.iter().enumerate() {
-                let at = (ymin - first + y) * stride;
-                for (s, &v) in ss.iter_mut().zip(&src[at..at + stride]) {
-                    *s += v as i32 * kv;
+    out.par_chunks_mut(stride).enumerate().for_each(|(yy, out_row)| {
+        let (ymin, k) = vert.taps(yy);
+        simd::vertical_row(&src[(ymin - first) * stride..(ymin - first + k.len()) * stride], k, out_row);
+    });
+    out
+}
+
+/// The hot loops of the preprocessing, compiled twice on x86-64: for the
+/// baseline and with AVX2 (picked at run time, once per row). The vertical
+/// pass and the normalization are plain loops the compiler vectorizes; the
+/// RGB horizontal pass uses SSE4.1 intrinsics (a 3-channel pixel does not
+/// vectorize on its own). Every kernel computes exactly what the scalar code
+/// computes: the same integer sums as Pillow (integer addition is
+/// associative, so the order of the terms does not matter), the same f32
+/// normalization.
+mod simd {
+    use super::{clip8, horizontal_row, Coeffs, HALF, SIGLIP_MEAN, SIGLIP_STD};
+    use std::mem::MaybeUninit;
+    use std::ops::Range;
+
+    /// `pub(super) fn $name`: runs `$avx2` where the CPU has AVX2, else
+    /// `$portable`.
+    macro_rules! dispatch {
+        ($name:ident, $avx2:ident, $portable:path, ($($arg:ident: $ty:ty),*)) => {
+            pub(super) fn $name($($arg: $ty),*) {
+                #[cfg(target_arch = "x86_64")]
+                if std::arch::is_x86_feature_detected!("avx2") {
+                    // SAFETY: the CPU supports AVX2 (checked just above),
+                    // the only requirement of this `target_feature` function.
+                    return unsafe { $avx2($($arg),*) };
+                }
+                $portable($($arg),*)
+            }
+        };
+    }
+
+    /// One output plane's rows, written by the normalization.
+    type Plane<'a> = &'a mut [MaybeUninit<f32>];
+
+    dispatch!(
+        horizontal_rgb,
+        horizontal_rgb_avx2,
+        horizontal_row::<3>,
+        (src: &[u8], co: &Coeffs, cols: Range<usize>, out: &mut [u8])
+    );
+    dispatch!(vertical_row, vertical_row_avx2, vertical_row_kernel, (rows: &[u8], k: &[i32], out: &mut [u8]));
+    dispatch!(normalize_rows, normalize_rows_avx2, normalize_rows_kernel, (hwc: &[u8], r: Plane, g: Plane, b: Plane));
+
+    /// [`horizontal_row`] for 3 channels (`src` starts at the row and may
+    /// go on past it), with the fixed-width windows (a kernel per window
+    /// width up to 8, taps unrolled).
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2")]
+    fn horizontal_rgb_avx2(src: &[u8], co: &Coeffs, cols: Range<usize>, out: &mut [u8]) {
+        match co.width {
+            1 => horizontal_rgb_w::<1>(src, co, cols, out),
+            2 => horizontal_rgb_w::<2>(src, co, cols, out),
+            3 => horizontal_rgb_w::<3>(src, co, cols, out),
+            4 => horizontal_rgb_w::<4>(src, co, cols, out),
+            5 => horizontal_rgb_w::<5>(src, co, cols, out),
+            6 => horizontal_rgb_w::<6>(src, co, cols, out),
+            7 => horizontal_rgb_w::<7>(src, co, cols, out),
+            8 => horizontal_rgb_w::<8>(src, co, cols, out),
+            _ => horizontal_rgb_w::<0>(src, co, cols, out),
+        }
+    }
+
+    /// One output pixel per step: per tap, the pixel's 3 bytes and the byte
+    /// after them widened to 4 i32 lanes (the 4th lane is ignored), times
+    /// the tap's coefficient. `W` is the window width (0: `co.width`, not
+    /// unrolled). A pixel whose window ends at the end of `src` (no byte
+    /// after it) takes the scalar path. The result goes out as 4 bytes, the
+    /// 4th overwritten by the next pixel, except for the last pixel of `out`.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2")]
+    #[inline]
+    fn horizontal_rgb_w<const W: usize>(src: &[u8], co: &Coeffs, cols: Range<usize>, out: &mut [u8]) {
+        use std::arch::x86_64::*;
+        let width = if W == 0 { co.width } else { W };
+        debug_assert_eq!(width, co.width);
+        debug_assert_eq!(out.len(), cols.len() * 3);
+        for (i, xx) in cols.enumerate() {
+            let base = co.start[xx] * 3;
+            let o = 3 * i;
+            if base + width * 3 >= src.len() {
+                horizontal_row::<3>(src, co, xx..xx + 1, &mut out[o..o + 3]);
+                continue;
+            }
+            let s = &src[base..base + width * 3 + 1];
+            let k = &co.window[xx * width..(xx + 1) * width];
+            let mut ss = _mm_set1_epi32(HALF);
+            for j in 0..width {
+                let p = i32::from_le_bytes(s[3 * j..3 * j + 4].try_into().expect("4 bytes"));
+                let v = _mm_cvtepu8_epi32(_mm_cvtsi32_si128(p));
+                ss = _mm_add_epi32(ss, _mm_mullo_epi32(v, _mm_set1_epi32(k[j])));
+            }
+            // clip8 on each lane: the shift, then i32 -> i16 -> u8 with
+            // saturation, which clamps to 0..=255.
+            let v = _mm_srai_epi32::<{ super::PRECISION_BITS as i32 }>(ss);
+            let v = _mm_packs_epi32(v, v);
+            let v = _mm_packus_epi16(v, v);
+            let b = _mm_cvtsi128_si32(v).to_le_bytes();
+            if o + 4 <= out.len() {
+                out[o..o + 4].copy_from_slice(&b);
+            } else {
+                out[o..o + 3].copy_from_slice(&b[..3]);
+            }
+        }
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2")]
+    fn vertical_row_avx2(rows: &[u8], k: &[i32], out: &mut [u8]) {
+        vertical_row_kernel(rows, k, out)
+    }
+
+    /// Vertical pass of one output row: `rows` holds the `k.len()` input
+    /// rows it sums, each `out.len()` bytes. Blocks of `B` columns keep their
+    /// sums in registers across the taps.
+    #[inline(always)]
+    fn vertical_row_kernel(rows: &[u8], k: &[i32], out: &mut [u8]) {
+        const B: usize = 32;
+        let stride = out.len();
+        debug_assert_eq!(rows.len(), k.len() * stride);
+        let mut x = 0;
+        let mut blocks = out.chunks_exact_mut(B);
+        for o in &mut blocks {
+            let mut ss = [HALF; B];
+            for (j, &kv) in k.iter().enumerate() {
+                let r: &[u8; B] = rows[j * stride + x..j * stride + x + B].try_into().expect("a block of B bytes");
+                for l in 0..B {
+                    ss[l] += r[l] as i32 * kv;
                 }
             }
-            for (o, &s) in out_row.iter_mut().zip(ss.iter()) {
-                *o = clip8(s);
+            for l in 0..B {
+                o[l] = clip8(ss[l]);
             }
-        },
-    );
-    out
+            x += B;
+        }
+        let rest = blocks.into_remainder();
+        let mut ss = [HALF; B];
+        for (j, &kv) in k.iter().enumerate() {
+            for (s, &v) in ss.iter_mut().zip(&rows[j * stride + x..(j + 1) * stride]) {
+                *s += v as i32 * kv;
+            }
+        }
+        for (o, &s) in rest.iter_mut().zip(&ss) {
+            *o = clip8(s);
+        }
+    }
+
+    /// transformers' rescale + normalize of one value: `f32(v * (1/255))`
+    /// (the product in f64), then `(x - mean) / std` in f32.
+    #[inline(always)]
+    pub(super) fn normalize_value(v: u8) -> f32 {
+        ((v as f64 * (1.0 / 255.0)) as f32 - SIGLIP_MEAN) / SIGLIP_STD
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2")]
+    fn normalize_rows_avx2(hwc: &[u8], r: Plane, g: Plane, b: Plane) {
+        normalize_rows_kernel(hwc, r, g, b)
+    }
+
+    /// HWC uint8 -> three planes of [`normalize_value`]s; writes every
+    /// element of `r`, `g` and `b` (each `hwc.len() / 3` long).
+    #[inline(always)]
+    fn normalize_rows_kernel(hwc: &[u8], r: Plane, g: Plane, b: Plane) {
+        const B: usize = 16;
+        assert!(hwc.len() == 3 * r.len() && r.len() == g.len() && g.len() == b.len());
+        let blocks =
+            hwc.chunks_exact(3 * B).zip(r.chunks_exact_mut(B)).zip(g.chunks_exact_mut(B)).zip(b.chunks_exact_mut(B));
+        for (((p, r), g), b) in blocks {
+            for i in 0..B {
+                r[i].write(normalize_value(p[3 * i]));
+                g[i].write(normalize_value(p[3 * i + 1]));
+                b[i].write(normalize_value(p[3 * i + 2]));
+            }
+        }
+        let done = r.len() / B * B;
+        for (((p, r), g), b) in
+            hwc[3 * done..].chunks_exact(3).zip(&mut r[done..]).zip(&mut g[done..]).zip(&mut b[done..])
+        {
+            r.write(normalize_value(p[0]));
+            g.write(normalize_value(p[1]));
+            b.write(normalize_value(p[2]));
+        }
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+
+        /// The portable kernels (what a CPU without AVX2 runs) give what the
+        /// dispatched ones give.
+        #[test]
+        fn portable_kernels_match() {
+            let bytes: Vec<u8> = (0..5 * 77).map(|i| (i * 97 % 256) as u8).collect();
+            let k = [-3_000_000, 1_500_000, 4_000_000, 2_000_000, -400_000];
+            let (mut a, mut b) = (vec![0u8; 77], vec![0u8; 77]);
+            vertical_row(&bytes, &k, &mut a);
+            vertical_row_kernel(&bytes, &k, &mut b);
+            assert_eq!(a, b);
+            let hwc = &bytes[..3 * 37];
+            let planes = |f: fn(&[u8], Plane, Plane, Plane)| {
+                let mut v = vec![MaybeUninit::new(f32::NAN); 3 * 37];
+                let (r, gb) = v.split_at_mut(37);
+                let (g, b) = gb.split_at_mut(37);
+                f(hwc, r, g, b);
+                // SAFETY: every element was initialized (to NaN) above.
+                v.iter().map(|x| unsafe { x.assume_init() }.to_bits()).collect::<Vec<_>>()
+            };
+            assert_eq!(planes(normalize_rows), planes(normalize_rows_kernel));
+            // Up (window 4), down (windows 5 and 13) and the general kernel
+            // (window 61), on a row that ends where the image ends.
+            for (w, ow) in [(25, 40), (25, 17), (25, 6), (120, 4)] {
+                let co = super::super::precompute_coeffs(w, ow);
+                let row = &bytes[..3 * w];
+                let (mut a, mut b) = (vec![0u8; 3 * ow], vec![0u8; 3 * ow]);
+                horizontal_rgb(row, &co, 0..ow, &mut a);
+                horizontal_row::<3>(row, &co, 0..ow, &mut b);
+                assert_eq!(a, b, "{w} -> {ow}");
+            }
+        }
+    }
 }
 
 /// Pillow's `Image.resize((out_w, out_h), Image.BICUBIC)` on an 8-bit image
@@ -1008,6 +1258,108 @@ mod tests {
             let got_c: Vec<u8> = got.iter().skip(c).step_by(5).copied().collect();
             assert_eq!(got_c, want);
         }
+    }
+
+    /// Pillow's two passes written out plainly from the coefficients
+    /// (`Coeffs::taps`), pixel by pixel: the reference for the fast kernels
+    /// (fixed-width windows, SIMD, row blocks, the padded canvas).
+    fn reference_resize(src: &[u8], w: usize, h: usize, c: usize, ow: usize, oh: usize, h_first: bool) -> Vec<u8> {
+        let hpass = |img: &[u8], iw: usize, ih: usize| -> Vec<u8> {
+            if iw == ow {
+                return img.to_vec();
+            }
+            let co = precompute_coeffs(iw, ow);
+            let mut out = vec![0u8; ih * ow * c];
+            for y in 0..ih {
+                for x in 0..ow {
+                    let (xmin, k) = co.taps(x);
+                    for ch in 0..c {
+                        let ss: i32 =
+                            k.iter().enumerate().map(|(j, &kv)| img[(y * iw + xmin + j) * c + ch] as i32 * kv).sum();
+                        out[(y * ow + x) * c + ch] = clip8(HALF + ss);
+                    }
+                }
+            }
+            out
+        };
+        let vpass = |img: &[u8], iw: usize, ih: usize| -> Vec<u8> {
+            if ih == oh {
+                return img.to_vec();
+            }
+            let co = precompute_coeffs(ih, oh);
+            let mut out = vec![0u8; oh * iw * c];
+            for y in 0..oh {
+                let (ymin, k) = co.taps(y);
+                for i in 0..iw * c {
+                    let ss: i32 = k.iter().enumerate().map(|(j, &kv)| img[(ymin + j) * iw * c + i] as i32 * kv).sum();
+                    out[y * iw * c + i] = clip8(HALF + ss);
+                }
+            }
+            out
+        };
+        if h_first {
+            vpass(&hpass(src, w, h), ow, h)
+        } else {
+            hpass(&vpass(src, w, h), w, oh)
+        }
+    }
+
+    #[test]
+    fn fast_resampler_matches_the_plain_one() {
+        let mut state = 0x9E37_79B9_7F4A_7C15u64;
+        let mut next = |n: usize| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            (state % n as u64) as usize
+        };
+        // Shapes that give every window width from 1 to past 8 (the
+        // unrolled kernels, then the general one), up and down, and rows
+        // that are not a multiple of the vertical kernel's block.
+        let mut shapes = vec![(640, 480, 96, 96), (33, 17, 300, 5), (7, 300, 7, 11), (1, 1, 4, 4), (200, 3, 9, 40)];
+        for _ in 0..40 {
+            shapes.push((1 + next(220), 1 + next(220), 1 + next(120), 1 + next(120)));
+        }
+        for (i, &(w, h, ow, oh)) in shapes.iter().enumerate() {
+            for c in [3, 1, 4] {
+                let src: Vec<u8> = (0..w * h * c).map(|_| next(256) as u8).collect();
+                for order in [PillowOrder::Pillow13, PillowOrder::Legacy] {
+                    let want = reference_resize(&src, w, h, c, ow, oh, order.horizontal_first(w, h, ow, oh));
+                    let got = resize_bicubic_pil_with(&src, w, h, c, ow, oh, order);
+                    assert!(got == want, "case {i}: {w}x{h}x{c} -> {ow}x{oh} {order:?}");
+                }
+            }
+            // Mode pad on the same image: the explicit square, resized.
+            let rgb: Vec<u8> = (0..w * h * 3).map(|_| next(256) as u8).collect();
+            let side = w.max(h);
+            let (left, top) = if w > h { (0, (w - h) / 2) } else { ((h - w) / 2, 0) };
+            let mut square = vec![PAD_BACKGROUND; side * side * 3];
+            for y in 0..h {
+                let at = ((top + y) * side + left) * 3;
+                square[at..at + w * 3].copy_from_slice(&rgb[y * w * 3..(y + 1) * w * 3]);
+            }
+            let size = ow;
+            let want = reference_resize(&square, side, side, 3, size, size, true);
+            assert!(resize_rgb8(&rgb, w, h, &pad(size)) == want, "case {i}: pad {w}x{h} -> {size}");
+        }
+    }
+
+    #[test]
+    fn normalize_matches_the_formula() {
+        // Sizes with and without a remainder after the kernel's blocks.
+        for size in [1usize, 3, 16, 17, 40] {
+            let hwc: Vec<u8> = (0..size * size * 3).map(|i| (i * 37 % 256) as u8).collect();
+            let got = normalize_chw(&hwc, size);
+            let plane = size * size;
+            assert_eq!(got.len(), 3 * plane);
+            for (i, px) in hwc.chunks_exact(3).enumerate() {
+                for c in 0..3 {
+                    let want = ((px[c] as f64 * (1.0 / 255.0)) as f32 - 0.5) / 0.5;
+                    assert_eq!(got[c * plane + i].to_bits(), want.to_bits(), "size {size} pixel {i} channel {c}");
+                }
+            }
+        }
+        assert_eq!(normalize_chw(&[], 0), Vec::<f32>::new());
     }
 
     fn pad(size: usize) -> ImageConfig {
