@@ -38,7 +38,9 @@ use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
 use std::time::Instant;
-use tessera_worker::data::image::{decode_rgb8, load_image, preprocess_rgb8, resize_rgb8, ImageConfig};
+use tessera_worker::data::image::{
+    compare_normalized, decode_rgb8, load_image, preprocess_rgb8, resize_rgb8, ImageConfig,
+};
 use tessera_worker::model::config::ModelConfig;
 
 #[derive(Parser, Debug)]
@@ -252,22 +254,6 @@ impl Drop for PilServer {
     }
 }
 
-/// (max abs difference, mean abs difference, share of values off by at least one level)
-fn compare(got: &[f32], want: &[f32]) -> (f32, f64, f64) {
-    let mut max = 0f32;
-    let mut sum = 0f64;
-    let mut off = 0usize;
-    for (g, w) in got.iter().zip(want) {
-        let d = (g - w).abs();
-        max = max.max(d);
-        sum += d as f64;
-        if d > 0.5 / 127.5 {
-            off += 1;
-        }
-    }
-    (max, sum / got.len().max(1) as f64, off as f64 / got.len().max(1) as f64)
-}
-
 fn read_f32(path: &Path) -> Result<Vec<f32>> {
     let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
     Ok(bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect())
@@ -326,11 +312,11 @@ fn check_parity(args: &Args, set: &Set, cfg: &ImageConfig) -> Result<()> {
             let want = read_f32(&out.path().join(format!("{name}.f32")))?;
             let got = load_image(path, cfg).with_context(|| format!("load_image {}", path.display()))?;
             ensure!(got.len() == want.len(), "{name}: {} values, PIL gave {}", got.len(), want.len());
-            let (max, mean, off) = compare(&got, &want);
+            let (max, mean, off) = compare_normalized(&got, &want);
             // Everything after decoding, on PIL's decoded pixels.
             let rgb = std::fs::read(out.path().join(format!("{name}.rgb"))).context("PIL's decoded pixels")?;
             let same = preprocess_rgb8(&rgb, *w as usize, *h as usize, cfg);
-            let (smax, ..) = compare(&same, &want);
+            let (smax, ..) = compare_normalized(&same, &want);
             // The fixtures' JPEG tolerance (data/image.rs), plus a little
             // slack for the float rounding of numpy's float32 arithmetic.
             if mean > 0.75 * level as f64 {

@@ -1116,6 +1116,26 @@ pub fn header_tiles(path: &Path, cfg: &ImageConfig, s2: &S2Config) -> Result<usi
     Ok(tiles_for(cfg, s2, w, h))
 }
 
+/// How far normalized pixels `got` are from `want` (parity checks against
+/// PIL): (max abs difference, mean abs difference, share of values off by at
+/// least one 8-bit level, i.e. by more than half a level after the x/127.5
+/// scaling).
+pub fn compare_normalized(got: &[f32], want: &[f32]) -> (f32, f64, f64) {
+    let mut max = 0f32;
+    let mut sum = 0f64;
+    let mut off = 0usize;
+    for (g, w) in got.iter().zip(want) {
+        let d = (g - w).abs();
+        max = max.max(d);
+        sum += d as f64;
+        if d > 0.5 / 127.5 {
+            off += 1;
+        }
+    }
+    let n = got.len().min(want.len()).max(1) as f64;
+    (max, sum / n, off as f64 / n)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1146,23 +1166,6 @@ mod tests {
         }
     }
 
-    /// (max abs error, mean abs error, share of values off by one level or more)
-    fn compare(got: &[f32], want: &[f32]) -> (f32, f64, f64) {
-        assert_eq!(got.len(), want.len());
-        let mut max = 0f32;
-        let mut sum = 0f64;
-        let mut off = 0usize;
-        for (g, w) in got.iter().zip(want) {
-            let d = (g - w).abs();
-            max = max.max(d);
-            sum += d as f64;
-            if d > 0.5 / 127.5 {
-                off += 1;
-            }
-        }
-        (max, sum / got.len() as f64, off as f64 / got.len() as f64)
-    }
-
     #[test]
     fn matches_pil_and_siglip_processor() {
         let m = manifest();
@@ -1183,7 +1186,8 @@ mod tests {
             assert_eq!(dims, (case["width"].as_u64().unwrap() as u32, case["height"].as_u64().unwrap() as u32));
             let got = load_image(&path, &cfg).unwrap();
             let want = read_f32(&fixtures().join(case["expected"].as_str().unwrap()));
-            let (max, mean, off) = compare(&got, &want);
+            assert_eq!(got.len(), want.len());
+            let (max, mean, off) = compare_normalized(&got, &want);
             report.push(format!("{name} {mode:?}: max {max:.6} mean {mean:.6} off {:.2}%", off * 100.0));
             match case["format"].as_str().unwrap() {
                 // Lossless formats: the decoded pixels are the same, and the
