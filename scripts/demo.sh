@@ -35,6 +35,13 @@ trap cleanup EXIT INT TERM
 
 "$target/coordinator" --config "$config" --listen "127.0.0.1:$port" --out runs/demo &
 coordinator=$!
+# A coordinator that cannot start (port taken, bad config) must not leave the
+# workers to find whatever else listens on that port.
+sleep 1
+if ! kill -0 "$coordinator" 2>/dev/null; then
+    status=0; wait "$coordinator" || status=$?
+    exit "$status"
+fi
 threads=$(( $(nproc) / workers )); [ "$threads" -ge 1 ] || threads=1
 for rank in $(seq 0 $((workers - 1))); do
     RAYON_NUM_THREADS=$threads RUST_LOG=warn "$target/worker" --rank "$rank" \
