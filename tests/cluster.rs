@@ -42,7 +42,8 @@ fn make_data(dir: &Path) {
     std::fs::write(dir.join("text.jsonl"), text.join("\n") + "\n").unwrap();
 }
 
-fn config(data: &Path, steps: u64, batch: usize, accum: usize, world: usize, extra: &str) -> String {
+/// A job on `data`; `extra` goes into `[cluster]`, `data_extra` into `[data]`.
+fn config(data: &Path, steps: u64, batch: usize, accum: usize, world: usize, extra: &str, data_extra: &str) -> String {
     let d = data.display();
     format!(
         r#"
@@ -65,6 +66,7 @@ llm = 1e-3
 [data]
 tokenizer = "{d}/tokenizer.json"
 prefetch = 2
+{data_extra}
 [[data.datasets]]
 path = "{d}/train.jsonl"
 image_folder = "{d}/images"
@@ -191,12 +193,40 @@ fn two_workers_train_the_same_model_as_one() {
     let tmp = tempfile::tempdir().unwrap();
     let data = tmp.path().join("data");
     make_data(&data);
+    let m = data_parallel_equivalence(tmp.path(), &data, "");
+    for s in &m {
+        assert_eq!(s["tiles"].as_u64().unwrap() % 5, 0, "static S2: 5 tiles per image");
+    }
+}
+
+/// The same with dynamic S2 on wide and tall images: each gets its own tile
+/// grid (6 or 7 tiles instead of 5), so the ranks' ViT costs differ by more
+/// than their sample counts, and the gradients still sum to one model.
+#[test]
+fn two_workers_train_the_same_model_as_one_with_dynamic_s2() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    make_data(&data);
+    for i in 0..24u32 {
+        let (w, h) = if i % 2 == 0 { (100, 20) } else { (20, 120) };
+        let img =
+            image::RgbImage::from_fn(w, h, |x, y| image::Rgb([(x * 5 + i) as u8, (y * 3) as u8, ((x ^ y) * 9) as u8]));
+        img.save(data.join(format!("images/train_{i:05}.png"))).unwrap();
+    }
+    let m = data_parallel_equivalence(tmp.path(), &data, "image_aspect_ratio = \"dynamic_s2\"\nmax_tiles = 6");
+    assert!(m.iter().any(|s| s["tiles"].as_u64().unwrap() % 5 != 0), "dynamic grids change the tile count: {m:?}");
+}
+
+/// Trains the job on 1 and on 2 workers and checks the models agree; returns
+/// the 2-worker run's step metrics.
+fn data_parallel_equivalence(tmp: &Path, data: &Path, data_extra: &str) -> Vec<serde_json::Value> {
     let (steps, batch, accum) = (4, 5, 2);
     let mut models = Vec::new();
+    let mut last_metrics = Vec::new();
     for world in [1, 2] {
-        let cfg = tmp.path().join(format!("w{world}.toml"));
-        std::fs::write(&cfg, config(&data, steps, batch, accum, world, "")).unwrap();
-        let out = tmp.path().join(format!("run{world}"));
+        let cfg = tmp.join(format!("w{world}.toml"));
+        std::fs::write(&cfg, config(data, steps, batch, accum, world, "", data_extra)).unwrap();
+        let out = tmp.join(format!("run{world}"));
         let stdout = run_job(&cfg, world, &out);
         assert!(stdout.contains("eval: accuracy"), "rank 0 evaluates and the coordinator prints it: {stdout}");
         let m = metrics(&out);
@@ -210,11 +240,12 @@ fn two_workers_train_the_same_model_as_one() {
         }
         assert!(out.join("loss_curve.svg").exists());
         models.push(load_model(&out.join("model")));
+        last_metrics = m;
     }
     let (err, name) = worst_relative_error(&models[0], &models[1]);
     assert!(err < 1e-5, "2 workers differ from 1 by {err:e} (relative) in {name}");
     let start = load_model(&{
-        let d = tmp.path().join("init");
+        let d = tmp.join("init");
         let o = Command::new(bin("worker"))
             .args(["init-model", "--preset", "tiny", "--seed", "3", "--out", d.to_str().unwrap()])
             .output()
@@ -225,15 +256,16 @@ fn two_workers_train_the_same_model_as_one() {
     let (moved, _) = worst_relative_error(&start, &models[1]);
     assert!(moved > 1e-3, "training must move the weights for the comparison to mean anything ({moved:e})");
 
-    let single = tmp.path().join("single");
+    let single = tmp.join("single");
     let o = Command::new(bin("worker"))
-        .args(["train", "--config", tmp.path().join("w1.toml").to_str().unwrap()])
+        .args(["train", "--config", tmp.join("w1.toml").to_str().unwrap()])
         .args(["--out", single.to_str().unwrap()])
         .env("RAYON_NUM_THREADS", "1")
         .output()
         .unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     assert_eq!(worst_relative_error(&models[0], &load_model(&single)).0, 0.0, "1 worker must equal `worker train`");
+    last_metrics
 }
 
 fn stderr_of(mut child: Child) -> String {
@@ -252,7 +284,7 @@ fn refuses_bad_ranks_and_gives_up_on_missing_workers() {
     let data = tmp.path().join("data");
     make_data(&data);
     let cfg = tmp.path().join("job.toml");
-    std::fs::write(&cfg, config(&data, 2, 4, 1, 2, "join_timeout_s = 6")).unwrap();
+    std::fs::write(&cfg, config(&data, 2, 4, 1, 2, "join_timeout_s = 6", "")).unwrap();
     let port = free_port();
     let c = coordinator(&cfg, port, &tmp.path().join("out"));
 
@@ -298,7 +330,7 @@ fn another_protocol_version_is_refused() {
     let data = tmp.path().join("data");
     make_data(&data);
     let cfg = tmp.path().join("job.toml");
-    std::fs::write(&cfg, config(&data, 2, 4, 1, 1, "join_timeout_s = 30")).unwrap();
+    std::fs::write(&cfg, config(&data, 2, 4, 1, 1, "join_timeout_s = 30", "")).unwrap();
     let port = free_port();
     let mut c = coordinator(&cfg, port, &tmp.path().join("out"));
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();

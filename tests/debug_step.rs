@@ -26,23 +26,17 @@ fn norm(v: &[f64]) -> f64 {
     v.iter().map(|x| x * x).sum::<f64>().sqrt()
 }
 
-#[test]
-fn debug_step_matches_pytorch_reference() {
+/// Runs `worker debug-step` on `batch` and checks the loss (1e-5 relative)
+/// and every gradient (1e-4 relative norm error) against `expected`;
+/// returns how many gradients were compared.
+fn matches_reference(batch: &str, expected: &str) -> usize {
     let tiny = fixtures().join("tiny");
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("grads.safetensors");
-    let run = worker(&[
-        "debug-step",
-        "--model",
-        tiny.join("model").to_str().unwrap(),
-        "--batch",
-        tiny.join("batch.safetensors").to_str().unwrap(),
-        "--out",
-        out.to_str().unwrap(),
-    ]);
+    let run = debug_step(&tiny.join("model"), &tiny.join(batch), &out);
     assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
     let got = load_f32(&out);
-    let want = load_f32(&tiny.join("expected_grads.safetensors"));
+    let want = load_f32(&tiny.join(expected));
     let (gl, wl) = (got["loss"][0], want["loss"][0]);
     assert!((gl - wl).abs() / wl.abs() < 1e-5, "loss {gl} vs reference {wl}");
     let largest = want.iter().filter(|(k, _)| *k != "loss").map(|(_, v)| norm(v)).fold(0.0, f64::max);
@@ -64,8 +58,24 @@ fn debug_step_matches_pytorch_reference() {
             assert!(norm(g) < 1e-6 * largest, "{name}: expected a zero gradient, norm {}", norm(g));
         }
     }
+    checked
+}
+
+#[test]
+fn debug_step_matches_pytorch_reference() {
     // 80 tensors less 18 unused (layer 2, post_layernorm) and 2 k_proj biases.
-    assert_eq!(checked, 60, "gradients compared");
+    assert_eq!(matches_reference("batch.safetensors", "expected_grads.safetensors"), 60, "gradients compared");
+}
+
+/// Dynamic S2 (tiles + `tile_grids`, grids 2 x 3 and 4 x 1) against NVILA's
+/// `merge_features_for_dynamic_s2` in PyTorch.
+#[test]
+fn debug_step_dynamic_s2_matches_pytorch_reference() {
+    assert_eq!(
+        matches_reference("batch_dynamic.safetensors", "expected_grads_dynamic.safetensors"),
+        60,
+        "gradients compared"
+    );
 }
 
 fn debug_step(model: &Path, batch: &Path, out: &Path) -> std::process::Output {

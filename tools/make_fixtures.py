@@ -15,6 +15,12 @@ and writes, under tests/fixtures/tiny/:
   batch.safetensors             worker debug-step input (DESIGN.md section 4)
   expected_grads.safetensors    loss + one gradient per parameter (section 4)
   expected_forward.safetensors  intermediate activations for debugging
+  batch_dynamic.safetensors     a dynamic S2 batch (NVILA's dynamic_s2): tiles
+                                [T, 3, 20, 20] and tile_grids [B, 2] (rows,
+                                cols of the largest scale per image)
+  expected_grads_dynamic.safetensors  loss + gradients for that batch, with
+                                NVILA's merge_features_for_dynamic_s2
+                                (s2_resize_output_to_scale_idx = 0)
 
 The reference runs in float64 on weights that are exactly the saved f32 values.
 transformers computes a few things in float32 even for a float64 model
@@ -314,6 +320,19 @@ def merge_chessboard(x, num_split):
     )
 
 
+def merge_chessboard_hw(x, num_split_h, num_split_w):
+    """NVILA's merge_chessboard: tiles (i, j) at batch index (i * num_split_w + j) * b."""
+    b = x.shape[0] // (num_split_h * num_split_w)
+    assert b * num_split_h * num_split_w == x.shape[0]
+    return torch.cat(
+        [
+            torch.cat([x[(i * num_split_w + j) * b:(i * num_split_w + j + 1) * b] for j in range(num_split_w)], dim=-1)
+            for i in range(num_split_h)
+        ],
+        dim=-2,
+    )
+
+
 def vit_select(vit, x):
     out = vit(x, output_hidden_states=True)
     assert len(out.hidden_states) == vit.config.num_hidden_layers + 1
@@ -337,6 +356,29 @@ def s2_forward(vit, pixels, record):
     record["vit_tiles_selected"] = torch.cat(tiles, dim=0)
     record["s2_maps"] = maps
     return out
+
+
+def dynamic_s2_forward(vit, tiles, grids):
+    """NVILA's dynamic S2 with s2_resize_output_to_scale_idx = 0: the ViT on
+    every tile, then per image (merge_features_for_dynamic_s2) each smaller
+    scale's n x n tiles and the largest scale's rows x cols tiles merged,
+    every map area-resized to the first scale's g x g and concatenated."""
+    feat = vit_select(vit, tiles)  # [T, g*g, C]
+    g = int(round(feat.shape[1] ** 0.5))
+    fmap = feat.transpose(1, 2).reshape(feat.shape[0], feat.shape[2], g, g)
+    out, cnt = [], 0
+    for rows, cols in grids:
+        maps = []
+        for scale in S2_SCALES[:-1]:
+            n = scale // S2_SCALES[0]
+            maps.append(merge_chessboard_hw(fmap[cnt:cnt + n * n], n, n))
+            cnt += n * n
+        maps.append(merge_chessboard_hw(fmap[cnt:cnt + rows * cols], rows, cols))
+        cnt += rows * cols
+        size = maps[0].shape[-2:]
+        out.append(torch.cat([F.interpolate(m, size=size, mode="area") for m in maps], dim=1))
+    assert cnt == tiles.shape[0]
+    return torch.cat(out, dim=0).flatten(2).transpose(1, 2)
 
 
 # --------------------------------------------------------------------------
@@ -374,7 +416,10 @@ def forward_step(models, batch, dtype):
     vit, proj, llm = models
     pixels = batch["pixel_values"].to(dtype)
     rec = {}
-    s2 = s2_forward(vit, pixels, rec)
+    if "tile_grids" in batch:
+        s2 = dynamic_s2_forward(vit, pixels, batch["tile_grids"].tolist())
+    else:
+        s2 = s2_forward(vit, pixels, rec)
     rec["s2_features"] = s2
     rec["downsample_out"] = proj.layers[0](s2)
     img = proj(s2)
@@ -474,6 +519,27 @@ def write_json(path, obj):
 
 def save_st(path, tensors):
     save_file({k: v.detach().contiguous() for k, v in tensors.items()}, str(path), metadata={"format": "pt"})
+
+
+# Dynamic S2 grids (rows, cols) of the largest scale, one per sample: a wide
+# and a tall image, neither the static 2 x 2.
+DYNAMIC_GRIDS = [(2, 3), (4, 1)]
+
+
+def make_dynamic_batch(gen):
+    tiles = sum(1 + r * c for r, c in DYNAMIC_GRIDS)
+    pixel_values = (torch.rand(tiles, 3, IMAGE_SIZE, IMAGE_SIZE, generator=gen, dtype=torch.float64) * 2 - 1)
+    input_ids = torch.randint(1, VOCAB, (BATCH, SEQ), generator=gen, dtype=torch.int64)
+    labels = torch.full((BATCH, SEQ), IGNORE_INDEX, dtype=torch.int64)
+    for b, p in enumerate(IMAGE_POS):
+        input_ids[b, p] = IMAGE_TOKEN_INDEX
+        labels[b, SEQ - ANSWER_LEN:] = input_ids[b, SEQ - ANSWER_LEN:]
+    return {
+        "pixel_values": pixel_values.to(torch.float32),
+        "input_ids": input_ids,
+        "labels": labels,
+        "tile_grids": torch.tensor(DYNAMIC_GRIDS, dtype=torch.int64),
+    }
 
 
 def make_batch(gen):
@@ -585,6 +651,24 @@ def main():
             "embeddings.patch_embedding.weight",
         ])
 
+        # Dynamic S2: the same weights, a separate generator (the static
+        # fixtures stay byte-identical), fresh models for clean gradients.
+        dyn_batch = make_dynamic_batch(torch.Generator().manual_seed(7))
+        dyn_models = build_models(torch.float64, weights)
+        dyn_rec = forward_step(dyn_models, dyn_batch, torch.float64)
+        dyn_loss = dyn_rec["hand_loss"]
+        assert abs(dyn_rec["hf_loss"].item() - dyn_loss.item()) < 1e-6 * max(1.0, abs(dyn_loss.item()))
+        dyn_loss.backward()
+        dyn_grads = {}
+        for key, mod in zip(("vision_tower", "mm_projector", "llm"), dyn_models):
+            for name, p in mod.named_parameters():
+                dyn_grads[(key, name)] = (p.grad if p.grad is not None else torch.zeros_like(p)).detach().clone()
+        print("finite-difference checks, dynamic S2 (float64):")
+        finite_difference_check(dyn_models, dyn_batch, {n: g for (k, n), g in dyn_grads.items() if k == "vision_tower"}, [
+            "encoder.layers.0.mlp.fc1.weight",
+            "embeddings.patch_embedding.weight",
+        ])
+
     # ---- float32 cross-check through unpatched transformers code
     models32 = build_models(torch.float32, weights)
     rec32 = forward_step(models32, batch, torch.float32)
@@ -640,6 +724,11 @@ def main():
     for (key, name), g in grads.items():
         g_out[prefix[key] + name] = g.to(torch.float32)
     save_st(out_dir / "expected_grads.safetensors", g_out)
+    save_st(out_dir / "batch_dynamic.safetensors", dyn_batch)
+    g_dyn = {"loss": dyn_loss.detach().to(torch.float32).reshape(())}
+    for (key, name), g in dyn_grads.items():
+        g_dyn[prefix[key] + name] = g.to(torch.float32)
+    save_st(out_dir / "expected_grads_dynamic.safetensors", g_dyn)
 
     f_out = {k: rec[k].detach().to(torch.float32) for k in
              ("vit_tiles_selected", "s2_features", "downsample_out", "projector_out", "llm_inputs_embeds", "logits")}
@@ -663,6 +752,7 @@ def main():
 
     # ---- summary
     print(f"loss (float64 reference) = {loss.item():.12f}   (transformers f32 loss {rec32['hf_loss'].item():.8f})")
+    print(f"dynamic S2 loss (float64 reference) = {dyn_loss.item():.12f}, grids {DYNAMIC_GRIDS}")
     print(f"sequence length {rec['logits'].shape[1]}, image tokens per sample {N_IMG_TOKENS}, "
           f"target tokens {int((rec['labels_expanded'][:, 1:] != IGNORE_INDEX).sum())}, parameters {n_params} tensors")
     total_size = 0

@@ -23,7 +23,10 @@ whose height shrinks much more than their width (see the resample cases).
 It also writes PIL's uint8 output of Image.resize(..., BICUBIC) for a few
 shapes (raw HWC bytes), in both pass orders, for the resampler test, and the
 dynamic S2 tile grids
-of NVILA's dynamic_s2_preprocess (transcribed below) for a few image sizes.
+of NVILA's dynamic_s2_preprocess (transcribed below) for a few image sizes,
+and for two images the tiles themselves (scales [10, 20], tiles of 10 px, at
+most 6 tiles), each tile through the SigLIP processor, as little-endian f32
+[T, 3, 10, 10].
 Everything is listed in manifest.json. The output is deterministic (fixed
 seeds). Rerun with: python3 tools/make_image_fixtures.py
 """
@@ -145,6 +148,26 @@ def dynamic_s2_grid(w, h, s2_scales, max_num, image_size):
     return find_closest_aspect_ratio(w / h, target_ratios, w, h, image_size)
 
 
+def dynamic_s2_preprocess(image, s2_scales, max_num, image_size):
+    """NVILA's dynamic_s2_preprocess (llava/mm_utils.py), transcribed: each
+    smaller scale resized to a square and cut into (scale / first)^2 tiles,
+    the largest resized to the closest-aspect grid and cut row by row."""
+    tiles = []
+    for scale in s2_scales[:-1]:
+        n = scale // s2_scales[0]
+        resized = image.resize((image_size * n, image_size * n))
+        for i in range(n * n):
+            box = ((i % n) * image_size, (i // n) * image_size, (i % n + 1) * image_size, (i // n + 1) * image_size)
+            tiles.append(resized.crop(box))
+    w, h = image.size
+    cols, rows = dynamic_s2_grid(w, h, s2_scales, max_num, image_size)
+    resized = image.resize((image_size * cols, image_size * rows))
+    for i in range(cols * rows):
+        box = ((i % cols) * image_size, (i // cols) * image_size, (i % cols + 1) * image_size, (i // cols + 1) * image_size)
+        tiles.append(resized.crop(box))
+    return tiles, (rows, cols)
+
+
 def main():
     os.makedirs(OUT, exist_ok=True)
     rng = np.random.RandomState(1234)
@@ -238,6 +261,18 @@ def main():
         c, r = dynamic_s2_grid(w, h, [384, 768], 12, 384)
         dynamic.append({"width": w, "height": h, "cols": c, "rows": r})
 
+    dyn_scales, dyn_tile, dyn_max = [10, 20], 10, 6
+    dyn_processor = SiglipProcessor(size={"height": dyn_tile, "width": dyn_tile})
+    dynamic_tiles = []
+    for name in ["rgb_37x23.png", "tall_24x90.png"]:
+        rgb = Image.open(os.path.join(OUT, name)).convert("RGB")
+        tiles, (rows, cols) = dynamic_s2_preprocess(rgb, dyn_scales, dyn_max, dyn_tile)
+        out = np.stack([dyn_processor(t, return_tensors="np")["pixel_values"][0] for t in tiles])
+        assert out.dtype == np.float32 and out.shape == (len(tiles), 3, dyn_tile, dyn_tile), out.shape
+        exp = f"{os.path.splitext(name)[0]}.dynamic_s2.f32"
+        out.astype("<f4").tofile(os.path.join(OUT, exp))
+        dynamic_tiles.append({"image": name, "rows": rows, "cols": cols, "tiles": len(tiles), "expected": exp})
+
     doc = {
         "generator": "tools/make_image_fixtures.py",
         "pillow": PIL.__version__,
@@ -249,6 +284,7 @@ def main():
         "cases": cases,
         "resample": resample,
         "dynamic_s2": {"scales": [384, 768], "max_tiles": 12, "base": 384, "grids": dynamic},
+        "dynamic_s2_tiles": {"scales": dyn_scales, "max_tiles": dyn_max, "tile": dyn_tile, "cases": dynamic_tiles},
     }
     with open(os.path.join(OUT, "manifest.json"), "w") as f:
         json.dump(doc, f, indent=1)

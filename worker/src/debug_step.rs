@@ -4,7 +4,7 @@
 //! our tests compare Tessera with the PyTorch/transformers implementation.
 
 use crate::engine::cpu::Cpu;
-use crate::engine::Backend;
+use crate::engine::{Backend, TileGrid};
 use crate::model::weights::{decode, read_file};
 use crate::model::{hf_config, weights, Batch, ModelConfig, ParamStore, Trainable, Vlm};
 use anyhow::{bail, Context, Result};
@@ -12,7 +12,10 @@ use safetensors::tensor::{Dtype, SafeTensors, TensorView};
 use std::path::Path;
 
 /// Reads a `debug-step` batch file: `pixel_values` f32 `[B,3,S,S]`,
-/// `input_ids` and `labels` i64 `[B,T]`.
+/// `input_ids` and `labels` i64 `[B,T]`. Dynamic S2 (our extension of the
+/// contract): with `tile_grids` i64 `[B,2]` (each image's largest-scale grid
+/// as rows, cols), `pixel_values` holds the tiles, `[tiles,3,base,base]`, in
+/// `Batch::pixel_values` order.
 pub fn read_batch(path: &Path) -> Result<Batch> {
     let bytes = read_file(path)?;
     let st = SafeTensors::deserialize(&bytes)
@@ -48,13 +51,39 @@ pub fn read_batch(path: &Path) -> Result<Batch> {
     if ids_shape != lab_shape {
         bail!("{}: input_ids {:?} and labels {:?} differ in shape", path.display(), ids_shape, lab_shape);
     }
-    if px.shape()[0] != ids_shape[0] {
-        bail!("{}: pixel_values holds {} images but input_ids {} samples", path.display(), px.shape()[0], ids_shape[0]);
-    }
+    let tile_grids = if st.names().iter().any(|n| n.as_str() == "tile_grids") {
+        let (shape, v) = ints("tile_grids")?;
+        if shape != [ids_shape[0], 2] {
+            bail!(
+                "{}: tile_grids has shape {shape:?}; expected [{}, 2] (rows, cols per image)",
+                path.display(),
+                ids_shape[0]
+            );
+        }
+        let mut grids = Vec::with_capacity(shape[0]);
+        for (i, rc) in v.chunks_exact(2).enumerate() {
+            if rc[0] < 1 || rc[1] < 1 {
+                bail!("{}: tile_grids[{i}] is {} x {}; rows and cols must be at least 1", path.display(), rc[0], rc[1]);
+            }
+            grids.push(TileGrid { rows: rc[0] as usize, cols: rc[1] as usize });
+        }
+        grids
+    } else {
+        if px.shape()[0] != ids_shape[0] {
+            bail!(
+                "{}: pixel_values holds {} images but input_ids {} samples",
+                path.display(),
+                px.shape()[0],
+                ids_shape[0]
+            );
+        }
+        Vec::new()
+    };
     Ok(Batch {
         batch: ids_shape[0],
         seq: ids_shape[1],
         pixel_values: decode(px.data(), px.dtype()),
+        tile_grids,
         has_image: vec![true; ids_shape[0]],
         input_ids,
         labels,

@@ -53,6 +53,7 @@ pub fn evaluate<B: Backend>(be: &B, model: &mut Vlm<B>, ds: &Dataset, max_new_to
                 batch: 1,
                 seq: ids.len(),
                 pixel_values: ex.pixels.clone().unwrap_or_default(),
+                tile_grids: ex.grid.into_iter().collect(),
                 has_image: vec![ex.pixels.is_some()],
                 input_ids: ids.clone(),
                 labels: vec![IGNORE_INDEX; ids.len()],

@@ -197,7 +197,8 @@ fn run(cli: Cli) -> Result<()> {
             let params = ParamStore::from_dir(&be, &cfg, &model)?;
             let mut vlm = Vlm::new(&cfg, params, false);
             let data_cfg = match (data, config) {
-                (Some(dir), _) => Dataset::demo_config(&dir),
+                // The model's config.json says how its images were prepared.
+                (Some(dir), _) => Dataset::demo_config(&dir).with_model_image_preprocessing(&model)?,
                 (None, Some(job)) => {
                     let job = TrainJob::from_file(&job)?;
                     let d = job.data.context("the job config has no [data] section")?;

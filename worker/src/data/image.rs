@@ -51,12 +51,14 @@
 //!
 //! EXIF orientation is ignored, as `PIL.Image.open` (and so VILA) ignores it.
 //!
-//! Dynamic S2 (NVILA's aspect-ratio-aware grid at the largest scale) is only
-//! a cost and grid computation here ([`dynamic_s2_grid`], [`S2Tiling`]): the
-//! model supports static square S2 only, and [`load_image`] always produces
-//! the square input of static S2.
+//! Dynamic S2 ([`AspectMode::DynamicS2`], NVILA's aspect-ratio-aware tile
+//! grid at the largest scale) resizes the decoded image once per scale and
+//! hands the model its tiles ([`load_image_dynamic_s2`]); the grid, and so
+//! the tile count and the cost, also come from the header alone
+//! ([`tiles_for`]).
 
 use super::BadSample;
+use crate::engine::TileGrid;
 use crate::model::config::S2Config;
 use image::{DynamicImage, ImageDecoder, ImageFormat, ImageReader, Limits};
 use rayon::prelude::*;
@@ -85,6 +87,12 @@ pub enum AspectMode {
     Resize,
     /// Pad to a square with the mean colour, then resize (`expand2square`).
     Pad,
+    /// NVILA's dynamic S2: every smaller scale is a square cut into `n x n`
+    /// tiles, and the largest is resized to the `rows x cols` tile grid whose
+    /// aspect ratio is closest to the image's ([`dynamic_s2_grid`], between
+    /// `(largest / tile)^2` and [`ImageConfig::max_tiles`] tiles). The tiles
+    /// go to the model as they are ([`load_image_dynamic_s2`]).
+    DynamicS2,
 }
 
 /// Which Pillow release's bicubic resize to reproduce. 8-bit bicubic output
@@ -118,19 +126,6 @@ impl PillowOrder {
     }
 }
 
-/// How the largest S2 scale is tiled, for cost accounting.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case", tag = "kind", deny_unknown_fields)]
-pub enum S2Tiling {
-    /// Every scale is a square of `(scale / max_split_size)^2` tiles.
-    #[default]
-    Static,
-    /// NVILA's dynamic S2: the last scale uses the tile grid whose aspect
-    /// ratio is closest to the image's, with between `(last / split)^2` and
-    /// `max_tiles` tiles. Cost accounting only (see the module docs).
-    Dynamic { max_tiles: usize },
-}
-
 /// Image preprocessing settings of a job.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -147,8 +142,13 @@ pub struct ImageConfig {
     /// anything is allocated.
     #[serde(default = "default_max_decode_bytes")]
     pub max_decode_bytes: u64,
+    /// Dynamic S2: the most tiles the largest scale may be cut into (NVILA: 12).
+    #[serde(default = "default_max_tiles")]
+    pub max_tiles: usize,
+    /// Dynamic S2: the tile side (the first S2 scale, `max_split_size`); 0
+    /// means `size`.
     #[serde(default)]
-    pub tiling: S2Tiling,
+    pub tile_size: usize,
     /// The Pillow release whose resize is reproduced bit for bit.
     #[serde(default)]
     pub pillow: PillowOrder,
@@ -162,6 +162,10 @@ fn default_max_decode_bytes() -> u64 {
     DEFAULT_MAX_DECODE_BYTES
 }
 
+fn default_max_tiles() -> usize {
+    12
+}
+
 impl ImageConfig {
     /// Mode `resize`, static S2 and the default limits.
     pub fn new(size: usize) -> Self {
@@ -170,8 +174,38 @@ impl ImageConfig {
             mode: AspectMode::Resize,
             max_pixels: PIL_MAX_PIXELS,
             max_decode_bytes: DEFAULT_MAX_DECODE_BYTES,
-            tiling: S2Tiling::Static,
+            max_tiles: default_max_tiles(),
+            tile_size: 0,
             pillow: PillowOrder::Pillow13,
+        }
+    }
+
+    /// Dynamic S2's tile side.
+    pub fn tile(&self) -> usize {
+        if self.tile_size == 0 {
+            self.size
+        } else {
+            self.tile_size
+        }
+    }
+
+    /// Dynamic S2: the largest scale's tile grid for a `w x h` image, with at
+    /// least the `(size / tile)^2` tiles of the static grid.
+    pub fn dynamic_grid(&self, w: u32, h: u32) -> TileGrid {
+        let n = self.size / self.tile().max(1);
+        let (cols, rows) = dynamic_s2_grid(w, h, self.tile(), n * n, self.max_tiles);
+        TileGrid { rows, cols }
+    }
+
+    /// `(width, height)` of the largest resize of a `w x h` image: the square
+    /// `size x size`, or the dynamic S2 grid's `cols * tile x rows * tile`.
+    pub fn resize_output(&self, w: u32, h: u32) -> (usize, usize) {
+        match self.mode {
+            AspectMode::Resize | AspectMode::Pad => (self.size, self.size),
+            AspectMode::DynamicS2 => {
+                let g = self.dynamic_grid(w, h);
+                (g.cols * self.tile(), g.rows * self.tile())
+            }
         }
     }
 }
@@ -283,16 +317,15 @@ fn open_decoder<'a, R: BufRead + Seek + 'a>(
     check_pixels(path, dims.0, dims.1, cfg.max_pixels)?;
     let work = resize_work_bytes(dims.0 as usize, dims.1 as usize, cfg);
     if work > cfg.max_decode_bytes {
+        let (ow, oh) = cfg.resize_output(dims.0, dims.1);
         return Err(ImageError::TooLarge {
             path: path.to_path_buf(),
             width: dims.0,
             height: dims.1,
             reason: format!(
-                "resizing it to {size} x {size} ({:?}) needs about {work} bytes, over the limit of {} \
+                "resizing it to {ow} x {oh} ({:?}) needs about {work} bytes, over the limit of {} \
                  (max_decode_bytes); refused before decoding",
-                cfg.mode,
-                cfg.max_decode_bytes,
-                size = cfg.size
+                cfg.mode, cfg.max_decode_bytes,
             ),
         });
     }
@@ -478,14 +511,67 @@ pub fn preprocess_rgb8(rgb: &[u8], w: usize, h: usize, cfg: &ImageConfig) -> Vec
     normalize_chw(&resized, cfg.size)
 }
 
+/// Dynamic S2 ([`AspectMode::DynamicS2`]): loads an image as NVILA's
+/// `dynamic_s2_preprocess` and the SigLIP processor prepare it. Each scale is
+/// its own PIL bicubic resize of the decoded image (not of the largest
+/// scale, as with static S2): to `n * tile` square for a smaller scale, to
+/// `cols * tile x rows * tile` for the largest ([`ImageConfig::dynamic_grid`]).
+/// Each resize is cut into tiles row by row and every tile normalized.
+/// Returns the tiles, `[T, 3, tile, tile]` scale after scale, and the largest
+/// scale's grid. `s2` must be the model's S2 config that `cfg` was made for.
+pub fn load_image_dynamic_s2(
+    path: &Path,
+    cfg: &ImageConfig,
+    s2: &S2Config,
+) -> Result<(Vec<f32>, TileGrid), ImageError> {
+    if cfg.size == 0 || cfg.tile() == 0 || cfg.tile() != s2.max_split_size || cfg.size != s2.max_scale() {
+        return Err(ImageError::Config(format!(
+            "dynamic S2 tiles of {} px up to {} px do not match the model's S2 scales {:?} (max_split_size {})",
+            cfg.tile(),
+            cfg.size,
+            s2.scales,
+            s2.max_split_size
+        )));
+    }
+    let (rgb, w, h) = decode_rgb8(path, cfg)?;
+    Ok(preprocess_dynamic_s2(&rgb, w, h, cfg, s2))
+}
+
+/// The steps of [`load_image_dynamic_s2`] after decoding.
+///
+/// Panics if `rgb.len() != w * h * 3` or the image is empty.
+pub fn preprocess_dynamic_s2(rgb: &[u8], w: usize, h: usize, cfg: &ImageConfig, s2: &S2Config) -> (Vec<f32>, TileGrid) {
+    assert_eq!(rgb.len(), w * h * 3, "preprocess_dynamic_s2: buffer is not {w} x {h} x 3");
+    let t = cfg.tile();
+    let last = cfg.dynamic_grid(w as u32, h as u32);
+    let grids = s2.dynamic_grids(last);
+    let mut out = Vec::with_capacity(grids.iter().map(TileGrid::count).sum::<usize>() * 3 * t * t);
+    let mut tile = vec![0u8; t * t * 3];
+    for grid in grids {
+        let ow = grid.cols * t;
+        let resized = resize_bicubic_pil_with(rgb, w, h, 3, ow, grid.rows * t, cfg.pillow);
+        for i in 0..grid.rows {
+            for j in 0..grid.cols {
+                for (y, dst) in tile.chunks_exact_mut(t * 3).enumerate() {
+                    let from = ((i * t + y) * ow + j * t) * 3;
+                    dst.copy_from_slice(&resized[from..from + t * 3]);
+                }
+                out.extend(normalize_chw(&tile, t));
+            }
+        }
+    }
+    (out, last)
+}
+
 /// Pad (mode `pad`) and resize to `cfg.size` square, uint8 HWC: the image
-/// PIL hands to the SigLIP processor.
+/// PIL hands to the SigLIP processor. Mode `dynamic_s2` resizes as
+/// `resize` does (the square static S2 would use).
 ///
 /// Panics if `rgb.len() != w * h * 3` or the image is empty.
 pub fn resize_rgb8(rgb: &[u8], w: usize, h: usize, cfg: &ImageConfig) -> Vec<u8> {
     assert_eq!(rgb.len(), w * h * 3, "resize_rgb8: buffer is not {w} x {h} x 3");
     let size = cfg.size;
-    if cfg.mode == AspectMode::Resize || w == h {
+    if cfg.mode != AspectMode::Pad || w == h {
         return resize_bicubic_pil_with(rgb, w, h, 3, size, size, cfg.pillow);
     }
     // expand2square, without building the square.
@@ -532,22 +618,25 @@ fn normalize_chw(hwc: &[u8], size: usize) -> Vec<f32> {
 /// [`ImageConfig::max_decode_bytes`] by this measure too. (Pillow would build
 /// a 10^12-pixel square there.)
 pub fn resize_work_bytes(w: usize, h: usize, cfg: &ImageConfig) -> u64 {
-    let (w, h, out, c) = (w as u64, h as u64, cfg.size as u64, 3u64);
-    if out == 0 || w == 0 || h == 0 {
+    if cfg.size == 0 || w == 0 || h == 0 {
         return 0;
     }
+    let (ow, oh) = cfg.resize_output(w.min(u32::MAX as usize) as u32, h.min(u32::MAX as usize) as u32);
+    let (w, h, ow, oh, c) = (w as u64, h as u64, ow as u64, oh as u64, 3u64);
     let (cw, ch) = match cfg.mode {
         AspectMode::Pad => (w.max(h), w.max(h)),
-        AspectMode::Resize => (w, h),
+        AspectMode::Resize | AspectMode::DynamicS2 => (w, h),
     };
-    let coeffs = |n: u64| {
-        let support = 2.0 * (n as f64 / out as f64).max(1.0);
+    let coeffs = |n: u64, out: u64| {
+        let support = 2.0 * (n as f64 / out.max(1) as f64).max(1.0);
         let ksize = support.ceil() as u64 * 2 + 1;
         out.saturating_mul(ksize).saturating_mul(8)
     };
-    let horizontal_first = cfg.pillow.horizontal_first(cw as usize, ch as usize, out as usize, out as usize);
-    let tmp = if horizontal_first { ch.saturating_mul(out) } else { cw.saturating_mul(out) }.saturating_mul(c);
-    tmp.saturating_add(out * out * c).saturating_add(coeffs(cw)).saturating_add(coeffs(ch))
+    let horizontal_first = cfg.pillow.horizontal_first(cw as usize, ch as usize, ow as usize, oh as usize);
+    let tmp = if horizontal_first { ch.saturating_mul(ow) } else { cw.saturating_mul(oh) }.saturating_mul(c);
+    tmp.saturating_add(ow.saturating_mul(oh).saturating_mul(c))
+        .saturating_add(coeffs(cw, ow))
+        .saturating_add(coeffs(ch, oh))
 }
 
 // ---------------------------------------------------------------------------
@@ -1099,14 +1188,9 @@ pub fn dynamic_s2_grid(w: u32, h: u32, base: usize, min_tiles: usize, max_tiles:
 /// the square grids of every scale but the last, plus the dynamic grid of the
 /// last (1 + cols * rows for two scales).
 pub fn tiles_for(cfg: &ImageConfig, s2: &S2Config, w: u32, h: u32) -> usize {
-    match cfg.tiling {
-        S2Tiling::Static => s2.tiles_per_image(),
-        S2Tiling::Dynamic { max_tiles } => {
-            let splits = s2.splits();
-            let Some((&last, rest)) = splits.split_last() else { return 0 };
-            let (cols, rows) = dynamic_s2_grid(w, h, s2.max_split_size, last * last, max_tiles);
-            rest.iter().map(|n| n * n).sum::<usize>() + cols * rows
-        }
+    match cfg.mode {
+        AspectMode::Resize | AspectMode::Pad => s2.tiles_per_image(),
+        AspectMode::DynamicS2 => s2.dynamic_tiles(cfg.dynamic_grid(w, h)),
     }
 }
 
@@ -1209,6 +1293,43 @@ mod tests {
             }
         }
         eprintln!("{}", report.join("\n"));
+    }
+
+    /// Dynamic S2 tiles against NVILA's `dynamic_s2_preprocess` + the SigLIP
+    /// processor (PNG, so bit for bit), grid and tile order included; the
+    /// header-only tile count agrees.
+    #[test]
+    fn dynamic_s2_tiles_match_nvila() {
+        let m = manifest();
+        let d = &m["dynamic_s2_tiles"];
+        let scales: Vec<usize> = d["scales"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as usize).collect();
+        let tile = d["tile"].as_u64().unwrap() as usize;
+        let s2 = S2Config { scales: scales.clone(), max_split_size: tile };
+        let cfg = ImageConfig {
+            mode: AspectMode::DynamicS2,
+            max_tiles: d["max_tiles"].as_u64().unwrap() as usize,
+            tile_size: tile,
+            pillow: manifest_pillow(&m),
+            ..ImageConfig::new(*scales.last().unwrap())
+        };
+        for case in d["cases"].as_array().unwrap() {
+            let path = fixtures().join(case["image"].as_str().unwrap());
+            let want_grid = TileGrid {
+                rows: case["rows"].as_u64().unwrap() as usize,
+                cols: case["cols"].as_u64().unwrap() as usize,
+            };
+            assert_ne!(want_grid.rows, want_grid.cols, "the fixtures are non-square grids");
+            let (tiles, grid) = load_image_dynamic_s2(&path, &cfg, &s2).unwrap();
+            assert_eq!(grid, want_grid, "{path:?}");
+            let want = read_f32(&fixtures().join(case["expected"].as_str().unwrap()));
+            assert_eq!(tiles.len(), case["tiles"].as_u64().unwrap() as usize * 3 * tile * tile);
+            assert_eq!(tiles, want, "{path:?}: tiles differ from NVILA's");
+            assert_eq!(header_tiles(&path, &cfg, &s2).unwrap(), case["tiles"].as_u64().unwrap() as usize);
+        }
+        // A config made for other scales is refused, not silently mis-tiled.
+        let other = S2Config { scales: vec![10, 30], max_split_size: 10 };
+        let err = load_image_dynamic_s2(&fixtures().join("rgb_37x23.png"), &cfg, &other).unwrap_err();
+        assert!(matches!(err, ImageError::Config(_)), "{err}");
     }
 
     #[test]
@@ -1653,11 +1774,12 @@ mod tests {
         assert_eq!(c, ImageConfig::new(768));
         assert_eq!(c.max_pixels, 178_956_970);
         let c: ImageConfig = serde_json::from_str(
-            r#"{"size": 768, "mode": "pad", "max_pixels": 5, "tiling": {"kind": "dynamic", "max_tiles": 12}}"#,
+            r#"{"size": 768, "mode": "dynamic_s2", "max_pixels": 5, "max_tiles": 6, "tile_size": 384}"#,
         )
         .unwrap();
-        assert_eq!(c.mode, AspectMode::Pad);
-        assert_eq!(c.tiling, S2Tiling::Dynamic { max_tiles: 12 });
+        assert_eq!(c.mode, AspectMode::DynamicS2);
+        assert_eq!((c.max_tiles, c.tile()), (6, 384));
+        assert_eq!(ImageConfig::new(768).tile(), 768, "tile_size 0 means one tile of `size`");
         assert_eq!(c.pillow, PillowOrder::Pillow13);
         let legacy: ImageConfig = serde_json::from_str(r#"{"size": 8, "pillow": "legacy"}"#).unwrap();
         assert_eq!(legacy.pillow, PillowOrder::Legacy);
@@ -1698,12 +1820,16 @@ mod tests {
         let s2 = S2Config { scales: vec![384, 768], max_split_size: 384 };
         let stat = ImageConfig::new(768);
         assert_eq!(tiles_for(&stat, &s2, 1000, 500), 5);
-        let dynamic = ImageConfig { tiling: S2Tiling::Dynamic { max_tiles: 12 }, ..ImageConfig::new(768) };
+        let dynamic = ImageConfig { mode: AspectMode::DynamicS2, tile_size: 384, ..ImageConfig::new(768) };
         assert_eq!(tiles_for(&dynamic, &s2, 1000, 500), 1 + 8);
         assert_eq!(tiles_for(&dynamic, &s2, 384, 384), 1 + 4);
         let three = S2Config { scales: vec![384, 768, 1152], max_split_size: 384 };
         assert_eq!(tiles_for(&stat, &three, 10, 10), 1 + 4 + 9);
-        assert_eq!(tiles_for(&dynamic, &three, 4000, 300), 1 + 4 + 12);
+        let dynamic3 = ImageConfig { size: 1152, ..dynamic.clone() };
+        assert_eq!(tiles_for(&dynamic3, &three, 4000, 300), 1 + 4 + 12);
+        // The largest scale's grid never has fewer tiles than the static one.
+        assert_eq!(dynamic3.dynamic_grid(4000, 300), TileGrid { rows: 1, cols: 12 });
+        assert_eq!(dynamic3.dynamic_grid(10, 10), TileGrid { rows: 3, cols: 3 });
         // From a file: the 50x33 JPEG is wider than tall.
         let jpg = fixtures().join("q90_50x33.jpg");
         assert_eq!(header_tiles(&jpg, &stat, &s2).unwrap(), 5);

@@ -7,14 +7,16 @@
 //! that epoch. A resumed run asks for the same steps and sees the same samples.
 
 use super::dataset::{contribution, mix, read_dataset, DatasetSpec};
-use super::image::{header_tiles, load_image, AspectMode, ImageConfig};
+use super::image::{header_tiles, load_image, load_image_dynamic_s2, AspectMode, ImageConfig};
 use super::template::{tokenize, TemplateKind, Tokenized};
 use super::{BadSample, OnBadSample, Sample};
-use crate::model::{Batch, ModelConfig};
+use crate::engine::TileGrid;
+use crate::model::config::S2Config;
+use crate::model::{hf_config, Batch, ModelConfig};
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use std::collections::HashSet;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 /// The `[data]` section of a job config.
@@ -29,9 +31,14 @@ pub struct DataConfig {
     pub tokenizer: PathBuf,
     #[serde(default = "default_template")]
     pub template: TemplateKind,
-    /// `resize` (VILA S2 models) or `pad`.
+    /// `resize` (VILA 1.5 S2 models), `pad`, or `dynamic_s2` (NVILA: the
+    /// largest S2 scale is cut into the tile grid closest to the image's
+    /// aspect ratio, at most `max_tiles` tiles).
     #[serde(default)]
     pub image_aspect_ratio: AspectMode,
+    /// `dynamic_s2` only: the most tiles of the largest scale (NVILA: 12).
+    #[serde(default = "default_max_tiles")]
+    pub max_tiles: usize,
     /// Images whose header declares more pixels are refused before decoding.
     #[serde(default = "default_max_pixels")]
     pub max_pixels: u64,
@@ -52,8 +59,54 @@ fn default_template() -> TemplateKind {
 fn default_max_pixels() -> u64 {
     ImageConfig::new(1).max_pixels
 }
+fn default_max_tiles() -> usize {
+    ImageConfig::new(1).max_tiles
+}
 fn default_prefetch() -> usize {
     2
+}
+
+impl DataConfig {
+    /// Records in a model directory's `config.json` how its images were
+    /// prepared, as VILA and NVILA read it: `image_aspect_ratio` ("resize",
+    /// "pad" or "dynamic_s2"), and for dynamic S2 `dynamic_s2: true` and
+    /// `max_tiles`.
+    pub fn record_image_preprocessing(&self, model_dir: &Path) -> Result<()> {
+        let mode = serde_json::to_value(self.image_aspect_ratio)?;
+        let dynamic = self.image_aspect_ratio == AspectMode::DynamicS2;
+        let max_tiles = self.max_tiles;
+        hf_config::update_top_config(model_dir, |top| {
+            top.insert("image_aspect_ratio".into(), mode);
+            if dynamic {
+                top.insert("dynamic_s2".into(), true.into());
+                top.insert("max_tiles".into(), max_tiles.into());
+            } else {
+                top.remove("dynamic_s2");
+                top.remove("max_tiles");
+            }
+        })
+    }
+
+    /// Takes `image_aspect_ratio` and `max_tiles` from a model directory's
+    /// `config.json`, so a saved model is evaluated on images prepared the
+    /// way it was trained. Keys that are absent leave the setting as it is.
+    pub fn with_model_image_preprocessing(mut self, model_dir: &Path) -> Result<Self> {
+        let (path, top) = hf_config::read_top_config(model_dir)?;
+        if let Some(v) = top.get("image_aspect_ratio") {
+            self.image_aspect_ratio = serde_json::from_value(v.clone()).map_err(|_| {
+                anyhow::anyhow!(
+                    "{path}: image_aspect_ratio is {v}; Tessera prepares \"resize\", \"pad\" or \"dynamic_s2\""
+                )
+            })?;
+        }
+        if let Some(v) = top.get("max_tiles") {
+            self.max_tiles = v
+                .as_u64()
+                .and_then(|n| usize::try_from(n).ok())
+                .ok_or_else(|| anyhow::anyhow!("{path}: max_tiles is {v}; expected a positive integer"))?;
+        }
+        Ok(self)
+    }
 }
 
 /// One sample ready for the collator.
@@ -61,8 +114,11 @@ fn default_prefetch() -> usize {
 pub struct Example {
     pub id: String,
     pub tokens: Tokenized,
-    /// `[3, S, S]` normalized, for samples with an image.
+    /// `[3, S, S]` normalized, for samples with an image; with dynamic S2,
+    /// the image's tiles (see `Batch::pixel_values`).
     pub pixels: Option<Vec<f32>>,
+    /// Dynamic S2: the largest scale's tile grid.
+    pub grid: Option<TileGrid>,
 }
 
 /// What a sample costs to train on, known without decoding its image: the
@@ -79,6 +135,8 @@ pub struct SampleCost {
 pub struct Dataset {
     pub cfg: DataConfig,
     pub image: ImageConfig,
+    /// The model's S2 scales the images are cut for.
+    s2: S2Config,
     pub max_len: usize,
     parts: Vec<(DatasetSpec, Vec<Sample>)>,
     tokenizer: tokenizers::Tokenizer,
@@ -107,6 +165,7 @@ impl Dataset {
             tokenizer: dir.join("tokenizer.json"),
             template: default_template(),
             image_aspect_ratio: AspectMode::Resize,
+            max_tiles: default_max_tiles(),
             max_pixels: default_max_pixels(),
             max_length: None,
             on_bad_sample: OnBadSample::Skip,
@@ -147,11 +206,25 @@ impl Dataset {
             size: model.s2.max_scale(),
             mode: cfg.image_aspect_ratio,
             max_pixels: cfg.max_pixels,
+            max_tiles: cfg.max_tiles,
+            tile_size: model.s2.max_split_size,
             ..ImageConfig::new(model.s2.max_scale())
         };
+        if cfg.image_aspect_ratio == AspectMode::DynamicS2 {
+            let n = model.s2.splits().last().copied().unwrap_or(1);
+            if cfg.max_tiles < n * n {
+                bail!(
+                    "data.max_tiles: {} is fewer than the {} tiles of the largest S2 scale ({n} x {n} tiles of {} px); dynamic_s2 needs at least that many",
+                    cfg.max_tiles,
+                    n * n,
+                    model.s2.max_split_size
+                );
+            }
+        }
         Ok(Dataset {
             cfg: cfg.clone(),
             image,
+            s2: model.s2.clone(),
             max_len,
             parts,
             tokenizer,
@@ -202,11 +275,16 @@ impl Dataset {
     pub fn example(&self, part: usize, index: usize) -> Result<Example, BadSample> {
         let s = &self.parts[part].1[index];
         let tokens = tokenize(s, self.cfg.template, &self.tokenizer, self.max_len)?;
-        let pixels = match &s.image {
-            Some(p) => Some(load_image(p, &self.image).map_err(|e| BadSample::new(&s.id, e.to_string()))?),
-            None => None,
+        let bad = |e: super::image::ImageError| BadSample::new(&s.id, e.to_string());
+        let (pixels, grid) = match (&s.image, self.image.mode) {
+            (None, _) => (None, None),
+            (Some(p), AspectMode::DynamicS2) => {
+                let (tiles, grid) = load_image_dynamic_s2(p, &self.image, &self.s2).map_err(bad)?;
+                (Some(tiles), Some(grid))
+            }
+            (Some(p), AspectMode::Resize | AspectMode::Pad) => (Some(load_image(p, &self.image).map_err(bad)?), None),
         };
-        Ok(Example { id: s.id.clone(), tokens, pixels })
+        Ok(Example { id: s.id.clone(), tokens, pixels, grid })
     }
 
     /// The sample at position `pos` of the stream: `order(pos / len)[pos % len]`.
@@ -292,6 +370,7 @@ pub fn collate(examples: &[Example]) -> Batch {
         if let Some(p) = &e.pixels {
             b.pixel_values.extend(p);
         }
+        b.tile_grids.extend(e.grid);
     }
     b
 }
@@ -382,6 +461,7 @@ mod tests {
             tokenizer: dir.join("tokenizer.json"),
             template: TemplateKind::VicunaV1,
             image_aspect_ratio: AspectMode::Resize,
+            max_tiles: 12,
             max_pixels: 1 << 30,
             max_length: None,
             on_bad_sample: OnBadSample::Skip,
@@ -408,6 +488,90 @@ mod tests {
         let b = ds.load_step(5, 3, 0).unwrap();
         b.batch.prepare(&model).unwrap();
         assert_eq!(b.batch.pixel_values.len(), 3 * 3 * 40 * 40);
+    }
+
+    /// Dynamic S2 end to end through the loader: wide and tall images get
+    /// their own grids, the header cost counts exactly the tiles the batch
+    /// carries, and the tiny model trains on the batch.
+    #[test]
+    fn dynamic_s2_batches_carry_per_image_grids_and_match_the_header_cost() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut cfg, model) = demo(dir.path(), 6);
+        cfg.image_aspect_ratio = AspectMode::DynamicS2;
+        cfg.max_tiles = 6;
+        // Replace two demo images by a wide and a tall one.
+        for (i, (w, h)) in [(0, (90u32, 30u32)), (1, (20, 70))] {
+            let img =
+                image::RgbImage::from_fn(w, h, |x, y| image::Rgb([(x * 7) as u8, (y * 5) as u8, ((x + y) * 3) as u8]));
+            img.save(dir.path().join(format!("images/train_{i:05}.png"))).unwrap();
+        }
+        let ds = Dataset::open(&cfg, &model).unwrap();
+        let refs: Vec<(usize, usize)> = (0..6).map(|i| (0, i)).collect();
+        let b = ds.load_samples(&refs, 0).unwrap();
+        assert!(b.bad.is_empty(), "{:?}", b.bad);
+        let grids = &b.batch.tile_grids;
+        assert_eq!(grids.len(), 6);
+        assert_eq!(grids[0], TileGrid { rows: 1, cols: 4 }, "90 x 30 is wide");
+        assert_eq!(grids[1], TileGrid { rows: 4, cols: 1 }, "20 x 70 is tall");
+        assert!(grids[2..].iter().all(|&g| g == TileGrid::square(2)), "square demo images keep 2 x 2");
+        let prep = b.batch.prepare(&model).unwrap();
+        let header: usize = refs.iter().map(|&(p, i)| ds.cost(&model, p, i).unwrap().tiles).sum();
+        assert_eq!(prep.tiles, header, "the cost counts the tiles the model runs");
+        assert_eq!(prep.tiles, 6 * 5);
+        // The tiny model trains on it: the loss drops on repeated steps.
+        use crate::engine::Backend;
+        let be = crate::engine::cpu::Cpu::<f32>::new();
+        let mut vlm = crate::model::Vlm::new(&model, crate::model::ParamStore::init(&be, &model, 1), false);
+        let mut losses = Vec::new();
+        for _ in 0..3 {
+            vlm.params.zero_grads(&be);
+            losses.push(vlm.forward_backward(&be, &b.batch, None).unwrap().mean());
+            for i in 0..vlm.params.values.len() {
+                let g = vlm.params.grads[i].clone();
+                be.axpy(-0.05, &g, &mut vlm.params.values[i]);
+            }
+        }
+        assert!(losses.iter().all(|l| l.is_finite()) && losses[2] < losses[0], "{losses:?}");
+
+        cfg.max_tiles = 3;
+        let err = Dataset::open(&cfg, &model).err().expect("too few tiles");
+        assert!(err.to_string().contains("data.max_tiles"), "{err}");
+    }
+
+    /// A saved model says how its images were prepared (VILA/NVILA keys), and
+    /// evaluating it from the model directory prepares them the same way.
+    #[test]
+    fn model_dir_records_and_restores_image_preprocessing() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut cfg, model) = demo(dir.path(), 2);
+        let m = dir.path().join("model");
+        hf_config::write_model_config(&m, &model).unwrap();
+        let top = |m: &Path| hf_config::read_top_config(m).unwrap().1;
+        assert_eq!(top(&m)["image_aspect_ratio"], "resize");
+        cfg.image_aspect_ratio = AspectMode::DynamicS2;
+        cfg.max_tiles = 6;
+        cfg.record_image_preprocessing(&m).unwrap();
+        let t = top(&m);
+        assert_eq!(
+            (&t["image_aspect_ratio"], &t["dynamic_s2"], &t["max_tiles"]),
+            (&"dynamic_s2".into(), &true.into(), &6.into())
+        );
+        assert_eq!(hf_config::read_model_config(&m).unwrap(), model, "the model config still reads");
+        let restored = Dataset::demo_config(dir.path()).with_model_image_preprocessing(&m).unwrap();
+        assert_eq!((restored.image_aspect_ratio, restored.max_tiles), (AspectMode::DynamicS2, 6));
+        // Back to static: the dynamic keys go.
+        cfg.image_aspect_ratio = AspectMode::Pad;
+        cfg.record_image_preprocessing(&m).unwrap();
+        let t = top(&m);
+        assert_eq!(t["image_aspect_ratio"], "pad");
+        assert!(!t.contains_key("dynamic_s2") && !t.contains_key("max_tiles"));
+        // A preprocessing Tessera does not do is named, not ignored.
+        hf_config::update_top_config(&m, |t| {
+            t.insert("image_aspect_ratio".into(), "anyres".into());
+        })
+        .unwrap();
+        let err = Dataset::demo_config(dir.path()).with_model_image_preprocessing(&m).unwrap_err().to_string();
+        assert!(err.contains("config.json") && err.contains("anyres"), "{err}");
     }
 
     #[test]

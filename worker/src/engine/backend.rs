@@ -104,18 +104,43 @@ impl ImageShape {
     }
 }
 
-/// A stack of square token grids `[batch, side * side, channels]`, row-major
-/// over the grid, as a ViT emits them.
+/// A stack of token grids `[batch, rows * cols, channels]`, row-major over
+/// the grid, as a ViT emits them (square, `rows == cols`, except where
+/// dynamic S2 stitches a non-square tile grid).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct GridShape {
     pub batch: usize,
-    pub side: usize,
+    pub rows: usize,
+    pub cols: usize,
     pub channels: usize,
 }
 
 impl GridShape {
+    pub fn square(batch: usize, side: usize, channels: usize) -> Self {
+        GridShape { batch, rows: side, cols: side, channels }
+    }
+
     pub fn numel(&self) -> usize {
-        self.batch * self.side * self.side * self.channels
+        self.batch * self.rows * self.cols * self.channels
+    }
+}
+
+/// `rows x cols` blocks: the tile grid of one S2 scale (`n x n` for static
+/// S2, aspect-ratio-aware at the largest scale of dynamic S2), or the window
+/// of an area pooling.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct TileGrid {
+    pub rows: usize,
+    pub cols: usize,
+}
+
+impl TileGrid {
+    pub fn square(n: usize) -> Self {
+        TileGrid { rows: n, cols: n }
+    }
+
+    pub fn count(&self) -> usize {
+        self.rows * self.cols
     }
 }
 
@@ -310,14 +335,16 @@ pub trait Backend: Send + Sync + 'static {
     fn patchify(&self, src: &Self::Buf, shape: ImageShape, patch: usize, dst: &mut Self::Buf);
 
     // ---- S2 merge on token grids (with gradients) ----
-    /// Inverse of `tile_split` on ViT outputs: tiles of `src` starting at tile
-    /// index `src_tile_offset` (`n*n*out.batch` tiles of side `out.side / n`)
-    /// are stitched into `out`, one `[side, side]` grid per image.
+    /// Inverse of `tile_split` on ViT outputs: the `split.rows x split.cols`
+    /// tiles of every image, starting at tile index `src_tile_offset` (tile
+    /// `(i, j)` of image `b` is `src_tile_offset + (i * split.cols + j) *
+    /// out.batch + b`, each a `[rows / split.rows, cols / split.cols]` grid),
+    /// are stitched into `out`, one `[rows, cols]` grid per image.
     fn tile_merge_fwd(
         &self,
         src: &Self::Buf,
         src_tile_offset: usize,
-        n: usize,
+        split: TileGrid,
         out: &mut Self::Buf,
         out_shape: GridShape,
     );
@@ -325,13 +352,15 @@ pub trait Backend: Send + Sync + 'static {
         &self,
         dout: &Self::Buf,
         out_shape: GridShape,
-        n: usize,
+        split: TileGrid,
         dsrc: &mut Self::Buf,
         src_tile_offset: usize,
     );
-    /// Area interpolation by an integer factor: average over `factor x factor` windows.
-    fn area_pool_fwd(&self, src: &Self::Buf, src_shape: GridShape, factor: usize, dst: &mut Self::Buf);
-    fn area_pool_bwd(&self, ddst: &Self::Buf, src_shape: GridShape, factor: usize, dsrc: &mut Self::Buf);
+    /// Area interpolation by integer factors: the mean over each
+    /// `window.rows x window.cols` window, `[B, rows, cols, C]` to `[B, rows /
+    /// window.rows, cols / window.cols, C]`.
+    fn area_pool_fwd(&self, src: &Self::Buf, src_shape: GridShape, window: TileGrid, dst: &mut Self::Buf);
+    fn area_pool_bwd(&self, ddst: &Self::Buf, src_shape: GridShape, window: TileGrid, dsrc: &mut Self::Buf);
     /// Writes `src` (`[rows, width]`) into columns `col_offset..col_offset+width`
     /// of `dst` (`[rows, dst_width]`): channel concatenation.
     #[allow(clippy::too_many_arguments)]
@@ -356,7 +385,7 @@ pub trait Backend: Send + Sync + 'static {
     );
     /// VILA 1.5 DownSampleBlock: zero-pad an odd side, then merge each 2x2 block
     /// into one token of 4x the channels, column pairs outer (see DESIGN.md 1).
-    /// `src` is `[batch, side*side, C]`, `dst` is `[batch, (ceil(side/2))^2, 4C]`.
+    /// `src` is a square `[batch, side*side, C]`, `dst` is `[batch, (ceil(side/2))^2, 4C]`.
     fn downsample2x2_fwd(&self, src: &Self::Buf, src_shape: GridShape, dst: &mut Self::Buf);
     fn downsample2x2_bwd(&self, ddst: &Self::Buf, src_shape: GridShape, dsrc: &mut Self::Buf);
 

@@ -5,4 +5,4 @@ pub mod cpu;
 #[cfg(test)]
 pub(crate) mod testing;
 
-pub use backend::{AdamW, AttnShape, Backend, GeluKind, Gemm, GridShape, ImageShape, RopeShape};
+pub use backend::{AdamW, AttnShape, Backend, GeluKind, Gemm, GridShape, ImageShape, RopeShape, TileGrid};

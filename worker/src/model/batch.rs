@@ -2,6 +2,7 @@
 //! validation into the flat layout the model runs on.
 
 use super::config::{ModelConfig, IGNORE_INDEX, IMAGE_TOKEN_INDEX};
+use crate::engine::TileGrid;
 use anyhow::{bail, Result};
 
 /// Host-side batch (DESIGN.md section 4): `input_ids` and `labels` `[B, T]`,
@@ -9,11 +10,20 @@ use anyhow::{bail, Result};
 /// an image, in sample order. A sample with an image has exactly one -200
 /// token; a text-only sample has none. Samples may be right-padded (labels
 /// -100): the LLM is causal, so padding after a sample changes nothing in it.
+///
+/// Dynamic S2 (NVILA's aspect-ratio-aware grid, see `model/s2.rs`) sets
+/// `tile_grids`; `pixel_values` then holds tiles rather than whole images.
 #[derive(Clone, Debug, Default)]
 pub struct Batch {
     pub batch: usize,
     pub seq: usize,
+    /// Static S2 (`tile_grids` empty): `[N, C, S_max, S_max]`. Dynamic S2:
+    /// every image's tiles in turn, each `[C, base, base]` (base = the first
+    /// scale): the `n x n` tiles of each smaller scale, then the `rows x cols`
+    /// tiles of the largest, each scale's tiles row by row.
     pub pixel_values: Vec<f32>,
+    /// Dynamic S2 only: per image, the largest scale's tile grid.
+    pub tile_grids: Vec<TileGrid>,
     /// Per sample: whether it has an image.
     pub has_image: Vec<bool>,
     pub input_ids: Vec<i64>,
@@ -28,6 +38,8 @@ pub struct Prepared {
     pub seq: usize,
     /// Samples that have an image (the S2 batch size).
     pub images: usize,
+    /// ViT passes (S2 tiles) over all images.
+    pub tiles: usize,
     /// Token id per position, -1 where an image token goes.
     pub token_ids: Vec<i32>,
     /// Flat row (`b * seq + t`) of each image token, image-major.
@@ -54,15 +66,7 @@ impl Batch {
             bail!("has_image has {} entries for {b} samples", self.has_image.len());
         }
         let images = self.has_image.iter().filter(|&&x| x).count();
-        let s = cfg.s2.max_scale();
-        let ch = cfg.vision.num_channels;
-        if self.pixel_values.len() != images * ch * s * s {
-            bail!(
-                "pixel_values has {} values; expected [{images}, {ch}, {s}, {s}] = {} ({images} samples with an image, largest S2 scale {s})",
-                self.pixel_values.len(),
-                images * ch * s * s
-            );
-        }
+        let tiles = self.check_pixels(cfg, images)?;
         if self.input_ids.len() != b * t || self.labels.len() != b * t {
             bail!("input_ids and labels must both be [{b}, {t}]");
         }
@@ -131,11 +135,49 @@ impl Batch {
         if n_targets == 0 && need_targets {
             bail!("batch has no target token: every label is {IGNORE_INDEX} after the shift, so the loss is undefined");
         }
-        Ok(Prepared { batch: b, seq, images, token_ids, image_rows, targets, n_targets })
+        Ok(Prepared { batch: b, seq, images, tiles, token_ids, image_rows, targets, n_targets })
     }
 }
 
 impl Batch {
+    /// Checks `pixel_values` (and `tile_grids`) against the model and the
+    /// number of images; returns the number of ViT tiles.
+    fn check_pixels(&self, cfg: &ModelConfig, images: usize) -> Result<usize> {
+        let ch = cfg.vision.num_channels;
+        let tiles = if self.tile_grids.is_empty() {
+            let s = cfg.s2.max_scale();
+            if self.pixel_values.len() != images * ch * s * s {
+                bail!(
+                    "pixel_values has {} values; expected [{images}, {ch}, {s}, {s}] = {} ({images} samples with an image, largest S2 scale {s})",
+                    self.pixel_values.len(),
+                    images * ch * s * s
+                );
+            }
+            images * cfg.s2.tiles_per_image()
+        } else {
+            if self.tile_grids.len() != images {
+                bail!("tile_grids has {} entries for {images} samples with an image", self.tile_grids.len());
+            }
+            if let Some((i, g)) = self.tile_grids.iter().enumerate().find(|(_, g)| g.rows == 0 || g.cols == 0) {
+                bail!("tile_grids[{i}] is {} x {}; a tile grid needs at least one row and one column", g.rows, g.cols);
+            }
+            let base = cfg.vision.image_size;
+            let tiles: usize = self.tile_grids.iter().map(|&g| cfg.s2.dynamic_tiles(g)).sum();
+            if self.pixel_values.len() != tiles * ch * base * base {
+                bail!(
+                    "pixel_values has {} values; the tile grids need {tiles} dynamic S2 tiles of [{ch}, {base}, {base}] = {}",
+                    self.pixel_values.len(),
+                    tiles * ch * base * base
+                );
+            }
+            tiles
+        };
+        if let Some(i) = self.pixel_values.iter().position(|v| !v.is_finite()) {
+            bail!("pixel_values[{i}] is not finite ({})", self.pixel_values[i]);
+        }
+        Ok(tiles)
+    }
+
     /// A random but valid batch: pixels in [-1, 1], the image placeholder after
     /// a short prompt, and the second half of each sample as the answer.
     /// Deterministic in `seed`; used by tests and benchmarks.
@@ -160,7 +202,7 @@ impl Batch {
                 }
             }
         }
-        Batch { batch, seq, pixel_values, has_image: vec![true; batch], input_ids, labels }
+        Batch { batch, seq, pixel_values, tile_grids: Vec::new(), has_image: vec![true; batch], input_ids, labels }
     }
 }
 
@@ -174,6 +216,7 @@ mod tests {
             batch: 1,
             seq: ids.len(),
             pixel_values: vec![0.0; 3 * s * s],
+            tile_grids: Vec::new(),
             has_image: vec![true],
             input_ids: ids,
             labels,
@@ -205,6 +248,7 @@ mod tests {
             batch: 2,
             seq: 3,
             pixel_values: vec![0.0; 3 * s * s],
+            tile_grids: Vec::new(),
             has_image: vec![false, true],
             input_ids: vec![4, 5, 6, 7, -200, 8],
             labels: vec![-100, 5, 6, -100, -100, 8],

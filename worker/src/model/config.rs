@@ -4,6 +4,7 @@
 //! Hugging Face config.json files of a model directory (see `hf_config.rs`).
 //! Every config passes `validate` before a model is built from it.
 
+use crate::engine::TileGrid;
 use serde::{Deserialize, Serialize};
 
 /// SigLIP vision tower.
@@ -109,6 +110,19 @@ impl S2Config {
     }
     pub fn max_scale(&self) -> usize {
         *self.scales.last().unwrap_or(&0)
+    }
+    /// Dynamic S2: the tile grid of every scale for an image whose largest
+    /// scale is cut into `last` (the smaller scales stay `n x n`).
+    pub fn dynamic_grids(&self, last: TileGrid) -> Vec<TileGrid> {
+        let mut grids: Vec<TileGrid> = self.splits().into_iter().map(TileGrid::square).collect();
+        if let Some(g) = grids.last_mut() {
+            *g = last;
+        }
+        grids
+    }
+    /// Dynamic S2: ViT passes for an image whose largest scale is cut into `last`.
+    pub fn dynamic_tiles(&self, last: TileGrid) -> usize {
+        self.dynamic_grids(last).iter().map(TileGrid::count).sum()
     }
 }
 

@@ -436,6 +436,20 @@ fn write_json(dir: &Path, rel: &str, value: &Value) -> Result<()> {
     write_atomic(&path, text.as_bytes())
 }
 
+/// The top-level `config.json` of a model directory as a JSON object.
+pub fn read_top_config(dir: &Path) -> Result<(String, Map<String, Value>)> {
+    read_required_json(dir, TOP_CONFIG)
+}
+
+/// Rewrites the top-level `config.json` of a model directory with `edit`
+/// applied (for settings that live outside `ModelConfig`, such as how images
+/// are prepared).
+pub fn update_top_config(dir: &Path, edit: impl FnOnce(&mut Map<String, Value>)) -> Result<()> {
+    let (_, mut top) = read_top_config(dir)?;
+    edit(&mut top);
+    write_json(dir, TOP_CONFIG, &Value::Object(top))
+}
+
 /// Writes the four config.json files of a model directory (creating the
 /// folders) so that VILA and Hugging Face transformers can load them.
 pub fn write_model_config(dir: &Path, cfg: &ModelConfig) -> Result<()> {

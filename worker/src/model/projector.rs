@@ -51,7 +51,7 @@ impl<B: Backend> Projector<B> {
     }
 
     fn grid(&self, batch: usize) -> GridShape {
-        GridShape { batch, side: self.cfg.vision.grid(), channels: self.cfg.mm_hidden() }
+        GridShape::square(batch, self.cfg.vision.grid(), self.cfg.mm_hidden())
     }
 
     /// `features` `[batch, g^2, mm_hidden]` -> image tokens `[batch * m^2, llm_hidden]`.

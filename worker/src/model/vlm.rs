@@ -79,7 +79,11 @@ impl<B: Backend> Vlm<B> {
         let embed = self.llm.embed;
         if prep.images > 0 {
             let pixels = be.upload(&batch.pixel_values);
-            let features = self.s2.forward(be, &self.params, &pixels, prep.images);
+            let features = if batch.tile_grids.is_empty() {
+                self.s2.forward(be, &self.params, &pixels, prep.images)
+            } else {
+                self.s2.forward_dynamic(be, &self.params, &pixels, &batch.tile_grids)
+            };
             self.projector.forward(be, &self.params, features, prep.images);
         }
         let input = self.llm.input(be, prep.batch, prep.seq);
@@ -296,6 +300,7 @@ mod tests {
             batch: 1,
             seq: 8,
             pixel_values: vec![],
+            tile_grids: Vec::new(),
             has_image: vec![false],
             input_ids: vec![3, 9, 27, 81, 243, 17, 51, 153],
             labels: vec![-100, -100, -100, 81, 243, 17, 51, 153],
@@ -304,6 +309,7 @@ mod tests {
             batch: 2,
             seq: 8,
             pixel_values: img.pixel_values.clone(),
+            tile_grids: Vec::new(),
             has_image: vec![false, true],
             input_ids: [text.input_ids.clone(), img.input_ids.clone()].concat(),
             labels: [text.labels.clone(), img.labels.clone()].concat(),

@@ -183,7 +183,7 @@ fn train(
             let b = lb.batch;
             if b.batch > 0 {
                 let prep = b.prepare(&cfg)?;
-                tiles += prep.images * cfg.s2.tiles_per_image();
+                tiles += prep.tiles;
                 llm_tokens += prep.batch * prep.seq;
                 micro.push(b);
             }
@@ -228,6 +228,7 @@ fn train(
     if !spec.output_dir.is_empty() {
         let dir = PathBuf::from(&spec.output_dir);
         save_model_dir(&dir, &cfg, &vlm.params.to_host(&be), SaveDtype::F32, None)?;
+        data_cfg.record_image_preprocessing(&dir)?;
         tracing::info!(model = %dir.display(), "saved the model");
         saved = Some(spec.output_dir.clone());
     }

@@ -174,6 +174,9 @@ pub fn run_job(
     }
     if let Some(dir) = out {
         save_model_dir(dir, &cfg, &vlm.params.to_host(&be), SaveDtype::F32, None)?;
+        if let Some(d) = &job.data {
+            d.record_image_preprocessing(dir)?;
+        }
         log(&format!("saved model to {}", dir.display()));
     }
     Ok(report)

@@ -162,6 +162,7 @@ mod tests {
                 batch: 2,
                 seq: s,
                 pixel_values: full.pixel_values[lo * px..(lo + 2) * px].to_vec(),
+                tile_grids: Vec::new(),
                 has_image: vec![true; 2],
                 input_ids: full.input_ids[lo * s..(lo + 2) * s].to_vec(),
                 labels: full.labels[lo * s..(lo + 2) * s].to_vec(),

@@ -265,9 +265,10 @@ mod tests {
                 }
             }
         }
-        let gs = crate::engine::backend::GridShape { batch, side: size, channels };
+        let gs = crate::engine::backend::GridShape::square(batch, size, channels);
         let mut merged = vec![0.0; gs.numel()];
-        super::super::s2::tile_merge_fwd::<f64>(&grids, offset, n, &mut merged, gs);
+        let split = crate::engine::backend::TileGrid::square(n);
+        super::super::s2::tile_merge_fwd::<f64>(&grids, offset, split, &mut merged, gs);
         for b in 0..batch {
             for c in 0..channels {
                 for k in 0..size * size {

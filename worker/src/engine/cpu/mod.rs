@@ -289,17 +289,31 @@ impl<T: Real> Backend for Cpu<T> {
         image::patchify(src, shape, patch, dst)
     }
 
-    fn tile_merge_fwd(&self, src: &Vec<T>, src_tile_offset: usize, n: usize, out: &mut Vec<T>, out_shape: GridShape) {
-        s2::tile_merge_fwd(src, src_tile_offset, n, out, out_shape)
+    fn tile_merge_fwd(
+        &self,
+        src: &Vec<T>,
+        src_tile_offset: usize,
+        split: TileGrid,
+        out: &mut Vec<T>,
+        out_shape: GridShape,
+    ) {
+        s2::tile_merge_fwd(src, src_tile_offset, split, out, out_shape)
     }
-    fn tile_merge_bwd(&self, dout: &Vec<T>, out_shape: GridShape, n: usize, dsrc: &mut Vec<T>, src_tile_offset: usize) {
-        s2::tile_merge_bwd(dout, out_shape, n, dsrc, src_tile_offset)
+    fn tile_merge_bwd(
+        &self,
+        dout: &Vec<T>,
+        out_shape: GridShape,
+        split: TileGrid,
+        dsrc: &mut Vec<T>,
+        src_tile_offset: usize,
+    ) {
+        s2::tile_merge_bwd(dout, out_shape, split, dsrc, src_tile_offset)
     }
-    fn area_pool_fwd(&self, src: &Vec<T>, src_shape: GridShape, factor: usize, dst: &mut Vec<T>) {
-        s2::area_pool_fwd(src, src_shape, factor, dst)
+    fn area_pool_fwd(&self, src: &Vec<T>, src_shape: GridShape, window: TileGrid, dst: &mut Vec<T>) {
+        s2::area_pool_fwd(src, src_shape, window, dst)
     }
-    fn area_pool_bwd(&self, ddst: &Vec<T>, src_shape: GridShape, factor: usize, dsrc: &mut Vec<T>) {
-        s2::area_pool_bwd(ddst, src_shape, factor, dsrc)
+    fn area_pool_bwd(&self, ddst: &Vec<T>, src_shape: GridShape, window: TileGrid, dsrc: &mut Vec<T>) {
+        s2::area_pool_bwd(ddst, src_shape, window, dsrc)
     }
     fn concat_cols_fwd(
         &self,

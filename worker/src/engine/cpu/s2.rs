@@ -1,42 +1,56 @@
 //! Token-grid S2 ops with gradients: tile merge, area pooling, channel concat, 2x2 downsample.
 use super::{rows_per_task, Real};
-use crate::engine::backend::GridShape;
+use crate::engine::backend::{GridShape, TileGrid};
 use rayon::prelude::*;
 
-/// Tile side and values per tile for merging `n x n` tiles into `out_shape`.
-fn tile_dims(out_shape: GridShape, n: usize, what: &str) -> (usize, usize) {
+/// Tile rows, tile columns and values per tile for merging `split` tiles into `out_shape`.
+fn tile_dims(out_shape: GridShape, split: TileGrid, what: &str) -> (usize, usize, usize) {
     assert!(
-        n > 0 && out_shape.side.is_multiple_of(n),
-        "{what}: grid side {} is not a multiple of the split {n}",
-        out_shape.side
+        split.rows > 0
+            && split.cols > 0
+            && out_shape.rows.is_multiple_of(split.rows)
+            && out_shape.cols.is_multiple_of(split.cols),
+        "{what}: grid {} x {} is not a whole number of {} x {} tiles",
+        out_shape.rows,
+        out_shape.cols,
+        split.rows,
+        split.cols
     );
-    let st = out_shape.side / n;
-    (st, st * st * out_shape.channels)
+    let (th, tw) = (out_shape.rows / split.rows, out_shape.cols / split.cols);
+    (th, tw, th * tw * out_shape.channels)
 }
 
-/// Stitches `n x n` token-grid tiles back into one grid per image (s2wrapper's
-/// `merge_chessboard`). Tile `(i, j)` of image `b` is tile
-/// `src_tile_offset + (i * n + j) * out.batch + b` of `src`, a stack of
-/// `[st * st, C]` grids with `st = out.side / n`; `out` is `[batch, side^2, C]`.
-pub fn tile_merge_fwd<T: Real>(src: &[T], src_tile_offset: usize, n: usize, out: &mut [T], out_shape: GridShape) {
-    let GridShape { batch, side, channels } = out_shape;
-    let (st, tile_len) = tile_dims(out_shape, n, "tile_merge_fwd");
+/// Stitches `split.rows x split.cols` token-grid tiles back into one grid per
+/// image (s2wrapper's and NVILA's `merge_chessboard`). Tile `(i, j)` of image
+/// `b` is tile `src_tile_offset + (i * split.cols + j) * out.batch + b` of
+/// `src`, a stack of `[th * tw, C]` grids (`th = out.rows / split.rows`, `tw =
+/// out.cols / split.cols`); `out` is `[batch, rows * cols, C]`.
+pub fn tile_merge_fwd<T: Real>(
+    src: &[T],
+    src_tile_offset: usize,
+    split: TileGrid,
+    out: &mut [T],
+    out_shape: GridShape,
+) {
+    let GridShape { batch, rows, cols, channels } = out_shape;
+    let (th, tw, tile_len) = tile_dims(out_shape, split, "tile_merge_fwd");
     assert_eq!(out.len(), out_shape.numel(), "tile_merge_fwd: out length does not match {out_shape:?}");
+    let tiles = split.count() * batch;
     assert!(
-        src.len() >= (src_tile_offset + n * n * batch) * tile_len,
+        src.len() >= (src_tile_offset + tiles) * tile_len,
         "tile_merge_fwd: src is too short for tiles {src_tile_offset}..{}",
-        src_tile_offset + n * n * batch
+        src_tile_offset + tiles
     );
     if out.is_empty() {
         return;
     }
-    let seg = st * channels;
-    // One task per output grid row: n contiguous segments, one from each tile.
-    out.par_chunks_mut(side * channels).enumerate().for_each(|(gr, row)| {
-        let (b, r) = (gr / side, gr % side);
-        let (i, y) = (r / st, r % st);
+    let seg = tw * channels;
+    // One task per output grid row: split.cols contiguous segments, one from each tile.
+    out.par_chunks_mut(cols * channels).enumerate().for_each(|(gr, row)| {
+        let (b, r) = (gr / rows, gr % rows);
+        let (i, y) = (r / th, r % th);
         for (j, dst) in row.chunks_exact_mut(seg).enumerate() {
-            let tile = src_tile_offset + (i * n + j) * batch + b;
+            let tile = src_tile_offset + (i * split.cols + j) * batch + b;
             let from = tile * tile_len + y * seg;
             dst.copy_from_slice(&src[from..from + seg]);
         }
@@ -44,12 +58,18 @@ pub fn tile_merge_fwd<T: Real>(src: &[T], src_tile_offset: usize, n: usize, out:
 }
 
 /// Backward of [`tile_merge_fwd`]: adds each image's grid gradient back into its tiles.
-pub fn tile_merge_bwd<T: Real>(dout: &[T], out_shape: GridShape, n: usize, dsrc: &mut [T], src_tile_offset: usize) {
-    let GridShape { batch, side, channels } = out_shape;
-    let (st, tile_len) = tile_dims(out_shape, n, "tile_merge_bwd");
+pub fn tile_merge_bwd<T: Real>(
+    dout: &[T],
+    out_shape: GridShape,
+    split: TileGrid,
+    dsrc: &mut [T],
+    src_tile_offset: usize,
+) {
+    let GridShape { batch, rows, cols, channels } = out_shape;
+    let (th, tw, tile_len) = tile_dims(out_shape, split, "tile_merge_bwd");
     assert_eq!(dout.len(), out_shape.numel(), "tile_merge_bwd: dout length does not match {out_shape:?}");
     let start = src_tile_offset * tile_len;
-    let tiles = n * n * batch;
+    let tiles = split.count() * batch;
     assert!(
         dsrc.len() >= start + tiles * tile_len,
         "tile_merge_bwd: dsrc is too short for tiles {src_tile_offset}..{}",
@@ -58,12 +78,12 @@ pub fn tile_merge_bwd<T: Real>(dout: &[T], out_shape: GridShape, n: usize, dsrc:
     if tile_len == 0 {
         return;
     }
-    let seg = st * channels;
+    let seg = tw * channels;
     dsrc[start..start + tiles * tile_len].par_chunks_mut(tile_len).enumerate().for_each(|(t, tile)| {
         let b = t % batch;
-        let (i, j) = ((t / batch) / n, (t / batch) % n);
+        let (i, j) = ((t / batch) / split.cols, (t / batch) % split.cols);
         for (y, dst) in tile.chunks_exact_mut(seg).enumerate() {
-            let from = ((b * side + i * st + y) * side + j * st) * channels;
+            let from = ((b * rows + i * th + y) * cols + j * tw) * channels;
             for (d, &g) in dst.iter_mut().zip(&dout[from..from + seg]) {
                 *d += g;
             }
@@ -71,35 +91,45 @@ pub fn tile_merge_bwd<T: Real>(dout: &[T], out_shape: GridShape, n: usize, dsrc:
     });
 }
 
-/// Checks the grid and pooled lengths; returns the pooled side and channels.
-fn check_pool(op: &str, grid_len: usize, pooled_len: usize, shape: GridShape, factor: usize) -> (usize, usize) {
-    let GridShape { batch, side, channels } = shape;
-    assert!(factor > 0 && side.is_multiple_of(factor), "{op}: side {side} is not a multiple of factor {factor}");
+/// Checks the grid and pooled lengths; returns the pooled rows and columns.
+fn check_pool(op: &str, grid_len: usize, pooled_len: usize, shape: GridShape, window: TileGrid) -> (usize, usize) {
+    let GridShape { batch, rows, cols, channels } = shape;
+    assert!(
+        window.rows > 0 && window.cols > 0 && rows.is_multiple_of(window.rows) && cols.is_multiple_of(window.cols),
+        "{op}: grid {rows} x {cols} is not a whole number of {} x {} windows",
+        window.rows,
+        window.cols
+    );
     assert_eq!(grid_len, shape.numel(), "{op}: grid length does not match {shape:?}");
-    let o = side / factor;
-    assert_eq!(pooled_len, batch * o * o * channels, "{op}: pooled length does not match [{batch}, {o}^2, {channels}]");
-    (o, channels)
+    let (o_r, o_c) = (rows / window.rows, cols / window.cols);
+    assert_eq!(
+        pooled_len,
+        batch * o_r * o_c * channels,
+        "{op}: pooled length does not match [{batch}, {o_r} x {o_c}, {channels}]"
+    );
+    (o_r, o_c)
 }
 
-/// Area interpolation by an integer factor (PyTorch `mode='area'`, i.e.
-/// adaptive average pooling, for `side` a multiple of `factor`): `[B, side^2, C]`
-/// to `[B, (side/factor)^2, C]`, each output the mean of a `factor x factor` window.
-pub fn area_pool_fwd<T: Real>(src: &[T], src_shape: GridShape, factor: usize, dst: &mut [T]) {
-    let (o, channels) = check_pool("area_pool_fwd", src.len(), dst.len(), src_shape, factor);
-    let GridShape { side, .. } = src_shape;
+/// Area interpolation by integer factors (PyTorch `mode='area'`, i.e.
+/// adaptive average pooling, for sides that are multiples of the window):
+/// `[B, rows * cols, C]` to `[B, (rows / window.rows) * (cols / window.cols),
+/// C]`, each output the mean of a `window.rows x window.cols` window.
+pub fn area_pool_fwd<T: Real>(src: &[T], src_shape: GridShape, window: TileGrid, dst: &mut [T]) {
+    let (o_r, o_c) = check_pool("area_pool_fwd", src.len(), dst.len(), src_shape, window);
+    let GridShape { rows, cols, channels, .. } = src_shape;
     if dst.is_empty() {
         return;
     }
-    let count = T::of((factor * factor) as f64);
+    let count = T::of(window.count() as f64);
     // One task per output grid row.
-    dst.par_chunks_mut(o * channels).enumerate().for_each(|(gr, row)| {
-        let (b, r) = (gr / o, gr % o);
+    dst.par_chunks_mut(o_c * channels).enumerate().for_each(|(gr, row)| {
+        let (b, r) = (gr / o_r, gr % o_r);
         row.fill(T::zero());
-        for dy in 0..factor {
-            let line = &src[(b * side + r * factor + dy) * side * channels..][..side * channels];
+        for dy in 0..window.rows {
+            let line = &src[(b * rows + r * window.rows + dy) * cols * channels..][..cols * channels];
             for (q, acc) in row.chunks_exact_mut(channels).enumerate() {
-                for dx in 0..factor {
-                    let px = &line[(q * factor + dx) * channels..][..channels];
+                for dx in 0..window.cols {
+                    let px = &line[(q * window.cols + dx) * channels..][..channels];
                     for (a, &v) in acc.iter_mut().zip(px) {
                         *a += v;
                     }
@@ -110,20 +140,20 @@ pub fn area_pool_fwd<T: Real>(src: &[T], src_shape: GridShape, factor: usize, ds
     });
 }
 
-/// Backward of [`area_pool_fwd`]: each source token gets `ddst / factor^2` added.
-pub fn area_pool_bwd<T: Real>(ddst: &[T], src_shape: GridShape, factor: usize, dsrc: &mut [T]) {
-    let (o, channels) = check_pool("area_pool_bwd", dsrc.len(), ddst.len(), src_shape, factor);
-    let GridShape { side, .. } = src_shape;
+/// Backward of [`area_pool_fwd`]: each source token gets `ddst / window size` added.
+pub fn area_pool_bwd<T: Real>(ddst: &[T], src_shape: GridShape, window: TileGrid, dsrc: &mut [T]) {
+    let (o_r, o_c) = check_pool("area_pool_bwd", dsrc.len(), ddst.len(), src_shape, window);
+    let GridShape { rows, cols, channels, .. } = src_shape;
     if dsrc.is_empty() {
         return;
     }
-    let count = T::of((factor * factor) as f64);
+    let count = T::of(window.count() as f64);
     // One task per source grid row.
-    dsrc.par_chunks_mut(side * channels).enumerate().for_each(|(gr, row)| {
-        let (b, r) = (gr / side, gr % side);
-        let grow = &ddst[(b * o + r / factor) * o * channels..][..o * channels];
+    dsrc.par_chunks_mut(cols * channels).enumerate().for_each(|(gr, row)| {
+        let (b, r) = (gr / rows, gr % rows);
+        let grow = &ddst[(b * o_r + r / window.rows) * o_c * channels..][..o_c * channels];
         for (c, px) in row.chunks_exact_mut(channels).enumerate() {
-            let g = &grow[(c / factor) * channels..][..channels];
+            let g = &grow[(c / window.cols) * channels..][..channels];
             for (d, &v) in px.iter_mut().zip(g) {
                 *d += v / count;
             }
@@ -188,13 +218,20 @@ pub fn concat_cols_bwd<T: Real>(
     });
 }
 
+/// `(batch, side, channels)` of a square grid: VILA's projector reshapes its
+/// input as `sqrt(tokens) x sqrt(tokens)`, so it only ever sees square grids.
+fn square_grid(op: &str, shape: GridShape) -> (usize, usize, usize) {
+    assert_eq!(shape.rows, shape.cols, "{op}: the grid must be square, not {} x {}", shape.rows, shape.cols);
+    (shape.batch, shape.rows, shape.channels)
+}
+
 /// VILA 1.5 `DownSampleBlock` (DESIGN.md 1): pad an odd side with a zero row and
 /// column at the end (`R = side` rounded up to even, `h = R / 2`), then output
 /// token `k * h + q` (column pair `k` outer, row pair `q` inner: the grid comes
 /// out transposed) holds `x[2q][2k], x[2q][2k+1], x[2q+1][2k], x[2q+1][2k+1]`
 /// concatenated. `src` is `[B, side^2, C]`, `dst` is `[B, h^2, 4C]`.
 pub fn downsample2x2_fwd<T: Real>(src: &[T], src_shape: GridShape, dst: &mut [T]) {
-    let GridShape { batch, side, channels: c } = src_shape;
+    let (batch, side, c) = square_grid("downsample2x2_fwd", src_shape);
     let h = side.div_ceil(2);
     assert_eq!(src.len(), src_shape.numel(), "downsample2x2_fwd: src length does not match {src_shape:?}");
     assert_eq!(
@@ -225,7 +262,7 @@ pub fn downsample2x2_fwd<T: Real>(src: &[T], src_shape: GridShape, dst: &mut [T]
 /// Backward of [`downsample2x2_fwd`]: adds each token's four parts back into
 /// their source tokens; the gradients of padding positions are dropped.
 pub fn downsample2x2_bwd<T: Real>(ddst: &[T], src_shape: GridShape, dsrc: &mut [T]) {
-    let GridShape { batch, side, channels: c } = src_shape;
+    let (batch, side, c) = square_grid("downsample2x2_bwd", src_shape);
     let h = side.div_ceil(2);
     assert_eq!(dsrc.len(), src_shape.numel(), "downsample2x2_bwd: dsrc length does not match {src_shape:?}");
     assert_eq!(
@@ -286,65 +323,84 @@ mod tests {
 
     #[test]
     fn tile_merge_bwd_matches_fd() {
-        let (n, offset) = (2, 3);
-        let out_shape = GridShape { batch: 2, side: 6, channels: 3 };
-        let tile_len = 3 * 3 * 3;
-        // Extra tiles before and after: their gradient must stay zero.
-        let in_len = (offset + n * n * 2 + 1) * tile_len;
-        check_bwd(
-            "tile_merge",
-            in_len,
-            out_shape.numel(),
-            |x, out| tile_merge_fwd(x, offset, n, out, out_shape),
-            |g, dx| tile_merge_bwd(g, out_shape, n, dx, offset),
-        );
+        // Square (static S2) and non-square (dynamic S2) tile grids, with
+        // tiles of side 3 and extra tiles before and after whose gradient
+        // must stay zero.
+        for split in [TileGrid::square(2), TileGrid { rows: 2, cols: 3 }, TileGrid { rows: 3, cols: 1 }] {
+            let offset = 3;
+            let out_shape = GridShape { batch: 2, rows: 3 * split.rows, cols: 3 * split.cols, channels: 3 };
+            let tile_len = 3 * 3 * 3;
+            let in_len = (offset + split.count() * 2 + 1) * tile_len;
+            check_bwd(
+                &format!("tile_merge {split:?}"),
+                in_len,
+                out_shape.numel(),
+                |x, out| tile_merge_fwd(x, offset, split, out, out_shape),
+                |g, dx| tile_merge_bwd(g, out_shape, split, dx, offset),
+            );
+        }
     }
 
     /// A hand-checked merge: four 1x1-channel tiles of side 2, batch 1.
     #[test]
     fn tile_merge_layout() {
-        let shape = GridShape { batch: 1, side: 4, channels: 1 };
+        let shape = GridShape::square(1, 4, 1);
         let src: Vec<f64> = (0..16).map(|v| v as f64).collect(); // tile t holds 4t..4t+3
         let mut out = vec![0.0; 16];
-        tile_merge_fwd(&src, 0, 2, &mut out, shape);
+        tile_merge_fwd(&src, 0, TileGrid::square(2), &mut out, shape);
         let want = [0., 1., 4., 5., 2., 3., 6., 7., 8., 9., 12., 13., 10., 11., 14., 15.];
+        assert_eq!(out, want);
+    }
+
+    /// A hand-checked non-square merge (NVILA's `merge_chessboard` with
+    /// `num_split_h = 1, num_split_w = 3`): three tiles of side 2 side by side.
+    #[test]
+    fn tile_merge_layout_one_row_of_three() {
+        let shape = GridShape { batch: 1, rows: 2, cols: 6, channels: 1 };
+        let src: Vec<f64> = (0..12).map(|v| v as f64).collect(); // tile t holds 4t..4t+3
+        let mut out = vec![0.0; 12];
+        tile_merge_fwd(&src, 0, TileGrid { rows: 1, cols: 3 }, &mut out, shape);
+        let want = [0., 1., 4., 5., 8., 9., 2., 3., 6., 7., 10., 11.];
         assert_eq!(out, want);
     }
 
     #[test]
     fn area_pool_forward_and_bwd() {
-        let shape = GridShape { batch: 2, side: 6, channels: 2 };
-        for factor in [1, 2, 3] {
-            let o = 6 / factor;
+        let (rows, cols) = (6, 12);
+        let shape = GridShape { batch: 2, rows, cols, channels: 2 };
+        let windows = [(1, 1), (2, 2), (3, 3), (2, 3), (3, 4), (1, 6)];
+        for (wr, wc) in windows {
+            let window = TileGrid { rows: wr, cols: wc };
+            let (o_r, o_c) = (rows / wr, cols / wc);
             let x = rand_vec(21, shape.numel());
-            let mut y = vec![0.0; 2 * o * o * 2];
-            area_pool_fwd(&x, shape, factor, &mut y);
+            let mut y = vec![0.0; 2 * o_r * o_c * 2];
+            area_pool_fwd(&x, shape, window, &mut y);
             let mut want = vec![0.0; y.len()];
             for b in 0..2 {
-                for r in 0..o {
-                    for q in 0..o {
+                for r in 0..o_r {
+                    for q in 0..o_c {
                         for ch in 0..2 {
                             let mut s = 0.0;
-                            for dy in 0..factor {
-                                for dx in 0..factor {
-                                    s += x[((b * 6 + r * factor + dy) * 6 + q * factor + dx) * 2 + ch];
+                            for dy in 0..wr {
+                                for dx in 0..wc {
+                                    s += x[((b * rows + r * wr + dy) * cols + q * wc + dx) * 2 + ch];
                                 }
                             }
-                            want[((b * o + r) * o + q) * 2 + ch] = s / (factor * factor) as f64;
+                            want[((b * o_r + r) * o_c + q) * 2 + ch] = s / (wr * wc) as f64;
                         }
                     }
                 }
             }
-            assert_close("area_pool fwd", &y, &want, 1e-14);
-            if factor == 1 {
-                assert_eq!(x, y, "factor 1 is the identity");
+            assert_close(&format!("area_pool fwd {window:?}"), &y, &want, 1e-14);
+            if window.count() == 1 {
+                assert_eq!(x, y, "a 1 x 1 window is the identity");
             }
             check_bwd(
-                "area_pool",
+                &format!("area_pool {window:?}"),
                 shape.numel(),
                 y.len(),
-                |x, out| area_pool_fwd(x, shape, factor, out),
-                |g, dx| area_pool_bwd(g, shape, factor, dx),
+                |x, out| area_pool_fwd(x, shape, window, out),
+                |g, dx| area_pool_bwd(g, shape, window, dx),
             );
         }
     }
@@ -374,7 +430,7 @@ mod tests {
     /// 4x4 with zeros; h = 2; token k*2 + q = [x[2q][2k], x[2q][2k+1], x[2q+1][2k], x[2q+1][2k+1]].
     #[test]
     fn downsample2x2_hand_worked_3x3() {
-        let shape = GridShape { batch: 1, side: 3, channels: 1 };
+        let shape = GridShape::square(1, 3, 1);
         let x = [1., 2., 3., 11., 12., 13., 21., 22., 23.];
         let mut y = vec![f64::NAN; 4 * 4];
         downsample2x2_fwd(&x, shape, &mut y);
@@ -386,7 +442,7 @@ mod tests {
         ];
         assert_eq!(y, want);
         // Two channels: each part carries the token's channels in order.
-        let shape2 = GridShape { batch: 1, side: 3, channels: 2 };
+        let shape2 = GridShape::square(1, 3, 2);
         let x2: Vec<f64> = x.iter().flat_map(|&v| [v, -v]).collect();
         let mut y2 = vec![f64::NAN; 4 * 8];
         downsample2x2_fwd(&x2, shape2, &mut y2);
@@ -397,7 +453,7 @@ mod tests {
     /// The transposed token order on an even 4x4 grid (no padding).
     #[test]
     fn downsample2x2_even_order() {
-        let shape = GridShape { batch: 1, side: 4, channels: 1 };
+        let shape = GridShape::square(1, 4, 1);
         let x: Vec<f64> = (0..16).map(|v| v as f64).collect();
         let mut y = vec![0.0; 16];
         downsample2x2_fwd(&x, shape, &mut y);
@@ -408,7 +464,7 @@ mod tests {
     #[test]
     fn downsample2x2_bwd_matches_fd() {
         for side in [3, 4, 5] {
-            let shape = GridShape { batch: 2, side, channels: 3 };
+            let shape = GridShape::square(2, side, 3);
             let h = side.div_ceil(2);
             check_bwd(
                 "downsample2x2",
