@@ -3,21 +3,34 @@ use super::{rows_per_task, Real};
 use crate::engine::backend::{GridShape, TileGrid};
 use rayon::prelude::*;
 
-/// Tile rows, tile columns and values per tile for merging `split` tiles into `out_shape`.
-fn tile_dims(out_shape: GridShape, split: TileGrid, what: &str) -> (usize, usize, usize) {
+/// Checks a merge of `split` tiles (from tile `src_tile_offset` of a stack
+/// of `src_len` values) into a grid of `grid_len` values shaped `out_shape`;
+/// returns the tile rows, tile columns and values per tile.
+fn check_merge(
+    op: &str,
+    out_shape: GridShape,
+    split: TileGrid,
+    grid_len: usize,
+    src_len: usize,
+    src_tile_offset: usize,
+) -> (usize, usize, usize) {
     assert!(
         split.rows > 0
             && split.cols > 0
             && out_shape.rows.is_multiple_of(split.rows)
             && out_shape.cols.is_multiple_of(split.cols),
-        "{what}: grid {} x {} is not a whole number of {} x {} tiles",
+        "{op}: grid {} x {} is not a whole number of {} x {} tiles",
         out_shape.rows,
         out_shape.cols,
         split.rows,
         split.cols
     );
+    assert_eq!(grid_len, out_shape.numel(), "{op}: grid length does not match {out_shape:?}");
     let (th, tw) = (out_shape.rows / split.rows, out_shape.cols / split.cols);
-    (th, tw, th * tw * out_shape.channels)
+    let tile_len = th * tw * out_shape.channels;
+    let end = src_tile_offset + split.count() * out_shape.batch;
+    assert!(src_len >= end * tile_len, "{op}: the tile stack is too short for tiles {src_tile_offset}..{end}");
+    (th, tw, tile_len)
 }
 
 /// Stitches `split.rows x split.cols` token-grid tiles back into one grid per
@@ -33,14 +46,7 @@ pub fn tile_merge_fwd<T: Real>(
     out_shape: GridShape,
 ) {
     let GridShape { batch, rows, cols, channels } = out_shape;
-    let (th, tw, tile_len) = tile_dims(out_shape, split, "tile_merge_fwd");
-    assert_eq!(out.len(), out_shape.numel(), "tile_merge_fwd: out length does not match {out_shape:?}");
-    let tiles = split.count() * batch;
-    assert!(
-        src.len() >= (src_tile_offset + tiles) * tile_len,
-        "tile_merge_fwd: src is too short for tiles {src_tile_offset}..{}",
-        src_tile_offset + tiles
-    );
+    let (th, tw, tile_len) = check_merge("tile_merge_fwd", out_shape, split, out.len(), src.len(), src_tile_offset);
     if out.is_empty() {
         return;
     }
@@ -66,15 +72,9 @@ pub fn tile_merge_bwd<T: Real>(
     src_tile_offset: usize,
 ) {
     let GridShape { batch, rows, cols, channels } = out_shape;
-    let (th, tw, tile_len) = tile_dims(out_shape, split, "tile_merge_bwd");
-    assert_eq!(dout.len(), out_shape.numel(), "tile_merge_bwd: dout length does not match {out_shape:?}");
+    let (th, tw, tile_len) = check_merge("tile_merge_bwd", out_shape, split, dout.len(), dsrc.len(), src_tile_offset);
     let start = src_tile_offset * tile_len;
     let tiles = split.count() * batch;
-    assert!(
-        dsrc.len() >= start + tiles * tile_len,
-        "tile_merge_bwd: dsrc is too short for tiles {src_tile_offset}..{}",
-        src_tile_offset + tiles
-    );
     if tile_len == 0 {
         return;
     }
