@@ -4,13 +4,11 @@
 # ViT unfrozen) on the demo data, and print the eval accuracy. Writes
 # runs/demo/{metrics.jsonl,loss_curve.svg,model/}.
 #
-# Options: --steps N (default 3000: half of configs/demo.toml's 6000, so the
-# demo stays within 5 minutes on 2 cores; the S2 table in the README trains
-# the full 6000), --workers N (default 2), --port P (default 29500). Each
-# worker uses cores/N compute threads.
+# Options: --steps N (fewer steps, e.g. for CI), --workers N (default 2),
+# --port P (default 29500). Each worker uses cores/N compute threads.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-steps=3000 workers=2 port=29500
+steps="" workers=2 port=29500
 while [ $# -gt 0 ]; do
     case "$1" in
         --steps) steps="$2"; shift 2 ;;
@@ -27,7 +25,9 @@ cargo build --release -p tessera-worker -p tessera-coordinator
 mkdir -p runs/demo
 config=runs/demo/job.toml
 sed -e "s/^world_size = .*/world_size = $workers/" configs/demo.toml > "$config"
-sed -i -e "s/^steps = .*/steps = $steps/" "$config"
+if [ -n "$steps" ]; then
+    sed -i -e "s/^steps = .*/steps = $steps/" "$config"
+fi
 
 pids=()
 cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; }
