@@ -1,11 +1,14 @@
 #!/usr/bin/env bash
-# CPU all-reduce: Tessera's TCP ring vs PyTorch gloo, same sizes, iteration
+# CPU all-reduce: Tessera's ring vs PyTorch gloo, same sizes, iteration
 # counts and timing, in one run (worker/examples/bench_allreduce.rs starts
 # both). Prints the machine, then a table with both bus bandwidths and the
-# ratio ours / gloo (> 1: ours is faster). Extra arguments go to the example,
-# e.g.
+# ratio ours / gloo (> 1: ours is faster). By default the ring runs twice,
+# with its same-host links in shared memory (the default) and on Unix
+# sockets (the data path before shared memory). Extra arguments go to the
+# example, e.g.
 #
 #   tools/bench_allreduce.sh --sizes-mib 1,16,128 --iters 20 --warmup 3 --world-size 2
+#   tools/bench_allreduce.sh --transports shm,unix,tcp
 #   PYTHON=/path/to/python tools/bench_allreduce.sh
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."

@@ -18,9 +18,14 @@
 //! loaded machine it varies much less than the wall time. Ours is read from
 //! /proc/self/stat (10 ms ticks), gloo's from `time.process_time()`.
 //!
+//! `--transports` times the ring once per same-host link kind, e.g.
+//! `shm,unix` (the default: shared memory, and the Unix-socket data path it
+//! replaced), each with its own ratio to gloo.
+//!
 //! ```text
 //! cargo run --release -p tessera-worker --example bench_allreduce -- \
-//!     [--sizes-mib 1,16,128] [--iters 20] [--warmup 3] [--world-size 2] [--no-gloo]
+//!     [--sizes-mib 1,16,128] [--iters 20] [--warmup 3] [--world-size 2] \
+//!     [--transports shm,unix] [--no-gloo]
 //! ```
 //! or `tools/bench_allreduce.sh`, which also prints the machine.
 
@@ -31,7 +36,7 @@ use std::net::TcpListener;
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
-use tessera_worker::collective::ring::{RingCollective, DEFAULT_SEGMENT_BYTES};
+use tessera_worker::collective::ring::{RingCollective, Transport, DEFAULT_SEGMENT_BYTES};
 use tessera_worker::collective::Collective;
 
 #[derive(Parser, Clone)]
@@ -50,6 +55,10 @@ struct Args {
     /// Ring segment size.
     #[arg(long, default_value_t = DEFAULT_SEGMENT_BYTES / 1024)]
     segment_kib: usize,
+    /// Same-host link kinds to time the ring with, in this order: shm
+    /// (shared memory, the default link), unix (Unix socket), tcp.
+    #[arg(long, value_delimiter = ',', default_value = "shm,unix")]
+    transports: Vec<String>,
     /// Python with torch, for the gloo side.
     #[arg(long, default_value = "python3")]
     python: String,
@@ -62,6 +71,15 @@ struct Args {
     /// Internal: run as this rank (the parent starts the ranks).
     #[arg(long, hide = true)]
     rank: Option<usize>,
+}
+
+fn transport(name: &str) -> Result<Transport> {
+    Ok(match name {
+        "shm" => Transport::Shm,
+        "unix" => Transport::Unix,
+        "tcp" => Transport::Tcp,
+        _ => bail!("unknown transport {name:?} (shm, unix or tcp)"),
+    })
 }
 
 impl Args {
@@ -139,7 +157,9 @@ fn run_rank(args: &Args, rank: usize) -> Result<()> {
         Some(p) => p.split(',').map(str::to_string).collect(),
         None => bail!("expected a PEERS line from the parent, got {line:?}"),
     };
-    let mut ring = RingCollective::<f32>::connect(rank, n, listener, &peers, 0, Duration::from_secs(60))?;
+    let max = transport(args.transports.first().map_or("shm", String::as_str))?;
+    let mut ring =
+        RingCollective::<f32>::connect_with_transport(rank, n, listener, &peers, 0, Duration::from_secs(60), max)?;
     ring.set_segment_bytes(args.segment_kib * 1024);
     for size in args.sizes_bytes() {
         let len = size / 4;
@@ -185,7 +205,7 @@ fn run_rank(args: &Args, rank: usize) -> Result<()> {
 }
 
 /// Starts the ranks, wires them up and merges their timings.
-fn run_ours(args: &Args) -> Result<Vec<Timing>> {
+fn run_ours(args: &Args, transport: &str) -> Result<Vec<Timing>> {
     let exe = std::env::current_exe().context("finding this benchmark's executable")?;
     let sizes: Vec<String> = args.sizes_mib.iter().map(|m| m.to_string()).collect();
     let mut children = Vec::new();
@@ -195,6 +215,7 @@ fn run_ours(args: &Args) -> Result<Vec<Timing>> {
             .args(["--rank", &rank.to_string(), "--world-size", &args.world_size.to_string()])
             .args(["--sizes-mib", &sizes.join(","), "--iters", &args.iters.to_string()])
             .args(["--warmup", &args.warmup.to_string(), "--segment-kib", &args.segment_kib.to_string()])
+            .args(["--transports", transport])
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .spawn()
@@ -297,11 +318,21 @@ fn main() -> Result<()> {
     }
     let n = args.world_size as f64;
     let bus = if n > 1.0 { 2.0 * (n - 1.0) / n } else { 0.0 };
+    for t in &args.transports {
+        transport(t)?;
+    }
     println!(
-        "all-reduce sum, f32, world size {}, {} warmup + {} timed iterations per size, ring segment {} KiB",
-        args.world_size, args.warmup, args.iters, args.segment_kib
+        "all-reduce sum, f32, world size {}, {} warmup + {} timed iterations per size, ring segment {} KiB, ring links {}",
+        args.world_size,
+        args.warmup,
+        args.iters,
+        args.segment_kib,
+        args.transports.join(", ")
     );
-    let ours = run_ours(&args)?;
+    let mut ours = Vec::new();
+    for t in &args.transports {
+        ours.push((t.clone(), run_ours(&args, t)?));
+    }
     let gloo = if args.no_gloo { Vec::new() } else { run_gloo(&args)? };
 
     println!();
@@ -311,8 +342,9 @@ fn main() -> Result<()> {
     println!("|---:|---|---:|---:|---:|---:|---:|---:|");
     let busbw = |t: &Timing| t.size_bytes as f64 / t.median() / 1e9 * bus;
     let mut summary = Vec::new();
-    for o in &ours {
-        let mib = o.size_bytes as f64 / 1048576.0;
+    let Some((_, first)) = ours.first() else { bail!("no --transports") };
+    for (k, o0) in first.iter().enumerate() {
+        let mib = o0.size_bytes as f64 / 1048576.0;
         let line = |name: &str, t: &Timing, ratios: &str| {
             let algbw = t.size_bytes as f64 / t.median() / 1e9;
             format!(
@@ -324,11 +356,20 @@ fn main() -> Result<()> {
                 t.cpu_ms_per_op()
             )
         };
-        println!("{}", line("tessera ring", o, " | |"));
-        if let Some(g) = gloo.iter().find(|g| g.size_bytes == o.size_bytes) {
-            let (ratio, cpu) = (busbw(o) / busbw(g), g.cpu_ms_per_op() / o.cpu_ms_per_op());
-            println!("{}", line("torch gloo", g, &format!(" **{ratio:.2}** | {cpu:.2} |")));
-            summary.push(format!("{mib:.0} MiB: {:.2} vs {:.2} GB/s = {ratio:.2}x", busbw(o), busbw(g)));
+        let g = gloo.iter().find(|g| g.size_bytes == o0.size_bytes);
+        for (name, timings) in &ours {
+            let Some(o) = timings.get(k) else { bail!("the {name} run timed fewer sizes") };
+            match g {
+                Some(g) => {
+                    let (ratio, cpu) = (busbw(o) / busbw(g), g.cpu_ms_per_op() / o.cpu_ms_per_op());
+                    println!("{}", line(&format!("tessera ring, {name}"), o, &format!(" **{ratio:.2}** | {cpu:.2} |")));
+                    summary.push(format!("{mib:.0} MiB {name}: {:.2} vs {:.2} GB/s = {ratio:.2}x", busbw(o), busbw(g)));
+                }
+                None => println!("{}", line(&format!("tessera ring, {name}"), o, " | |")),
+            }
+        }
+        if let Some(g) = g {
+            println!("{}", line("torch gloo", g, " | |"));
         }
     }
     if !summary.is_empty() {

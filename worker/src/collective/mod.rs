@@ -4,6 +4,8 @@
 //! never knows which one sums its gradients.
 
 pub mod ring;
+#[cfg(target_os = "linux")]
+mod shm;
 
 /// Sums buffers across the ranks of a job.
 pub trait Collective: Send {

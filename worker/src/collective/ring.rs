@@ -1,4 +1,5 @@
-//! The CPU collective: a ring all-reduce over TCP.
+//! The CPU collective: a ring all-reduce over TCP (on one host: Unix sockets
+//! and shared memory).
 //!
 //! Ranks find each other and check each other's identity over TCP. On Linux,
 //! two neighbours in the same network namespace (in practice: on the same
@@ -8,6 +9,15 @@
 //! Unix socket moves the same bytes with the same two copies but skips the
 //! TCP/IP stack, a large part of loopback TCP's cost (docs/BENCHMARKS.md).
 //! Peers on other hosts, or an upgrade that fails, keep the TCP connection.
+//!
+//! On such a Unix link the data then moves through shared memory (step 5,
+//! [`super::shm`]): the writing rank creates a ring buffer in a memfd and
+//! passes it over the socket; from then on it copies its bytes once into the
+//! ring and the reading rank adds (reduce-scatter) or copies (all-gather)
+//! straight from it, while the socket carries only one-byte wakeups for a
+//! side that waits. The bytes of the stream, and so the results, are those of
+//! the socket path; a link where the memfd cannot be made or mapped keeps
+//! the Unix socket.
 //!
 //! Every rank holds two connections: one it opened to its successor
 //! (`rank + 1`), on which it only writes, and one it accepted from its
@@ -34,6 +44,8 @@
 //! Failure: any error (a dead or aborted peer, a mismatched call) shuts down
 //! both sockets of the rank that saw it. Its neighbours then fail their next
 //! read or write, so the error goes round the ring and no rank stays blocked.
+//! On a shared-memory link every wait is a blocking read on the socket, so
+//! the same shutdown (or a dead peer's closed socket) ends it.
 //! The collective is then broken for good; recovery builds a new one with the
 //! next generation.
 
@@ -58,12 +70,48 @@ const PROTOCOL_VERSION: u32 = 1;
 /// Unix socket after the handshake. A peer without it (another OS, an older
 /// build: the field was reserved and zero) keeps TCP.
 const FEATURE_UNIX: u32 = 1;
+/// Feature bit: the sender can move the data of a Unix link into a shared
+/// memory ring (step 5 of the handshake; needs [`FEATURE_UNIX`] too).
+const FEATURE_SHM: u32 = 2;
 /// The features this build offers.
-const LOCAL_FEATURES: u32 = if cfg!(target_os = "linux") { FEATURE_UNIX } else { 0 };
+const LOCAL_FEATURES: u32 = if cfg!(target_os = "linux") { FEATURE_UNIX | FEATURE_SHM } else { 0 };
 /// Default segment size. Large enough that per-segment overhead (a channel
 /// hop, a syscall) is small against the copy, small enough that the pipeline
 /// fills quickly and both scratch buffers stay in L2/L3.
 pub const DEFAULT_SEGMENT_BYTES: usize = 512 * 1024;
+
+/// The fastest link a ring may use between two ranks on one host. Ranks on
+/// different hosts always use TCP; so does every link on systems other than
+/// Linux. The default, [`RingCollective::connect`], is `Shm`; the others are
+/// for comparison (the benchmark) and tests.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Transport {
+    /// Stay on the TCP connection of the handshake.
+    Tcp,
+    /// Move to a Unix domain socket.
+    Unix,
+    /// Move to a Unix domain socket, and the data to a shared-memory ring.
+    Shm,
+}
+
+impl Transport {
+    fn features(self) -> u32 {
+        LOCAL_FEATURES
+            & match self {
+                Transport::Tcp => 0,
+                Transport::Unix => FEATURE_UNIX,
+                Transport::Shm => FEATURE_UNIX | FEATURE_SHM,
+            }
+    }
+}
+
+/// Link options fixed at connect time.
+#[derive(Clone, Copy, Debug)]
+struct LinkOptions {
+    max: Transport,
+    /// Size of the shared ring this rank creates for its successor.
+    ring_bytes: usize,
+}
 
 /// A rank's identity as the peer at the other end checks it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -417,6 +465,88 @@ struct Links {
     /// "rank R (successor, host:port)", for error messages.
     next_name: String,
     prev_name: String,
+    /// The shared ring to the successor, written by this rank; `next` then
+    /// carries only wakeups.
+    #[cfg(target_os = "linux")]
+    next_shm: Option<super::shm::Writer>,
+    /// The shared ring from the predecessor, read by this rank.
+    #[cfg(target_os = "linux")]
+    prev_shm: Option<super::shm::Reader>,
+}
+
+impl Links {
+    /// Appends `bytes` to the stream to the successor.
+    fn send(&self, bytes: &[u8]) -> std::io::Result<()> {
+        #[cfg(target_os = "linux")]
+        if let Some(w) = &self.next_shm {
+            return w.write_all(&self.next, bytes);
+        }
+        (&self.next).write_all(bytes)
+    }
+
+    /// Reads the next `buf.len()` bytes from the predecessor.
+    fn recv_exact(&self, buf: &mut [u8]) -> std::io::Result<()> {
+        #[cfg(target_os = "linux")]
+        if let Some(r) = &self.prev_shm {
+            return r.read_exact(&self.prev, buf);
+        }
+        (&self.prev).read_exact(buf)
+    }
+
+    /// Hands the next `len` bytes from the predecessor to `f`, in pieces
+    /// that may end inside an element: straight from the shared ring, or
+    /// read into `scratch` (which holds at least `len` bytes) in one piece.
+    fn recv_with(&self, len: usize, scratch: &mut [u8], mut f: impl FnMut(&[u8])) -> std::io::Result<()> {
+        #[cfg(target_os = "linux")]
+        if let Some(r) = &self.prev_shm {
+            return r.read_with(&self.prev, len, f);
+        }
+        let bytes = &mut scratch[..len];
+        (&self.prev).read_exact(bytes)?;
+        f(bytes);
+        Ok(())
+    }
+
+    /// "tcp", "unix" or "shm" for the two links.
+    fn kinds(&self) -> (&'static str, &'static str) {
+        #[cfg(target_os = "linux")]
+        let (next_shm, prev_shm) = (self.next_shm.is_some(), self.prev_shm.is_some());
+        #[cfg(not(target_os = "linux"))]
+        let (next_shm, prev_shm) = (false, false);
+        let kind = |s: &Stream, shm: bool| if shm { "shm" } else { s.kind() };
+        (kind(&self.next, next_shm), kind(&self.prev, prev_shm))
+    }
+}
+
+/// Receives `len` bytes from the predecessor and adds them, decoded, into
+/// `seg` (`len == seg.len() * E::BYTES`). False if an exact sum overflowed.
+fn recv_add<E: Wire>(links: &Links, seg: &mut [E], scratch: &mut [u8]) -> std::io::Result<bool> {
+    let mut ok = true;
+    let mut done = 0usize;
+    // An element cut by a piece boundary (the shared ring wraps at any byte).
+    let mut carry = [0u8; 8];
+    let mut carried = 0usize;
+    links.recv_with(seg.len() * E::BYTES, scratch, |mut piece| {
+        if carried > 0 {
+            let take = (E::BYTES - carried).min(piece.len());
+            carry[carried..carried + take].copy_from_slice(&piece[..take]);
+            carried += take;
+            piece = &piece[take..];
+            if carried < E::BYTES {
+                return;
+            }
+            ok &= E::add_decoded(&carry[..E::BYTES], &mut seg[done..done + 1]);
+            done += 1;
+            carried = 0;
+        }
+        let whole = piece.len() / E::BYTES;
+        ok &= E::add_decoded(&piece[..whole * E::BYTES], &mut seg[done..done + whole]);
+        done += whole;
+        let rest = &piece[whole * E::BYTES..];
+        carry[..rest.len()].copy_from_slice(rest);
+        carried = rest.len();
+    })?;
+    Ok(ok)
 }
 
 /// State shared with [`AbortHandle`]s, which other threads hold.
@@ -669,6 +799,99 @@ mod upgrade {
         let prev = prev_unix.map_or(Stream::Tcp(prev), Stream::Unix);
         Ok((next, prev))
     }
+
+    /// The shared-memory offer: a tag, then (for [`OFFER_SHM`]) the ring's
+    /// data size; the memfd travels with it (`SCM_RIGHTS`).
+    #[cfg(target_os = "linux")]
+    const SHM_OFFER_BYTES: usize = 9;
+    #[cfg(target_os = "linux")]
+    const OFFER_SHM: u8 = b'M';
+
+    /// Step 5: moving the data of Unix links into shared memory, where both
+    /// ends announced [`FEATURE_SHM`]. The same three moves as step 4:
+    /// a. create a ring for the successor and send it (or [`OFFER_NONE`]);
+    /// b. receive the predecessor's ring, map it, answer whether that worked;
+    /// c. read the successor's answer; on a decline drop the ring.
+    #[cfg(target_os = "linux")]
+    pub(super) fn to_shm(
+        next: &Stream,
+        prev: &Stream,
+        (next_can, prev_can): (bool, bool),
+        (rank, generation, ring_bytes): (usize, u64, usize),
+        deadline: Instant,
+        (next_name, prev_name): (&str, &str),
+    ) -> Result<(Option<super::super::shm::Writer>, Option<super::super::shm::Reader>)> {
+        use super::super::shm::{recv_with_fd, send_with_fd, Reader, Writer};
+        use std::os::fd::AsRawFd;
+
+        // a.
+        let mut writer = None;
+        if let (true, Stream::Unix(s)) = (next_can, next) {
+            let mut offer = [0u8; SHM_OFFER_BYTES];
+            offer[0] = OFFER_NONE;
+            // A failure only means no offer: the link stays a Unix socket.
+            let name = format!("tessera-ring-g{generation}-r{rank}");
+            match Writer::create(ring_bytes, &name) {
+                Ok(mut w) => {
+                    let fd = w.take_fd();
+                    offer[0] = OFFER_SHM;
+                    offer[1..9].copy_from_slice(&(w.capacity() as u64).to_le_bytes());
+                    send_with_fd(s, &offer, fd.as_ref().map(|f| f.as_raw_fd()))
+                        .with_context(|| format!("sending the shared-memory offer to {next_name} failed"))?;
+                    writer = Some(w);
+                }
+                Err(e) => {
+                    tracing::debug!(peer = %next_name, error = %e, "keeping the Unix socket: no shared ring");
+                    send_with_fd(s, &offer, None)
+                        .with_context(|| format!("sending the shared-memory offer to {next_name} failed"))?;
+                }
+            }
+        }
+
+        // b.
+        let mut reader = None;
+        if let (true, Stream::Unix(s)) = (prev_can, prev) {
+            let mut offer = [0u8; SHM_OFFER_BYTES];
+            s.set_read_timeout(Some(read_timeout(deadline)))?;
+            let fd = recv_with_fd(s, &mut offer)
+                .with_context(|| format!("reading the shared-memory offer of {prev_name} failed"))?;
+            reader = match (offer[0], fd) {
+                (OFFER_SHM, Some(fd)) => {
+                    let mut cap = [0u8; 8];
+                    cap.copy_from_slice(&offer[1..9]);
+                    usize::try_from(u64::from_le_bytes(cap))
+                        .map_err(std::io::Error::other)
+                        .and_then(|cap| Reader::open(fd, cap))
+                        .map_err(|e| {
+                            tracing::debug!(peer = %prev_name, error = %e, "keeping the Unix socket: cannot map the ring")
+                        })
+                        .ok()
+                }
+                (OFFER_SHM, None) => bail!("{prev_name} offered a shared ring without its descriptor"),
+                (OFFER_NONE, _) => None,
+                (tag, _) => bail!("{prev_name} sent a bad shared-memory offer (tag {tag:#04x})"),
+            };
+            let answer = if reader.is_some() { CLAIMED } else { DECLINED };
+            (&*s)
+                .write_all(&[answer])
+                .with_context(|| format!("answering the shared-memory offer of {prev_name} failed"))?;
+        }
+
+        // c.
+        if let (Some(_), Stream::Unix(s)) = (&writer, next) {
+            let mut answer = [0u8];
+            s.set_read_timeout(Some(read_timeout(deadline)))?;
+            (&*s)
+                .read_exact(&mut answer)
+                .with_context(|| format!("reading {next_name}'s answer to the shared-memory offer failed"))?;
+            match answer[0] {
+                CLAIMED => {}
+                DECLINED => writer = None,
+                tag => bail!("{next_name} answered the shared-memory offer wrongly (tag {tag:#04x})"),
+            }
+        }
+        Ok((writer, reader))
+    }
 }
 
 impl<T: Real> RingCollective<T> {
@@ -690,6 +913,37 @@ impl<T: Real> RingCollective<T> {
         generation: u64,
         timeout: Duration,
     ) -> Result<Self> {
+        Self::connect_with_transport(rank, world_size, listener, peers, generation, timeout, Transport::Shm)
+    }
+
+    /// [`connect`](Self::connect), with same-host links limited to `max`
+    /// (to compare transports; results are the same on all of them).
+    pub fn connect_with_transport(
+        rank: usize,
+        world_size: usize,
+        listener: TcpListener,
+        peers: &[String],
+        generation: u64,
+        timeout: Duration,
+        max: Transport,
+    ) -> Result<Self> {
+        #[cfg(target_os = "linux")]
+        let ring_bytes = super::shm::DEFAULT_RING_BYTES;
+        #[cfg(not(target_os = "linux"))]
+        let ring_bytes = 0;
+        let opts = LinkOptions { max, ring_bytes };
+        Self::connect_opts(rank, world_size, listener, peers, generation, timeout, opts)
+    }
+
+    fn connect_opts(
+        rank: usize,
+        world_size: usize,
+        listener: TcpListener,
+        peers: &[String],
+        generation: u64,
+        timeout: Duration,
+        opts: LinkOptions,
+    ) -> Result<Self> {
         if world_size == 0 {
             bail!("world size must be at least 1");
         }
@@ -702,7 +956,7 @@ impl<T: Real> RingCollective<T> {
         let links = if world_size == 1 {
             None
         } else {
-            Some(Self::handshake(rank, world_size, &listener, peers, generation, Instant::now() + timeout)?)
+            Some(Self::handshake(rank, world_size, &listener, peers, generation, Instant::now() + timeout, opts)?)
         };
         Ok(RingCollective {
             rank,
@@ -725,7 +979,8 @@ impl<T: Real> RingCollective<T> {
     ///    buffer, so it does not wait for the successor to accept);
     /// 2. accept the predecessor, read its hello, answer with ours, check;
     /// 3. read the successor's answer and check it;
-    /// 4. move same-host links to Unix sockets (`upgrade::to_unix`).
+    /// 4. move same-host links to Unix sockets (`upgrade::to_unix`);
+    /// 5. move the data of those to shared memory (`upgrade::to_shm`).
     fn handshake(
         rank: usize,
         n: usize,
@@ -733,7 +988,9 @@ impl<T: Real> RingCollective<T> {
         peers: &[String],
         generation: u64,
         deadline: Instant,
+        opts: LinkOptions,
     ) -> Result<Links> {
+        let features = opts.max.features();
         let next_rank = (rank + 1) % n;
         let prev_rank = (rank + n - 1) % n;
         let me = |to: usize| Hello {
@@ -742,7 +999,7 @@ impl<T: Real> RingCollective<T> {
             generation,
             from: rank as u64,
             to: to as u64,
-            features: LOCAL_FEATURES,
+            features,
         };
         let next_name = format!("rank {next_rank} (successor, {})", peers[next_rank]);
 
@@ -785,8 +1042,19 @@ impl<T: Real> RingCollective<T> {
         let (next, prev) = upgrade::to_unix(
             next,
             prev,
-            LOCAL_FEATURES & next_features & FEATURE_UNIX != 0,
-            LOCAL_FEATURES & prev_features & FEATURE_UNIX != 0,
+            features & next_features & FEATURE_UNIX != 0,
+            features & prev_features & FEATURE_UNIX != 0,
+            deadline,
+            (&next_name, &prev_name),
+        )?;
+
+        // 5. Their data moves to shared memory where both ends can.
+        #[cfg(target_os = "linux")]
+        let (next_shm, prev_shm) = upgrade::to_shm(
+            &next,
+            &prev,
+            (features & next_features & FEATURE_SHM != 0, features & prev_features & FEATURE_SHM != 0),
+            (rank, generation, opts.ring_bytes),
             deadline,
             (&next_name, &prev_name),
         )?;
@@ -797,17 +1065,28 @@ impl<T: Real> RingCollective<T> {
         for (s, name) in [(&next, &next_name), (&prev, &prev_name)] {
             s.set_read_timeout(None).with_context(|| format!("clearing the read timeout towards {name} failed"))?;
         }
+        let links = Links {
+            next,
+            prev,
+            next_name,
+            prev_name,
+            #[cfg(target_os = "linux")]
+            next_shm,
+            #[cfg(target_os = "linux")]
+            prev_shm,
+        };
+        let (successor_link, predecessor_link) = links.kinds();
         tracing::debug!(
             rank,
             world_size = n,
             generation,
-            successor = %next_name,
-            successor_link = next.kind(),
-            predecessor = %prev_name,
-            predecessor_link = prev.kind(),
+            successor = %links.next_name,
+            successor_link,
+            predecessor = %links.prev_name,
+            predecessor_link,
             "ring connected"
         );
-        Ok(Links { next, prev, next_name, prev_name })
+        Ok(links)
     }
 
     pub fn generation(&self) -> u64 {
@@ -1006,10 +1285,12 @@ fn run_ring<E: Wire>(
     let steps = 2 * (n - 1);
 
     // The header goes first, from this thread: 24 bytes into a socket
-    // buffer that the last call left empty, so it cannot block, and it is on
-    // its way before this rank can fail on the predecessor's header. Both
-    // ends of a mismatch then name it.
-    if let Err(e) = (&links.next).write_all(&header.encode()) {
+    // buffer that the last call left empty, so it cannot block (a shared
+    // ring may still hold the end of the last call, which the successor
+    // consumes without waiting for us), and it is on its way before this
+    // rank can fail on the predecessor's header. Both ends of a mismatch
+    // then name it.
+    if let Err(e) = links.send(&header.encode()) {
         let e = anyhow::Error::new(e).context(format!("sending the call header to {} failed", links.next_name));
         // A Unix socket reports a closed successor at once (TCP only on a
         // later write), and the successor has often closed only because it
@@ -1027,7 +1308,6 @@ fn run_ring<E: Wire>(
 
         // The sender: segments in the order queued.
         let sender = scope.spawn(move || {
-            let mut out = &links.next;
             let result = (|| -> Result<()> {
                 for (id, seg) in job_rx {
                     let bytes = match wire_bytes(seg) {
@@ -1038,7 +1318,7 @@ fn run_ring<E: Wire>(
                             bytes
                         }
                     };
-                    out.write_all(bytes).with_context(|| {
+                    links.send(bytes).with_context(|| {
                         format!("sending {} bytes (segment {id}) to {} failed", bytes.len(), links.next_name)
                     })?;
                     // The reader may have returned early on an error.
@@ -1053,15 +1333,14 @@ fn run_ring<E: Wire>(
 
         // The reader and reducer: this thread.
         let result = (|| -> Result<()> {
-            let mut input = &links.prev;
             let mut h = [0u8; CALL_BYTES];
             // Queue our own chunk first so the sender starts while we wait.
             for id in plan.segments(r) {
                 let seg = table[id].take().ok_or_else(|| anyhow!("internal: segment {id} queued twice"))?;
                 job_tx.send((id, seg)).map_err(|_| anyhow!("the sending thread stopped"))?;
             }
-            input
-                .read_exact(&mut h)
+            links
+                .recv_exact(&mut h)
                 .with_context(|| format!("reading the call header from {} failed", links.prev_name))?;
             let theirs = CallHeader::decode(&h).with_context(|| format!("bad call header from {}", links.prev_name))?;
             if theirs != header {
@@ -1095,17 +1374,15 @@ fn run_ring<E: Wire>(
                         || format!("reading {len} bytes (chunk {chunk}, step {t}) from {} failed", links.prev_name);
                     if t < n - 1 {
                         // Reduce-scatter: add the partial sum into ours.
-                        let bytes = &mut recv_scratch[..len];
-                        input.read_exact(bytes).with_context(what)?;
-                        if !E::add_decoded(bytes, seg) {
+                        if !recv_add(links, seg, recv_scratch).with_context(what)? {
                             bail!("a u64 sum overflowed in chunk {chunk}");
                         }
                     } else if let Some(bytes) = wire_bytes_mut(seg) {
                         // All-gather: the final sum replaces ours.
-                        input.read_exact(bytes).with_context(what)?;
+                        links.recv_exact(bytes).with_context(what)?;
                     } else {
                         let bytes = &mut recv_scratch[..len];
-                        input.read_exact(bytes).with_context(what)?;
+                        links.recv_exact(bytes).with_context(what)?;
                         E::decode(bytes, seg);
                     }
                     if t + 1 < steps {
@@ -1189,20 +1466,36 @@ mod tests {
 
     /// Connects n ranks, each on its own thread, rank i in `generations[i]`.
     fn connect_ring<T: Real>(generations: &[u64]) -> Vec<Result<RingCollective<T>>> {
+        let opts = vec![LinkOptions { max: Transport::Shm, ring_bytes: DEFAULT_RING_BYTES }; generations.len()];
+        connect_ring_opts(generations, &opts)
+    }
+
+    #[cfg(target_os = "linux")]
+    const DEFAULT_RING_BYTES: usize = super::super::shm::DEFAULT_RING_BYTES;
+    #[cfg(not(target_os = "linux"))]
+    const DEFAULT_RING_BYTES: usize = 0;
+
+    /// [`connect_ring`] with link options per rank.
+    fn connect_ring_opts<T: Real>(generations: &[u64], opts: &[LinkOptions]) -> Vec<Result<RingCollective<T>>> {
         let n = generations.len();
         let (ls, addrs) = listeners(n);
         thread::scope(|s| {
             let hs: Vec<_> = ls
                 .into_iter()
-                .zip(generations)
+                .zip(generations.iter().zip(opts))
                 .enumerate()
-                .map(|(rank, (l, &g))| {
+                .map(|(rank, (l, (&g, &o)))| {
                     let addrs = &addrs;
-                    s.spawn(move || RingCollective::<T>::connect(rank, n, l, addrs, g, CONNECT))
+                    s.spawn(move || RingCollective::<T>::connect_opts(rank, n, l, addrs, g, CONNECT, o))
                 })
                 .collect();
             hs.into_iter().map(|h| h.join().unwrap()).collect()
         })
+    }
+
+    /// The links' kinds of every rank: (successor, predecessor).
+    fn kinds<T>(rings: &[RingCollective<T>]) -> Vec<(&'static str, &'static str)> {
+        rings.iter().map(|c| c.shared.links.as_ref().unwrap().kinds()).collect()
     }
 
     fn ring<T: Real>(n: usize) -> Vec<RingCollective<T>> {
@@ -1419,15 +1712,164 @@ mod tests {
     }
 
     /// On Linux, ranks on one host talk over Unix sockets after the TCP
-    /// handshake; elsewhere they keep TCP.
+    /// handshake, and their data moves to shared memory; elsewhere they keep
+    /// TCP.
     #[test]
     fn same_host_links_move_to_unix_sockets() {
         within(30, || {
-            let want = if cfg!(target_os = "linux") { "unix" } else { "tcp" };
-            for c in ring::<f32>(3) {
+            let linux = cfg!(target_os = "linux");
+            let (stream, data) = if linux { ("unix", "shm") } else { ("tcp", "tcp") };
+            let rings = ring::<f32>(3);
+            for c in &rings {
                 let l = c.shared.links.as_ref().unwrap();
-                assert_eq!((l.next.kind(), l.prev.kind()), (want, want), "rank {}", c.rank);
+                assert_eq!((l.next.kind(), l.prev.kind()), (stream, stream), "rank {}", c.rank);
             }
+            assert_eq!(kinds(&rings), vec![(data, data); 3]);
+        });
+    }
+
+    /// The same calls over TCP, Unix sockets, shared memory and a mix of
+    /// them (a rank that offers less: its links fall back), with segment
+    /// sizes that differ between ranks and a shared ring of 1000 bytes, so
+    /// that elements are cut at its wrap: the same bits everywhere.
+    fn transports_agree_bit_for_bit<T: Real>() {
+        use Transport::{Shm, Tcp, Unix};
+        let linux = cfg!(target_os = "linux");
+        for n in [2usize, 3] {
+            let mixed = if n == 2 { vec![Shm, Unix] } else { vec![Shm, Shm, Unix] };
+            let setups = [vec![Tcp; n], vec![Unix; n], vec![Shm; n], mixed];
+            let mut results = Vec::new();
+            for maxes in &setups {
+                let opts: Vec<LinkOptions> = maxes.iter().map(|&max| LinkOptions { max, ring_bytes: 1000 }).collect();
+                let rings: Vec<RingCollective<T>> =
+                    connect_ring_opts(&vec![GENERATION; n], &opts).into_iter().map(|r| r.unwrap()).collect();
+                // Link r -> r+1 is as good as the lesser end allows.
+                let link = |r: usize| match maxes[r].min(maxes[(r + 1) % n]) {
+                    _ if !linux => "tcp",
+                    Tcp => "tcp",
+                    Unix => "unix",
+                    Shm => "shm",
+                };
+                let want: Vec<_> = (0..n).map(|r| (link(r), link((r + n - 1) % n))).collect();
+                assert_eq!(kinds(&rings), want, "n={n} {maxes:?}");
+                let out = on_all(rings, |c| {
+                    c.set_segment_bytes(4096 + 44 * c.rank());
+                    let mut out = Vec::new();
+                    for len in [0usize, 1, 5, 17, 1001, 70_001, 250_001] {
+                        let mut v = input::<T>(c.rank(), len);
+                        c.all_reduce_sum(&mut v).unwrap();
+                        out.push(bits(&v));
+                        // u64 after an odd number of f32: 8-byte elements
+                        // straddle the ring's wrap.
+                        let mut u: Vec<u64> = (0..len.min(999)).map(|i| (c.rank() * 1_000_003 + i) as u64).collect();
+                        c.all_reduce_sum_u64(&mut u).unwrap();
+                        let want: Vec<u64> =
+                            (0..u.len()).map(|i| (0..n).map(|r| (r * 1_000_003 + i) as u64).sum()).collect();
+                        assert_eq!(u, want, "n={n} {maxes:?} len={len}");
+                    }
+                    out
+                });
+                for (r, (_, o)) in out.iter().enumerate() {
+                    assert_eq!(o, &out[0].1, "n={n} {maxes:?}: rank {r} differs from rank 0");
+                }
+                results.push(out.into_iter().next().unwrap().1);
+            }
+            for (i, r) in results.iter().enumerate() {
+                assert_eq!(r, &results[0], "n={n}: {:?} differs from {:?}", setups[i], setups[0]);
+            }
+        }
+    }
+
+    #[test]
+    fn f32_transports_agree_bit_for_bit() {
+        within(120, transports_agree_bit_for_bit::<f32>);
+    }
+
+    #[test]
+    fn f64_transports_agree_bit_for_bit() {
+        within(120, transports_agree_bit_for_bit::<f64>);
+    }
+
+    /// Both ends blocked on a shared ring (the writer for space, the reader
+    /// for data): an abort releases this rank, and the peer's next call
+    /// fails instead of waiting on the dead ring.
+    #[test]
+    fn abort_releases_calls_blocked_on_shared_memory() {
+        within(30, || {
+            let mut rings = ring::<f32>(2);
+            if cfg!(target_os = "linux") {
+                assert_eq!(kinds(&rings), vec![("shm", "shm"); 2]);
+            }
+            let mut peer = rings.pop().unwrap();
+            let mut me = rings.pop().unwrap();
+            let handle = me.abort_handle();
+            // 3 MiB per chunk: more than the ring holds.
+            let blocked = thread::spawn(move || {
+                let r = me.all_reduce_sum(&mut vec![1.0; 3 << 20]);
+                (me, r)
+            });
+            thread::sleep(Duration::from_millis(200));
+            handle.abort();
+            let (_me, r) = blocked.join().unwrap();
+            let e = format!("{:#}", r.unwrap_err());
+            assert!(e.contains("aborted"), "{e}");
+            let e = format!("{:#}", peer.all_reduce_sum(&mut vec![1.0; 3 << 20]).unwrap_err());
+            assert!(e.contains("rank 0 ("), "{e}");
+        });
+    }
+
+    /// The peer is aborted while this rank waits on the shared ring: the
+    /// call fails naming the peer.
+    #[test]
+    fn aborted_peer_releases_a_call_blocked_on_shared_memory() {
+        within(30, || {
+            let mut rings = ring::<f64>(2);
+            let peer = rings.pop().unwrap();
+            let mut me = rings.pop().unwrap();
+            let handle = peer.abort_handle();
+            let killer = thread::spawn(move || {
+                thread::sleep(Duration::from_millis(200));
+                handle.abort();
+            });
+            let e = format!("{:#}", me.all_reduce_sum(&mut vec![1.0; 1 << 20]).unwrap_err());
+            killer.join().unwrap();
+            assert!(e.contains("rank 1 ("), "{e}");
+            drop(peer);
+        });
+    }
+
+    /// The shared rings leave nothing behind: their descriptors are closed
+    /// once mapped (no file exists at any time: they are memfds), and the
+    /// mappings go when the collectives are dropped, aborted or not.
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn shared_rings_leave_nothing_behind() {
+        within(30, || {
+            let generation = 0x5EED_0001u64;
+            let tag = format!("tessera-ring-g{generation}-");
+            let maps =
+                || std::fs::read_to_string("/proc/self/maps").unwrap().lines().filter(|l| l.contains(&tag)).count();
+            let fds = || {
+                std::fs::read_dir("/proc/self/fd")
+                    .unwrap()
+                    .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+                    .filter(|p| p.to_string_lossy().contains(&tag))
+                    .count()
+            };
+            let rings: Vec<RingCollective<f32>> =
+                connect_ring(&[generation; 3]).into_iter().map(|r| r.unwrap()).collect();
+            // Each rank maps its own ring and its predecessor's.
+            assert_eq!(maps(), 6);
+            assert_eq!(fds(), 0);
+            let out = on_all(rings, |c| c.all_reduce_sum(&mut vec![1.0; 1000]));
+            assert!(out.iter().all(|(_, r)| r.is_ok()));
+            out[1].0.abort();
+            drop(out);
+            assert_eq!(maps(), 0);
+            assert_eq!(fds(), 0);
+            assert!(!std::fs::read_dir("/dev/shm")
+                .map(|d| d.filter_map(|e| e.ok()).any(|e| e.file_name().to_string_lossy().contains(&tag)))
+                .unwrap_or(false));
         });
     }
 
