@@ -4,6 +4,7 @@
 //! our tests compare Tessera with the PyTorch/transformers implementation.
 
 use crate::engine::cpu::Cpu;
+use crate::engine::device::{require_cpu, DeviceSpec};
 use crate::engine::{Backend, TileGrid};
 use crate::model::weights::{decode, read_file};
 use crate::model::{hf_config, weights, Batch, ModelConfig, ParamStore, Trainable, Vlm};
@@ -121,13 +122,9 @@ pub fn write_grads(path: &Path, cfg: &ModelConfig, loss: f32, grads: &weights::W
 /// The `debug-step` command.
 pub fn command(model_dir: &Path, batch_path: &Path, out: &Path, device: &str) -> Result<f32> {
     let batch = read_batch(batch_path)?;
-    let (cfg, loss, grads) = match device {
-        "cpu" | "auto" => run(&Cpu::<f32>::new(), model_dir, &batch)?,
-        d if d.starts_with("cuda") => {
-            bail!("--device {d}: this build has no CUDA backend yet; use --device cpu")
-        }
-        d => bail!("--device {d}: expected cpu, cuda:N or auto"),
-    };
+    let device = DeviceSpec::parse(device)?.resolve(None)?;
+    require_cpu(device)?;
+    let (cfg, loss, grads) = run(&Cpu::<f32>::new(), model_dir, &batch)?;
     write_grads(out, &cfg, loss, &grads)?;
     Ok(loss)
 }

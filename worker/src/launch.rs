@@ -3,6 +3,7 @@
 //! WORLD_SIZE, MASTER_ADDR, MASTER_PORT, LOCAL_RANK; Slurm's SLURM_PROCID,
 //! SLURM_LOCALID, SLURM_NTASKS).
 
+use crate::engine::device::DeviceSpec;
 use anyhow::{bail, Context, Result};
 
 /// The worker's command-line flags (all optional).
@@ -18,8 +19,10 @@ pub struct Launch {
     /// None: the coordinator assigns one.
     pub rank: Option<u32>,
     pub coordinator: String,
-    /// "cpu" or "cuda:K".
-    pub device: String,
+    pub device: DeviceSpec,
+    /// The rank among the workers on this host (LOCAL_RANK or
+    /// SLURM_LOCALID): the GPU `--device auto` takes.
+    pub local_rank: Option<usize>,
     /// What the launcher says the world size is, checked against the job's.
     pub world_size: Option<usize>,
 }
@@ -48,16 +51,10 @@ pub fn resolve(flags: &LaunchFlags, env: &dyn Fn(&str) -> Option<String>) -> Res
         (None, None) => bail!("no coordinator given: pass --coordinator URL (e.g. http://head-node:29500) or set MASTER_ADDR and MASTER_PORT"),
     };
     let coordinator = if coordinator.contains("://") { coordinator } else { format!("http://{coordinator}") };
-    let device = match flags.device.as_deref().unwrap_or("auto") {
-        // This build has only the CPU backend; `auto` will pick the GPU of
-        // LOCAL_RANK / SLURM_LOCALID once the CUDA backend exists.
-        "auto" => "cpu".to_string(),
-        "cpu" => "cpu".to_string(),
-        d if d.starts_with("cuda:") && d[5..].parse::<u32>().is_ok() => d.to_string(),
-        d => bail!("--device {d:?}: expected cpu, cuda:K or auto"),
-    };
+    let device = DeviceSpec::parse(flags.device.as_deref().unwrap_or("auto"))?;
+    let local_rank = number("LOCAL_RANK")?.or(number("SLURM_LOCALID")?).map(|n| n as usize);
     let world_size = number("WORLD_SIZE")?.or(number("SLURM_NTASKS")?).map(|n| n as usize);
-    Ok(Launch { rank, coordinator, device, world_size })
+    Ok(Launch { rank, coordinator, device, local_rank, world_size })
 }
 
 #[cfg(test)]
@@ -76,7 +73,13 @@ mod tests {
         let l = resolve(&flags, &env(&[("RANK", "1"), ("MASTER_ADDR", "x")])).unwrap();
         assert_eq!(
             l,
-            Launch { rank: Some(3), coordinator: "http://h:1".into(), device: "cpu".into(), world_size: None }
+            Launch {
+                rank: Some(3),
+                coordinator: "http://h:1".into(),
+                device: DeviceSpec::Cpu,
+                local_rank: None,
+                world_size: None
+            }
         );
     }
 
@@ -91,6 +94,7 @@ mod tests {
         let flags = LaunchFlags { coordinator: Some("head:29500".into()), ..Default::default() };
         let l = resolve(&flags, &env(&[("SLURM_PROCID", "5"), ("SLURM_LOCALID", "1"), ("SLURM_NTASKS", "8")])).unwrap();
         assert_eq!((l.rank, l.coordinator.as_str(), l.world_size), (Some(5), "http://head:29500", Some(8)));
+        assert_eq!((l.local_rank, l.device), (Some(1), DeviceSpec::Auto), "auto takes the GPU of SLURM_LOCALID");
         let l = resolve(&flags, &env(&[])).unwrap();
         assert_eq!(l.rank, None, "without any rank the coordinator assigns one");
     }

@@ -62,6 +62,10 @@ fn unknown_preset_and_device_are_clean_errors() {
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("--device cuda:0") && !err.contains("panicked"), "{err}");
+    // The default build has no CUDA; the message says how to get it.
+    if !cfg!(feature = "cuda") {
+        assert!(err.contains("built without CUDA support") && err.contains("--features cuda"), "{err}");
+    }
 }
 
 #[test]

@@ -2,6 +2,9 @@
 
 pub mod backend;
 pub mod cpu;
+#[cfg(feature = "cuda")]
+pub mod cuda;
+pub mod device;
 #[cfg(test)]
 pub(crate) mod testing;
 

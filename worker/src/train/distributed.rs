@@ -11,6 +11,7 @@ use crate::client::Client;
 use crate::collective::ring::{AbortHandle, RingCollective};
 use crate::data::loader::{Dataset, LoadedBatch, Prefetcher};
 use crate::engine::cpu::Cpu;
+use crate::engine::device::require_cpu;
 use crate::eval::evaluate;
 use crate::launch::Launch;
 use crate::model::weights::{save_model_dir, SaveDtype};
@@ -41,12 +42,8 @@ struct Share {
 /// Runs the worker until the job ends; errors are also reported to the
 /// coordinator (Leave) so the job fails with the reason, not a timeout.
 pub fn run_worker(opts: &WorkerOptions) -> Result<()> {
-    if opts.launch.device != "cpu" {
-        bail!(
-            "--device {}: this build has only the CPU backend (the CUDA backend is not written yet); use --device cpu",
-            opts.launch.device
-        );
-    }
+    let device = opts.launch.device.resolve(opts.launch.local_rank)?;
+    require_cpu(device)?;
     let client = Client::connect(&opts.launch.coordinator, opts.connect_patience)?;
     let listener = TcpListener::bind("0.0.0.0:0").context("cannot open the ring listener")?;
     let port = listener.local_addr().context("ring listener address")?.port();
@@ -58,7 +55,7 @@ pub fn run_worker(opts: &WorkerOptions) -> Result<()> {
         protocol_version: tessera_proto::PROTOCOL_VERSION,
         rank: opts.launch.rank,
         host: host.clone(),
-        device: opts.launch.device.clone(),
+        device: device.to_string(),
         collective_addr: format!("{host}:{port}"),
         pid: std::process::id(),
     })?;
