@@ -6,6 +6,8 @@
 
 use anyhow::{anyhow, bail, Result};
 
+pub mod kernels;
+
 /// What `--device cuda:K` found.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct GpuInfo {
