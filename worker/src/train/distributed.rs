@@ -172,17 +172,13 @@ fn train(
         let tick = Instant::now();
         let share = loader.next_batch()?;
         let data_wait = tick.elapsed();
-        let (mut bad, mut truncated, mut tiles, mut llm_tokens) = (0, 0, 0, 0);
+        let (mut bad, mut truncated) = (0, 0);
         let mut micro = Vec::new();
         for lb in share.micro {
             bad += lb.bad.len();
             truncated += lb.truncated;
-            let b = lb.batch;
-            if b.batch > 0 {
-                let prep = b.prepare(&cfg)?;
-                tiles += prep.tiles;
-                llm_tokens += prep.batch * prep.seq;
-                micro.push(b);
+            if lb.batch.batch > 0 {
+                micro.push(lb.batch);
             }
         }
         let samples: usize = micro.iter().map(|b| b.batch).sum();
@@ -202,8 +198,8 @@ fn train(
             loss_sum: r.loss.sum,
             target_tokens: r.loss.tokens as u64,
             samples: samples as u32,
-            tiles: tiles as u32,
-            llm_tokens: llm_tokens as u64,
+            tiles: r.tiles as u32,
+            llm_tokens: r.llm_tokens as u64,
             bad_samples: bad as u32,
             truncated: truncated as u32,
             grad_norm: r.info.grad_norm,

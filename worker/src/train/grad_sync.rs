@@ -32,13 +32,10 @@ pub struct CommThread<Buf: Send + 'static> {
     jobs: Option<Sender<Job<Buf>>>,
     done: Receiver<Done<Buf>>,
     thread: Option<std::thread::JoinHandle<()>>,
-    pub rank: usize,
-    pub world_size: usize,
 }
 
 impl<Buf: Send + 'static> CommThread<Buf> {
     pub fn new<C: Collective<Buf = Buf> + 'static>(mut c: C) -> Self {
-        let (rank, world_size) = (c.rank(), c.world_size());
         let (jobs, job_rx) = crossbeam_channel::unbounded::<Job<Buf>>();
         let (done_tx, done) = crossbeam_channel::unbounded();
         let thread = std::thread::Builder::new()
@@ -55,7 +52,7 @@ impl<Buf: Send + 'static> CommThread<Buf> {
                 }
             })
             .ok();
-        CommThread { jobs: Some(jobs), done, thread, rank, world_size }
+        CommThread { jobs: Some(jobs), done, thread }
     }
 
     fn send(&self, job: Job<Buf>) -> Result<()> {

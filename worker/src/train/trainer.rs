@@ -49,6 +49,9 @@ pub struct DpStepReport {
     pub info: StepInfo,
     /// Time blocked on the all-reduce after backward ended.
     pub comm_wait: Duration,
+    /// This rank's ViT passes (S2 tiles) and LLM positions (padding included).
+    pub tiles: usize,
+    pub llm_tokens: usize,
 }
 
 /// Which gradients take part in the all-reduce: trainable parameters that
@@ -74,9 +77,12 @@ pub fn train_step_dp<B: Backend>(
 where
     B::Buf: Send + 'static,
 {
-    let mut local = 0;
+    let (mut local, mut tiles, mut llm_tokens) = (0, 0, 0);
     for b in micro_batches {
-        local += b.prepare(&model.cfg)?.n_targets;
+        let prep = b.prepare(&model.cfg)?;
+        local += prep.n_targets;
+        tiles += prep.tiles;
+        llm_tokens += prep.batch * prep.seq;
     }
     let global = comm.sum_counts(vec![local as u64])?[0];
     model.trainable = opt.cfg.trainable();
@@ -96,7 +102,7 @@ where
     }
     let comm_wait = sync.finish(&mut model.params.grads)?;
     let info = opt.step(be, &mut model.params);
-    Ok(DpStepReport { loss, global_targets: global, info, comm_wait })
+    Ok(DpStepReport { loss, global_targets: global, info, comm_wait, tiles, llm_tokens })
 }
 
 #[cfg(test)]
