@@ -357,65 +357,58 @@ async fn run_one(args: &Args, n: usize, coordinator: &Path, base: &str, data: &P
     let cuda = args.device == "cuda";
     let rank0_delay = Duration::from_millis(args.rank0_delay_ms);
     let cpu0 = cpu_s(pid);
-    let handles: Vec<_> = clients
-        .iter()
-        .enumerate()
-        .map(|(i, c)| {
-            let mut c = c.clone();
-            tokio::spawn(async move {
-                let t_join = Instant::now();
-                let j = c
-                    .join(JoinRequest {
-                        protocol_version: tessera_proto::PROTOCOL_VERSION,
-                        rank: Some(i as u32),
-                        host: if cuda { format!("sim-node-{}", i / 8) } else { format!("sim-{i}") },
-                        device: if cuda { format!("cuda:{}", i % 8) } else { "cpu".into() },
-                        collective_addr: format!("10.{}.{}.{}:29600", i >> 16 & 255, i >> 8 & 255, i & 255),
-                        pid: 100_000 + i as u32,
-                    })
-                    .await
-                    .map_err(|s| anyhow!("rank {i}: join: {}", s.message()))?
-                    .into_inner();
-                let t_joined = Instant::now();
-                if j.rank != i as u32 || j.world_size as usize != n {
-                    bail!("rank {i}: join answered rank {} of {}", j.rank, j.world_size);
-                }
-                let nccl_unique_id = if cuda && i == 0 {
-                    tokio::time::sleep(rank0_delay).await;
-                    vec![7u8; 128]
-                } else {
-                    vec![]
-                };
-                let mut polls = 0u64;
-                loop {
-                    let r = c
-                        .rendezvous(RendezvousRequest {
-                            rank: j.rank,
-                            generation: j.generation,
-                            nccl_unique_id: nccl_unique_id.clone(),
-                        })
-                        .await
-                        .map_err(|s| anyhow!("rank {i}: rendezvous: {}", s.message()))?
-                        .into_inner();
-                    polls += 1;
-                    if r.ready {
-                        if r.ring_peers.len() != n {
-                            bail!("rank {i}: {} ring peers, expected {n}", r.ring_peers.len());
-                        }
-                        if cuda && r.nccl_unique_id.len() != 128 {
-                            bail!("rank {i}: ready without the NCCL id");
-                        }
-                        return Ok((t_join, t_joined, Instant::now(), polls, j.generation));
-                    }
-                }
+    let joined = on_every_worker(&clients, "rendezvous", |i, mut c| async move {
+        let t_join = Instant::now();
+        let j = c
+            .join(JoinRequest {
+                protocol_version: tessera_proto::PROTOCOL_VERSION,
+                rank: Some(i as u32),
+                host: if cuda { format!("sim-node-{}", i / 8) } else { format!("sim-{i}") },
+                device: if cuda { format!("cuda:{}", i % 8) } else { "cpu".into() },
+                collective_addr: format!("10.{}.{}.{}:29600", i >> 16 & 255, i >> 8 & 255, i & 255),
+                pid: 100_000 + i as u32,
             })
-        })
-        .collect();
+            .await
+            .map_err(|s| anyhow!("rank {i}: join: {}", s.message()))?
+            .into_inner();
+        let t_joined = Instant::now();
+        if j.rank != i as u32 || j.world_size as usize != n {
+            bail!("rank {i}: join answered rank {} of {}", j.rank, j.world_size);
+        }
+        let nccl_unique_id = if cuda && i == 0 {
+            tokio::time::sleep(rank0_delay).await;
+            vec![7u8; 128]
+        } else {
+            vec![]
+        };
+        let mut polls = 0u64;
+        loop {
+            let r = c
+                .rendezvous(RendezvousRequest {
+                    rank: j.rank,
+                    generation: j.generation,
+                    nccl_unique_id: nccl_unique_id.clone(),
+                })
+                .await
+                .map_err(|s| anyhow!("rank {i}: rendezvous: {}", s.message()))?
+                .into_inner();
+            polls += 1;
+            if r.ready {
+                if r.ring_peers.len() != n {
+                    bail!("rank {i}: {} ring peers, expected {n}", r.ring_peers.len());
+                }
+                if cuda && r.nccl_unique_id.len() != 128 {
+                    bail!("rank {i}: ready without the NCCL id");
+                }
+                return Ok((t_join, t_joined, Instant::now(), polls, j.generation));
+            }
+        }
+    })
+    .await?;
     let mut first_join: Option<Instant> = None;
     let (mut last_joined, mut last_ready) = (None::<Instant>, None::<Instant>);
     let (mut polls, mut generation) = (0u64, 0u64);
-    for h in handles {
-        let (tj, tjd, tr, p, g) = h.await.context("rendezvous task")??;
+    for (tj, tjd, tr, p, g) in joined {
         first_join = Some(first_join.map_or(tj, |f| f.min(tj)));
         last_joined = Some(last_joined.map_or(tjd, |l| l.max(tjd)));
         last_ready = Some(last_ready.map_or(tr, |l| l.max(tr)));
@@ -439,6 +432,22 @@ async fn run_one(args: &Args, n: usize, coordinator: &Path, base: &str, data: &P
     })
 }
 
+/// Runs `work(rank, client)` for every simulated worker at once, each on its
+/// own task, and returns the results in rank order (the first error wins).
+async fn on_every_worker<T, F, Fut>(clients: &[CoordinatorClient<Channel>], what: &str, work: F) -> Result<Vec<T>>
+where
+    T: Send + 'static,
+    F: Fn(usize, CoordinatorClient<Channel>) -> Fut,
+    Fut: std::future::Future<Output = Result<T>> + Send + 'static,
+{
+    let handles: Vec<_> = clients.iter().enumerate().map(|(i, c)| tokio::spawn(work(i, c.clone()))).collect();
+    let mut out = Vec::with_capacity(handles.len());
+    for h in handles {
+        out.push(h.await.with_context(|| format!("{what} task"))??);
+    }
+    Ok(out)
+}
+
 /// Phases 2 and 3: assignments (planned, then cached), reports, Leave, and
 /// the coordinator's exit.
 #[allow(clippy::too_many_arguments)]
@@ -455,41 +464,36 @@ async fn later_phases(
     // Phase 2: every worker fetches its assignment for each step.
     let per_step: Arc<Vec<AtomicU64>> = Arc::new((0..steps).map(|_| AtomicU64::new(0)).collect());
     let t = Instant::now();
-    let handles: Vec<_> = clients
-        .iter()
-        .enumerate()
-        .map(|(i, c)| {
-            let mut c = c.clone();
-            let per_step = per_step.clone();
-            tokio::spawn(async move {
-                let mut lat = Vec::with_capacity(steps as usize);
-                let mut mine = Vec::with_capacity(steps as usize);
-                for step in 0..steps {
-                    let t = Instant::now();
-                    let a = c
-                        .get_assignment(AssignmentRequest { rank: i as u32, generation, step })
-                        .await
-                        .map_err(|s| anyhow!("rank {i}: assignment {step}: {}", s.message()))?
-                        .into_inner();
-                    lat.push(t.elapsed().as_secs_f64());
-                    if a.done || a.step != step || a.global_samples as usize != n {
-                        bail!(
-                            "rank {i}: step {step}: unexpected assignment (done {}, {} global samples)",
-                            a.done,
-                            a.global_samples
-                        );
-                    }
-                    per_step[step as usize].fetch_add(a.samples.len() as u64, Ordering::Relaxed);
-                    mine.push(a.samples.len() as u32);
+    let fetched = on_every_worker(clients, "assignment", |i, mut c| {
+        let per_step = per_step.clone();
+        async move {
+            let mut lat = Vec::with_capacity(steps as usize);
+            let mut mine = Vec::with_capacity(steps as usize);
+            for step in 0..steps {
+                let t = Instant::now();
+                let a = c
+                    .get_assignment(AssignmentRequest { rank: i as u32, generation, step })
+                    .await
+                    .map_err(|s| anyhow!("rank {i}: assignment {step}: {}", s.message()))?
+                    .into_inner();
+                lat.push(t.elapsed().as_secs_f64());
+                if a.done || a.step != step || a.global_samples as usize != n {
+                    bail!(
+                        "rank {i}: step {step}: unexpected assignment (done {}, {} global samples)",
+                        a.done,
+                        a.global_samples
+                    );
                 }
-                Ok((lat, mine))
-            })
-        })
-        .collect();
+                per_step[step as usize].fetch_add(a.samples.len() as u64, Ordering::Relaxed);
+                mine.push(a.samples.len() as u32);
+            }
+            Ok((lat, mine))
+        }
+    })
+    .await?;
     let mut latencies = Vec::with_capacity(n * steps as usize);
     let mut samples: Vec<Vec<u32>> = Vec::with_capacity(n);
-    for h in handles {
-        let (lat, mine) = h.await.context("assignment task")??;
+    for (lat, mine) in fetched {
         latencies.extend(lat);
         samples.push(mine);
     }
@@ -506,78 +510,54 @@ async fn later_phases(
 
     // Phase 2b: the same assignments again, now from the plan cache.
     let t = Instant::now();
-    let handles: Vec<_> = clients
-        .iter()
-        .enumerate()
-        .map(|(i, c)| {
-            let mut c = c.clone();
-            tokio::spawn(async move {
-                for step in 0..steps {
-                    c.get_assignment(AssignmentRequest { rank: i as u32, generation, step })
-                        .await
-                        .map_err(|s| anyhow!("rank {i}: assignment {step} (again): {}", s.message()))?;
-                }
-                Ok::<_, anyhow::Error>(())
-            })
-        })
-        .collect();
-    for h in handles {
-        h.await.context("assignment task")??;
-    }
+    on_every_worker(clients, "assignment", |i, mut c| async move {
+        for step in 0..steps {
+            c.get_assignment(AssignmentRequest { rank: i as u32, generation, step })
+                .await
+                .map_err(|s| anyhow!("rank {i}: assignment {step} (again): {}", s.message()))?;
+        }
+        Ok(())
+    })
+    .await?;
     let cached_assign_s = t.elapsed().as_secs_f64();
     let coordinator_peak_rss_mib = peak_rss_mib(pid);
 
     // Phase 3: report every step, then leave as finished.
     let t = Instant::now();
-    let handles: Vec<_> = clients
-        .iter()
-        .zip(samples)
-        .enumerate()
-        .map(|(i, (c, mine))| {
-            let mut c = c.clone();
-            tokio::spawn(async move {
-                for (step, &k) in mine.iter().enumerate() {
-                    c.report_step(StepReport {
-                        rank: i as u32,
-                        generation,
-                        step: step as u64,
-                        loss_sum: k as f64,
-                        target_tokens: k as u64,
-                        samples: k,
-                        tiles: 2 * k,
-                        llm_tokens: 32 * k as u64,
-                        grad_norm: 1.0,
-                        lr_scale: 1.0,
-                        timings: Some(Timings { data_wait_s: 0.0, compute_s: 0.01, comm_wait_s: 0.0, step_s: 0.01 }),
-                        ..Default::default()
-                    })
-                    .await
-                    .map_err(|s| anyhow!("rank {i}: report {step}: {}", s.message()))?;
-                }
-                Ok::<_, anyhow::Error>(())
-            })
-        })
-        .collect();
-    for h in handles {
-        h.await.context("report task")??;
-    }
+    on_every_worker(clients, "report", |i, mut c| {
+        let mine = samples[i].clone();
+        async move {
+            for (step, &k) in mine.iter().enumerate() {
+                c.report_step(StepReport {
+                    rank: i as u32,
+                    generation,
+                    step: step as u64,
+                    loss_sum: k as f64,
+                    target_tokens: k as u64,
+                    samples: k,
+                    tiles: 2 * k,
+                    llm_tokens: 32 * k as u64,
+                    grad_norm: 1.0,
+                    lr_scale: 1.0,
+                    timings: Some(Timings { data_wait_s: 0.0, compute_s: 0.01, comm_wait_s: 0.0, step_s: 0.01 }),
+                    ..Default::default()
+                })
+                .await
+                .map_err(|s| anyhow!("rank {i}: report {step}: {}", s.message()))?;
+            }
+            Ok(())
+        }
+    })
+    .await?;
     let reports_s = t.elapsed().as_secs_f64();
     let t = Instant::now();
-    let handles: Vec<_> = clients
-        .iter()
-        .enumerate()
-        .map(|(i, c)| {
-            let mut c = c.clone();
-            tokio::spawn(async move {
-                c.leave(LeaveRequest { rank: i as u32, generation, finished: true, ..Default::default() })
-                    .await
-                    .map_err(|s| anyhow!("rank {i}: leave: {}", s.message()))
-            })
-        })
-        .collect();
-    for h in handles {
-        h.await.context("leave task")??;
-    }
+    on_every_worker(clients, "leave", |i, mut c| async move {
+        c.leave(LeaveRequest { rank: i as u32, generation, finished: true, ..Default::default() })
+            .await
+            .map_err(|s| anyhow!("rank {i}: leave: {}", s.message()))?;
+        Ok(())
+    })
+    .await?;
     let mut child = reaper.0.take().context("the coordinator is gone")?;
     let status = loop {
         if let Some(s) = child.try_wait().context("cannot poll the coordinator")? {
