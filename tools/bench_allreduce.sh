@@ -14,12 +14,8 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 PYTHON="${PYTHON:-python3}"
 
-echo "== machine"
-echo "date:    $(date)"
-echo "nproc:   $(nproc)"
-echo "cpu:     $(grep -m1 '^model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ *//')"
-echo "rustc:   $(rustc --version)"
-echo "tessera: git $(git rev-parse --short HEAD 2>/dev/null || echo unknown)$(git diff --quiet HEAD -- worker 2>/dev/null || echo " + uncommitted changes in worker/")"
+source tools/machine.sh # the script runs from the repository root
+print_machine worker
 echo "torch:   $("$PYTHON" -c 'import torch; print(torch.__version__)')"
 
 echo "== build"

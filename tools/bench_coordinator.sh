@@ -11,12 +11,8 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 target="${CARGO_TARGET_DIR:-target}"
 
-echo "== machine"
-echo "date:    $(date -u)"
-echo "nproc:   $(nproc)"
-echo "cpu:     $(grep -m1 '^model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ *//')"
-echo "rustc:   $(rustc --version)"
-echo "tessera: git $(git rev-parse --short HEAD 2>/dev/null || echo unknown)$(git diff --quiet HEAD -- coordinator worker proto 2>/dev/null || echo " + uncommitted changes")"
+source tools/machine.sh # the script runs from the repository root
+print_machine coordinator worker proto
 
 echo "== build"
 cargo build --release -p tessera-worker -p tessera-coordinator --bin worker --bin coordinator --example bench_coordinator

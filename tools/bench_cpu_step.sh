@@ -20,13 +20,8 @@ worker="${CARGO_TARGET_DIR:-target}/release/worker"
 out="$(mktemp -d)"
 trap 'rm -rf "$out"' EXIT
 
-echo "== machine"
-echo "date:    $(date)"
-echo "nproc:   $(nproc)"
-echo "cpu:     $(grep -m1 '^model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ *//')"
-echo "memory:  $(awk '/^MemTotal/ {printf "%.1f GiB", $2 / 1048576}' /proc/meminfo)"
-echo "rustc:   $(rustc --version)"
-echo "tessera: git $(git rev-parse --short HEAD 2>/dev/null || echo unknown)$(git diff --quiet HEAD -- worker 2>/dev/null || echo " + uncommitted changes in worker/")"
+source tools/machine.sh # the script runs from the repository root
+print_machine worker
 echo "torch:   $("$PYTHON" -c 'import torch, transformers; print(torch.__version__, "/ transformers", transformers.__version__)')"
 echo "shape:   preset small, batch $BATCH, text tokens $SEQ, warmup $WARMUP, steps $STEPS, threads $THREADS"
 

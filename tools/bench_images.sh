@@ -18,12 +18,8 @@ DIR="${DIR:-${TMPDIR:-/tmp}/tessera-bench-images}"
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
-echo "== machine"
-echo "date:    $(date)"
-echo "nproc:   $(nproc)"
-echo "cpu:     $(grep -m1 '^model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ *//')"
-echo "rustc:   $(rustc --version)"
-echo "tessera: git $(git rev-parse --short HEAD 2>/dev/null || echo unknown)$(git diff --quiet HEAD -- worker/src/data 2>/dev/null || echo " + uncommitted changes in worker/src/data/")"
+source tools/machine.sh # the script runs from the repository root
+print_machine worker/src/data
 echo "python:  $("$PYTHON" -c 'import sys, PIL, numpy; from PIL import features; print(sys.version.split()[0], "/ Pillow", PIL.__version__, "/ numpy", numpy.__version__, "/ libjpeg-turbo", features.version("libjpeg_turbo"))')"
 
 echo "== build"
