@@ -13,17 +13,43 @@
 //! the base `g x g` grid, so the projector and the LLM see the same number of
 //! image tokens as with static S2, while the ViT's cost follows the image.
 
-use super::config::ModelConfig;
+use super::config::{ModelConfig, S2Config};
 use super::store::{GradReady, ParamStore};
 use super::vit::Vit;
 use crate::engine::{Backend, GridShape, ImageShape, TileGrid};
 use std::collections::BTreeMap;
+
+/// One scale of one image in a dynamic S2 batch: its tile grid and where
+/// its tiles start in the tile stack.
+#[derive(Clone, Copy, Debug)]
+struct DynamicBlock {
+    image: usize,
+    scale: usize,
+    grid: TileGrid,
+    first: usize,
+}
+
+/// The blocks of a dynamic S2 batch, in tile-stack order
+/// (`Batch::pixel_values`: image after image, each scale's tiles in turn).
+fn dynamic_blocks(s2: &S2Config, grids: &[TileGrid]) -> Vec<DynamicBlock> {
+    let mut first = 0;
+    let mut blocks = Vec::new();
+    for (image, &last) in grids.iter().enumerate() {
+        for (scale, grid) in s2.dynamic_grids(last).into_iter().enumerate() {
+            blocks.push(DynamicBlock { image, scale, grid, first });
+            first += grid.count();
+        }
+    }
+    blocks
+}
 
 /// Buffers sized for one batch layout: `batch` images and, for dynamic S2,
 /// their largest-scale grids.
 struct Workspace<B: Backend> {
     batch: usize,
     grids: Vec<TileGrid>,
+    /// Dynamic S2: the blocks of `grids`.
+    blocks: Vec<DynamicBlock>,
     /// Static S2: the image resized to each non-final scale.
     resized: Vec<B::Buf>,
     /// Static S2: all tiles of all scales, scale-major, each scale in chessboard order.
@@ -67,15 +93,6 @@ impl<B: Backend> S2<B> {
             .collect()
     }
 
-    /// ViT passes for the batch: static S2 when `grids` is empty.
-    fn tile_count(&self, batch: usize, grids: &[TileGrid]) -> usize {
-        if grids.is_empty() {
-            batch * self.cfg.s2.tiles_per_image()
-        } else {
-            grids.iter().map(|&g| self.cfg.s2.dynamic_tiles(g)).sum()
-        }
-    }
-
     fn workspace(&mut self, be: &B, batch: usize, grids: &[TileGrid]) {
         if self.ws.as_ref().is_some_and(|w| w.batch == batch && w.grids == grids) {
             return;
@@ -83,18 +100,21 @@ impl<B: Backend> S2<B> {
         let c = &self.cfg;
         let (g, d, ch, base) = (c.vision.grid(), c.vision.hidden_size, c.vision.num_channels, c.vision.image_size);
         let splits = c.s2.splits();
-        let nt = self.tile_count(batch, grids);
+        let blocks = dynamic_blocks(&c.s2, grids);
         let dynamic = !grids.is_empty();
+        let nt = match blocks.last() {
+            Some(b) => b.first + b.grid.count(),
+            None => batch * c.s2.tiles_per_image(),
+        };
         let static_len = |len: usize| if dynamic { 0 } else { len };
         let mut merged_one = BTreeMap::new();
-        for &last in grids {
-            for grid in c.s2.dynamic_grids(last) {
-                merged_one.entry(grid).or_insert_with(|| be.alloc(grid.count() * g * g * d));
-            }
+        for b in &blocks {
+            merged_one.entry(b.grid).or_insert_with(|| be.alloc(b.grid.count() * g * g * d));
         }
         self.ws = Some(Workspace {
             batch,
             grids: grids.to_vec(),
+            blocks,
             resized: c
                 .s2
                 .scales
@@ -146,23 +166,18 @@ impl<B: Backend> S2<B> {
     /// S2 features `[images, g^2, D * scales]`.
     pub fn forward_dynamic(&mut self, be: &B, p: &ParamStore<B>, tiles: &B::Buf, grids: &[TileGrid]) -> &B::Buf {
         assert!(!grids.is_empty(), "dynamic S2 needs at least one image");
-        let batch = grids.len();
-        self.workspace(be, batch, grids);
-        let nt = self.tile_count(batch, grids);
+        self.workspace(be, grids.len(), grids);
         let c = self.cfg.clone();
         let ws = self.ws.as_mut().expect("workspace exists");
         let (g, d) = (c.vision.grid(), c.vision.hidden_size);
+        let nt = ws.blocks.last().map_or(0, |b| b.first + b.grid.count());
         let out = self.vit.forward(be, p, tiles, nt);
-        let mut first = 0;
-        for (b, &last) in grids.iter().enumerate() {
-            for (i, grid) in c.s2.dynamic_grids(last).into_iter().enumerate() {
-                let shape = GridShape { batch: 1, rows: grid.rows * g, cols: grid.cols * g, channels: d };
-                let merged = ws.merged_one.get_mut(&grid).expect("a merge buffer for every grid");
-                be.tile_merge_fwd(out, first, grid, merged, shape);
-                be.area_pool_fwd(merged, shape, grid, &mut ws.pooled_one);
-                be.copy(&ws.pooled_one, 0, &mut ws.pooled[i], b * g * g * d, g * g * d);
-                first += grid.count();
-            }
+        for &DynamicBlock { image, scale, grid, first } in &ws.blocks {
+            let shape = GridShape { batch: 1, rows: grid.rows * g, cols: grid.cols * g, channels: d };
+            let merged = ws.merged_one.get_mut(&grid).expect("a merge buffer for every grid");
+            be.tile_merge_fwd(out, first, grid, merged, shape);
+            be.area_pool_fwd(merged, shape, grid, &mut ws.pooled_one);
+            be.copy(&ws.pooled_one, 0, &mut ws.pooled[scale], image * g * g * d, g * g * d);
         }
         Self::concat_scales(be, &c, ws);
         &ws.features
@@ -198,17 +213,13 @@ impl<B: Backend> S2<B> {
                 be.tile_merge_bwd(&ws.merged[i], merged_shape, TileGrid::square(n), &mut ws.dtiles, offsets[i]);
             }
         } else {
-            let mut first = 0;
-            for (b, &last) in ws.grids.iter().enumerate() {
-                for (i, grid) in c.s2.dynamic_grids(last).into_iter().enumerate() {
-                    let shape = GridShape { batch: 1, rows: grid.rows * g, cols: grid.cols * g, channels: d };
-                    be.copy(&ws.pooled[i], b * g * g * d, &mut ws.pooled_one, 0, g * g * d);
-                    let merged = ws.merged_one.get_mut(&grid).expect("a merge buffer for every grid");
-                    be.fill(merged, 0.0);
-                    be.area_pool_bwd(&ws.pooled_one, shape, grid, merged);
-                    be.tile_merge_bwd(merged, shape, grid, &mut ws.dtiles, first);
-                    first += grid.count();
-                }
+            for &DynamicBlock { image, scale, grid, first } in &ws.blocks {
+                let shape = GridShape { batch: 1, rows: grid.rows * g, cols: grid.cols * g, channels: d };
+                be.copy(&ws.pooled[scale], image * g * g * d, &mut ws.pooled_one, 0, g * g * d);
+                let merged = ws.merged_one.get_mut(&grid).expect("a merge buffer for every grid");
+                be.fill(merged, 0.0);
+                be.area_pool_bwd(&ws.pooled_one, shape, grid, merged);
+                be.tile_merge_bwd(merged, shape, grid, &mut ws.dtiles, first);
             }
         }
         self.vit.backward(be, p, &ws.dtiles, ready);
