@@ -31,7 +31,8 @@ pub fn read_batch(path: &Path) -> Result<Batch> {
     if px.shape().len() != 4 {
         bail!("{}: pixel_values has shape {:?}; expected [B, 3, S, S]", path.display(), px.shape());
     }
-    let ints = |name: &str| -> Result<(Vec<usize>, Vec<i64>)> {
+    // An integer matrix; `shape` names the expected one in the error.
+    let ints = |name: &str, shape: &str| -> Result<(Vec<usize>, Vec<i64>)> {
         let t = get(name)?;
         let v: Vec<i64> = match t.dtype() {
             Dtype::I64 => {
@@ -43,17 +44,17 @@ pub fn read_batch(path: &Path) -> Result<Batch> {
             d => bail!("{}: {name} has dtype {d:?}; expected I64", path.display()),
         };
         if t.shape().len() != 2 {
-            bail!("{}: {name} has shape {:?}; expected [B, T]", path.display(), t.shape());
+            bail!("{}: {name} has shape {:?}; expected {shape}", path.display(), t.shape());
         }
         Ok((t.shape().to_vec(), v))
     };
-    let (ids_shape, input_ids) = ints("input_ids")?;
-    let (lab_shape, labels) = ints("labels")?;
+    let (ids_shape, input_ids) = ints("input_ids", "[B, T]")?;
+    let (lab_shape, labels) = ints("labels", "[B, T]")?;
     if ids_shape != lab_shape {
         bail!("{}: input_ids {:?} and labels {:?} differ in shape", path.display(), ids_shape, lab_shape);
     }
     let tile_grids = if st.names().iter().any(|n| n.as_str() == "tile_grids") {
-        let (shape, v) = ints("tile_grids")?;
+        let (shape, v) = ints("tile_grids", "[B, 2]")?;
         if shape != [ids_shape[0], 2] {
             bail!(
                 "{}: tile_grids has shape {shape:?}; expected [{}, 2] (rows, cols per image)",
