@@ -175,6 +175,12 @@ pub trait Backend: Send + Sync + 'static {
     fn download_f64(&self, buf: &Self::Buf) -> Vec<f64>;
     fn upload_idx(&self, data: &[i32]) -> Self::Idx;
     fn buf_len(&self, buf: &Self::Buf) -> usize;
+    /// Waits for queued work and returns the first device error since the
+    /// last check (a GPU backend queues ops and reports faults late; the
+    /// training loop checks at every step boundary). The CPU has none.
+    fn check(&self) -> anyhow::Result<()> {
+        Ok(())
+    }
 
     // ---- elementwise ----
     fn fill(&self, buf: &mut Self::Buf, value: f32);

@@ -8,8 +8,30 @@
 use anyhow::{anyhow, Result};
 use cudarc::nvrtc::{compile_ptx_with_opts, CompileOptions, Ptx};
 
-/// (module name, CUDA C source) of every kernel file.
-pub const SOURCES: &[(&str, &str)] = &[("elementwise", include_str!("kernels/elementwise.cu"))];
+/// (module name, CUDA C source) of every kernel file, one per op group as
+/// in the CPU backend.
+pub const SOURCES: &[(&str, &str)] = &[
+    ("elementwise", include_str!("kernels/elementwise.cu")),
+    ("activation", include_str!("kernels/activation.cu")),
+    ("norm", include_str!("kernels/norm.cu")),
+    ("attention", include_str!("kernels/attention.cu")),
+    ("rope", include_str!("kernels/rope.cu")),
+    ("embedding", include_str!("kernels/embedding.cu")),
+    ("loss", include_str!("kernels/loss.cu")),
+    ("image", include_str!("kernels/image.cu")),
+    ("s2", include_str!("kernels/s2.cu")),
+    ("optim", include_str!("kernels/optim.cu")),
+];
+
+/// The `extern "C" __global__` kernels a source declares, by name.
+pub fn entry_points(source: &'static str) -> Vec<&'static str> {
+    source
+        .split("extern \"C\" __global__ void ")
+        .skip(1)
+        .filter_map(|rest| rest.split('(').next())
+        .map(str::trim)
+        .collect()
+}
 
 /// Compiles one source to PTX for a virtual architecture such as
 /// `compute_90`; the error carries NVRTC's log.
@@ -33,8 +55,7 @@ mod tests {
             "libnvrtc not found: `pip install nvidia-cuda-nvrtc==13.0.*` and put its nvidia/cu13/lib on LD_LIBRARY_PATH (see .ci/run)"
         );
         for (name, src) in SOURCES {
-            let kernels: Vec<&str> =
-                src.split("extern \"C\" __global__ void ").skip(1).filter_map(|rest| rest.split('(').next()).collect();
+            let kernels = entry_points(src);
             assert!(!kernels.is_empty(), "{name}.cu declares no kernel");
             for arch in ["compute_80", "compute_90"] {
                 let ptx = compile(name, src, arch).unwrap_or_else(|e| panic!("{e:#}"));

@@ -6,7 +6,23 @@
 
 use anyhow::{anyhow, bail, Result};
 
+mod activation;
+mod attention;
+mod backend;
+mod context;
+mod elementwise;
+mod embedding;
+mod image;
 pub mod kernels;
+mod loss;
+mod matmul;
+mod norm;
+mod optim;
+mod rope;
+mod s2;
+
+pub use backend::{Buf, Idx};
+pub use context::{Cuda, MathMode};
 
 /// What `--device cuda:K` found.
 #[derive(Clone, Debug, PartialEq, Eq)]

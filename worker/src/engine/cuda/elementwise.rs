@@ -1,0 +1,83 @@
+//! Elementwise ops, bias and position-table broadcasts, and the gradient
+//! norm's sum of squares (kernels/elementwise.cu).
+
+use super::backend::Buf;
+use super::context::{launch, Cuda, THREADS};
+use cudarc::driver::{CudaSlice, LaunchConfig};
+
+/// Blocks of the first sum-of-squares pass: fixed, so the reduction
+/// order, and with it the result, never depends on the GPU.
+const PARTIALS: usize = 256;
+
+pub(super) fn fill(cu: &Cuda, buf: &mut Buf, value: f32) {
+    let n = buf.len;
+    fill_range(cu, &mut buf.data, 0, n, value)
+}
+
+/// Fills `len` values from `offset`.
+pub(super) fn fill_range(cu: &Cuda, data: &mut CudaSlice<f32>, offset: usize, len: usize, value: f32) {
+    if len == 0 {
+        return;
+    }
+    let n = len as u64;
+    let mut view = data.slice_mut(offset..offset + len);
+    launch!(cu, "fill_f32", cu.elems(len), &mut view, &value, &n);
+}
+
+pub(super) fn copy(cu: &Cuda, src: &Buf, src_off: usize, dst: &mut Buf, dst_off: usize, len: usize) {
+    assert!(src_off + len <= src.len, "copy: source range {src_off}+{len} past {}", src.len);
+    assert!(dst_off + len <= dst.len, "copy: destination range {dst_off}+{len} past {}", dst.len);
+    if len == 0 {
+        return;
+    }
+    let copied =
+        cu.stream.memcpy_dtod(&src.data.slice(src_off..src_off + len), &mut dst.data.slice_mut(dst_off..dst_off + len));
+    cu.record("device copy", copied);
+}
+
+pub(super) fn axpy(cu: &Cuda, alpha: f32, x: &Buf, y: &mut Buf) {
+    assert_eq!(x.len, y.len, "axpy length mismatch");
+    let n = x.len as u64;
+    if n > 0 {
+        launch!(cu, "axpy_f32", cu.elems(x.len), &alpha, &x.data, &mut y.data, &n);
+    }
+}
+
+pub(super) fn scale(cu: &Cuda, x: &mut Buf, s: f32) {
+    let n = x.len as u64;
+    if n > 0 {
+        launch!(cu, "scale_f32", cu.elems(x.len), &mut x.data, &s, &n);
+    }
+}
+
+pub(super) fn sum_squares(cu: &Cuda, x: &Buf) -> f64 {
+    if x.len == 0 {
+        return 0.0;
+    }
+    let mut partial = cu.zeros::<f64>(PARTIALS);
+    let mut total = cu.zeros::<f64>(1);
+    let (n, parts) = (x.len as u64, PARTIALS as u64);
+    let grid = LaunchConfig { grid_dim: (PARTIALS as u32, 1, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: 0 };
+    launch!(cu, "sum_squares_partial_f32", grid, &x.data, &mut partial, &n);
+    launch!(cu, "sum_partials_f64", cu.rows(1, 32), &partial, &mut total, &parts);
+    let host = cu.stream.clone_dtoh(&total);
+    cu.record("sum of squares (download)", host).map_or(f64::NAN, |v| v[0])
+}
+
+/// `y[r, :] += bias` for `rows` rows of width `cols`.
+pub(super) fn bias_add(cu: &Cuda, y: &mut Buf, bias: &Buf, rows: usize, cols: usize) {
+    assert!(y.len >= rows * cols && bias.len >= cols, "bias_add: buffers smaller than [{rows}, {cols}]");
+    let (c, n) = (cols as u64, (rows * cols) as u64);
+    if n > 0 {
+        launch!(cu, "bias_add_f32", cu.elems(rows * cols), &mut y.data, &bias.data, &c, &n);
+    }
+}
+
+/// `out += column sums of x[rows, cols]`.
+pub(super) fn col_sums_into(cu: &Cuda, x: &Buf, out: &mut Buf, rows: usize, cols: usize) {
+    assert!(x.len >= rows * cols && out.len >= cols, "column sums: buffers smaller than [{rows}, {cols}]");
+    let (r, c) = (rows as u64, cols as u64);
+    if cols > 0 {
+        launch!(cu, "col_sums_add_f32", cu.elems(cols), &x.data, &mut out.data, &r, &c);
+    }
+}
