@@ -1,47 +1,90 @@
 #!/usr/bin/env python3
-"""Time one full training step of Tessera's `small` preset in PyTorch on CPU.
+"""Time one full training step of a Tessera preset in PyTorch (CPU or CUDA).
 
-The PyTorch peer of `worker bench-step --preset small` (worker/src/main.rs):
-the same model, batch shape and step, written with PyTorch + Hugging Face
-transformers, in float32, so that tools/bench_cpu_step.sh can compare the two
-at the same thread count.
+The PyTorch peer of `worker bench-step` (worker/src/main.rs): the same model,
+batch shape and step, written with PyTorch + Hugging Face transformers
+(random init from configs; nothing is downloaded). Two uses:
+  * CPU, float32, preset small: tools/bench_cpu_step.sh compares it with
+    Tessera at the same thread count (the default flags).
+  * CUDA (--device cuda), preset vila-3b-s2 with the same widths and fewer
+    layers where the whole model does not fit a useful batch: the PyTorch row
+    of the GPU timing table. This script reports shapes and times only; the
+    table printer computes MFU from one FLOP formula.
 
-Model (ModelConfig::small(), worker/src/model/config.rs; DESIGN.md 1-2):
-  SiglipVisionModel   hidden 256, intermediate 1024, 7 layers, 4 heads,
-                      image 224, patch 14 (16x16 grid), gelu_pytorch_tanh
-  S2                  scales [224, 448], max split 224: per image the 448
-                      input bicubic-resized to 224 (1 tile) + a 2x2
-                      chessboard split (4 tiles); all B*5 tiles through the
-                      ViT in one batch; hidden_states[-2]; merge, area pool,
-                      concat channels -> [B, 256, 512]
-  mlp_downsample      DownSampleBlock 16x16 -> 8x8 = 64 tokens of 2048,
-                      LayerNorm(2048), Linear(2048,512), GELU, Linear(512,512)
-  LlamaForCausalLM    hidden 512, intermediate 1376, 6 layers, 8 heads,
-                      vocab 32000, untied lm_head
+Presets (ModelConfig::small() / ::vila_3b_s2(), worker/src/model/config.rs;
+DESIGN.md 1-2):
+                      small                        vila-3b-s2
+  SiglipVisionModel   hidden 256, inter 1024,      hidden 1152, inter 4304,
+                      7 layers, 4 heads,           27 layers, 16 heads,
+                      image 224 (16x16 patches)    image 384 (27x27 patches)
+                      patch 14, gelu_pytorch_tanh, layer_norm_eps 1e-6
+  S2                  scales [224, 448]            scales [384, 768]
+                      max split = the ViT image size: per image the large
+                      input bicubic-resized (1 tile) + a 2x2 chessboard
+                      split (4 tiles); all B*5 tiles through the ViT in one
+                      batch; hidden_states[-2]; merge, area pool, concat
+                      channels -> [B, g*g, 2*hidden]
+  mlp_downsample      DownSampleBlock (odd grids zero-padded) to ceil(g/2)^2
+                      tokens of 4*2*hidden, LayerNorm(eps 1e-5), Linear, GELU
+                      (erf), Linear
+                      -> 64 tokens of 2048 -> 512  -> 196 tokens of 9216 -> 2560
+  LlamaForCausalLM    hidden 512, inter 1376,      hidden 2560, inter 6912,
+                      6 layers, 8 heads            32 layers, 20 heads
+                      kv heads = heads, vocab 32000, rms eps 1e-5, rope theta
+                      1e4, untied lm_head
+--vit-layers-count / --llm-layers keep the widths and change the depths; the
+feature layer stays hidden_states[-2] of the (shorter) ViT.
+
 Batch (Batch::synthetic): B samples of T text tokens with one image
-placeholder (at index min(b % 3, T-2)), so the LLM sees T - 1 + 64 tokens;
-labels on text positions t >= T/2. Pixels uniform in [-1, 1] at 448x448.
+placeholder (at index min(b % 3, T-2)), so the LLM sees T - 1 + image-token
+positions; labels on text positions t >= T/2. Pixels uniform in [-1, 1] at
+the largest S2 scale.
 Step: zero grads, forward, loss (mean next-token CE), backward into every
 parameter (ViT unfrozen), clip the global grad norm to 1.0 (Tessera's
 OptimConfig::default() does the same; --no-clip turns it off), AdamW(lr=1e-4,
-weight_decay=0, default foreach implementation).
+weight_decay=0): PyTorch's default implementation on CPU, fused=True on CUDA
+where available (the JSON's "adamw" says which).
+
+Precision (--dtype):
+  f32    float32 weights and math; on CUDA TF32 is switched OFF for matmuls
+         and cuDNN (the patch-embedding conv), so it is true float32
+  tf32   CUDA only: float32 weights, matmuls and convs in TF32
+         (torch.backends.cuda.matmul.allow_tf32 / cudnn.allow_tf32 = True)
+  bf16   the usual mixed precision: torch.autocast(bfloat16) around forward
+         and loss, float32 master weights, gradients and AdamW state (also
+         accepted on CPU, with CPU autocast, to exercise the code path)
+On CUDA the timed region is bracketed by torch.cuda.synchronize(), and the
+JSON adds "gpu" and "peak_mem_gib" (torch.cuda.max_memory_allocated over the
+whole run: weights, gradients, optimizer state and activations).
 
 Variants measured (each in its own subprocess, so peak RSS is per variant):
   attn eager / sdpa    the SigLIP and LLaMA attention implementation
-  vit_layers all       stock VILA/HF: all 7 ViT layers run, hidden_states[-2]
-  vit_layers used      the ViT truncated to the 6 layers the output depends
-                       on (what Tessera computes); same function, less work
+  vit_layers all       stock VILA/HF: every ViT layer runs, hidden_states[-2]
+  vit_layers used      the ViT truncated to the layers the output depends on
+                       (what Tessera computes: one fewer); same function,
+                       less work
 By default: eager+all, sdpa+all, then the faster attention with vit_layers
 used. One JSON line per variant, then a final summary line whose
 `step_s_median` is the peer: the faster attention with the stock model
-(vit_layers all), as specified for the benchmark.
+(vit_layers all), as specified for the benchmark. "vit_layers" is that
+variant name; the depths are "vit_layers_count" (layers built),
+"vit_layers_run" (layers executed) and "llm_layers".
 
-Usage:
+Usage (CPU, preset small; what tools/bench_cpu_step.sh runs):
   python3 tools/bench_step_torch.py --threads 2 [--batch 8 --seq 32 --warmup 1 --steps 3]
   python3 tools/bench_step_torch.py --threads 2 --attn sdpa --vit-layers all   # one variant
+Usage (GPU table, one variant per row; pick depths and batch to fit memory):
+  python3 tools/bench_step_torch.py --preset vila-3b-s2 --device cuda --dtype bf16 --attn sdpa \\
+      --vit-layers all --vit-layers-count 27 --llm-layers 4 --batch 4 --seq 256 --warmup 2 --steps 5
+  python3 tools/bench_step_torch.py --preset vila-3b-s2 --device cuda --dtype tf32 --attn sdpa \\
+      --vit-layers all --vit-layers-count 27 --llm-layers 4 --batch 4 --seq 256 --warmup 2 --steps 5
+CPU smoke test of the vila-3b-s2 shapes:
+  python3 tools/bench_step_torch.py --preset vila-3b-s2 --vit-layers-count 1 --llm-layers 1 \\
+      --batch 1 --seq 16 --warmup 0 --steps 1 --attn sdpa --vit-layers all --threads 2
 """
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -53,20 +96,48 @@ import time
 
 IMAGE_TOKEN_INDEX = -200
 IGNORE_INDEX = -100
-
-# ModelConfig::small()
-VIT = dict(hidden=256, intermediate=1024, layers=7, heads=4, image=224, patch=14)
-S2_SCALES = [224, 448]
-S2_MAX_SPLIT = 224
 SELECT_LAYER = -2
-LLM = dict(hidden=512, intermediate=1376, layers=6, heads=8, kv_heads=8, vocab=32000)
+
+# ModelConfig presets (worker/src/model/config.rs). The S2 max split is the
+# ViT image size in both.
+PRESETS = {
+    "small": dict(
+        vit=dict(hidden=256, intermediate=1024, layers=7, heads=4, image=224, patch=14),
+        s2_scales=[224, 448],
+        llm=dict(hidden=512, intermediate=1376, layers=6, heads=8, kv_heads=8, vocab=32000),
+    ),
+    "vila-3b-s2": dict(
+        vit=dict(hidden=1152, intermediate=4304, layers=27, heads=16, image=384, patch=14),
+        s2_scales=[384, 768],
+        llm=dict(hidden=2560, intermediate=6912, layers=32, heads=20, kv_heads=20, vocab=32000),
+    ),
+}
 
 
-def build(args):
+class Shape:
+    """The preset with the depth overrides applied, plus derived sizes."""
+
+    def __init__(self, args):
+        p = PRESETS[args.preset]
+        self.vit = dict(p["vit"], layers=args.vit_layers_count or p["vit"]["layers"])
+        self.llm = dict(p["llm"], layers=args.llm_layers or p["llm"]["layers"])
+        self.scales = p["s2_scales"]
+        self.max_split = self.vit["image"]
+        self.splits = [math.ceil(s / self.max_split) for s in self.scales]
+        self.tiles_per_image = sum(n * n for n in self.splits)
+        self.grid = self.vit["image"] // self.vit["patch"]
+        self.image_tokens = ((self.grid + 1) // 2) ** 2  # DownSampleBlock pads odd grids
+        self.mm_hidden = self.vit["hidden"] * len(self.scales)
+        # Layers the feature depends on (hidden_states[-2]): Tessera runs only these.
+        self.vit_used = self.vit["layers"] + 1 + SELECT_LAYER
+
+
+def build(args, shape):
     import torch
     import torch.nn as nn
     from transformers import LlamaConfig, LlamaForCausalLM, SiglipVisionConfig, SiglipVisionModel
 
+    VIT, LLM = shape.vit, shape.llm
     vcfg = SiglipVisionConfig(
         hidden_size=VIT["hidden"],
         intermediate_size=VIT["intermediate"],
@@ -117,16 +188,17 @@ def build(args):
             x = x.view(n, h // 2, w // 2, c * 4)
             return x.reshape(x.shape[0], -1, x.shape[-1])
 
-    mm_hidden = VIT["hidden"] * len(S2_SCALES)
-    proj = nn.Sequential(
-        DownSampleBlock(),
-        nn.LayerNorm(4 * mm_hidden),
-        nn.Linear(4 * mm_hidden, LLM["hidden"]),
-        nn.GELU(),
-        nn.Linear(LLM["hidden"], LLM["hidden"]),
-    )
-    vit = SiglipVisionModel(vcfg)
-    llm = LlamaForCausalLM(lcfg)
+    # Build on the target device: random init of a 3B model is slow on CPU.
+    with torch.device(args.device):
+        proj = nn.Sequential(
+            DownSampleBlock(),
+            nn.LayerNorm(4 * shape.mm_hidden, eps=1e-5),
+            nn.Linear(4 * shape.mm_hidden, LLM["hidden"]),
+            nn.GELU(),
+            nn.Linear(LLM["hidden"], LLM["hidden"]),
+        )
+        vit = SiglipVisionModel(vcfg)
+        llm = LlamaForCausalLM(lcfg)
     assert vit.config._attn_implementation == args.attn, vit.config._attn_implementation
     assert llm.config._attn_implementation == args.attn, llm.config._attn_implementation
     select = SELECT_LAYER
@@ -134,12 +206,12 @@ def build(args):
         # Drop the layers after the selected one: hidden_states[-1] of the
         # truncated tower is hidden_states[-2] of the full one.
         enc = vit.vision_model.encoder if hasattr(vit, "vision_model") else vit.encoder
-        keep = VIT["layers"] + 1 + SELECT_LAYER
-        enc.layers = nn.ModuleList(list(enc.layers)[:keep])
+        enc.layers = nn.ModuleList(list(enc.layers)[:shape.vit_used])
         select = -1
     mods = (vit, proj, llm)
     for m in mods:
-        m.to(torch.float32)
+        # float32 master weights in every mode (bf16 is autocast only).
+        m.to(device=args.device, dtype=torch.float32)
         m.train()
         for p in m.parameters():
             p.requires_grad_(True)
@@ -164,23 +236,22 @@ def merge_chessboard(x, n):
     )
 
 
-def s2_forward(vit, select, pixels):
+def s2_forward(vit, select, pixels, shape):
     """s2wrapper.forward (output 'bnc'), with every scale's tiles in ONE ViT call."""
     import torch
     import torch.nn.functional as F
 
     B = pixels.shape[0]
-    splits = [math.ceil(s / S2_MAX_SPLIT) for s in S2_SCALES]
     tiles = []
     with torch.no_grad():  # pixels are inputs: no gradient through the resize
-        for size, n in zip(S2_SCALES, splits):
+        for size, n in zip(shape.scales, shape.splits):
             x = pixels if size == pixels.shape[-1] else F.interpolate(
                 pixels, size=(size, size), mode="bicubic", align_corners=False)
             tiles.append(split_chessboard(x, n))
     feats = vit(torch.cat(tiles, dim=0), output_hidden_states=True).hidden_states[select]  # [B*5, g*g, C]
     g = int(round(feats.shape[1] ** 0.5))
     maps, off = [], 0
-    for n in splits:
+    for n in shape.splits:
         f = feats[off:off + n * n * B]
         off += n * n * B
         fmap = f.transpose(1, 2).reshape(f.shape[0], f.shape[2], g, g)
@@ -189,11 +260,13 @@ def s2_forward(vit, select, pixels):
     return out.flatten(2).transpose(1, 2)  # [B, g*g, C * n_scales]
 
 
-def make_batch(batch, seq, gen):
+def make_batch(batch, seq, gen, shape, device):
     import torch
 
-    pixels = torch.rand(batch, 3, S2_SCALES[-1], S2_SCALES[-1], generator=gen) * 2 - 1
-    ids = torch.randint(1, LLM["vocab"], (batch, seq), generator=gen)
+    # Drawn on the CPU generator so every device sees the same batch.
+    side = shape.scales[-1]
+    pixels = torch.rand(batch, 3, side, side, generator=gen) * 2 - 1
+    ids = torch.randint(1, shape.llm["vocab"], (batch, seq), generator=gen)
     labels = torch.full((batch, seq), IGNORE_INDEX, dtype=torch.int64)
     for b in range(batch):
         at = min(b % 3, max(seq - 2, 0))
@@ -201,23 +274,25 @@ def make_batch(batch, seq, gen):
         for t in range(seq):
             if t != at and t >= seq // 2:
                 labels[b, t] = ids[b, t]
-    return pixels, ids, labels
+    return pixels.to(device), ids.to(device), labels.to(device)
 
 
-def step(mods, select, opt, params, batch, clip):
+def step(mods, select, opt, params, batch, clip, shape, autocast):
     import torch
 
     vit, proj, llm = mods
     pixels, ids, labels = batch
     opt.zero_grad(set_to_none=True)
-    img = proj(s2_forward(vit, select, pixels))  # [B, 64, 512]
-    embed = llm.get_input_embeddings()
-    embeds, labs = [], []
-    for b in range(ids.shape[0]):  # VILA prepare_inputs_labels_for_multimodal
-        p = int((ids[b] == IMAGE_TOKEN_INDEX).nonzero()[0])
-        embeds.append(torch.cat([embed(ids[b, :p]), img[b], embed(ids[b, p + 1:])], dim=0))
-        labs.append(torch.cat([labels[b, :p], labels.new_full((img.shape[1],), IGNORE_INDEX), labels[b, p + 1:]]))
-    out = llm(inputs_embeds=torch.stack(embeds), labels=torch.stack(labs))
+    with autocast:  # forward + loss only; backward runs outside, as recommended
+        img = proj(s2_forward(vit, select, pixels, shape))  # [B, image tokens, LLM hidden]
+        embed = llm.get_input_embeddings()
+        embeds, labs = [], []
+        for b in range(ids.shape[0]):  # VILA prepare_inputs_labels_for_multimodal
+            p = int((ids[b] == IMAGE_TOKEN_INDEX).nonzero()[0])
+            # Under autocast img is bf16 and the embeddings f32: cat promotes to f32.
+            embeds.append(torch.cat([embed(ids[b, :p]), img[b], embed(ids[b, p + 1:])], dim=0))
+            labs.append(torch.cat([labels[b, :p], labels.new_full((img.shape[1],), IGNORE_INDEX), labels[b, p + 1:]]))
+        out = llm(inputs_embeds=torch.stack(embeds), labels=torch.stack(labs))
     out.loss.backward()
     if clip:
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -225,22 +300,61 @@ def step(mods, select, opt, params, batch, clip):
     return out.loss.item(), out.logits.shape[1]
 
 
+def setup_precision(args):
+    """Set the matmul/conv precision flags; return the autocast context for forward + loss."""
+    import torch
+
+    if args.device == "cuda":
+        # Explicit both ways: cuDNN convs default to TF32, which f32 must not use.
+        tf32 = args.dtype == "tf32"
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+        torch.backends.cudnn.allow_tf32 = tf32
+    if args.dtype == "bf16":
+        return torch.autocast(device_type=args.device, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def make_optimizer(args, params):
+    import torch
+
+    if args.device == "cuda":
+        try:
+            return torch.optim.AdamW(params, lr=1e-4, weight_decay=0.0, fused=True), "fused"
+        except (RuntimeError, TypeError, ValueError):
+            return torch.optim.AdamW(params, lr=1e-4, weight_decay=0.0, foreach=True), "foreach"
+    # CPU: keep PyTorch's default choice (what the CPU comparison has always used).
+    return torch.optim.AdamW(params, lr=1e-4, weight_decay=0.0), "default"
+
+
+def sync(args):
+    import torch
+
+    if args.device == "cuda":
+        torch.cuda.synchronize()
+
+
 def run_one(args):
     import torch
     import transformers
 
+    shape = Shape(args)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        sys.exit("--device cuda: torch.cuda.is_available() is False")
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
+    autocast = setup_precision(args)
     gen = torch.Generator().manual_seed(1)
-    mods, select = build(args)
+    mods, select = build(args, shape)
     params = [p for m in mods for p in m.parameters()]
     n_params = sum(p.numel() for p in params)
-    opt = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.0)
-    batch = make_batch(args.batch, args.seq, gen)
+    opt, adamw = make_optimizer(args, params)
+    batch = make_batch(args.batch, args.seq, gen, shape, args.device)
     times, losses = [], []
     for i in range(args.warmup + max(args.steps, 1)):
+        sync(args)
         t0 = time.perf_counter()
-        loss, llm_seq = step(mods, select, opt, params, batch, not args.no_clip)
+        loss, llm_seq = step(mods, select, opt, params, batch, not args.no_clip, shape, autocast)
+        sync(args)
         dt = time.perf_counter() - t0
         losses.append(loss)
         if i >= args.warmup:
@@ -248,16 +362,31 @@ def run_one(args):
     # ViT params actually received gradients (sanity: the tower is trained).
     vit_grad = mods[0].get_input_embeddings().weight.grad
     assert vit_grad is not None and vit_grad.abs().sum() > 0
+    assert llm_seq == args.seq - 1 + shape.image_tokens, (llm_seq, shape.image_tokens)
     rec = {
         "impl": "pytorch",
+        "preset": args.preset,
+        "device": args.device,
+        "dtype": args.dtype,
         "attn": args.attn,
         "vit_layers": args.vit_layers,
+        "vit_layers_count": shape.vit["layers"],
+        "vit_layers_run": shape.vit_used if args.vit_layers == "used" else shape.vit["layers"],
+        "llm_layers": shape.llm["layers"],
         "threads": torch.get_num_threads(),
         "batch": args.batch,
+        "seq": args.seq,
         "text_tokens": args.seq,
         "llm_seq": llm_seq,
+        "image_tokens": shape.image_tokens,
+        "llm_tokens_per_step": args.batch * llm_seq,
+        "images_per_step": args.batch,
+        "tiles_per_step": args.batch * shape.tiles_per_image,
         "clip_grad_norm": not args.no_clip,
+        "adamw": adamw,
         "params": n_params,
+        "params_by_module": {name: sum(p.numel() for p in m.parameters())
+                             for name, m in zip(("vit", "projector", "llm"), mods)},
         "step_s_median": statistics.median(times),
         "step_s_all": times,
         "loss_first_last": [losses[0], losses[-1]],
@@ -265,6 +394,9 @@ def run_one(args):
         "torch": torch.__version__,
         "transformers": transformers.__version__,
     }
+    if args.device == "cuda":
+        rec["gpu"] = torch.cuda.get_device_name()
+        rec["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
     print(json.dumps(rec), flush=True)
     return rec
 
@@ -272,7 +404,11 @@ def run_one(args):
 def sub(args, attn, vit_layers):
     cmd = [sys.executable, os.path.abspath(__file__), "--threads", str(args.threads), "--batch", str(args.batch),
            "--seq", str(args.seq), "--warmup", str(args.warmup), "--steps", str(args.steps),
-           "--attn", attn, "--vit-layers", vit_layers] + (["--no-clip"] if args.no_clip else [])
+           "--attn", attn, "--vit-layers", vit_layers, "--preset", args.preset,
+           "--device", args.device, "--dtype", args.dtype]
+    cmd += ["--vit-layers-count", str(args.vit_layers_count)] if args.vit_layers_count else []
+    cmd += ["--llm-layers", str(args.llm_layers)] if args.llm_layers else []
+    cmd += ["--no-clip"] if args.no_clip else []
     out = subprocess.run(cmd, check=True, stdout=subprocess.PIPE, text=True).stdout
     line = [l for l in out.splitlines() if l.startswith("{")][-1]
     print(line, flush=True)
@@ -281,16 +417,36 @@ def sub(args, attn, vit_layers):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", choices=sorted(PRESETS), default="small")
+    ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    ap.add_argument("--dtype", choices=["f32", "tf32", "bf16"], default="f32",
+                    help="f32; tf32 (cuda only); bf16 = autocast with f32 master weights")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--batch", type=int, default=8)
-    ap.add_argument("--seq", type=int, default=32, help="text tokens per sample (the image adds 64)")
+    ap.add_argument("--seq", type=int, default=32,
+                    help="text tokens per sample (the image adds 64 for small, 196 for vila-3b-s2, less one placeholder)")
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--attn", choices=["eager", "sdpa", "both"], default="both")
     ap.add_argument("--vit-layers", choices=["all", "used"], default=None,
-                    help="one variant only: 'all' = stock 7-layer tower, 'used' = truncated to the 6 used layers")
+                    help="one variant only: 'all' = stock tower (every layer runs), "
+                         "'used' = truncated to the layers hidden_states[-2] depends on (one fewer)")
+    ap.add_argument("--vit-layers-count", type=int, default=None,
+                    help="ViT depth (default: the preset's); the feature stays hidden_states[-2]")
+    ap.add_argument("--llm-layers", type=int, default=None, help="LLaMA depth (default: the preset's)")
     ap.add_argument("--no-clip", action="store_true", help="skip clip_grad_norm_(1.0)")
     args = ap.parse_args()
+    if args.vit_layers_count is not None and args.vit_layers_count < 1:
+        ap.error("--vit-layers-count must be >= 1 (hidden_states[-2] needs one layer)")
+    if args.vit_layers == "used" and args.vit_layers_count == 1:
+        # A 0-layer HF encoder records no hidden_states at all.
+        ap.error("--vit-layers used needs --vit-layers-count >= 2")
+    if args.llm_layers is not None and args.llm_layers < 1:
+        ap.error("--llm-layers must be >= 1")
+    if args.dtype == "tf32" and args.device != "cuda":
+        ap.error("--dtype tf32 needs --device cuda")
+    if args.seq < 1:
+        ap.error("--seq must be >= 1 (the image placeholder)")
 
     if args.attn != "both":
         args.vit_layers = args.vit_layers or "all"
@@ -299,7 +455,8 @@ def main():
 
     stock = [sub(args, a, "all") for a in ("eager", "sdpa")]
     best = min(stock, key=lambda r: r["step_s_median"])
-    used = sub(args, best["attn"], "used") if args.vit_layers != "all" else None
+    # No 'used' run for a 1-layer ViT: it would truncate to nothing.
+    used = sub(args, best["attn"], "used") if args.vit_layers != "all" and args.vit_layers_count != 1 else None
     summary = {
         "impl": "pytorch",
         "summary": True,
@@ -314,6 +471,11 @@ def main():
         "torch": best["torch"],
         "transformers": best["transformers"],
     }
+    # The shape and device context of the peer row, for the table printers.
+    for k in ("preset", "device", "dtype", "vit_layers_count", "vit_layers_run", "llm_layers", "batch", "seq",
+              "llm_tokens_per_step", "images_per_step", "tiles_per_step", "adamw", "gpu", "peak_mem_gib"):
+        if k in best:
+            summary[k] = best[k]
     print(json.dumps(summary), flush=True)
     return 0
 

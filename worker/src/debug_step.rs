@@ -3,8 +3,7 @@
 //! safetensors under their prefixed checkpoint names. This is how users and
 //! our tests compare Tessera with the PyTorch/transformers implementation.
 
-use crate::engine::cpu::Cpu;
-use crate::engine::device::{require_cpu, DeviceSpec};
+use crate::engine::device::{DeviceSpec, Precision};
 use crate::engine::{Backend, TileGrid};
 use crate::model::weights::{decode, read_file};
 use crate::model::{hf_config, weights, Batch, ModelConfig, ParamStore, Trainable, Vlm};
@@ -124,8 +123,9 @@ pub fn write_grads(path: &Path, cfg: &ModelConfig, loss: f32, grads: &weights::W
 pub fn command(model_dir: &Path, batch_path: &Path, out: &Path, device: &str) -> Result<f32> {
     let batch = read_batch(batch_path)?;
     let device = DeviceSpec::parse(device)?.resolve(None)?;
-    require_cpu(device)?;
-    let (cfg, loss, grads) = run(&Cpu::<f32>::new(), model_dir, &batch)?;
+    // Full f32 on a GPU too: this is the reference check, TF32 GEMMs would
+    // blur it.
+    let (cfg, loss, grads) = crate::on_device!(device, Precision::F32, |be| run(be, model_dir, &batch))?;
     write_grads(out, &cfg, loss, &grads)?;
     Ok(loss)
 }

@@ -7,8 +7,12 @@ use std::process::ExitCode;
 use tessera_worker::data::demo::{make_demo_data, DemoSpec};
 use tessera_worker::data::loader::Dataset;
 use tessera_worker::engine::cpu::Cpu;
+use tessera_worker::engine::device::{Device, DeviceSpec, Precision};
+use tessera_worker::engine::parity::{check_ops, OpResult, Tolerance};
+use tessera_worker::engine::Backend;
 use tessera_worker::eval::evaluate;
 use tessera_worker::launch::{resolve, LaunchFlags};
+use tessera_worker::model::flops::train_step_flops;
 use tessera_worker::model::weights::{save_model_dir, SaveDtype};
 use tessera_worker::model::{hf_config, store, Batch, ModelConfig, ParamStore, Vlm};
 use tessera_worker::train::distributed::{run_worker, WorkerOptions};
@@ -78,10 +82,13 @@ enum Command {
         #[arg(long, default_value_t = 0)]
         seed: u64,
     },
-    /// Trains on one process (CPU) on synthetic batches, from a job config
-    /// (configs/tiny.toml), and optionally saves the model. The multi-worker
-    /// job arrives with the coordinator.
+    /// Trains on one process from a job config (configs/tiny.toml: synthetic
+    /// batches; configs/demo.toml: the demo data), and optionally saves the
+    /// model. Multi-worker jobs run under the coordinator.
     Train {
+        /// cpu, cuda:K, or auto (the GPU of LOCAL_RANK when CUDA is there).
+        #[arg(long, default_value = "auto")]
+        device: String,
         #[arg(long, default_value = "configs/tiny.toml")]
         config: PathBuf,
         /// Override train.steps.
@@ -122,11 +129,23 @@ enum Command {
         config: Option<PathBuf>,
     },
     /// Times full training steps (forward, backward, AdamW) on synthetic
-    /// data and prints one JSON line; tools/bench_cpu_step.sh compares it
-    /// with the same step in PyTorch.
+    /// data and prints one JSON line; tools/bench_cpu_step.sh (CPU) and
+    /// scripts/device-check.sh (GPU) compare it with the same step in PyTorch.
     BenchStep {
         #[arg(long, default_value = "small")]
         preset: String,
+        /// cpu, cuda:K or auto.
+        #[arg(long, default_value = "cpu")]
+        device: String,
+        /// GPU GEMM precision: f32 or tf32.
+        #[arg(long, default_value = "tf32")]
+        precision: String,
+        /// Override the ViT's layer count (same widths, fewer layers).
+        #[arg(long)]
+        vit_layers: Option<usize>,
+        /// Override the LLM's layer count.
+        #[arg(long)]
+        llm_layers: Option<usize>,
         #[arg(long, default_value_t = 8)]
         batch: usize,
         /// Text tokens per sample (the image adds its tokens).
@@ -136,6 +155,18 @@ enum Command {
         warmup: usize,
         #[arg(long, default_value_t = 3)]
         steps: usize,
+    },
+    /// Runs every op of the backend on DEVICE and on the CPU in f64 with the
+    /// same random inputs, and compares (relative error 1e-5 in f32, 3e-4
+    /// for TF32 GEMMs). Exits non-zero when an op fails.
+    CheckOps {
+        #[arg(long, default_value = "cuda:0")]
+        device: String,
+        /// f32 or tf32.
+        #[arg(long, default_value = "f32")]
+        precision: String,
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
     },
 }
 
@@ -174,13 +205,14 @@ fn run(cli: Cli) -> Result<()> {
             save_model_dir(&out, &cfg, &store::init_host(&cfg, seed), SaveDtype::F32, None)?;
             println!("wrote {name} model to {}", out.display());
         }
-        Command::Train { config, steps, out, metrics } => {
+        Command::Train { device, config, steps, out, metrics } => {
             let mut job = TrainJob::from_file(&config)?;
             if let Some(n) = steps {
                 job.train.steps = n;
                 job.validate()?;
             }
-            train(&job, out.as_deref(), metrics.as_deref())?;
+            let device = DeviceSpec::parse(&device)?.resolve(None)?;
+            train(&job, device, out.as_deref(), metrics.as_deref())?;
         }
         Command::MakeDemoData { out, size, train, eval, seed } => {
             let t = std::time::Instant::now();
@@ -220,41 +252,111 @@ fn run(cli: Cli) -> Result<()> {
                 r.bad.len()
             );
         }
-        Command::BenchStep { preset: name, batch, seq, warmup, steps } => {
-            let cfg = ModelConfig::named_preset(&name)?;
-            let be = Cpu::<f32>::new();
-            let mut vlm = Vlm::new(&cfg, ParamStore::init(&be, &cfg, 0), false);
-            let mut opt = Optimizer::new(&be, OptimConfig { total_steps: 1000, ..OptimConfig::default() }, &vlm.params);
-            let b = Batch::synthetic(&cfg, batch, seq, 1);
-            let mut times = Vec::new();
-            for i in 0..warmup + steps.max(1) {
-                let t = std::time::Instant::now();
-                train_step(&be, &mut vlm, &mut opt, std::slice::from_ref(&b))?;
-                if i >= warmup {
-                    times.push(t.elapsed().as_secs_f64());
-                }
+        Command::BenchStep { preset: name, device, precision, vit_layers, llm_layers, batch, seq, warmup, steps } => {
+            let mut cfg = ModelConfig::named_preset(&name)?;
+            if let Some(n) = vit_layers {
+                cfg.vision.num_hidden_layers = n;
             }
-            times.sort_by(f64::total_cmp);
+            if let Some(n) = llm_layers {
+                cfg.llm.num_hidden_layers = n;
+            }
+            cfg.validate().map_err(|e| anyhow::anyhow!("--vit-layers/--llm-layers: {e}"))?;
+            let device = DeviceSpec::parse(&device)?.resolve(None)?;
+            let precision = Precision::parse(&precision)?;
+            let times =
+                tessera_worker::on_device!(device, precision, |be| bench_step(be, &cfg, batch, seq, warmup, steps))?;
             let median = times[times.len() / 2];
+            let flops = train_step_flops(&cfg, batch, seq);
+            let llm_tokens = batch * (seq - 1 + cfg.image_tokens());
             println!(
                 "{}",
                 serde_json::json!({
                     "impl": "tessera",
                     "preset": name,
+                    "device": device.to_string(),
+                    "precision": if device == Device::Cpu { "f32".to_string() } else { format!("{precision:?}").to_lowercase() },
+                    "vit_layers": cfg.vision.num_hidden_layers,
+                    "llm_layers": cfg.llm.num_hidden_layers,
                     "batch": batch,
                     "text_tokens": seq,
+                    "llm_tokens_per_step": llm_tokens,
+                    "images_per_step": batch,
+                    "tiles_per_step": batch * cfg.s2.tiles_per_image(),
+                    "model_flops_per_step": flops,
                     "threads": rayon::current_num_threads(),
                     "step_s_median": median,
                     "step_s_all": times,
                 })
             );
         }
+        Command::CheckOps { device, precision, seed } => {
+            let device = DeviceSpec::parse(&device)?.resolve(None)?;
+            let precision = Precision::parse(&precision)?;
+            let tol = if precision == Precision::Tf32 { Tolerance::TF32 } else { Tolerance::F32 };
+            let reference = Cpu::<f64>::new();
+            let results = tessera_worker::on_device!(device, precision, |be| Ok::<_, anyhow::Error>(check_ops(
+                &reference, be, tol, seed
+            )))?;
+            let failed: Vec<&OpResult> = results.iter().filter(|r| !r.passed()).collect();
+            for r in &results {
+                println!(
+                    "{:<58} {:>10.2e}  (limit {:.0e})  {}",
+                    r.op,
+                    r.rel_error,
+                    r.tolerance,
+                    if r.passed() { "ok" } else { "FAIL" }
+                );
+            }
+            println!(
+                "{} of {} checks passed on {device} ({precision:?} GEMMs) against the CPU in f64",
+                results.len() - failed.len(),
+                results.len()
+            );
+            if !failed.is_empty() {
+                bail!(
+                    "{} op check(s) failed: {}",
+                    failed.len(),
+                    failed.iter().map(|r| r.op.as_str()).collect::<Vec<_>>().join(", ")
+                );
+            }
+        }
     }
     Ok(())
 }
 
-fn train(job: &TrainJob, out: Option<&std::path::Path>, metrics: Option<&std::path::Path>) -> Result<()> {
-    let report = run_job(job, out, metrics, &mut |line| println!("{line}"))?;
+/// Times `warmup + steps` training steps on one synthetic batch; returns
+/// the timed ones, sorted.
+fn bench_step<B: Backend>(
+    be: &B,
+    cfg: &ModelConfig,
+    batch: usize,
+    seq: usize,
+    warmup: usize,
+    steps: usize,
+) -> Result<Vec<f64>> {
+    let mut vlm = Vlm::new(cfg, ParamStore::init(be, cfg, 0), false);
+    let mut opt = Optimizer::new(be, OptimConfig { total_steps: 1000, ..OptimConfig::default() }, &vlm.params);
+    let b = Batch::synthetic(cfg, batch, seq, 1);
+    let mut times = Vec::new();
+    for i in 0..warmup + steps.max(1) {
+        let t = std::time::Instant::now();
+        // train_step ends with the backend's check, which waits for a GPU.
+        train_step(be, &mut vlm, &mut opt, std::slice::from_ref(&b))?;
+        if i >= warmup {
+            times.push(t.elapsed().as_secs_f64());
+        }
+    }
+    times.sort_by(f64::total_cmp);
+    Ok(times)
+}
+
+fn train(
+    job: &TrainJob,
+    device: Device,
+    out: Option<&std::path::Path>,
+    metrics: Option<&std::path::Path>,
+) -> Result<()> {
+    let report = run_job(job, device, out, metrics, &mut |line| println!("{line}"))?;
     println!("trained {} steps in {:.1} s", report.losses.len(), report.seconds);
     if report.bad_samples > 0 {
         println!("bad samples skipped: {}", report.bad_samples);

@@ -3,6 +3,8 @@
 //! (GPU workers) both fill the one `Collective` trait, so the training loop
 //! never knows which one sums its gradients.
 
+#[cfg(feature = "cuda")]
+pub mod nccl;
 pub mod ring;
 #[cfg(target_os = "linux")]
 mod shm;

@@ -5,6 +5,8 @@ pub mod cpu;
 #[cfg(feature = "cuda")]
 pub mod cuda;
 pub mod device;
+pub mod parity;
+mod s2_checks;
 #[cfg(test)]
 pub(crate) mod testing;
 

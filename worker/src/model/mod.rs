@@ -2,6 +2,7 @@
 
 pub mod batch;
 pub mod config;
+pub mod flops;
 pub mod hf_config;
 pub mod linear;
 pub mod llama;

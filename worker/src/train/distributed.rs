@@ -8,10 +8,11 @@ use super::job::TrainJob;
 use super::run::{build_model, model_config};
 use super::trainer::{synced_params, train_step_dp};
 use crate::client::Client;
-use crate::collective::ring::{AbortHandle, RingCollective};
+use crate::collective::ring::RingCollective;
+use crate::collective::Collective;
 use crate::data::loader::{Dataset, LoadedBatch, Prefetcher};
-use crate::engine::cpu::Cpu;
-use crate::engine::device::require_cpu;
+use crate::engine::device::Device;
+use crate::engine::Backend;
 use crate::eval::evaluate;
 use crate::launch::Launch;
 use crate::model::weights::{save_model_dir, SaveDtype};
@@ -22,8 +23,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tessera_proto::v1::{
-    Action, AssignmentRequest, EvalResult, HeartbeatRequest, JoinRequest, LeaveRequest, RendezvousRequest, StepReport,
-    Timings,
+    Action, AssignmentRequest, EvalResult, HeartbeatRequest, JoinRequest, LeaveRequest, RendezvousReply,
+    RendezvousRequest, StepReport, Timings,
 };
 
 pub struct WorkerOptions {
@@ -43,20 +44,26 @@ struct Share {
 /// coordinator (Leave) so the job fails with the reason, not a timeout.
 pub fn run_worker(opts: &WorkerOptions) -> Result<()> {
     let device = opts.launch.device.resolve(opts.launch.local_rank)?;
-    require_cpu(device)?;
     let client = Client::connect(&opts.launch.coordinator, opts.connect_patience)?;
-    let listener = TcpListener::bind("0.0.0.0:0").context("cannot open the ring listener")?;
-    let port = listener.local_addr().context("ring listener address")?.port();
     let host = match &opts.advertise_host {
         Some(h) => h.clone(),
         None => advertise_host(&opts.launch.coordinator),
+    };
+    // CPU ranks listen for their ring peers; GPU ranks meet through NCCL.
+    let listener = match device {
+        Device::Cpu => Some(TcpListener::bind("0.0.0.0:0").context("cannot open the ring listener")?),
+        Device::Cuda(_) => None,
+    };
+    let collective_addr = match &listener {
+        Some(l) => format!("{host}:{}", l.local_addr().context("ring listener address")?.port()),
+        None => String::new(),
     };
     let joined = client.join(JoinRequest {
         protocol_version: tessera_proto::PROTOCOL_VERSION,
         rank: opts.launch.rank,
         host: host.clone(),
         device: device.to_string(),
-        collective_addr: format!("{host}:{port}"),
+        collective_addr,
         pid: std::process::id(),
     })?;
     let (rank, generation) = (joined.rank, joined.generation);
@@ -67,7 +74,8 @@ pub fn run_worker(opts: &WorkerOptions) -> Result<()> {
         bail!(msg);
     }
     tracing::info!(rank, world_size = world, generation, "joined the job");
-    let result = train(&client, rank, generation, world, joined.job.context("the coordinator sent no job")?, listener);
+    let spec = joined.job.context("the coordinator sent no job")?;
+    let result = train(&Session { client: &client, rank, generation, world, spec }, device, listener);
     match &result {
         Ok((eval, saved)) => {
             let leave = LeaveRequest {
@@ -89,19 +97,79 @@ pub fn run_worker(opts: &WorkerOptions) -> Result<()> {
 
 type Finished = (Option<EvalResult>, Option<String>);
 
-fn train(
-    client: &Client,
+/// What a joined worker knows about its job.
+struct Session<'a> {
+    client: &'a Client,
     rank: u32,
     generation: u64,
     world: usize,
     spec: tessera_proto::v1::JobSpec,
-    listener: TcpListener,
-) -> Result<Finished> {
-    let job = TrainJob::parse(&spec.config_toml).context("the job config the coordinator sent")?;
-    let cfg = model_config(&job)?;
-    let be = Cpu::<f32>::new();
+}
+
+/// Releases a blocked collective from another thread (on a shutdown).
+type Aborter = Box<dyn Fn() + Send>;
+
+/// Trains on the device's backend with its collective: the TCP ring on the
+/// CPU, NCCL on a GPU (rank 0 creates the NCCL id and the coordinator hands
+/// it to everyone at the rendezvous).
+fn train(s: &Session, device: Device, listener: Option<TcpListener>) -> Result<Finished> {
+    let job = TrainJob::parse(&s.spec.config_toml).context("the job config the coordinator sent")?;
+    let (rank, world) = (s.rank as usize, s.world);
+    match device {
+        Device::Cpu => {
+            let listener = listener.context("a CPU worker needs its ring listener")?;
+            let connect = move |rdv: &RendezvousReply| -> Result<(RingCollective<f32>, Aborter)> {
+                if !rdv.nccl_unique_id.is_empty() {
+                    bail!(
+                        "rank {rank} runs on the CPU but rank 0 runs on a GPU (NCCL): every rank of a job must use \
+                         the same kind of device"
+                    );
+                }
+                let timeout = Duration::from_secs(120);
+                let ring =
+                    RingCollective::<f32>::connect(rank, world, listener, &rdv.ring_peers, rdv.generation, timeout)?;
+                let h = ring.abort_handle();
+                Ok((ring, Box::new(move || h.abort())))
+            };
+            train_on(s, &job, &crate::engine::cpu::Cpu::<f32>::new(), Vec::new(), connect)
+        }
+        #[cfg(feature = "cuda")]
+        Device::Cuda(k) => {
+            use crate::collective::nccl::{new_unique_id, NcclCollective};
+            let cu = crate::engine::cuda::Cuda::new(k, job.train.precision.math_mode()?)?;
+            let id = if rank == 0 { new_unique_id()? } else { Vec::new() };
+            let connect = |rdv: &RendezvousReply| -> Result<(NcclCollective, Aborter)> {
+                if rdv.nccl_unique_id.is_empty() {
+                    bail!(
+                        "rank {rank} runs on cuda:{k} but rank 0 sent no NCCL id (is it on the CPU?): every rank of \
+                         a job must use the same kind of device"
+                    );
+                }
+                let nccl = NcclCollective::connect(&cu, rank, world, &rdv.nccl_unique_id)?;
+                let h = nccl.abort_handle();
+                Ok((nccl, Box::new(move || h.abort())))
+            };
+            train_on(s, &job, &cu, id, connect)
+        }
+        #[cfg(not(feature = "cuda"))]
+        Device::Cuda(k) => bail!("cuda:{k}: this worker was built without CUDA support"),
+    }
+}
+
+fn train_on<B: Backend, C: Collective<Buf = B::Buf> + 'static>(
+    s: &Session,
+    job: &TrainJob,
+    be: &B,
+    nccl_unique_id: Vec<u8>,
+    connect: impl FnOnce(&RendezvousReply) -> Result<(C, Aborter)>,
+) -> Result<Finished>
+where
+    B::Buf: Send + 'static,
+{
+    let (client, rank, generation, world, spec) = (s.client, s.rank, s.generation, s.world, &s.spec);
+    let cfg = model_config(job)?;
     let t = &job.train;
-    let (mut vlm, mut opt) = build_model(&be, &job, &cfg)?;
+    let (mut vlm, mut opt) = build_model(be, job, &cfg)?;
     let data_cfg = job.data.clone().context("the job has no [data] section")?;
     let dataset = Arc::new(Dataset::open(&data_cfg, &cfg)?);
 
@@ -110,7 +178,7 @@ fn train(
     let stop = Arc::new(AtomicBool::new(false));
     let shutdown: Arc<Mutex<Option<String>>> = Arc::new(Mutex::new(None));
     // Set once the ring is up: a shutdown then also releases a blocked all-reduce.
-    let abort: Arc<Mutex<Option<AbortHandle>>> = Arc::new(Mutex::new(None));
+    let abort: Arc<Mutex<Option<Aborter>>> = Arc::new(Mutex::new(None));
     let heartbeat = {
         let (client, step_now, stop, shutdown) = (client.clone(), step_now.clone(), stop.clone(), shutdown.clone());
         let abort = abort.clone();
@@ -119,7 +187,7 @@ fn train(
             heartbeat_loop(&client, rank, generation, interval, &step_now, &stop, &shutdown);
             if !stop.load(Ordering::Relaxed) {
                 if let Some(a) = abort.lock().unwrap_or_else(|e| e.into_inner()).as_ref() {
-                    a.abort();
+                    a();
                 }
             }
         })
@@ -130,25 +198,18 @@ fn train(
         if let Some(why) = shutdown.lock().unwrap_or_else(|e| e.into_inner()).clone() {
             bail!("stopped while waiting for the other workers: {why}");
         }
-        let r = client.rendezvous(RendezvousRequest { rank, generation, ..Default::default() })?;
+        let r = client.rendezvous(RendezvousRequest { rank, generation, nccl_unique_id: nccl_unique_id.clone() })?;
         if r.ready {
             break r;
         }
         tracing::info!(joined = r.joined, world_size = world, "waiting for the other workers");
     };
-    let ring = RingCollective::<f32>::connect(
-        rank as usize,
-        world,
-        listener,
-        &rdv.ring_peers,
-        rdv.generation,
-        Duration::from_secs(120),
-    )?;
-    *abort.lock().unwrap_or_else(|e| e.into_inner()) = Some(ring.abort_handle());
-    let comm = CommThread::new(ring);
+    let (collective, aborter) = connect(&rdv)?;
+    *abort.lock().unwrap_or_else(|e| e.into_inner()) = Some(aborter);
+    let comm = CommThread::new(collective);
     let sizes = BucketSizes::from_mb(job.cluster.first_bucket_mb, job.cluster.bucket_mb);
     let synced = synced_params(&vlm, &opt);
-    tracing::info!(rank, peers = ?rdv.ring_peers, "ring connected; training");
+    tracing::info!(rank, peers = ?rdv.ring_peers, "collective connected; training");
 
     let accum = t.grad_accum;
     let (loader_client, ds) = (client.clone(), dataset.clone());
@@ -182,7 +243,7 @@ fn train(
             }
         }
         let samples: usize = micro.iter().map(|b| b.batch).sum();
-        let r = train_step_dp(&be, &mut vlm, &mut opt, &micro, &comm, sizes, &synced).map_err(|e| {
+        let r = train_step_dp(be, &mut vlm, &mut opt, &micro, &comm, sizes, &synced).map_err(|e| {
             // An all-reduce released by a shutdown fails; the shutdown is the news.
             match shutdown.lock().unwrap_or_else(|e| e.into_inner()).clone() {
                 Some(why) => anyhow!("stopping at step {step}: {why}"),
@@ -220,7 +281,7 @@ fn train(
     let mut saved = None;
     if !spec.output_dir.is_empty() {
         let dir = PathBuf::from(&spec.output_dir);
-        save_model_dir(&dir, &cfg, &vlm.params.to_host(&be), SaveDtype::F32, None)?;
+        save_model_dir(&dir, &cfg, &vlm.params.to_host(be), SaveDtype::F32, None)?;
         data_cfg.record_image_preprocessing(&dir)?;
         tracing::info!(model = %dir.display(), "saved the model");
         saved = Some(spec.output_dir.clone());
@@ -229,7 +290,7 @@ fn train(
         None
     } else {
         let ds = Dataset::open_eval(&data_cfg, &cfg)?;
-        let e = evaluate(&be, &mut vlm, &ds, 8)?;
+        let e = evaluate(be, &mut vlm, &ds, 8)?;
         tracing::info!(accuracy = e.accuracy(), samples = e.samples, "evaluated");
         Some(EvalResult { correct: e.correct as u32, total: e.samples as u32, mean_loss: e.mean_loss })
     };

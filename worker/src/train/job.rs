@@ -40,6 +40,9 @@ pub struct TrainSection {
     /// Fraction of the steps spent warming up (VILA: 0.03).
     #[serde(default)]
     pub warmup_ratio: f64,
+    /// How a GPU computes: "tf32" (default), "f32"; the CPU ignores it.
+    #[serde(default)]
+    pub precision: crate::engine::device::Precision,
 }
 
 fn one() -> usize {
@@ -149,6 +152,9 @@ impl TrainJob {
         }
         if t.text_tokens < 2 {
             bail!("train.text_tokens: must be at least 2 (a prompt and an answer)");
+        }
+        if t.precision == crate::engine::device::Precision::Bf16 {
+            bail!("train.precision = \"bf16\": bf16 mixed precision is not implemented yet; use \"tf32\" or \"f32\"");
         }
         if !(0.0..1.0).contains(&t.warmup_ratio) {
             bail!("train.warmup_ratio: {} is not in [0, 1)", t.warmup_ratio);

@@ -5,7 +5,7 @@ use super::job::TrainJob;
 use super::schedule::warmup_steps;
 use super::{train_step, OptimConfig, Optimizer};
 use crate::data::loader::{Dataset, Prefetcher};
-use crate::engine::cpu::Cpu;
+use crate::engine::device::Device;
 use crate::engine::Backend;
 use crate::eval::{evaluate, EvalReport};
 use crate::model::weights::{save_model_dir, SaveDtype};
@@ -73,9 +73,20 @@ pub fn build_model<B: Backend>(be: &B, job: &TrainJob, cfg: &ModelConfig) -> Res
     Ok((vlm, opt))
 }
 
-/// Trains `job` on the CPU; `out` receives the model directory at the end,
-/// `metrics` one JSON line per step.
+/// Trains `job` on `device`; `out` receives the model directory at the
+/// end, `metrics` one JSON line per step.
 pub fn run_job(
+    job: &TrainJob,
+    device: Device,
+    out: Option<&Path>,
+    metrics: Option<&Path>,
+    log: &mut dyn FnMut(&str),
+) -> Result<JobReport> {
+    crate::on_device!(device, job.train.precision, |be| run_job_on(be, job, out, metrics, log))
+}
+
+fn run_job_on<B: Backend>(
+    be: &B,
     job: &TrainJob,
     out: Option<&Path>,
     metrics: Option<&Path>,
@@ -91,10 +102,9 @@ pub fn run_job(
         }
         None => None,
     };
-    let be = Cpu::<f32>::new();
     let t = &job.train;
     let cfg = model_config(job)?;
-    let (mut vlm, mut opt) = build_model(&be, job, &cfg)?;
+    let (mut vlm, mut opt) = build_model(be, job, &cfg)?;
     let data = match &job.data {
         Some(d) => Some(Arc::new(Dataset::open(d, &cfg)?)),
         None => None,
@@ -131,7 +141,7 @@ pub fn run_job(
             log(&format!("step {:>5}/{}  skipped: every sample was bad", step + 1, t.steps));
             continue;
         }
-        let r = train_step(&be, &mut vlm, &mut opt, &micro)?;
+        let r = train_step(be, &mut vlm, &mut opt, &micro)?;
         let samples: usize = micro.iter().map(|b| b.batch).sum();
         report.losses.push(r.loss.mean());
         let m = StepMetrics {
@@ -170,10 +180,10 @@ pub fn run_job(
     report.seconds = t0.elapsed().as_secs_f64();
     if let Some(d) = job.data.as_ref().filter(|d| !d.eval_datasets.is_empty()) {
         let eval = Dataset::open_eval(d, &cfg)?;
-        report.eval = Some(evaluate(&be, &mut vlm, &eval, 8)?);
+        report.eval = Some(evaluate(be, &mut vlm, &eval, 8)?);
     }
     if let Some(dir) = out {
-        save_model_dir(dir, &cfg, &vlm.params.to_host(&be), SaveDtype::F32, None)?;
+        save_model_dir(dir, &cfg, &vlm.params.to_host(be), SaveDtype::F32, None)?;
         if let Some(d) = &job.data {
             d.record_image_preprocessing(dir)?;
         }

@@ -36,6 +36,7 @@ pub fn train_step<B: Backend>(
         loss.tokens += l.tokens;
     }
     let info = opt.step(be, &mut model.params);
+    be.check()?;
     Ok(StepReport { loss, info })
 }
 
@@ -102,6 +103,7 @@ where
     }
     let comm_wait = sync.finish(&mut model.params.grads)?;
     let info = opt.step(be, &mut model.params);
+    be.check()?;
     Ok(DpStepReport { loss, global_targets: global, info, comm_wait, tiles, llm_tokens })
 }
 

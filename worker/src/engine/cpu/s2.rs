@@ -1,37 +1,8 @@
 //! Token-grid S2 ops with gradients: tile merge, area pooling, channel concat, 2x2 downsample.
 use super::{rows_per_task, Real};
 use crate::engine::backend::{GridShape, TileGrid};
+use crate::engine::s2_checks::{check_cols, check_merge, check_pool, square_grid};
 use rayon::prelude::*;
-
-/// Checks a merge of `split` tiles (from tile `src_tile_offset` of a stack
-/// of `src_len` values) into a grid of `grid_len` values shaped `out_shape`;
-/// returns the tile rows, tile columns and values per tile.
-fn check_merge(
-    op: &str,
-    out_shape: GridShape,
-    split: TileGrid,
-    grid_len: usize,
-    src_len: usize,
-    src_tile_offset: usize,
-) -> (usize, usize, usize) {
-    assert!(
-        split.rows > 0
-            && split.cols > 0
-            && out_shape.rows.is_multiple_of(split.rows)
-            && out_shape.cols.is_multiple_of(split.cols),
-        "{op}: grid {} x {} is not a whole number of {} x {} tiles",
-        out_shape.rows,
-        out_shape.cols,
-        split.rows,
-        split.cols
-    );
-    assert_eq!(grid_len, out_shape.numel(), "{op}: grid length does not match {out_shape:?}");
-    let (th, tw) = (out_shape.rows / split.rows, out_shape.cols / split.cols);
-    let tile_len = th * tw * out_shape.channels;
-    let end = src_tile_offset + split.count() * out_shape.batch;
-    assert!(src_len >= end * tile_len, "{op}: the tile stack is too short for tiles {src_tile_offset}..{end}");
-    (th, tw, tile_len)
-}
 
 /// Stitches `split.rows x split.cols` token-grid tiles back into one grid per
 /// image (s2wrapper's and NVILA's `merge_chessboard`). Tile `(i, j)` of image
@@ -91,25 +62,6 @@ pub fn tile_merge_bwd<T: Real>(
     });
 }
 
-/// Checks the grid and pooled lengths; returns the pooled rows and columns.
-fn check_pool(op: &str, grid_len: usize, pooled_len: usize, shape: GridShape, window: TileGrid) -> (usize, usize) {
-    let GridShape { batch, rows, cols, channels } = shape;
-    assert!(
-        window.rows > 0 && window.cols > 0 && rows.is_multiple_of(window.rows) && cols.is_multiple_of(window.cols),
-        "{op}: grid {rows} x {cols} is not a whole number of {} x {} windows",
-        window.rows,
-        window.cols
-    );
-    assert_eq!(grid_len, shape.numel(), "{op}: grid length does not match {shape:?}");
-    let (o_r, o_c) = (rows / window.rows, cols / window.cols);
-    assert_eq!(
-        pooled_len,
-        batch * o_r * o_c * channels,
-        "{op}: pooled length does not match [{batch}, {o_r} x {o_c}, {channels}]"
-    );
-    (o_r, o_c)
-}
-
 /// Area interpolation by integer factors (PyTorch `mode='area'`, i.e.
 /// adaptive average pooling, for sides that are multiples of the window):
 /// `[B, rows * cols, C]` to `[B, (rows / window.rows) * (cols / window.cols),
@@ -161,18 +113,6 @@ pub fn area_pool_bwd<T: Real>(ddst: &[T], src_shape: GridShape, window: TileGrid
     });
 }
 
-/// Checks a `[rows, width]` block against columns `col_offset..` of a
-/// `[rows, dst_width]` matrix.
-fn check_cols(op: &str, narrow: usize, wide: usize, rows: usize, width: usize, dst_width: usize, col_offset: usize) {
-    assert!(
-        col_offset + width <= dst_width,
-        "{op}: columns {col_offset}..{} exceed width {dst_width}",
-        col_offset + width
-    );
-    assert_eq!(narrow, rows * width, "{op}: block length does not match [{rows}, {width}]");
-    assert_eq!(wide, rows * dst_width, "{op}: matrix length does not match [{rows}, {dst_width}]");
-}
-
 /// Writes `src` (`[rows, width]`) into columns `col_offset..col_offset + width`
 /// of `dst` (`[rows, dst_width]`), leaving the other columns as they are.
 pub fn concat_cols_fwd<T: Real>(
@@ -216,13 +156,6 @@ pub fn concat_cols_bwd<T: Real>(
             }
         }
     });
-}
-
-/// `(batch, side, channels)` of a square grid: VILA's projector reshapes its
-/// input as `sqrt(tokens) x sqrt(tokens)`, so it only ever sees square grids.
-fn square_grid(op: &str, shape: GridShape) -> (usize, usize, usize) {
-    assert_eq!(shape.rows, shape.cols, "{op}: the grid must be square, not {} x {}", shape.rows, shape.cols);
-    (shape.batch, shape.rows, shape.channels)
 }
 
 /// VILA 1.5 `DownSampleBlock` (DESIGN.md 1): pad an odd side with a zero row and

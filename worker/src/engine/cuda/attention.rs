@@ -1,12 +1,65 @@
-//! STUB: being written (kernels/attention.cu).
-#![allow(unused_variables)]
+//! Softmax attention (kernels/attention.cu): the four products are cuBLAS
+//! GEMMs over the heads of one sequence, the softmax and its backward are row kernels.
+
 use super::backend::Buf;
-use super::context::Cuda;
+use super::context::{launch, Cuda, THREADS};
+use super::elementwise::fill_range;
+use super::matmul::{gemm_strided, Operand, Output};
 use crate::engine::backend::AttnShape;
 
-pub(super) fn attention_fwd(cu: &Cuda, q: &Buf, k: &Buf, v: &Buf, out: &mut Buf, probs: &mut Buf, s: AttnShape) {
-    todo!()
+/// Checks the lengths of the `[batch, seq, heads, head_dim]` tensors and the
+/// probabilities, as the CPU backend does.
+fn check(op: &str, s: &AttnShape, tensors: &[&Buf], probs: &Buf) {
+    for (i, t) in tensors.iter().enumerate() {
+        assert!(t.len >= s.numel(), "{op}: tensor {i} has {} values, {s:?} needs {}", t.len, s.numel());
+    }
+    assert!(probs.len >= s.probs_len(), "{op}: probs has {} values, {s:?} needs {}", probs.len, s.probs_len());
+    // One block per score row; a grid is at most 2^31 - 1 blocks wide.
+    assert!(s.batch * s.heads * s.seq < 1 << 31, "{op}: {s:?} has too many score rows for one launch");
 }
+
+/// Head `h` of sequence `b` in a `[batch, seq, heads, head_dim]` tensor: a
+/// `[seq, head_dim]` matrix with rows `heads * head_dim` apart, and the
+/// heads `head_dim` apart, so one strided-batched GEMM covers them all.
+fn heads<'a>(buf: &'a Buf, s: &AttnShape, b: usize, trans: bool) -> Operand<'a> {
+    let row = s.heads * s.head_dim;
+    Operand { buf: &buf.data, offset: b * s.seq * row, ld: row, stride: s.head_dim, trans }
+}
+
+fn heads_out<'a>(buf: &'a mut Buf, s: &AttnShape, b: usize) -> Output<'a> {
+    let row = s.heads * s.head_dim;
+    Output { buf: &mut buf.data, offset: b * s.seq * row, ld: row, stride: s.head_dim }
+}
+
+pub(super) fn attention_fwd(cu: &Cuda, q: &Buf, k: &Buf, v: &Buf, out: &mut Buf, probs: &mut Buf, s: AttnShape) {
+    check("attention_fwd", &s, &[q, k, v, out], probs);
+    let (n, d, h) = (s.seq, s.head_dim, s.heads);
+    if s.probs_len() == 0 {
+        return;
+    }
+    let nn = n * n;
+    if d == 0 {
+        // Empty dot products: the scores are 0, as the CPU's k == 0 GEMM leaves them.
+        fill_range(cu, &mut probs.data, 0, s.probs_len(), 0.0);
+    } else {
+        for b in 0..s.batch {
+            // S = scale * Q K^T, the heads of sequence b at once.
+            let scores = Output { buf: &mut probs.data, offset: b * h * nn, ld: n, stride: nn };
+            gemm_strided(cu, h, n, n, d, s.scale, heads(q, &s, b, false), heads(k, &s, b, true), 0.0, scores);
+        }
+    }
+    let (seq, causal) = (n as u64, i32::from(s.causal));
+    launch!(cu, "softmax_rows_f32", cu.rows(s.batch * h * n, THREADS), &mut probs.data, &seq, &causal);
+    if d == 0 {
+        return;
+    }
+    for b in 0..s.batch {
+        // out = P V, overwritten (beta 0).
+        let p = Operand { buf: &probs.data, offset: b * h * nn, ld: n, stride: nn, trans: false };
+        gemm_strided(cu, h, n, d, n, 1.0, p, heads(v, &s, b, false), 0.0, heads_out(out, &s, b));
+    }
+}
+
 #[allow(clippy::too_many_arguments)]
 pub(super) fn attention_bwd(
     cu: &Cuda,
@@ -20,5 +73,30 @@ pub(super) fn attention_bwd(
     dv: &mut Buf,
     s: AttnShape,
 ) {
-    todo!()
+    check("attention_bwd", &s, &[q, k, v, dout, dq, dk, dv], probs);
+    let (n, d, h) = (s.seq, s.head_dim, s.heads);
+    if s.numel() == 0 {
+        return;
+    }
+    let nn = n * n;
+    // dP, then dS in place, for the heads of one sequence; reused by every
+    // sequence (one stream, so the GEMMs of b are done before b + 1 writes).
+    let mut ds = cu.zeros::<f32>(h * nn);
+    let (seq, scale) = (n as u64, s.scale);
+    for b in 0..s.batch {
+        let p = |trans: bool| Operand { buf: &probs.data, offset: b * h * nn, ld: n, stride: nn, trans };
+        // dV += P^T dO
+        gemm_strided(cu, h, n, d, n, 1.0, p(true), heads(dout, &s, b, false), 1.0, heads_out(dv, &s, b));
+        // dP = dO V^T
+        let dp = Output { buf: &mut ds, offset: 0, ld: n, stride: nn };
+        gemm_strided(cu, h, n, n, d, 1.0, heads(dout, &s, b, false), heads(v, &s, b, true), 0.0, dp);
+        // dS = P * (dP - rowsum(dP * P)) * scale, in place.
+        let p_b = probs.data.slice(b * h * nn..(b + 1) * h * nn);
+        launch!(cu, "softmax_bwd_rows_f32", cu.rows(h * n, THREADS), &p_b, &mut ds, &seq, &scale);
+        let ds_op = |trans: bool| Operand { buf: &ds, offset: 0, ld: n, stride: nn, trans };
+        // dQ += dS K
+        gemm_strided(cu, h, n, d, n, 1.0, ds_op(false), heads(k, &s, b, false), 1.0, heads_out(dq, &s, b));
+        // dK += dS^T Q
+        gemm_strided(cu, h, n, d, n, 1.0, ds_op(true), heads(q, &s, b, false), 1.0, heads_out(dk, &s, b));
+    }
 }

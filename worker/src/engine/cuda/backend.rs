@@ -11,14 +11,14 @@ use cudarc::driver::CudaSlice;
 /// (CUDA cannot allocate zero bytes), so the length the model asked for is
 /// kept beside the allocation.
 pub struct Buf {
-    pub(super) data: CudaSlice<f32>,
-    pub(super) len: usize,
+    pub(crate) data: CudaSlice<f32>,
+    pub(crate) len: usize,
 }
 
 /// A device buffer of i32 indices.
 pub struct Idx {
     pub(super) buf: CudaSlice<i32>,
-    pub(super) len: usize,
+    pub(crate) len: usize,
 }
 
 impl Backend for Cuda {

@@ -1,8 +1,17 @@
-//! STUB: being written (kernels/loss.cu).
-#![allow(unused_variables)]
-use super::backend::{Buf, Idx};
-use super::context::Cuda;
+//! Cross-entropy with ignore index, fused forward and backward
+//! (kernels/loss.cu): one block per row, then a fixed-order sum of the rows.
 
+use super::backend::{Buf, Idx};
+use super::context::{launch, Cuda};
+
+/// Threads per row block (`#define CE_THREADS` in kernels/loss.cu, checked
+/// by a test below); `sum_rows_f64` runs one block of as many.
+const CE_THREADS: u32 = 256;
+
+/// Cross-entropy over `[n, vocab]` logits; a negative target ignores its
+/// row. Returns the loss summed over the rows that count; with `dlogits`,
+/// overwrites it with `grad_scale * (softmax - onehot)` for those rows and
+/// zeros for ignored rows. A target `>= vocab` panics, as on the CPU.
 pub(super) fn cross_entropy(
     cu: &Cuda,
     logits: &Buf,
@@ -12,5 +21,62 @@ pub(super) fn cross_entropy(
     vocab: usize,
     grad_scale: f32,
 ) -> f64 {
-    todo!()
+    assert!(vocab > 0, "cross_entropy: vocab is 0");
+    assert_eq!(logits.len, n * vocab, "cross_entropy: logits length does not match [{n}, {vocab}]");
+    assert!(targets.len >= n, "cross_entropy: {} targets for {n} rows", targets.len);
+    if let Some(d) = &dlogits {
+        assert_eq!(d.len, n * vocab, "cross_entropy: dlogits length does not match [{n}, {vocab}]");
+    }
+    if n == 0 {
+        return 0.0;
+    }
+    let mut row_loss = cu.zeros::<f64>(n);
+    // n - (first row with a target past the vocab), 0 when there is none.
+    let mut bad = cu.zeros::<u64>(1);
+    let mut total = cu.zeros::<f64>(1);
+    let (n64, v64) = (n as u64, vocab as u64);
+    let cfg = cu.rows(n, CE_THREADS);
+    match dlogits {
+        None => launch!(cu, "cross_entropy_f32", cfg, &logits.data, &targets.buf, &mut row_loss, &mut bad, &n64, &v64),
+        Some(d) => launch!(
+            cu,
+            "cross_entropy_grad_f32",
+            cfg,
+            &logits.data,
+            &targets.buf,
+            &mut d.data,
+            &mut row_loss,
+            &mut bad,
+            &n64,
+            &v64,
+            &grad_scale
+        ),
+    }
+    launch!(cu, "sum_rows_f64", cu.rows(1, CE_THREADS), &row_loss, &mut total, &n64);
+    let host = cu.stream.clone_dtoh(&total);
+    let loss = cu.record("cross entropy (download)", host).map_or(f64::NAN, |v| v[0]);
+    if loss.is_nan() {
+        // A bad target makes its row NaN; NaN logits can too, and are returned.
+        let flag = cu.stream.clone_dtoh(&bad);
+        if let Some(&b) = cu.record("cross entropy (download)", flag).as_ref().and_then(|v| v.first()) {
+            if b > 0 {
+                let row = n - b as usize;
+                let t = cu.stream.clone_dtoh(&targets.buf.slice(row..row + 1));
+                let t = cu.record("cross entropy (download)", t).map_or(i32::MIN, |v| v[0]);
+                panic!("cross_entropy: target {t} at row {row} is out of range for vocab {vocab}");
+            }
+        }
+    }
+    loss
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn row_block_size_matches_the_kernels() {
+        let src = include_str!("kernels/loss.cu");
+        assert!(src.contains(&format!("#define CE_THREADS {CE_THREADS}\n")));
+    }
 }

@@ -1,7 +1,35 @@
-//! STUB: being written (kernels/norm.cu).
-#![allow(unused_variables)]
+//! LayerNorm and RMSNorm, forward and backward (kernels/norm.cu): one block
+//! per row, and deterministic column sums for the weight and bias gradients.
+
 use super::backend::Buf;
-use super::context::Cuda;
+use super::context::{launch, Cuda, THREADS};
+use cudarc::driver::{CudaSlice, LaunchConfig};
+
+/// Threads per row block; kernels/norm.cu sizes its reduction for this
+/// (`#define ROW_THREADS`, checked by a test below).
+const ROW_THREADS: u32 = 256;
+
+/// At most this many row chunks for the parameter-gradient partials.
+const MAX_CHUNKS: usize = 256;
+
+/// Rows per chunk of the parameter-gradient partials. It depends on the
+/// shape alone (never on the GPU), so the summation order, and with it the
+/// result, is the same on every card.
+fn chunk_rows(rows: usize) -> usize {
+    rows.div_ceil(MAX_CHUNKS).max(32)
+}
+
+/// Grid of the partial kernels: x = row chunk, y = block of THREADS columns.
+fn partial_grid(chunks: usize, cols: usize) -> LaunchConfig {
+    let col_blocks = cols.div_ceil(THREADS as usize) as u32;
+    LaunchConfig { grid_dim: (chunks as u32, col_blocks, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: 0 }
+}
+
+/// `out[c] += sum over chunks of part[chunk, c]`, in chunk order.
+fn reduce_partials(cu: &Cuda, part: &CudaSlice<f64>, out: &mut Buf, chunks: usize, cols: usize) {
+    let (k, c) = (chunks as u64, cols as u64);
+    launch!(cu, "norm_params_reduce_f32", cu.elems(cols), part, &mut out.data, &k, &c);
+}
 
 #[allow(clippy::too_many_arguments)]
 pub(super) fn layernorm_fwd(
@@ -16,8 +44,29 @@ pub(super) fn layernorm_fwd(
     cols: usize,
     eps: f32,
 ) {
-    todo!()
+    assert_eq!(x.len, rows * cols, "layernorm_fwd: x length does not match [{rows}, {cols}]");
+    assert!(w.len >= cols && b.len >= cols, "layernorm_fwd: weight or bias shorter than {cols}");
+    assert!(y.len >= rows * cols, "layernorm_fwd: y shorter than [{rows}, {cols}]");
+    assert!(mean.len >= rows && rstd.len >= rows, "layernorm_fwd: mean or rstd shorter than {rows} rows");
+    if rows == 0 || cols == 0 {
+        return;
+    }
+    let c = cols as u64;
+    launch!(
+        cu,
+        "layernorm_fwd_f32",
+        cu.rows(rows, ROW_THREADS),
+        &x.data,
+        &w.data,
+        &b.data,
+        &mut y.data,
+        &mut mean.data,
+        &mut rstd.data,
+        &c,
+        &eps
+    );
 }
+
 #[allow(clippy::too_many_arguments)]
 pub(super) fn layernorm_bwd(
     cu: &Cuda,
@@ -32,8 +81,49 @@ pub(super) fn layernorm_bwd(
     rows: usize,
     cols: usize,
 ) {
-    todo!()
+    let n = rows * cols;
+    assert!(x.len >= n && dy.len >= n && dx.len >= n, "layernorm_bwd: x, dy or dx shorter than [{rows}, {cols}]");
+    assert!(w.len >= cols && dw.len >= cols && db.len >= cols, "layernorm_bwd: w, dw or db shorter than {cols}");
+    assert!(mean.len >= rows && rstd.len >= rows, "layernorm_bwd: mean or rstd shorter than {rows} rows");
+    if rows == 0 || cols == 0 {
+        return;
+    }
+    let c = cols as u64;
+    launch!(
+        cu,
+        "layernorm_bwd_dx_f32",
+        cu.rows(rows, ROW_THREADS),
+        &x.data,
+        &w.data,
+        &mean.data,
+        &rstd.data,
+        &dy.data,
+        &mut dx.data,
+        &c
+    );
+    let per = chunk_rows(rows);
+    let chunks = rows.div_ceil(per);
+    let mut part_w = cu.zeros::<f64>(chunks * cols);
+    let mut part_b = cu.zeros::<f64>(chunks * cols);
+    let (r, p) = (rows as u64, per as u64);
+    launch!(
+        cu,
+        "layernorm_bwd_params_partial_f32",
+        partial_grid(chunks, cols),
+        &x.data,
+        &mean.data,
+        &rstd.data,
+        &dy.data,
+        &mut part_w,
+        &mut part_b,
+        &r,
+        &c,
+        &p
+    );
+    reduce_partials(cu, &part_w, dw, chunks, cols);
+    reduce_partials(cu, &part_b, db, chunks, cols);
 }
+
 #[allow(clippy::too_many_arguments)]
 pub(super) fn rmsnorm_fwd(
     cu: &Cuda,
@@ -45,8 +135,17 @@ pub(super) fn rmsnorm_fwd(
     cols: usize,
     eps: f32,
 ) {
-    todo!()
+    assert_eq!(x.len, rows * cols, "rmsnorm_fwd: x length does not match [{rows}, {cols}]");
+    assert!(w.len >= cols, "rmsnorm_fwd: weight shorter than {cols}");
+    assert!(y.len >= rows * cols, "rmsnorm_fwd: y shorter than [{rows}, {cols}]");
+    assert!(rstd.len >= rows, "rmsnorm_fwd: rstd shorter than {rows} rows");
+    if rows == 0 || cols == 0 {
+        return;
+    }
+    let c = cols as u64;
+    launch!(cu, "rmsnorm_fwd_f32", cu.rows(rows, ROW_THREADS), &x.data, &w.data, &mut y.data, &mut rstd.data, &c, &eps);
 }
+
 #[allow(clippy::too_many_arguments)]
 pub(super) fn rmsnorm_bwd(
     cu: &Cuda,
@@ -59,5 +158,60 @@ pub(super) fn rmsnorm_bwd(
     rows: usize,
     cols: usize,
 ) {
-    todo!()
+    let n = rows * cols;
+    assert!(x.len >= n && dy.len >= n && dx.len >= n, "rmsnorm_bwd: x, dy or dx shorter than [{rows}, {cols}]");
+    assert!(w.len >= cols && dw.len >= cols, "rmsnorm_bwd: w or dw shorter than {cols}");
+    assert!(rstd.len >= rows, "rmsnorm_bwd: rstd shorter than {rows} rows");
+    if rows == 0 || cols == 0 {
+        return;
+    }
+    let c = cols as u64;
+    launch!(
+        cu,
+        "rmsnorm_bwd_dx_f32",
+        cu.rows(rows, ROW_THREADS),
+        &x.data,
+        &w.data,
+        &rstd.data,
+        &dy.data,
+        &mut dx.data,
+        &c
+    );
+    let per = chunk_rows(rows);
+    let chunks = rows.div_ceil(per);
+    let mut part_w = cu.zeros::<f64>(chunks * cols);
+    let (r, p) = (rows as u64, per as u64);
+    launch!(
+        cu,
+        "rmsnorm_bwd_params_partial_f32",
+        partial_grid(chunks, cols),
+        &x.data,
+        &rstd.data,
+        &dy.data,
+        &mut part_w,
+        &r,
+        &c,
+        &p
+    );
+    reduce_partials(cu, &part_w, dw, chunks, cols);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn row_block_size_matches_the_kernels() {
+        let src = include_str!("kernels/norm.cu");
+        assert!(src.contains(&format!("#define ROW_THREADS {ROW_THREADS}\n")));
+    }
+
+    #[test]
+    fn chunks_cover_the_rows_and_stay_few() {
+        for rows in [1, 31, 32, 33, 8191, 8192, 8193, 100_000, 1 << 22] {
+            let per = chunk_rows(rows);
+            let chunks = rows.div_ceil(per);
+            assert!(chunks * per >= rows && (chunks - 1) * per < rows && chunks <= MAX_CHUNKS, "{rows}");
+        }
+    }
 }

@@ -1,8 +1,10 @@
-//! STUB: being written (kernels/s2.cu).
-#![allow(unused_variables)]
+//! Token-grid S2 ops with gradients: tile merge, area pooling, channel
+//! concat, 2x2 downsample (kernels/s2.cu). The checks are the CPU backend's.
+
 use super::backend::Buf;
-use super::context::Cuda;
+use super::context::{launch, Cuda};
 use crate::engine::backend::{GridShape, TileGrid};
+use crate::engine::s2_checks::{check_cols, check_merge, check_pool, square_grid};
 
 pub(super) fn tile_merge_fwd(
     cu: &Cuda,
@@ -12,8 +14,17 @@ pub(super) fn tile_merge_fwd(
     out: &mut Buf,
     out_shape: GridShape,
 ) {
-    todo!()
+    let GridShape { batch, rows, cols, channels } = out_shape;
+    let (th, tw, tile_len) = check_merge("tile_merge_fwd", out_shape, split, out.len, src.len, src_tile_offset);
+    if out.len == 0 {
+        return;
+    }
+    let start = src_tile_offset * tile_len;
+    let tiles = src.data.slice(start..start + split.count() * batch * tile_len);
+    let [b, r, c, ch, th, tw, sc] = [batch, rows, cols, channels, th, tw, split.cols].map(|v| v as u64);
+    launch!(cu, "tile_merge_fwd_f32", cu.elems(out.len), &tiles, &mut out.data, &b, &r, &c, &ch, &th, &tw, &sc);
 }
+
 pub(super) fn tile_merge_bwd(
     cu: &Cuda,
     dout: &Buf,
@@ -22,14 +33,54 @@ pub(super) fn tile_merge_bwd(
     dsrc: &mut Buf,
     src_tile_offset: usize,
 ) {
-    todo!()
+    let GridShape { batch, rows, cols, channels } = out_shape;
+    let (th, tw, tile_len) = check_merge("tile_merge_bwd", out_shape, split, dout.len, dsrc.len, src_tile_offset);
+    let start = src_tile_offset * tile_len;
+    let len = split.count() * batch * tile_len;
+    if len == 0 {
+        return;
+    }
+    // Only the merged tiles get gradient; the rest of dsrc stays as it is.
+    let mut tiles = dsrc.data.slice_mut(start..start + len);
+    let [b, r, c, ch, th, tw, sc, n] = [batch, rows, cols, channels, th, tw, split.cols, len].map(|v| v as u64);
+    launch!(cu, "tile_merge_bwd_f32", cu.elems(len), &dout.data, &mut tiles, &b, &r, &c, &ch, &th, &tw, &sc, &n);
 }
+
 pub(super) fn area_pool_fwd(cu: &Cuda, src: &Buf, src_shape: GridShape, window: TileGrid, dst: &mut Buf) {
-    todo!()
+    let (o_r, o_c) = check_pool("area_pool_fwd", src.len, dst.len, src_shape, window);
+    if dst.len == 0 {
+        return;
+    }
+    // The divisor as the CPU's f32 backend has it.
+    let count = window.count() as f32;
+    let [o_r, o_c, ch, wr, wc, n] = [o_r, o_c, src_shape.channels, window.rows, window.cols, dst.len].map(|v| v as u64);
+    launch!(
+        cu,
+        "area_pool_fwd_f32",
+        cu.elems(dst.len),
+        &src.data,
+        &mut dst.data,
+        &o_r,
+        &o_c,
+        &ch,
+        &wr,
+        &wc,
+        &count,
+        &n
+    );
 }
+
 pub(super) fn area_pool_bwd(cu: &Cuda, ddst: &Buf, src_shape: GridShape, window: TileGrid, dsrc: &mut Buf) {
-    todo!()
+    check_pool("area_pool_bwd", dsrc.len, ddst.len, src_shape, window);
+    if dsrc.len == 0 {
+        return;
+    }
+    let count = window.count() as f32;
+    let GridShape { rows, cols, channels, .. } = src_shape;
+    let [r, c, ch, wr, wc, n] = [rows, cols, channels, window.rows, window.cols, dsrc.len].map(|v| v as u64);
+    launch!(cu, "area_pool_bwd_f32", cu.elems(dsrc.len), &ddst.data, &mut dsrc.data, &r, &c, &ch, &wr, &wc, &count, &n);
 }
+
 #[allow(clippy::too_many_arguments)]
 pub(super) fn concat_cols_fwd(
     cu: &Cuda,
@@ -40,8 +91,14 @@ pub(super) fn concat_cols_fwd(
     dst_width: usize,
     col_offset: usize,
 ) {
-    todo!()
+    check_cols("concat_cols_fwd", src.len, dst.len, rows, width, dst_width, col_offset);
+    if width == 0 || rows == 0 {
+        return;
+    }
+    let [w, dw, off, n] = [width, dst_width, col_offset, rows * width].map(|v| v as u64);
+    launch!(cu, "concat_cols_fwd_f32", cu.elems(rows * width), &src.data, &mut dst.data, &w, &dw, &off, &n);
 }
+
 #[allow(clippy::too_many_arguments)]
 pub(super) fn concat_cols_bwd(
     cu: &Cuda,
@@ -52,11 +109,44 @@ pub(super) fn concat_cols_bwd(
     dst_width: usize,
     col_offset: usize,
 ) {
-    todo!()
+    check_cols("concat_cols_bwd", dsrc.len, ddst.len, rows, width, dst_width, col_offset);
+    if width == 0 || rows == 0 {
+        return;
+    }
+    let [w, dw, off, n] = [width, dst_width, col_offset, rows * width].map(|v| v as u64);
+    launch!(cu, "concat_cols_bwd_f32", cu.elems(rows * width), &ddst.data, &mut dsrc.data, &w, &dw, &off, &n);
 }
+
 pub(super) fn downsample2x2_fwd(cu: &Cuda, src: &Buf, src_shape: GridShape, dst: &mut Buf) {
-    todo!()
+    let (batch, side, c) = square_grid("downsample2x2_fwd", src_shape);
+    let h = side.div_ceil(2);
+    assert_eq!(src.len, src_shape.numel(), "downsample2x2_fwd: src length does not match {src_shape:?}");
+    assert_eq!(
+        dst.len,
+        batch * h * h * 4 * c,
+        "downsample2x2_fwd: dst length does not match [{batch}, {h}^2, {}]",
+        4 * c
+    );
+    if dst.len == 0 {
+        return;
+    }
+    let [side, h, c, n] = [side, h, c, dst.len].map(|v| v as u64);
+    launch!(cu, "downsample2x2_fwd_f32", cu.elems(dst.len), &src.data, &mut dst.data, &side, &h, &c, &n);
 }
+
 pub(super) fn downsample2x2_bwd(cu: &Cuda, ddst: &Buf, src_shape: GridShape, dsrc: &mut Buf) {
-    todo!()
+    let (batch, side, c) = square_grid("downsample2x2_bwd", src_shape);
+    let h = side.div_ceil(2);
+    assert_eq!(dsrc.len, src_shape.numel(), "downsample2x2_bwd: dsrc length does not match {src_shape:?}");
+    assert_eq!(
+        ddst.len,
+        batch * h * h * 4 * c,
+        "downsample2x2_bwd: ddst length does not match [{batch}, {h}^2, {}]",
+        4 * c
+    );
+    if dsrc.len == 0 {
+        return;
+    }
+    let [side, h, c, n] = [side, h, c, dsrc.len].map(|v| v as u64);
+    launch!(cu, "downsample2x2_bwd_f32", cu.elems(dsrc.len), &ddst.data, &mut dsrc.data, &side, &h, &c, &n);
 }
