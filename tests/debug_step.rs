@@ -8,23 +8,7 @@ use safetensors::tensor::{Dtype, TensorView};
 use safetensors::SafeTensors;
 use std::collections::HashMap;
 use std::path::Path;
-
-fn load_f32(path: &Path) -> HashMap<String, Vec<f64>> {
-    let bytes = std::fs::read(path).unwrap();
-    let st = SafeTensors::deserialize(&bytes).unwrap();
-    st.tensors()
-        .into_iter()
-        .map(|(name, t)| {
-            assert_eq!(t.dtype(), Dtype::F32, "{name}");
-            let v = t.data().chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap()) as f64).collect();
-            (name, v)
-        })
-        .collect()
-}
-
-fn norm(v: &[f64]) -> f64 {
-    v.iter().map(|x| x * x).sum::<f64>().sqrt()
-}
+use tessera_worker::debug_step::compare;
 
 /// Runs `worker debug-step` on `batch` and checks the loss (1e-5 relative)
 /// and every gradient (1e-4 relative norm error) against `expected`;
@@ -35,30 +19,34 @@ fn matches_reference(batch: &str, expected: &str) -> usize {
     let out = dir.path().join("grads.safetensors");
     let run = debug_step(&tiny.join("model"), &tiny.join(batch), &out);
     assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
-    let got = load_f32(&out);
-    let want = load_f32(&tiny.join(expected));
-    let (gl, wl) = (got["loss"][0], want["loss"][0]);
-    assert!((gl - wl).abs() / wl.abs() < 1e-5, "loss {gl} vs reference {wl}");
-    let largest = want.iter().filter(|(k, _)| *k != "loss").map(|(_, v)| norm(v)).fold(0.0, f64::max);
-    let mut checked = 0;
-    for (name, w) in &want {
-        if name == "loss" {
-            continue;
-        }
-        let g = got.get(name).unwrap_or_else(|| panic!("debug-step wrote no gradient for {name}"));
-        assert_eq!(g.len(), w.len(), "{name}");
-        let diff: Vec<f64> = g.iter().zip(w).map(|(a, b)| a - b).collect();
-        if norm(w) > 1e-6 * largest {
-            let e = norm(&diff) / norm(w);
-            assert!(e < 1e-4, "{name}: relative norm error {e:.2e}");
-            checked += 1;
-        } else {
-            // Zero in exact arithmetic (unused ViT layers, SigLIP's k_proj
-            // bias): the reference holds rounding noise, so ask for ~zero too.
-            assert!(norm(g) < 1e-6 * largest, "{name}: expected a zero gradient, norm {}", norm(g));
-        }
+    let c = compare(&out, &tiny.join(expected)).unwrap();
+    assert!(c.loss_error < 1e-5, "loss error {:e}", c.loss_error);
+    for (name, e) in &c.grads {
+        assert!(*e < 1e-4, "{name}: relative norm error {e:.2e}");
     }
-    checked
+    assert!(c.nonzero_where_zero.is_empty(), "expected zero gradients: {:?}", c.nonzero_where_zero);
+    assert!(c.passes(1e-5, 1e-4));
+    c.grads.len()
+}
+
+/// `--expect` prints the comparison and fails on a mismatch: against the
+/// dynamic-S2 reference, the static batch's gradients are wrong.
+#[test]
+fn expect_flag_reports_and_refuses_a_mismatch() {
+    let tiny = fixtures().join("tiny");
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("grads.safetensors");
+    let run = |expected: &str| {
+        let reference = tiny.join(expected);
+        let expect = ["--expect", reference.to_str().unwrap()];
+        debug_step_with(&tiny.join("model"), &tiny.join("batch.safetensors"), &out, &expect)
+    };
+    let good = run("expected_grads.safetensors");
+    let stdout = String::from_utf8_lossy(&good.stdout);
+    assert!(good.status.success() && stdout.contains("60 gradients, worst"), "{stdout}");
+    let bad = run("expected_grads_dynamic.safetensors");
+    assert!(!bad.status.success());
+    assert_clean_error(&bad, "does not match");
 }
 
 #[test]
@@ -79,7 +67,11 @@ fn debug_step_dynamic_s2_matches_pytorch_reference() {
 }
 
 fn debug_step(model: &Path, batch: &Path, out: &Path) -> std::process::Output {
-    worker(&[
+    debug_step_with(model, batch, out, &[])
+}
+
+fn debug_step_with(model: &Path, batch: &Path, out: &Path, extra: &[&str]) -> std::process::Output {
+    let args = [
         "debug-step",
         "--model",
         model.to_str().unwrap(),
@@ -87,7 +79,8 @@ fn debug_step(model: &Path, batch: &Path, out: &Path) -> std::process::Output {
         batch.to_str().unwrap(),
         "--out",
         out.to_str().unwrap(),
-    ])
+    ];
+    worker(&[&args[..], extra].concat())
 }
 
 /// Rewrites the fixture batch with `edit` applied to (name -> (dtype, shape, bytes)).

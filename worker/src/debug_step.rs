@@ -129,3 +129,76 @@ pub fn command(model_dir: &Path, batch_path: &Path, out: &Path, device: &str) ->
     write_grads(out, &cfg, loss, &grads)?;
     Ok(loss)
 }
+
+/// How a `debug-step` result compares with a reference file of the same
+/// layout (the PyTorch fixtures of tools/make_fixtures.py).
+#[derive(Debug)]
+pub struct Comparison {
+    /// Relative error of the loss.
+    pub loss_error: f64,
+    /// Per nonzero reference gradient: its name and relative norm error.
+    pub grads: Vec<(String, f64)>,
+    /// Reference gradients that are zero in exact arithmetic (unused ViT
+    /// layers, SigLIP's k_proj bias) and whose result is not (near) zero.
+    pub nonzero_where_zero: Vec<String>,
+}
+
+impl Comparison {
+    pub fn worst_grad(&self) -> Option<&(String, f64)> {
+        self.grads.iter().max_by(|a, b| a.1.total_cmp(&b.1))
+    }
+
+    /// Loss within `loss_tol`, every gradient within `grad_tol` (relative
+    /// norm error), every zero gradient zero.
+    pub fn passes(&self, loss_tol: f64, grad_tol: f64) -> bool {
+        self.loss_error < loss_tol
+            && self.grads.iter().all(|(_, e)| *e < grad_tol)
+            && self.nonzero_where_zero.is_empty()
+    }
+}
+
+fn read_f64_tensors(path: &Path) -> Result<std::collections::HashMap<String, Vec<f64>>> {
+    let bytes = read_file(path)?;
+    let st =
+        SafeTensors::deserialize(&bytes).with_context(|| format!("{} is not a safetensors file", path.display()))?;
+    st.tensors()
+        .into_iter()
+        .map(|(name, t)| {
+            if t.dtype() != Dtype::F32 {
+                bail!("{}: {name} is {:?}, expected F32", path.display(), t.dtype());
+            }
+            Ok((name, t.data().chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]) as f64).collect()))
+        })
+        .collect()
+}
+
+/// Compares the gradients file `got` with the reference `expected`. A
+/// reference gradient smaller than 1e-6 of the largest one counts as zero
+/// (it holds the reference's rounding noise) and must be as small in `got`.
+pub fn compare(got: &Path, expected: &Path) -> Result<Comparison> {
+    let norm = |v: &[f64]| v.iter().map(|x| x * x).sum::<f64>().sqrt();
+    let (got, want) = (read_f64_tensors(got)?, read_f64_tensors(expected)?);
+    let loss = |m: &std::collections::HashMap<String, Vec<f64>>, which: &str| -> Result<f64> {
+        m.get("loss").and_then(|l| l.first().copied()).with_context(|| format!("the {which} file has no loss"))
+    };
+    let (gl, wl) = (loss(&got, "result")?, loss(&want, "reference")?);
+    let largest = want.iter().filter(|(k, _)| *k != "loss").map(|(_, v)| norm(v)).fold(0.0, f64::max);
+    let mut c =
+        Comparison { loss_error: (gl - wl).abs() / wl.abs(), grads: Vec::new(), nonzero_where_zero: Vec::new() };
+    let mut names: Vec<&String> = want.keys().filter(|k| *k != "loss").collect();
+    names.sort();
+    for name in names {
+        let w = &want[name];
+        let g = got.get(name).with_context(|| format!("the result has no gradient for {name}"))?;
+        if g.len() != w.len() {
+            bail!("{name}: {} values, the reference has {}", g.len(), w.len());
+        }
+        if norm(w) > 1e-6 * largest {
+            let diff: Vec<f64> = g.iter().zip(w).map(|(a, b)| a - b).collect();
+            c.grads.push((name.clone(), norm(&diff) / norm(w)));
+        } else if norm(g) >= 1e-6 * largest {
+            c.nonzero_where_zero.push(name.clone());
+        }
+    }
+    Ok(c)
+}

@@ -71,6 +71,11 @@ enum Command {
         out: PathBuf,
         #[arg(long, default_value = "cpu")]
         device: String,
+        /// A reference gradients file (tests/fixtures/tiny/expected_grads.safetensors):
+        /// compare, print the worst errors, and fail beyond 1e-5 relative on
+        /// the loss or 1e-4 on a gradient's norm.
+        #[arg(long)]
+        expect: Option<PathBuf>,
     },
     /// Writes a freshly initialized model directory in the VILA layout.
     InitModel {
@@ -196,9 +201,25 @@ fn run(cli: Cli) -> Result<()> {
                 advertise_host: args.advertise_host,
             })?;
         }
-        Command::DebugStep { model, batch, out, device } => {
+        Command::DebugStep { model, batch, out, device, expect } => {
             let loss = tessera_worker::debug_step::command(&model, &batch, &out, &device)?;
             println!("loss {loss:.6}; gradients written to {}", out.display());
+            if let Some(reference) = expect {
+                let c = tessera_worker::debug_step::compare(&out, &reference)?;
+                let (worst, e) = c.worst_grad().map(|(n, e)| (n.as_str(), *e)).unwrap_or(("none", 0.0));
+                println!(
+                    "against {}: loss error {:.2e}, {} gradients, worst {worst} {e:.2e}",
+                    reference.display(),
+                    c.loss_error,
+                    c.grads.len()
+                );
+                if !c.nonzero_where_zero.is_empty() {
+                    println!("nonzero where the reference is zero: {}", c.nonzero_where_zero.join(", "));
+                }
+                if !c.passes(1e-5, 1e-4) {
+                    bail!("debug-step does not match {} (limits: loss 1e-5, gradients 1e-4)", reference.display());
+                }
+            }
         }
         Command::InitModel { preset: name, out, seed } => {
             let cfg = ModelConfig::named_preset(&name)?;

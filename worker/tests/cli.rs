@@ -137,3 +137,37 @@ image_folder = "{d}/images"
     let out = worker(&["eval", "--model", model.to_str().unwrap(), "--config", cfg.to_str().unwrap()]);
     assert_eq!(String::from_utf8_lossy(&out.stdout), by_dir);
 }
+
+/// `check-ops` (what scripts/device-check.sh runs on a GPU) on the CPU:
+/// f32 against f64, every op within 1e-5, the summary line printed.
+#[test]
+fn check_ops_on_the_cpu_passes() {
+    let out = worker(&["check-ops", "--device", "cpu"]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}{}", String::from_utf8_lossy(&out.stderr));
+    let summary = stdout.lines().last().unwrap_or_default();
+    let passed: Vec<usize> = summary.split_whitespace().filter_map(|w| w.parse().ok()).take(2).collect();
+    assert!(passed.len() == 2 && passed[0] == passed[1] && passed[0] > 60, "{summary}");
+    assert!(stdout.contains("attention_bwd (causal true) dk") && stdout.contains("ok"), "{stdout}");
+}
+
+/// `bench-step` with fewer layers reports the shape, the model FLOPs of the
+/// step (for MFU) and its times; a GPU this build cannot use is refused.
+#[test]
+fn bench_step_reports_flops_and_the_shape() {
+    let args = ["bench-step", "--preset", "tiny", "--vit-layers", "2", "--llm-layers", "1", "--batch", "2"];
+    let out = worker(&[&args[..], &["--seq", "8", "--warmup", "0", "--steps", "2"]].concat());
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let j: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        (j["vit_layers"].as_u64(), j["llm_layers"].as_u64(), j["device"].as_str()),
+        (Some(2), Some(1), Some("cpu"))
+    );
+    assert!(j["model_flops_per_step"].as_f64().unwrap() > 1e6, "{j}");
+    assert_eq!(j["step_s_all"].as_array().map(Vec::len), Some(2));
+    if !cfg!(feature = "cuda") {
+        let out = worker(&["bench-step", "--preset", "tiny", "--device", "cuda:0"]);
+        assert!(!out.status.success());
+        assert!(String::from_utf8_lossy(&out.stderr).contains("--features cuda"));
+    }
+}

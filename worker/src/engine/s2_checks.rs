@@ -80,7 +80,23 @@ pub(crate) fn check_cols(
 
 /// `(batch, side, channels)` of a square grid: VILA's projector reshapes its
 /// input as `sqrt(tokens) x sqrt(tokens)`, so it only ever sees square grids.
-pub(crate) fn square_grid(op: &str, shape: GridShape) -> (usize, usize, usize) {
+fn square_grid(op: &str, shape: GridShape) -> (usize, usize, usize) {
     assert_eq!(shape.rows, shape.cols, "{op}: the grid must be square, not {} x {}", shape.rows, shape.cols);
     (shape.batch, shape.rows, shape.channels)
+}
+
+/// Checks a 2x2 token merge between a square grid of `grid_len` values
+/// shaped `shape` and `merged_len` merged values; returns the side, the
+/// merged side and the channels.
+pub(crate) fn check_downsample(
+    op: &str,
+    shape: GridShape,
+    grid_len: usize,
+    merged_len: usize,
+) -> (usize, usize, usize) {
+    let (batch, side, c) = square_grid(op, shape);
+    let h = side.div_ceil(2);
+    assert_eq!(grid_len, shape.numel(), "{op}: grid length does not match {shape:?}");
+    assert_eq!(merged_len, batch * h * h * 4 * c, "{op}: merged length does not match [{batch}, {h}^2, {}]", 4 * c);
+    (side, h, c)
 }

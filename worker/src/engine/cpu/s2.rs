@@ -1,7 +1,7 @@
 //! Token-grid S2 ops with gradients: tile merge, area pooling, channel concat, 2x2 downsample.
 use super::{rows_per_task, Real};
 use crate::engine::backend::{GridShape, TileGrid};
-use crate::engine::s2_checks::{check_cols, check_merge, check_pool, square_grid};
+use crate::engine::s2_checks::{check_cols, check_downsample, check_merge, check_pool};
 use rayon::prelude::*;
 
 /// Stitches `split.rows x split.cols` token-grid tiles back into one grid per
@@ -164,15 +164,7 @@ pub fn concat_cols_bwd<T: Real>(
 /// out transposed) holds `x[2q][2k], x[2q][2k+1], x[2q+1][2k], x[2q+1][2k+1]`
 /// concatenated. `src` is `[B, side^2, C]`, `dst` is `[B, h^2, 4C]`.
 pub fn downsample2x2_fwd<T: Real>(src: &[T], src_shape: GridShape, dst: &mut [T]) {
-    let (batch, side, c) = square_grid("downsample2x2_fwd", src_shape);
-    let h = side.div_ceil(2);
-    assert_eq!(src.len(), src_shape.numel(), "downsample2x2_fwd: src length does not match {src_shape:?}");
-    assert_eq!(
-        dst.len(),
-        batch * h * h * 4 * c,
-        "downsample2x2_fwd: dst length does not match [{batch}, {h}^2, {}]",
-        4 * c
-    );
+    let (side, h, c) = check_downsample("downsample2x2_fwd", src_shape, src.len(), dst.len());
     if dst.is_empty() {
         return;
     }
@@ -195,15 +187,7 @@ pub fn downsample2x2_fwd<T: Real>(src: &[T], src_shape: GridShape, dst: &mut [T]
 /// Backward of [`downsample2x2_fwd`]: adds each token's four parts back into
 /// their source tokens; the gradients of padding positions are dropped.
 pub fn downsample2x2_bwd<T: Real>(ddst: &[T], src_shape: GridShape, dsrc: &mut [T]) {
-    let (batch, side, c) = square_grid("downsample2x2_bwd", src_shape);
-    let h = side.div_ceil(2);
-    assert_eq!(dsrc.len(), src_shape.numel(), "downsample2x2_bwd: dsrc length does not match {src_shape:?}");
-    assert_eq!(
-        ddst.len(),
-        batch * h * h * 4 * c,
-        "downsample2x2_bwd: ddst length does not match [{batch}, {h}^2, {}]",
-        4 * c
-    );
+    let (side, h, c) = check_downsample("downsample2x2_bwd", src_shape, dsrc.len(), ddst.len());
     if dsrc.is_empty() {
         return;
     }

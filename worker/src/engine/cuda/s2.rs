@@ -4,7 +4,7 @@
 use super::backend::Buf;
 use super::context::{launch, Cuda};
 use crate::engine::backend::{GridShape, TileGrid};
-use crate::engine::s2_checks::{check_cols, check_merge, check_pool, square_grid};
+use crate::engine::s2_checks::{check_cols, check_downsample, check_merge, check_pool};
 
 pub(super) fn tile_merge_fwd(
     cu: &Cuda,
@@ -118,15 +118,7 @@ pub(super) fn concat_cols_bwd(
 }
 
 pub(super) fn downsample2x2_fwd(cu: &Cuda, src: &Buf, src_shape: GridShape, dst: &mut Buf) {
-    let (batch, side, c) = square_grid("downsample2x2_fwd", src_shape);
-    let h = side.div_ceil(2);
-    assert_eq!(src.len, src_shape.numel(), "downsample2x2_fwd: src length does not match {src_shape:?}");
-    assert_eq!(
-        dst.len,
-        batch * h * h * 4 * c,
-        "downsample2x2_fwd: dst length does not match [{batch}, {h}^2, {}]",
-        4 * c
-    );
+    let (side, h, c) = check_downsample("downsample2x2_fwd", src_shape, src.len, dst.len);
     if dst.len == 0 {
         return;
     }
@@ -135,15 +127,7 @@ pub(super) fn downsample2x2_fwd(cu: &Cuda, src: &Buf, src_shape: GridShape, dst:
 }
 
 pub(super) fn downsample2x2_bwd(cu: &Cuda, ddst: &Buf, src_shape: GridShape, dsrc: &mut Buf) {
-    let (batch, side, c) = square_grid("downsample2x2_bwd", src_shape);
-    let h = side.div_ceil(2);
-    assert_eq!(dsrc.len, src_shape.numel(), "downsample2x2_bwd: dsrc length does not match {src_shape:?}");
-    assert_eq!(
-        ddst.len,
-        batch * h * h * 4 * c,
-        "downsample2x2_bwd: ddst length does not match [{batch}, {h}^2, {}]",
-        4 * c
-    );
+    let (side, h, c) = check_downsample("downsample2x2_bwd", src_shape, dsrc.len, ddst.len);
     if dsrc.len == 0 {
         return;
     }

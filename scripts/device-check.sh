@@ -1,0 +1,95 @@
+#!/usr/bin/env bash
+# GPU checks of the CUDA backend (issue 5), for a GPU machine with no Rust
+# toolchain and no network: it takes a worker built elsewhere with
+#   cargo build --release -p tessera-worker --features cuda
+# and runs, in under 8 minutes on one H100:
+#   (a) every backend op on the GPU against the CPU in f64, on fresh random
+#       inputs with outputs poisoned first: f32 (limit 1e-5), then TF32 GEMMs
+#       (limit 3e-4) -- `worker check-ops`;
+#   (b) `worker debug-step` on the committed PyTorch fixtures, on the GPU,
+#       against the reference gradients (static and dynamic S2);
+#   (c) one training step of the vila-3b-s2 shape (all widths; LLM_LAYERS of
+#       the LLM's 32 layers) in Tessera and in PyTorch + transformers (bf16
+#       autocast, fused AdamW) on the same GPU: tokens/s, images/s, MFU
+#       against 989 dense bf16 TFLOP/s (H100) and the ratio.
+#
+# Usage: scripts/device-check.sh [WORKER]        (default target/release/worker)
+#   DEVICE=cuda:0 LLM_LAYERS=8 VIT_LAYERS=27 BATCH=4 SEQ=256 STEPS=5 PEAK_TFLOPS=989
+#   TORCH=skip     leave out the PyTorch peer
+#   DEVICE=cpu PRESET=tiny TORCH=skip   the CPU rehearsal the test suite runs
+# Results (and every command's output) go to $OUT (default a temp folder).
+set -uo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+worker="${1:-target/release/worker}"
+DEVICE="${DEVICE:-cuda:0}"
+PRESET="${PRESET:-vila-3b-s2}"
+LLM_LAYERS="${LLM_LAYERS:-8}"
+VIT_LAYERS="${VIT_LAYERS:-27}"
+BATCH="${BATCH:-4}"
+SEQ="${SEQ:-256}"
+WARMUP="${WARMUP:-2}"
+STEPS="${STEPS:-5}"
+PEAK_TFLOPS="${PEAK_TFLOPS:-989}"
+TORCH="${TORCH:-run}"
+PYTHON="${PYTHON:-python3}"
+OUT="${OUT:-$(mktemp -d)}"
+mkdir -p "$OUT"
+fixtures=tests/fixtures/tiny
+failed=()
+
+if [ ! -x "$worker" ]; then
+    echo "error: no worker binary at $worker; build it with: cargo build --release -p tessera-worker --features cuda" >&2
+    exit 2
+fi
+echo "device-check: worker $worker, device $DEVICE, results in $OUT"
+if command -v nvidia-smi >/dev/null; then
+    nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+fi
+
+# step NAME TIMEOUT CMD...: runs one check, keeps its output, records failure.
+step() {
+    local name="$1" limit="$2"
+    shift 2
+    echo "== $name"
+    local t0=$SECONDS
+    timeout "$limit" "$@" > "$OUT/$name.log" 2>&1
+    local rc=$?
+    tail -n "${TAIL:-60}" "$OUT/$name.log"
+    echo "-- $name: exit $rc after $((SECONDS - t0)) s"
+    [ $rc -eq 0 ] || failed+=("$name")
+}
+
+# (a) op parity
+step ops-f32 120 "$worker" check-ops --device "$DEVICE" --precision f32
+step ops-tf32 120 "$worker" check-ops --device "$DEVICE" --precision tf32
+
+# (b) the PyTorch reference step on the fixtures (debug-step runs f32 GEMMs)
+step debug-step 60 "$worker" debug-step --device "$DEVICE" --model "$fixtures/model" \
+    --batch "$fixtures/batch.safetensors" --out "$OUT/grads.safetensors" \
+    --expect "$fixtures/expected_grads.safetensors"
+step debug-step-dynamic 60 "$worker" debug-step --device "$DEVICE" --model "$fixtures/model" \
+    --batch "$fixtures/batch_dynamic.safetensors" --out "$OUT/grads_dynamic.safetensors" \
+    --expect "$fixtures/expected_grads_dynamic.safetensors"
+
+# (c) one training step, Tessera then PyTorch, same shape
+shape=(--batch "$BATCH" --seq "$SEQ" --warmup "$WARMUP" --steps "$STEPS")
+TAIL=3 step step-tessera 150 "$worker" bench-step --preset "$PRESET" --device "$DEVICE" --precision tf32 \
+    --vit-layers "$VIT_LAYERS" --llm-layers "$LLM_LAYERS" "${shape[@]}"
+grep '^{' "$OUT/step-tessera.log" | tail -n 1 > "$OUT/tessera.json"
+if [ "$TORCH" != skip ]; then
+    torch_device=cuda
+    [ "$DEVICE" = cpu ] && torch_device=cpu
+    TAIL=3 step step-pytorch 180 "$PYTHON" tools/bench_step_torch.py --preset "$PRESET" --device "$torch_device" \
+        --dtype bf16 --attn sdpa --vit-layers all --vit-layers-count "$VIT_LAYERS" --llm-layers "$LLM_LAYERS" "${shape[@]}"
+    grep '^{' "$OUT/step-pytorch.log" | tail -n 1 > "$OUT/pytorch.json"
+fi
+echo "== step table"
+"$PYTHON" tools/step_table.py --peak-tflops "$PEAK_TFLOPS" "$OUT/tessera.json" \
+    $([ "$TORCH" != skip ] && echo "$OUT/pytorch.json") | tee "$OUT/step_table.md" || failed+=(step-table)
+
+if [ ${#failed[@]} -gt 0 ]; then
+    echo "device-check: FAILED: ${failed[*]} (logs in $OUT)"
+    exit 1
+fi
+echo "device-check: all checks passed (logs in $OUT)"

@@ -1,0 +1,57 @@
+//! scripts/device-check.sh, rehearsed on the CPU: the same script a GPU
+//! machine runs (op parity, debug-step against the PyTorch fixtures, the
+//! step benchmark and its table), with the CPU as the device and without
+//! the PyTorch peer, so that its CPU-side parts are checked on every commit.
+
+mod common;
+
+use std::process::Command;
+
+fn device_check(env: &[(&str, &str)], out: &std::path::Path) -> std::process::Output {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let mut cmd = Command::new(root.join("scripts/device-check.sh"));
+    cmd.arg(common::bin("worker")).env("OUT", out);
+    for (k, v) in [("DEVICE", "cpu"), ("PRESET", "tiny"), ("TORCH", "skip"), ("BATCH", "2"), ("SEQ", "8")] {
+        cmd.env(k, v);
+    }
+    for (k, v) in [("VIT_LAYERS", "2"), ("LLM_LAYERS", "1"), ("WARMUP", "0"), ("STEPS", "1")] {
+        cmd.env(k, v);
+    }
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    cmd.output().expect("run scripts/device-check.sh")
+}
+
+#[test]
+fn the_cpu_rehearsal_passes_every_check_and_prints_the_table() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = device_check(&[], dir.path());
+    let stdout = String::from_utf8_lossy(&run.stdout);
+    assert!(run.status.success(), "{stdout}{}", String::from_utf8_lossy(&run.stderr));
+    for check in ["ops-f32: exit 0", "ops-tf32: exit 0", "debug-step: exit 0", "debug-step-dynamic: exit 0"] {
+        assert!(stdout.contains(check), "no `{check}` in: {stdout}");
+    }
+    assert!(stdout.contains("| tessera | cpu f32 |"), "{stdout}");
+    let table = std::fs::read_to_string(dir.path().join("step_table.md")).unwrap();
+    assert!(table.contains("LLM tokens/s") && table.contains("MFU"), "{table}");
+    let done = format!("device-check: all checks passed (logs in {})\n", dir.path().display());
+    assert!(stdout.ends_with(&done), "{stdout}");
+}
+
+/// Failing checks fail the script, which names them: the worker the test
+/// suite builds has no CUDA, so every check on cuda:0 fails (with the
+/// reason in its log) and the script still runs them all.
+#[test]
+fn failing_checks_fail_the_script_and_are_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = device_check(&[("DEVICE", "cuda:0")], dir.path());
+    let stdout = String::from_utf8_lossy(&run.stdout);
+    assert!(!run.status.success(), "{stdout}");
+    assert!(stdout.contains("built without CUDA support"), "{stdout}");
+    let last = stdout.lines().last().unwrap_or_default();
+    assert!(
+        last.starts_with("device-check: FAILED: ops-f32 ops-tf32 debug-step debug-step-dynamic step-tessera"),
+        "{last}"
+    );
+}
