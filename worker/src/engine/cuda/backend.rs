@@ -3,7 +3,7 @@
 //! (the same split as the CPU backend's modules).
 
 use super::context::{Cuda, MathMode};
-use super::{activation, attention, elementwise, embedding, image, loss, matmul, norm, optim, rope, s2};
+use super::{activation, attention, columns, elementwise, embedding, image, loss, matmul, norm, optim, rope, s2};
 use crate::engine::backend::*;
 use cudarc::driver::CudaSlice;
 
@@ -94,13 +94,13 @@ impl Backend for Cuda {
         elementwise::bias_add(self, y, bias, rows, cols)
     }
     fn bias_bwd(&self, dy: &Buf, dbias: &mut Buf, rows: usize, cols: usize) {
-        elementwise::col_sums_into(self, dy, dbias, rows, cols)
+        columns::col_sums_into(self, dy, dbias, rows, cols)
     }
     fn add_broadcast(&self, x: &mut Buf, table: &Buf, batch: usize, rows: usize, cols: usize) {
         elementwise::bias_add(self, x, table, batch, rows * cols)
     }
     fn add_broadcast_bwd(&self, dx: &Buf, dtable: &mut Buf, batch: usize, rows: usize, cols: usize) {
-        elementwise::col_sums_into(self, dx, dtable, batch, rows * cols)
+        columns::col_sums_into(self, dx, dtable, batch, rows * cols)
     }
 
     fn layernorm_fwd(

@@ -72,12 +72,3 @@ pub(super) fn bias_add(cu: &Cuda, y: &mut Buf, bias: &Buf, rows: usize, cols: us
         launch!(cu, "bias_add_f32", cu.elems(rows * cols), &mut y.data, &bias.data, &c, &n);
     }
 }
-
-/// `out += column sums of x[rows, cols]`.
-pub(super) fn col_sums_into(cu: &Cuda, x: &Buf, out: &mut Buf, rows: usize, cols: usize) {
-    assert!(x.len >= rows * cols && out.len >= cols, "column sums: buffers smaller than [{rows}, {cols}]");
-    let (r, c) = (rows as u64, cols as u64);
-    if cols > 0 {
-        launch!(cu, "col_sums_add_f32", cu.elems(cols), &x.data, &mut out.data, &r, &c);
-    }
-}

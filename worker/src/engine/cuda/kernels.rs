@@ -12,6 +12,7 @@ use cudarc::nvrtc::{compile_ptx_with_opts, CompileOptions, Ptx};
 /// in the CPU backend.
 pub const SOURCES: &[(&str, &str)] = &[
     ("elementwise", include_str!("kernels/elementwise.cu")),
+    ("columns", include_str!("kernels/columns.cu")),
     ("activation", include_str!("kernels/activation.cu")),
     ("norm", include_str!("kernels/norm.cu")),
     ("attention", include_str!("kernels/attention.cu")),

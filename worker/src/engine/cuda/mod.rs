@@ -9,6 +9,7 @@ use anyhow::{anyhow, bail, Result};
 mod activation;
 mod attention;
 mod backend;
+mod columns;
 mod context;
 mod elementwise;
 mod embedding;

@@ -2,34 +2,12 @@
 //! per row, and deterministic column sums for the weight and bias gradients.
 
 use super::backend::Buf;
-use super::context::{launch, Cuda, THREADS};
-use cudarc::driver::{CudaSlice, LaunchConfig};
+use super::columns::{chunk_rows, partial_grid, reduce_partials};
+use super::context::{launch, Cuda};
 
 /// Threads per row block; kernels/norm.cu sizes its reduction for this
 /// (`#define ROW_THREADS`, checked by a test below).
 const ROW_THREADS: u32 = 256;
-
-/// At most this many row chunks for the parameter-gradient partials.
-const MAX_CHUNKS: usize = 256;
-
-/// Rows per chunk of the parameter-gradient partials. It depends on the
-/// shape alone (never on the GPU), so the summation order, and with it the
-/// result, is the same on every card.
-fn chunk_rows(rows: usize) -> usize {
-    rows.div_ceil(MAX_CHUNKS).max(32)
-}
-
-/// Grid of the partial kernels: x = row chunk, y = block of THREADS columns.
-fn partial_grid(chunks: usize, cols: usize) -> LaunchConfig {
-    let col_blocks = cols.div_ceil(THREADS as usize) as u32;
-    LaunchConfig { grid_dim: (chunks as u32, col_blocks, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: 0 }
-}
-
-/// `out[c] += sum over chunks of part[chunk, c]`, in chunk order.
-fn reduce_partials(cu: &Cuda, part: &CudaSlice<f64>, out: &mut Buf, chunks: usize, cols: usize) {
-    let (k, c) = (chunks as u64, cols as u64);
-    launch!(cu, "norm_params_reduce_f32", cu.elems(cols), part, &mut out.data, &k, &c);
-}
 
 #[allow(clippy::too_many_arguments)]
 pub(super) fn layernorm_fwd(
@@ -204,14 +182,5 @@ mod tests {
     fn row_block_size_matches_the_kernels() {
         let src = include_str!("kernels/norm.cu");
         assert!(src.contains(&format!("#define ROW_THREADS {ROW_THREADS}\n")));
-    }
-
-    #[test]
-    fn chunks_cover_the_rows_and_stay_few() {
-        for rows in [1, 31, 32, 33, 8191, 8192, 8193, 100_000, 1 << 22] {
-            let per = chunk_rows(rows);
-            let chunks = rows.div_ceil(per);
-            assert!(chunks * per >= rows && (chunks - 1) * per < rows && chunks <= MAX_CHUNKS, "{rows}");
-        }
     }
 }

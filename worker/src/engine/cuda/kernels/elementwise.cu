@@ -27,18 +27,6 @@ extern "C" __global__ void bias_add_f32(float* y, const float* bias, unsigned lo
     GRID_STRIDE(i, n) { y[i] += bias[i % cols]; }
 }
 
-// out[c] += sum over r of x[r, c]. One thread per column, rows in order, so
-// the sum is the same run to run (no atomics); consecutive threads read
-// consecutive columns, so every row read is coalesced.
-extern "C" __global__ void col_sums_add_f32(const float* x, float* out, unsigned long long rows,
-                                            unsigned long long cols) {
-    GRID_STRIDE(c, cols) {
-        float acc = 0.0f;
-        for (unsigned long long r = 0; r < rows; ++r) acc += x[r * cols + c];
-        out[c] += acc;
-    }
-}
-
 // First pass of sum(x^2): block b sums its grid-stride share in f64 and
 // writes partial[b]. The host launches a fixed grid, and the second pass
 // adds the partials in order, so the result is deterministic.

@@ -4,13 +4,9 @@
 // reduce in f64 with a fixed tree, so results are the same run to run.
 // Backward adds into dx, dw and db; dw and db are column sums over rows,
 // done without atomics: fixed chunks of rows give partial sums, which a
-// second kernel adds in chunk order.
+// second kernel (columns.cu) adds in chunk order.
 
 #define ROW_THREADS 256
-
-#define GRID_STRIDE(i, n)                                                                              \
-    for (unsigned long long i = blockIdx.x * (unsigned long long)blockDim.x + threadIdx.x; i < (n); \
-         i += (unsigned long long)gridDim.x * blockDim.x)
 
 // Sum of v over the block, returned to every thread. Every thread of the
 // block must call it (it holds barriers); lane has ROW_THREADS entries.
@@ -146,15 +142,4 @@ extern "C" __global__ void rmsnorm_bwd_params_partial_f32(const float* x, const 
         aw += (double)(dy[i] * x[i] * rstd[r]);
     }
     part_w[blockIdx.x * cols + c] = aw;
-}
-
-// out[c] += sum over chunks k of part[k, c], in chunk order (one thread per
-// column, no atomics: deterministic).
-extern "C" __global__ void norm_params_reduce_f32(const double* part, float* out, unsigned long long chunks,
-                                                  unsigned long long cols) {
-    GRID_STRIDE(c, cols) {
-        double acc = 0.0;
-        for (unsigned long long k = 0; k < chunks; ++k) acc += part[k * cols + c];
-        out[c] += (float)acc;
-    }
 }
