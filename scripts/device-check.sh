@@ -42,6 +42,17 @@ if [ ! -x "$worker" ]; then
     echo "error: no worker binary at $worker; build it with: cargo build --release -p tessera-worker --features cuda" >&2
     exit 2
 fi
+# cudarc opens the CUDA libraries at run time: the toolkit's, and those the
+# Python wheels of PyTorch carry (NCCL comes only from there), which are not
+# on the loader's path by default.
+if [ "$DEVICE" != cpu ]; then
+    wheels=$("$PYTHON" -c 'import glob, os, site
+dirs = {d for sp in site.getsitepackages() for pat in ("nvidia/*/lib", "nvidia/cu13/lib")
+        for d in glob.glob(os.path.join(sp, pat))}
+print(":".join(sorted(dirs)))' 2>/dev/null)
+    export LD_LIBRARY_PATH="${wheels:+$wheels:}${LD_LIBRARY_PATH:+$LD_LIBRARY_PATH:}/usr/local/cuda/lib64"
+    echo "LD_LIBRARY_PATH=$LD_LIBRARY_PATH"
+fi
 echo "device-check: worker $worker, device $DEVICE, results in $OUT"
 if command -v nvidia-smi >/dev/null; then
     nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader

@@ -18,6 +18,7 @@ use anyhow::{anyhow, bail, Context, Result};
 use cudarc::driver::{CudaStream, DevicePtrMut};
 use cudarc::nccl::{result as nccl, sys};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 /// Bytes in an NCCL unique id.
 pub const UNIQUE_ID_BYTES: usize = 128;
@@ -87,8 +88,11 @@ pub struct NcclCollective {
 
 impl NcclCollective {
     /// Joins the communicator of `world_size` ranks named by `unique_id`.
-    /// Blocks until every rank has joined.
-    pub fn connect(cu: &Cuda, rank: usize, world_size: usize, unique_id: &[u8]) -> Result<Self> {
+    /// `ncclCommInitRank` blocks until every rank has joined; a rank that
+    /// never comes would hold this one forever, so the init runs on its own
+    /// thread and is given up after `timeout` (the worker then exits with
+    /// the reason, which also ends the stuck thread).
+    pub fn connect(cu: &Cuda, rank: usize, world_size: usize, unique_id: &[u8], timeout: Duration) -> Result<Self> {
         if unique_id.len() != UNIQUE_ID_BYTES {
             bail!("the NCCL unique id from the coordinator has {} bytes, expected {UNIQUE_ID_BYTES}", unique_id.len());
         }
@@ -98,15 +102,40 @@ impl NcclCollective {
         }
         let compute = cu.stream().clone();
         let stream = compute.context().new_stream().map_err(|e| anyhow!("cannot create the NCCL stream: {e:?}"))?;
-        let mut raw = std::mem::MaybeUninit::uninit();
-        // SAFETY: `raw` receives the communicator; the id is 128 bytes.
-        unsafe {
-            compute.context().bind_to_thread().map_err(|e| anyhow!("cannot bind the CUDA context: {e:?}"))?;
-            nccl::comm_init_rank(raw.as_mut_ptr(), world_size as i32, sys::ncclUniqueId { internal }, rank as i32)
-                .map_err(|e| anyhow!("NCCL init of rank {rank} of {world_size} failed: {e:?}"))?;
-        }
-        // SAFETY: initialized by the successful call above.
-        let comm = Arc::new(Communicator { raw: Mutex::new(Some(SendComm(unsafe { raw.assume_init() }))) });
+        let ctx = compute.context().clone();
+        let (done, joined) = std::sync::mpsc::channel();
+        std::thread::Builder::new()
+            .name("nccl-init".into())
+            .spawn(move || {
+                let mut raw = std::mem::MaybeUninit::uninit();
+                let r =
+                    ctx.bind_to_thread().map_err(|e| format!("cannot bind the CUDA context: {e:?}")).and_then(|_| {
+                        // SAFETY: `raw` receives the communicator; the id is 128 bytes.
+                        unsafe {
+                            nccl::comm_init_rank(
+                                raw.as_mut_ptr(),
+                                world_size as i32,
+                                sys::ncclUniqueId { internal },
+                                rank as i32,
+                            )
+                        }
+                        .map_err(|e| format!("{e:?}"))
+                        // SAFETY: initialized by the successful call.
+                        .map(|_| SendComm(unsafe { raw.assume_init() }))
+                    });
+                let _ = done.send(r);
+            })
+            .context("cannot start the NCCL init thread")?;
+        let raw = match joined.recv_timeout(timeout) {
+            Ok(Ok(c)) => c,
+            Ok(Err(e)) => bail!("NCCL init of rank {rank} of {world_size} failed: {e}"),
+            Err(_) => bail!(
+                "NCCL init of rank {rank} of {world_size} did not finish within {:.0} s: a rank is missing or cannot be \
+                 reached (NCCL_SOCKET_IFNAME and NCCL_DEBUG=INFO help find out which)",
+                timeout.as_secs_f64()
+            ),
+        };
+        let comm = Arc::new(Communicator { raw: Mutex::new(Some(raw)) });
         let counts = stream.alloc_zeros::<u64>(16).map_err(|e| anyhow!("cannot allocate NCCL counters: {e:?}"))?;
         tracing::info!(rank, world_size, "NCCL communicator ready");
         Ok(NcclCollective { rank, world_size, comm, compute, stream, counts })

@@ -219,6 +219,24 @@ pub trait Backend: Send + Sync + 'static {
         cols: usize,
         eps: f32,
     );
+    /// Residual add fused with the LayerNorm after it: `x1 += residual`,
+    /// then `layernorm_fwd` of the new `x1` into `y`, `mean`, `rstd`, one
+    /// pass per row. `x1` keeps the sum (backward and the next residual read
+    /// it). Same arithmetic as `axpy(1.0, residual, x1)` then `layernorm_fwd`.
+    #[allow(clippy::too_many_arguments)]
+    fn add_layernorm_fwd(
+        &self,
+        x1: &mut Self::Buf,
+        residual: &Self::Buf,
+        w: &Self::Buf,
+        b: &Self::Buf,
+        y: &mut Self::Buf,
+        mean: &mut Self::Buf,
+        rstd: &mut Self::Buf,
+        rows: usize,
+        cols: usize,
+        eps: f32,
+    );
     #[allow(clippy::too_many_arguments)]
     fn layernorm_bwd(
         &self,
@@ -260,6 +278,19 @@ pub trait Backend: Send + Sync + 'static {
 
     // ---- activations ----
     fn gelu_fwd(&self, x: &Self::Buf, y: &mut Self::Buf, kind: GeluKind);
+    /// A linear layer's bias fused with the GELU after it: `y[r, :] += bias`
+    /// for each of `rows` rows of width `cols`, then `g = gelu(y)`, in one
+    /// pass. `y` keeps the pre-activation (`gelu_bwd` reads it). Same
+    /// arithmetic as `bias_add` then `gelu_fwd`.
+    fn bias_gelu_fwd(
+        &self,
+        y: &mut Self::Buf,
+        bias: &Self::Buf,
+        g: &mut Self::Buf,
+        rows: usize,
+        cols: usize,
+        kind: GeluKind,
+    );
     fn gelu_bwd(&self, x: &Self::Buf, dy: &Self::Buf, dx: &mut Self::Buf, kind: GeluKind);
     /// SiLU-gated MLP core: `out = silu(gate) * up`.
     fn swiglu_fwd(&self, gate: &Self::Buf, up: &Self::Buf, out: &mut Self::Buf);

@@ -211,6 +211,18 @@ fn norms<R: Backend, T: Backend>(h: &mut Harness<R, T>) {
         h.compare(&format!("layernorm_bwd [{rows}, {cols}] dw"), &dw, &dwt, false);
         h.compare(&format!("layernorm_bwd [{rows}, {cols}] db"), &db, &dbt, false);
 
+        // Fused residual add: x1 is updated in place, y, mean and rstd overwritten.
+        let (mut x1, mut x1t) = h.rand_both(rows * cols);
+        let (mut y, mut yt) = h.out(rows * cols);
+        let (mut mean, mut meant) = h.out(rows);
+        let (mut rstd, mut rstdt) = h.out(rows);
+        h.r.add_layernorm_fwd(&mut x1, &x, &w, &b, &mut y, &mut mean, &mut rstd, rows, cols, 1e-6);
+        h.t.add_layernorm_fwd(&mut x1t, &xt, &wt, &bt, &mut yt, &mut meant, &mut rstdt, rows, cols, 1e-6);
+        h.compare(&format!("add_layernorm_fwd [{rows}, {cols}] x1"), &x1, &x1t, false);
+        h.compare(&format!("add_layernorm_fwd [{rows}, {cols}] y"), &y, &yt, false);
+        h.compare(&format!("add_layernorm_fwd [{rows}, {cols}] mean"), &mean, &meant, false);
+        h.compare(&format!("add_layernorm_fwd [{rows}, {cols}] rstd"), &rstd, &rstdt, false);
+
         let (mut y, mut yt) = h.out(rows * cols);
         let (mut rstd, mut rstdt) = h.out(rows);
         h.r.rmsnorm_fwd(&x, &w, &mut y, &mut rstd, rows, cols, 1e-5);
@@ -240,6 +252,19 @@ fn activations<R: Backend, T: Backend>(h: &mut Harness<R, T>) {
         h.r.gelu_bwd(&x, &dy, &mut dx, kind);
         h.t.gelu_bwd(&xt, &dyt, &mut dxt, kind);
         h.compare(&format!("gelu_bwd ({kind:?})"), &dx, &dxt, false);
+    }
+    // Fused bias + GELU over more values than one grid-stride pass of a
+    // large GPU: y is updated in place, g overwritten.
+    let (rows, cols) = (1031, 1153);
+    let y0: Vec<f32> = h.rand(rows * cols).iter().map(|v| 4.0 * v).collect();
+    let (bias, biast) = h.rand_both(cols);
+    for kind in [GeluKind::Tanh, GeluKind::Erf] {
+        let (mut y, mut yt) = h.both(&y0);
+        let (mut g, mut gt) = h.out(rows * cols);
+        h.r.bias_gelu_fwd(&mut y, &bias, &mut g, rows, cols, kind);
+        h.t.bias_gelu_fwd(&mut yt, &biast, &mut gt, rows, cols, kind);
+        h.compare(&format!("bias_gelu_fwd ({kind:?}) y"), &y, &yt, false);
+        h.compare(&format!("bias_gelu_fwd ({kind:?}) g"), &g, &gt, false);
     }
     let (up, upt) = h.rand_both(n);
     let (mut o, mut ot) = h.out(n);
@@ -459,10 +484,12 @@ mod tests {
             "bias_bwd",
             "add_broadcast",
             "layernorm_fwd",
+            "add_layernorm_fwd",
             "layernorm_bwd",
             "rmsnorm_fwd",
             "rmsnorm_bwd",
             "gelu_fwd",
+            "bias_gelu_fwd",
             "gelu_bwd",
             "swiglu_fwd",
             "swiglu_bwd",

@@ -90,15 +90,9 @@ impl<B: Backend> Projector<B> {
             pin,
             c.projector.layer_norm_eps,
         );
-        linear::forward(
-            be,
-            &ws.normed,
-            &w[self.l1_w],
-            Some(&w[self.l1_b]),
-            &mut ws.h,
-            Dims { rows, din: pin, dout: h },
-        );
-        be.gelu_fwd(&ws.h, &mut ws.act, GeluKind::Erf);
+        // The first linear's bias and the GELU fused: h keeps the pre-activation for gelu_bwd.
+        linear::forward(be, &ws.normed, &w[self.l1_w], None, &mut ws.h, Dims { rows, din: pin, dout: h });
+        be.bias_gelu_fwd(&mut ws.h, &w[self.l1_b], &mut ws.act, rows, h, GeluKind::Erf);
         linear::forward(be, &ws.act, &w[self.l2_w], Some(&w[self.l2_b]), &mut ws.out, Dims { rows, din: h, dout: h });
         &ws.out
     }

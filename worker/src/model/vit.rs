@@ -275,9 +275,10 @@ fn layer_forward<B: Backend>(
     linear::forward(be, &s.h1, &w[lp.v_w], Some(&w[lp.v_b]), &mut s.v, dd);
     be.attention_fwd(&s.q, &s.k, &s.v, &mut s.attn, &mut s.probs, *a);
     linear::forward(be, &s.attn, &w[lp.o_w], Some(&w[lp.o_b]), &mut s.x1, dd);
-    be.axpy(1.0, x, &mut s.x1);
-    be.layernorm_fwd(
-        &s.x1,
+    // x1 += x, then layer_norm2 of x1, fused.
+    be.add_layernorm_fwd(
+        &mut s.x1,
+        x,
         &w[lp.ln2_w],
         &w[lp.ln2_b],
         &mut s.h2,
@@ -287,8 +288,9 @@ fn layer_forward<B: Backend>(
         d,
         c.layer_norm_eps,
     );
-    linear::forward(be, &s.h2, &w[lp.fc1_w], Some(&w[lp.fc1_b]), &mut s.f, Dims { rows, din: d, dout: i });
-    be.gelu_fwd(&s.f, &mut s.g, GeluKind::Tanh);
+    // fc1's bias and the GELU fused: f keeps the pre-activation for gelu_bwd.
+    linear::forward(be, &s.h2, &w[lp.fc1_w], None, &mut s.f, Dims { rows, din: d, dout: i });
+    be.bias_gelu_fwd(&mut s.f, &w[lp.fc1_b], &mut s.g, rows, i, GeluKind::Tanh);
     linear::forward(be, &s.g, &w[lp.fc2_w], Some(&w[lp.fc2_b]), out, Dims { rows, din: i, dout: d });
     be.axpy(1.0, &s.x1, out);
 }

@@ -145,7 +145,7 @@ fn train(s: &Session, device: Device, listener: Option<TcpListener>) -> Result<F
                          a job must use the same kind of device"
                     );
                 }
-                let nccl = NcclCollective::connect(&cu, rank, world, &rdv.nccl_unique_id)?;
+                let nccl = NcclCollective::connect(&cu, rank, world, &rdv.nccl_unique_id, Duration::from_secs(120))?;
                 let h = nccl.abort_handle();
                 Ok((nccl, Box::new(move || h.abort())))
             };

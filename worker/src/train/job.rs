@@ -236,6 +236,20 @@ llm = true
         assert!(e.contains("cluster.bucket_mb"), "{e}");
     }
 
+    /// `[train] precision`: TF32 by default, f32 on request, bf16 refused
+    /// until it exists, anything else refused by name.
+    #[test]
+    fn precision_is_tf32_unless_asked() {
+        use crate::engine::device::Precision;
+        assert_eq!(TrainJob::parse(GOOD).unwrap().train.precision, Precision::Tf32);
+        let f32_job = GOOD.replace("steps = 10", "steps = 10\nprecision = \"f32\"");
+        assert_eq!(TrainJob::parse(&f32_job).unwrap().train.precision, Precision::F32);
+        let e = TrainJob::parse(&GOOD.replace("steps = 10", "steps = 10\nprecision = \"bf16\"")).unwrap_err();
+        assert!(e.to_string().contains("train.precision") && e.to_string().contains("not implemented"), "{e}");
+        let e = TrainJob::parse(&GOOD.replace("steps = 10", "steps = 10\nprecision = \"fp8\"")).unwrap_err();
+        assert!(format!("{e:#}").contains("precision"), "{e:#}");
+    }
+
     #[test]
     fn committed_configs_parse() {
         let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../configs");

@@ -44,6 +44,23 @@ pub fn gelu_fwd<T: Real>(x: &[T], y: &mut [T], kind: GeluKind) {
     });
 }
 
+/// `y[r, :] += bias`, then `g = gelu(y)`, row chunks in parallel: bitwise
+/// the same as `bias_add` followed by `gelu_fwd`, with one pass over `y`.
+pub fn bias_gelu_fwd<T: Real>(y: &mut [T], bias: &[T], g: &mut [T], rows: usize, cols: usize, kind: GeluKind) {
+    assert_eq!(y.len(), rows * cols);
+    assert_eq!(bias.len(), cols);
+    assert!(g.len() >= rows * cols, "bias_gelu_fwd: output shorter than [{rows}, {cols}]");
+    let per = super::rows_per_task(rows, cols);
+    y.par_chunks_mut(per * cols).zip(g[..rows * cols].par_chunks_mut(per * cols)).for_each(|(yc, gc)| {
+        for (yr, gr) in yc.chunks_mut(cols).zip(gc.chunks_mut(cols)) {
+            for ((yi, gi), &b) in yr.iter_mut().zip(gr.iter_mut()).zip(bias) {
+                *yi += b;
+                *gi = gelu(*yi, kind);
+            }
+        }
+    });
+}
+
 pub fn gelu_bwd<T: Real>(x: &[T], dy: &[T], dx: &mut [T], kind: GeluKind) {
     dx.par_chunks_mut(CHUNK).zip(x.par_chunks(CHUNK).zip(dy.par_chunks(CHUNK))).for_each(|(dc, (xc, gc))| {
         for i in 0..dc.len() {
@@ -107,6 +124,34 @@ mod tests {
                 dot(&y, &gy)
             });
             assert_close(&format!("gelu {kind:?}"), &dx, &num, TOL);
+        }
+    }
+
+    /// The fused bias + GELU is bitwise the unfused `bias_add` then
+    /// `gelu_fwd`, in f32 and f64, for both GELU forms.
+    #[test]
+    fn bias_gelu_is_bitwise_bias_add_then_gelu() {
+        fn check<T: Real>(rows: usize, cols: usize, seed: u64, kind: GeluKind) {
+            let v = |s: u64, n: usize, k: f64| -> Vec<T> { rand_vec(s, n).iter().map(|x| T::of(k * x)).collect() };
+            let (y0, bias) = (v(seed, rows * cols, 4.0), v(seed + 1, cols, 1.0));
+            let mut want_y = y0.clone();
+            crate::engine::cpu::elementwise::bias_add(&mut want_y, &bias, rows, cols);
+            let mut want_g = vec![T::zero(); rows * cols];
+            gelu_fwd(&want_y, &mut want_g, kind);
+            let mut y = y0;
+            let mut g = vec![T::nan(); rows * cols];
+            bias_gelu_fwd(&mut y, &bias, &mut g, rows, cols, kind);
+            let bits = |a: &[T]| a.iter().map(|v| v.f64().to_bits()).collect::<Vec<_>>();
+            let name = std::any::type_name::<T>();
+            assert_eq!(bits(&y), bits(&want_y), "{name} {kind:?} [{rows}, {cols}] y");
+            assert_eq!(bits(&g), bits(&want_g), "{name} {kind:?} [{rows}, {cols}] g");
+        }
+        // one row per task (cols > 16384), many rows per task, a ragged last task
+        for (rows, cols, seed) in [(5, 7, 10), (301, 77, 20), (3, 20_000, 30), (1000, 45, 40)] {
+            for kind in [GeluKind::Tanh, GeluKind::Erf] {
+                check::<f32>(rows, cols, seed, kind);
+                check::<f64>(rows, cols, seed, kind);
+            }
         }
     }
 

@@ -176,6 +176,21 @@ impl<T: Real> Backend for Cpu<T> {
     ) {
         norm::layernorm_fwd(x, w, b, y, mean, rstd, rows, cols, eps as f64)
     }
+    fn add_layernorm_fwd(
+        &self,
+        x1: &mut Vec<T>,
+        residual: &Vec<T>,
+        w: &Vec<T>,
+        b: &Vec<T>,
+        y: &mut Vec<T>,
+        mean: &mut Vec<T>,
+        rstd: &mut Vec<T>,
+        rows: usize,
+        cols: usize,
+        eps: f32,
+    ) {
+        norm::add_layernorm_fwd(x1, residual, w, b, y, mean, rstd, rows, cols, eps as f64)
+    }
     fn layernorm_bwd(
         &self,
         x: &Vec<T>,
@@ -219,6 +234,9 @@ impl<T: Real> Backend for Cpu<T> {
 
     fn gelu_fwd(&self, x: &Vec<T>, y: &mut Vec<T>, kind: GeluKind) {
         activation::gelu_fwd(x, y, kind)
+    }
+    fn bias_gelu_fwd(&self, y: &mut Vec<T>, bias: &Vec<T>, g: &mut Vec<T>, rows: usize, cols: usize, kind: GeluKind) {
+        activation::bias_gelu_fwd(y, bias, g, rows, cols, kind)
     }
     fn gelu_bwd(&self, x: &Vec<T>, dy: &Vec<T>, dx: &mut Vec<T>, kind: GeluKind) {
         activation::gelu_bwd(x, dy, dx, kind)

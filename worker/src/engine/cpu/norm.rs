@@ -23,18 +23,58 @@ pub fn layernorm_fwd<T: Real>(
         .for_each(|(ci, (yc, (mc, rc)))| {
             for (r, yr) in yc.chunks_mut(cols).enumerate() {
                 let row = ci * per + r;
-                let xr = &x[row * cols..(row + 1) * cols];
-                let mu = xr.iter().map(|v| v.f64()).sum::<f64>() / cols as f64;
-                let var = xr.iter().map(|v| (v.f64() - mu).powi(2)).sum::<f64>() / cols as f64;
-                let rs = 1.0 / (var + eps).sqrt();
-                let (mu_t, rs_t) = (T::of(mu), T::of(rs));
-                for i in 0..cols {
-                    yr[i] = (xr[i] - mu_t) * rs_t * w[i] + b[i];
-                }
-                mc[r] = mu_t;
-                rc[r] = rs_t;
+                (mc[r], rc[r]) = layernorm_row(&x[row * cols..(row + 1) * cols], w, b, yr, eps);
             }
         });
+}
+
+/// `x1 += residual`, then `layernorm_fwd` of `x1`, row by row: each row is
+/// added and normalized while it is in cache. Bitwise the same as `axpy(1,
+/// residual, x1)` followed by `layernorm_fwd` (`1 * r` is exact).
+#[allow(clippy::too_many_arguments)]
+pub fn add_layernorm_fwd<T: Real>(
+    x1: &mut [T],
+    residual: &[T],
+    w: &[T],
+    b: &[T],
+    y: &mut [T],
+    mean: &mut [T],
+    rstd: &mut [T],
+    rows: usize,
+    cols: usize,
+    eps: f64,
+) {
+    assert_eq!(x1.len(), rows * cols);
+    assert_eq!(residual.len(), rows * cols, "add_layernorm_fwd: residual length mismatch");
+    let per = rows_per_task(rows, cols);
+    x1.par_chunks_mut(per * cols)
+        .zip(y[..rows * cols].par_chunks_mut(per * cols))
+        .zip(mean[..rows].par_chunks_mut(per).zip(rstd[..rows].par_chunks_mut(per)))
+        .enumerate()
+        .for_each(|(ci, ((xc, yc), (mc, rc)))| {
+            for (r, (xr, yr)) in xc.chunks_mut(cols).zip(yc.chunks_mut(cols)).enumerate() {
+                let row = ci * per + r;
+                for (v, &res) in xr.iter_mut().zip(&residual[row * cols..(row + 1) * cols]) {
+                    *v += res;
+                }
+                (mc[r], rc[r]) = layernorm_row(xr, w, b, yr, eps);
+            }
+        });
+}
+
+/// One row of LayerNorm: mean and variance in f64 (two passes), `yr =
+/// (xr - mean) * rstd * w + b`; returns `(mean, rstd)` for backward.
+#[inline]
+fn layernorm_row<T: Real>(xr: &[T], w: &[T], b: &[T], yr: &mut [T], eps: f64) -> (T, T) {
+    let cols = xr.len();
+    let mu = xr.iter().map(|v| v.f64()).sum::<f64>() / cols as f64;
+    let var = xr.iter().map(|v| (v.f64() - mu).powi(2)).sum::<f64>() / cols as f64;
+    let rs = 1.0 / (var + eps).sqrt();
+    let (mu_t, rs_t) = (T::of(mu), T::of(rs));
+    for i in 0..cols {
+        yr[i] = (xr[i] - mu_t) * rs_t * w[i] + b[i];
+    }
+    (mu_t, rs_t)
 }
 
 /// Two passes, no allocation: `dx` in parallel over rows, then the parameter
@@ -203,6 +243,40 @@ mod tests {
         assert_close("layernorm dx", &dx, &fd_grad(&x, 1e-6, |x| dot(&ln(x, &w, &b), &gy)), TOL);
         assert_close("layernorm dw", &dw, &fd_grad(&w, 1e-6, |w| dot(&ln(&x, w, &b), &gy)), TOL);
         assert_close("layernorm db", &db, &fd_grad(&b, 1e-6, |b| dot(&ln(&x, &w, b), &gy)), TOL);
+    }
+
+    /// The fused residual add + LayerNorm is bitwise the unfused `axpy(1, residual, x1)`
+    /// then `layernorm_fwd`, in f32 and f64, over several row-chunk layouts.
+    #[test]
+    fn add_layernorm_is_bitwise_axpy_then_layernorm() {
+        fn check<T: Real>(rows: usize, cols: usize, seed: u64) {
+            let v = |s: u64, n: usize, k: f64, o: f64| -> Vec<T> {
+                rand_vec(s, n).iter().map(|x| T::of(k * x + o)).collect()
+            };
+            let (x1, res) = (v(seed, rows * cols, 3.0, 0.5), v(seed + 1, rows * cols, 2.0, -0.25));
+            let (w, b) = (v(seed + 2, cols, 0.3, 1.0), v(seed + 3, cols, 1.0, 0.0));
+            let eps = 1e-6;
+            let mut want_x1 = x1.clone();
+            crate::engine::cpu::elementwise::axpy(T::of(1.0), &res, &mut want_x1);
+            let (mut want_y, mut want_m, mut want_r) =
+                (vec![T::zero(); rows * cols], vec![T::zero(); rows], vec![T::zero(); rows]);
+            layernorm_fwd(&want_x1, &w, &b, &mut want_y, &mut want_m, &mut want_r, rows, cols, eps);
+            let mut got_x1 = x1;
+            let nan = T::nan();
+            let (mut y, mut m, mut r) = (vec![nan; rows * cols], vec![nan; rows], vec![nan; rows]);
+            add_layernorm_fwd(&mut got_x1, &res, &w, &b, &mut y, &mut m, &mut r, rows, cols, eps);
+            let bits = |a: &[T]| a.iter().map(|v| v.f64().to_bits()).collect::<Vec<_>>();
+            let name = std::any::type_name::<T>();
+            assert_eq!(bits(&got_x1), bits(&want_x1), "{name} [{rows}, {cols}] x1");
+            assert_eq!(bits(&y), bits(&want_y), "{name} [{rows}, {cols}] y");
+            assert_eq!(bits(&m), bits(&want_m), "{name} [{rows}, {cols}] mean");
+            assert_eq!(bits(&r), bits(&want_r), "{name} [{rows}, {cols}] rstd");
+        }
+        // one row per task (cols > 16384), many rows per task, a ragged last task
+        for (rows, cols, seed) in [(R, C, 10), (67, 96, 20), (3, 20_000, 30), (1000, 33, 40)] {
+            check::<f32>(rows, cols, seed);
+            check::<f64>(rows, cols, seed);
+        }
     }
 
     fn rms(x: &[f64], w: &[f64]) -> Vec<f64> {

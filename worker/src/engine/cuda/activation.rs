@@ -19,6 +19,17 @@ pub(super) fn gelu_fwd(cu: &Cuda, x: &Buf, y: &mut Buf, kind: GeluKind) {
     }
 }
 
+/// `y[r, :] += bias`, then `g = gelu(y)` (kernels/activation.cu `bias_gelu_fwd_f32`).
+pub(super) fn bias_gelu_fwd(cu: &Cuda, y: &mut Buf, bias: &Buf, g: &mut Buf, rows: usize, cols: usize, kind: GeluKind) {
+    let n = rows * cols;
+    assert!(y.len >= n && bias.len >= cols, "bias_gelu_fwd: buffers smaller than [{rows}, {cols}]");
+    assert!(g.len >= n, "bias_gelu_fwd: output shorter than [{rows}, {cols}]");
+    let (k, c, n64) = (kind_code(kind), cols as u64, n as u64);
+    if n > 0 {
+        launch!(cu, "bias_gelu_fwd_f32", cu.elems(n), &mut y.data, &bias.data, &mut g.data, &k, &c, &n64);
+    }
+}
+
 pub(super) fn gelu_bwd(cu: &Cuda, x: &Buf, dy: &Buf, dx: &mut Buf, kind: GeluKind) {
     assert!(dy.len >= x.len && dx.len >= x.len, "gelu_bwd: gradient buffers shorter than the input");
     let (k, n) = (kind_code(kind), x.len as u64);

@@ -117,6 +117,21 @@ impl Backend for Cuda {
     ) {
         norm::layernorm_fwd(self, x, w, b, y, mean, rstd, rows, cols, eps)
     }
+    fn add_layernorm_fwd(
+        &self,
+        x1: &mut Buf,
+        residual: &Buf,
+        w: &Buf,
+        b: &Buf,
+        y: &mut Buf,
+        mean: &mut Buf,
+        rstd: &mut Buf,
+        rows: usize,
+        cols: usize,
+        eps: f32,
+    ) {
+        norm::add_layernorm_fwd(self, x1, residual, w, b, y, mean, rstd, rows, cols, eps)
+    }
     fn layernorm_bwd(
         &self,
         x: &Buf,
@@ -151,6 +166,9 @@ impl Backend for Cuda {
 
     fn gelu_fwd(&self, x: &Buf, y: &mut Buf, kind: GeluKind) {
         activation::gelu_fwd(self, x, y, kind)
+    }
+    fn bias_gelu_fwd(&self, y: &mut Buf, bias: &Buf, g: &mut Buf, rows: usize, cols: usize, kind: GeluKind) {
+        activation::bias_gelu_fwd(self, y, bias, g, rows, cols, kind)
     }
     fn gelu_bwd(&self, x: &Buf, dy: &Buf, dx: &mut Buf, kind: GeluKind) {
         activation::gelu_bwd(self, x, dy, dx, kind)

@@ -45,6 +45,47 @@ pub(super) fn layernorm_fwd(
     );
 }
 
+/// `x1 += residual`, then LayerNorm of `x1` (kernels/norm.cu
+/// `add_layernorm_fwd_f32`, one block per row).
+#[allow(clippy::too_many_arguments)]
+pub(super) fn add_layernorm_fwd(
+    cu: &Cuda,
+    x1: &mut Buf,
+    residual: &Buf,
+    w: &Buf,
+    b: &Buf,
+    y: &mut Buf,
+    mean: &mut Buf,
+    rstd: &mut Buf,
+    rows: usize,
+    cols: usize,
+    eps: f32,
+) {
+    assert_eq!(x1.len, rows * cols, "add_layernorm_fwd: x1 length does not match [{rows}, {cols}]");
+    assert_eq!(residual.len, x1.len, "add_layernorm_fwd: residual length mismatch");
+    assert!(w.len >= cols && b.len >= cols, "add_layernorm_fwd: weight or bias shorter than {cols}");
+    assert!(y.len >= rows * cols, "add_layernorm_fwd: y shorter than [{rows}, {cols}]");
+    assert!(mean.len >= rows && rstd.len >= rows, "add_layernorm_fwd: mean or rstd shorter than {rows} rows");
+    if rows == 0 || cols == 0 {
+        return;
+    }
+    let c = cols as u64;
+    launch!(
+        cu,
+        "add_layernorm_fwd_f32",
+        cu.rows(rows, ROW_THREADS),
+        &mut x1.data,
+        &residual.data,
+        &w.data,
+        &b.data,
+        &mut y.data,
+        &mut mean.data,
+        &mut rstd.data,
+        &c,
+        &eps
+    );
+}
+
 #[allow(clippy::too_many_arguments)]
 pub(super) fn layernorm_bwd(
     cu: &Cuda,

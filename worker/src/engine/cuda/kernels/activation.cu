@@ -33,6 +33,17 @@ extern "C" __global__ void gelu_fwd_f32(const float* x, float* y, int kind, unsi
     GRID_STRIDE(i, n) { y[i] = gelu_value(x[i], kind); }
 }
 
+// y[r, c] += bias[c % cols], then g = gelu(y), over rows * cols values: bias_add_f32 and
+// gelu_fwd_f32 in one pass. y keeps the pre-activation, which gelu_bwd_f32 reads.
+extern "C" __global__ void bias_gelu_fwd_f32(float* y, const float* bias, float* g, int kind, unsigned long long cols,
+                                             unsigned long long n) {
+    GRID_STRIDE(i, n) {
+        const float v = y[i] + bias[i % cols];
+        y[i] = v;
+        g[i] = gelu_value(v, kind);
+    }
+}
+
 // dx += dy * gelu'(x)
 extern "C" __global__ void gelu_bwd_f32(const float* x, const float* dy, float* dx, int kind, unsigned long long n) {
     GRID_STRIDE(i, n) { dx[i] += dy[i] * gelu_grad(x[i], kind); }

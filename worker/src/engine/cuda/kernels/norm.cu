@@ -22,14 +22,12 @@ __device__ double block_sum(double v, double* lane) {
     return total;
 }
 
-// y = (x - mean) * rstd * w + b; mean and variance in f64 (two passes, as on
-// the CPU), saved as f32 mean[row] and rstd[row].
-extern "C" __global__ void layernorm_fwd_f32(const float* x, const float* w, const float* b, float* y, float* mean,
-                                             float* rstd, unsigned long long cols, float eps) {
-    __shared__ double lane[ROW_THREADS];
-    const unsigned long long off = (unsigned long long)blockIdx.x * cols;
-    const float* xr = x + off;
-    float* yr = y + off;
+// One row of LayerNorm, run by the whole block (it holds barriers: every
+// thread must call it): yr = (xr - mean) * rstd * w + b; mean and variance
+// in f64 (two passes, as on the CPU), saved as f32 mean[blockIdx.x] and
+// rstd[blockIdx.x]. lane has ROW_THREADS entries.
+__device__ void layernorm_row(const float* xr, const float* w, const float* b, float* yr, float* mean, float* rstd,
+                              unsigned long long cols, float eps, double* lane) {
     double acc = 0.0;
     for (unsigned long long i = threadIdx.x; i < cols; i += ROW_THREADS) acc += (double)xr[i];
     const double mu = block_sum(acc, lane) / (double)cols;
@@ -46,6 +44,31 @@ extern "C" __global__ void layernorm_fwd_f32(const float* x, const float* w, con
         mean[blockIdx.x] = mu_f;
         rstd[blockIdx.x] = rs_f;
     }
+}
+
+// y = (x - mean) * rstd * w + b, one block per row (layernorm_row).
+extern "C" __global__ void layernorm_fwd_f32(const float* x, const float* w, const float* b, float* y, float* mean,
+                                             float* rstd, unsigned long long cols, float eps) {
+    __shared__ double lane[ROW_THREADS];
+    const unsigned long long off = (unsigned long long)blockIdx.x * cols;
+    layernorm_row(x + off, w, b, y + off, mean, rstd, cols, eps, lane);
+}
+
+// x1 += residual, then LayerNorm of the new x1 as layernorm_fwd_f32: the
+// residual add of a pre-norm block fused with the norm after it, one block
+// per row. x1 keeps the sum (backward and the next residual read it).
+extern "C" __global__ void add_layernorm_fwd_f32(float* x1, const float* residual, const float* w, const float* b,
+                                                 float* y, float* mean, float* rstd, unsigned long long cols,
+                                                 float eps) {
+    __shared__ double lane[ROW_THREADS];
+    const unsigned long long off = (unsigned long long)blockIdx.x * cols;
+    float* xr = x1 + off;
+    const float* rr = residual + off;
+    for (unsigned long long i = threadIdx.x; i < cols; i += ROW_THREADS) xr[i] += rr[i];
+    // Every thread's part of the sum lands before any thread reads the row
+    // (layernorm_row reads with this same stride today, but need not).
+    __syncthreads();
+    layernorm_row(xr, w, b, y + off, mean, rstd, cols, eps, lane);
 }
 
 // dx += rstd * (dy*w - mean(dy*w) - xhat * mean(dy*w*xhat)), xhat = (x - mean) * rstd.
