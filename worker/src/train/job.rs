@@ -66,6 +66,39 @@ pub struct TrainJob {
     /// How many workers train together (read by the coordinator).
     #[serde(default)]
     pub cluster: ClusterSection,
+    /// Where and how often to checkpoint; a run resumes from the newest
+    /// intact checkpoint there.
+    #[serde(default)]
+    pub checkpoint: CheckpointSection,
+}
+
+/// The `[checkpoint]` section (train/checkpoint.rs).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CheckpointSection {
+    /// Checkpoints go here, one `step-NNNNNNNN` directory each; none: no checkpoints.
+    #[serde(default)]
+    pub dir: Option<std::path::PathBuf>,
+    /// Steps between checkpoints (the last step is always checkpointed).
+    #[serde(default = "hundred")]
+    pub every: u64,
+    /// Committed checkpoints kept; older ones are deleted after a newer commit.
+    #[serde(default = "three")]
+    pub keep: usize,
+}
+
+impl Default for CheckpointSection {
+    fn default() -> Self {
+        CheckpointSection { dir: None, every: hundred(), keep: three() }
+    }
+}
+
+fn hundred() -> u64 {
+    100
+}
+
+fn three() -> usize {
+    3
 }
 
 /// The `[cluster]` section: the multi-worker job.
@@ -159,6 +192,12 @@ impl TrainJob {
         if !(0.0..1.0).contains(&t.warmup_ratio) {
             bail!("train.warmup_ratio: {} is not in [0, 1)", t.warmup_ratio);
         }
+        if self.checkpoint.every == 0 {
+            bail!("checkpoint.every: must be positive");
+        }
+        if self.checkpoint.keep == 0 {
+            bail!("checkpoint.keep: must be positive (the newest checkpoint is always kept)");
+        }
         let o = &self.optim;
         for (key, v) in [
             ("optim.lr.vision_tower", o.lr.vision_tower),
@@ -234,6 +273,12 @@ llm = true
         assert!(e.contains("cluster.world_size"), "{e}");
         let e = TrainJob::parse(&format!("{GOOD}\n[cluster]\nbucket_mb = -1\n")).unwrap_err().to_string();
         assert!(e.contains("cluster.bucket_mb"), "{e}");
+        let e = TrainJob::parse(&format!("{GOOD}\n[checkpoint]\nevery = 0\n")).unwrap_err().to_string();
+        assert!(e.contains("checkpoint.every"), "{e}");
+        let e = TrainJob::parse(&format!("{GOOD}\n[checkpoint]\nkeep = 0\n")).unwrap_err().to_string();
+        assert!(e.contains("checkpoint.keep"), "{e}");
+        let e = TrainJob::parse(&format!("{GOOD}\n[checkpoint]\nevry = 5\n")).unwrap_err().to_string();
+        assert!(e.contains("evry"), "{e}");
     }
 
     /// `[train] precision`: TF32 by default, f32 on request, bf16 refused

@@ -1,5 +1,6 @@
 //! Training: optimizer, schedule and the step loop.
 
+pub mod checkpoint;
 pub mod distributed;
 pub mod grad_sync;
 pub mod job;

@@ -4,7 +4,9 @@
 use super::schedule::cosine_with_warmup;
 use crate::engine::{AdamW, Backend};
 use crate::model::{Module, ParamStore, Trainable};
+use anyhow::{bail, Result};
 use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
 
 /// Per-module values (learning rates): vision tower, projector, LLM.
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
@@ -91,6 +93,60 @@ impl<B: Backend> Optimizer<B> {
             params.specs.iter().map(|s| be.alloc(if trainable.get(s.module) { s.numel() } else { 0 })).collect()
         };
         Optimizer { m: state(be), v: state(be), cfg, step: 0 }
+    }
+
+    /// AdamW's moments (m, v) of the trainable parameters by name, for a
+    /// checkpoint.
+    pub fn moments_to_host(
+        &self,
+        be: &B,
+        params: &ParamStore<B>,
+    ) -> (BTreeMap<String, Vec<f32>>, BTreeMap<String, Vec<f32>>) {
+        let t = self.cfg.trainable();
+        let (mut m, mut v) = (BTreeMap::new(), BTreeMap::new());
+        for (i, spec) in params.specs.iter().enumerate().filter(|(_, s)| t.get(s.module)) {
+            m.insert(spec.name.clone(), be.download(&self.m[i]));
+            v.insert(spec.name.clone(), be.download(&self.v[i]));
+        }
+        (m, v)
+    }
+
+    /// Restores the step count and the moments a checkpoint holds. The
+    /// checkpoint must cover exactly the trainable parameters, at their sizes.
+    pub fn restore(
+        &mut self,
+        be: &B,
+        params: &ParamStore<B>,
+        step: u64,
+        m: &BTreeMap<String, Vec<f32>>,
+        v: &BTreeMap<String, Vec<f32>>,
+    ) -> Result<()> {
+        let t = self.cfg.trainable();
+        let trainable = params.specs.iter().filter(|s| t.get(s.module)).count();
+        if m.len() != trainable || v.len() != trainable {
+            bail!(
+                "the checkpoint holds optimizer state for {} parameters, the job trains {trainable} (were modules frozen or unfrozen?)",
+                m.len()
+            );
+        }
+        for (i, spec) in params.specs.iter().enumerate().filter(|(_, s)| t.get(s.module)) {
+            for (which, saved, buf) in [("m", m, &mut self.m[i]), ("v", v, &mut self.v[i])] {
+                let Some(x) = saved.get(&spec.name) else {
+                    bail!("the checkpoint has no optimizer state {which} for {}", spec.name)
+                };
+                if x.len() != spec.numel() {
+                    bail!(
+                        "optimizer state {which} of {}: {} values, the parameter has {}",
+                        spec.name,
+                        x.len(),
+                        spec.numel()
+                    );
+                }
+                *buf = be.upload(x);
+            }
+        }
+        self.step = step;
+        Ok(())
     }
 
     /// Global L2 norm of the gradients of trainable parameters.

@@ -1,6 +1,7 @@
 //! Runs a single-process training job from its config: model, data (real or
 //! synthetic), the step loop with logging, evaluation and saving.
 
+use super::checkpoint;
 use super::job::TrainJob;
 use super::schedule::warmup_steps;
 use super::{train_step, OptimConfig, Optimizer};
@@ -8,7 +9,7 @@ use crate::data::loader::{Dataset, Prefetcher};
 use crate::engine::device::Device;
 use crate::engine::Backend;
 use crate::eval::{evaluate, EvalReport};
-use crate::model::weights::{save_model_dir, SaveDtype};
+use crate::model::weights::{load_weights, save_model_dir, SaveDtype};
 use crate::model::{hf_config, Batch, ModelConfig, ParamStore, Vlm};
 use anyhow::{bail, Context, Result};
 use std::path::Path;
@@ -92,12 +93,24 @@ fn run_job_on<B: Backend>(
     metrics: Option<&Path>,
     log: &mut dyn FnMut(&str),
 ) -> Result<JobReport> {
+    let ck = &job.checkpoint;
+    let resume_from = match &ck.dir {
+        Some(root) => checkpoint::latest_intact(root, &mut |w| log(&w))?,
+        None => None,
+    };
     let mut metrics_file = match metrics {
         Some(p) => {
             if let Some(dir) = p.parent().filter(|d| !d.as_os_str().is_empty()) {
                 std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
             }
-            let f = std::fs::File::create(p).with_context(|| format!("cannot create metrics file {}", p.display()))?;
+            // A resumed run adds to the metrics of the steps before it.
+            let f = std::fs::File::options()
+                .create(true)
+                .write(true)
+                .append(resume_from.is_some())
+                .truncate(resume_from.is_none())
+                .open(p)
+                .with_context(|| format!("cannot create metrics file {}", p.display()))?;
             Some((p, std::io::BufWriter::new(f)))
         }
         None => None,
@@ -105,11 +118,29 @@ fn run_job_on<B: Backend>(
     let t = &job.train;
     let cfg = model_config(job)?;
     let (mut vlm, mut opt) = build_model(be, job, &cfg)?;
+    let mut start = 0;
+    if let Some(dir) = &resume_from {
+        let c = checkpoint::load(dir, |model| load_weights(model, &cfg))?;
+        if c.state.seed != t.seed {
+            bail!("{}: written with train.seed = {}, the job has {}", dir.display(), c.state.seed, t.seed);
+        }
+        if c.state.micro_batches != c.state.step * t.grad_accum as u64 {
+            bail!("{}: written with another train.grad_accum; resume with the job it was written by", dir.display());
+        }
+        vlm.params = ParamStore::from_host(be, &cfg, &c.weights)
+            .with_context(|| format!("{}: the model does not match the job's", dir.display()))?;
+        opt.restore(be, &vlm.params, c.state.optimizer_step, &c.m, &c.v)?;
+        start = c.state.step;
+        log(&format!("resumed from {} (step {start} of {})", dir.display(), t.steps));
+    }
     let data = match &job.data {
         Some(d) => Some(Arc::new(Dataset::open(d, &cfg)?)),
         None => None,
     };
-    let mut loader = data.as_ref().map(|d| Prefetcher::new(d.clone(), t.seed, t.batch_size, 0, d.cfg.prefetch));
+    // The data order is a pure function of (seed, micro-batch index), so the
+    // cursor is all a resumed run needs to see the samples it would have seen.
+    let first = start * t.grad_accum as u64;
+    let mut loader = data.as_ref().map(|d| Prefetcher::new(d.clone(), t.seed, t.batch_size, first, d.cfg.prefetch));
     // Without data: a fixed pool of synthetic batches the model can only memorize.
     let pool: Vec<Batch> = match loader {
         Some(_) => vec![],
@@ -119,7 +150,7 @@ fn run_job_on<B: Backend>(
     };
     let mut report = JobReport { losses: vec![], steps: vec![], bad_samples: 0, eval: None, seconds: 0.0 };
     let t0 = std::time::Instant::now();
-    for step in 0..t.steps {
+    for step in start..t.steps {
         let tick = std::time::Instant::now();
         let mut micro = Vec::with_capacity(t.grad_accum);
         let (mut bad, mut truncated) = (0, 0);
@@ -139,6 +170,7 @@ fn run_job_on<B: Backend>(
         report.bad_samples += bad;
         if micro.is_empty() {
             log(&format!("step {:>5}/{}  skipped: every sample was bad", step + 1, t.steps));
+            save_checkpoint(be, job, &cfg, &vlm, &opt, step + 1, log)?;
             continue;
         }
         let r = train_step(be, &mut vlm, &mut opt, &micro)?;
@@ -171,6 +203,7 @@ fn run_job_on<B: Backend>(
             r.loss.tokens as f64 / tick.elapsed().as_secs_f64(),
             if bad > 0 { format!("  bad samples skipped: {bad}") } else { String::new() }
         ));
+        save_checkpoint(be, job, &cfg, &vlm, &opt, step + 1, log)?;
     }
     drop(loader);
     if let Some((p, mut f)) = metrics_file {
@@ -190,4 +223,40 @@ fn run_job_on<B: Backend>(
         log(&format!("saved model to {}", dir.display()));
     }
     Ok(report)
+}
+
+/// Checkpoints after `done` steps when the job asks for it: every
+/// `checkpoint.every` steps and after the last one; then prunes to `keep`.
+fn save_checkpoint<B: Backend>(
+    be: &B,
+    job: &TrainJob,
+    cfg: &ModelConfig,
+    vlm: &Vlm<B>,
+    opt: &Optimizer<B>,
+    done: u64,
+    log: &mut dyn FnMut(&str),
+) -> Result<()> {
+    let ck = &job.checkpoint;
+    let Some(root) = &ck.dir else { return Ok(()) };
+    if !done.is_multiple_of(ck.every) && done != job.train.steps {
+        return Ok(());
+    }
+    let (m, v) = opt.moments_to_host(be, &vlm.params);
+    let state = checkpoint::RunState {
+        step: done,
+        optimizer_step: opt.step,
+        micro_batches: done * job.train.grad_accum as u64,
+        seed: job.train.seed,
+    };
+    let weights = vlm.params.to_host(be);
+    let dir = checkpoint::save(root, &checkpoint::Parts { state: &state, m: &m, v: &v }, |model| {
+        save_model_dir(model, cfg, &weights, SaveDtype::F32, None)?;
+        match &job.data {
+            Some(d) => d.record_image_preprocessing(model),
+            None => Ok(()),
+        }
+    })?;
+    checkpoint::prune(root, ck.keep)?;
+    log(&format!("checkpoint {} committed", dir.display()));
+    Ok(())
 }

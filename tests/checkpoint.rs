@@ -1,0 +1,149 @@
+//! Checkpoints and resume of `worker train` (issue 6), with real processes
+//! and files: a run killed with SIGKILL after a checkpoint commits, and
+//! restarted, ends with the same bits as a run that was never interrupted,
+//! also when its newest checkpoint was damaged in between.
+
+mod common;
+
+use common::bin;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+const STEPS: u64 = 40;
+
+fn make_data(dir: &Path) {
+    let out = Command::new(bin("worker"))
+        .args(["make-demo-data", "--out", dir.to_str().unwrap(), "--train", "64", "--eval", "4"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+}
+
+/// A job on the demo data that checkpoints every 2 steps, keeping 2.
+fn write_config(dir: &Path, data: &Path, checkpoints: &Path) -> PathBuf {
+    let (d, c) = (data.display(), checkpoints.display());
+    let toml = format!(
+        r#"
+[model]
+preset = "tiny"
+[train]
+steps = {STEPS}
+batch_size = 4
+grad_accum = 2
+seed = 5
+warmup_ratio = 0.1
+[data]
+tokenizer = "{d}/tokenizer.json"
+prefetch = 2
+[[data.datasets]]
+path = "{d}/train.jsonl"
+image_folder = "{d}/images"
+[checkpoint]
+dir = "{c}"
+every = 2
+keep = 2
+"#
+    );
+    let path = dir.join(format!("job-{}.toml", checkpoints.file_name().unwrap().to_string_lossy()));
+    std::fs::write(&path, toml).unwrap();
+    path
+}
+
+fn train(config: &Path, out: &Path) -> std::process::Output {
+    Command::new(bin("worker"))
+        .args(["train", "--device", "cpu", "--config", config.to_str().unwrap(), "--out", out.to_str().unwrap()])
+        .output()
+        .unwrap()
+}
+
+fn model_bytes(dir: &Path) -> Vec<Vec<u8>> {
+    ["vision_tower", "mm_projector", "llm"]
+        .iter()
+        .map(|m| std::fs::read(dir.join(m).join("model.safetensors")).unwrap())
+        .collect()
+}
+
+fn committed(root: &Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(root)
+        .map(|d| d.map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect())
+        .unwrap_or_default();
+    names.retain(|n| n.starts_with("step-"));
+    names.sort();
+    names
+}
+
+#[test]
+fn a_killed_run_resumes_to_the_same_bits() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    make_data(&data);
+
+    // The reference: never interrupted.
+    let reference = write_config(tmp.path(), &data, &tmp.path().join("ck-reference"));
+    let run = train(&reference, &tmp.path().join("model-reference"));
+    assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
+    assert_eq!(committed(&tmp.path().join("ck-reference")), ["step-00000038", "step-00000040"], "keep = 2");
+
+    // Killed with SIGKILL once its first checkpoint has committed.
+    let ck = tmp.path().join("ck-killed");
+    let config = write_config(tmp.path(), &data, &ck);
+    let out = tmp.path().join("model-killed");
+    let mut child = Command::new(bin("worker"))
+        .args(["train", "--device", "cpu", "--config", config.to_str().unwrap(), "--out", out.to_str().unwrap()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let start = Instant::now();
+    while committed(&ck).is_empty() {
+        assert!(start.elapsed() < Duration::from_secs(120), "no checkpoint appeared");
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+    let left = committed(&ck);
+    assert!(!out.exists() && !left.is_empty(), "the run ended before the kill: {left:?}");
+
+    // Damage the newest checkpoint: the restart must notice and use the one before,
+    // when there is one.
+    let newest = ck.join(left.last().unwrap());
+    let opt = newest.join("optimizer.safetensors");
+    let mut bytes = std::fs::read(&opt).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 1;
+    std::fs::write(&opt, bytes).unwrap();
+
+    let resumed = train(&config, &out);
+    let stdout = String::from_utf8_lossy(&resumed.stdout);
+    assert!(resumed.status.success(), "{stdout}{}", String::from_utf8_lossy(&resumed.stderr));
+    assert!(stdout.contains("skipping damaged checkpoint") && stdout.contains("checksum mismatch"), "{stdout}");
+    if left.len() > 1 {
+        let at = stdout.lines().find(|l| l.starts_with("resumed from")).unwrap_or_else(|| panic!("{stdout}"));
+        assert!(at.contains(&left[left.len() - 2]), "{at} (committed: {left:?})");
+    } else {
+        assert!(!stdout.contains("resumed from"), "only a damaged checkpoint: start over; {stdout}");
+    }
+    assert!(
+        model_bytes(&out) == model_bytes(&tmp.path().join("model-reference")),
+        "the resumed run's weights differ from the uninterrupted run's"
+    );
+}
+
+/// Without `[checkpoint]` nothing is written; a run that finished resumes
+/// at its end and trains no further step.
+#[test]
+fn a_finished_run_restarts_at_its_end() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    make_data(&data);
+    let ck = tmp.path().join("ck");
+    let config = write_config(tmp.path(), &data, &ck);
+    let first = train(&config, &tmp.path().join("a"));
+    assert!(first.status.success(), "{}", String::from_utf8_lossy(&first.stderr));
+    let again = train(&config, &tmp.path().join("b"));
+    let stdout = String::from_utf8_lossy(&again.stdout);
+    assert!(again.status.success() && stdout.contains(&format!("(step {STEPS} of {STEPS})")), "{stdout}");
+    assert!(!stdout.contains("loss "), "no step should run again: {stdout}");
+    assert!(model_bytes(&tmp.path().join("a")) == model_bytes(&tmp.path().join("b")));
+}
