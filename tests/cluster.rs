@@ -268,6 +268,87 @@ fn data_parallel_equivalence(tmp: &Path, data: &Path, data_extra: &str) -> Vec<s
     last_metrics
 }
 
+/// A multi-worker job (coordinator and both workers) killed with SIGKILL
+/// once a checkpoint has committed, then started again with the same
+/// command, resumes from the checkpoint and ends with the same bits as the
+/// job never interrupted; the coordinator's metrics go on where they were.
+/// Resumed on 1 worker instead, it keeps the global batch and trains the
+/// same model to within the data-parallel tolerance.
+#[test]
+fn a_killed_job_resumes_from_its_checkpoint() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    make_data(&data);
+    let steps = 12;
+    let job = |name: &str, world: usize| {
+        let ck = tmp.path().join(format!("ck-{name}"));
+        let toml = config(&data, steps, 5, 2, world, "", "")
+            + &format!("[checkpoint]\ndir = \"{}\"\nevery = 2\nkeep = 2\n", ck.display());
+        let cfg = tmp.path().join(format!("{name}.toml"));
+        std::fs::write(&cfg, toml).unwrap();
+        (cfg, ck)
+    };
+    let (reference, _) = job("reference", 2);
+    run_job(&reference, 2, &tmp.path().join("out-reference"));
+    let want = load_model(&tmp.path().join("out-reference/model"));
+
+    for resume_world in [2, 1] {
+        let (cfg, ck) = job(&format!("killed-{resume_world}"), 2);
+        let out = tmp.path().join(format!("out-killed-{resume_world}"));
+        let port = free_port();
+        let mut procs = vec![coordinator(&cfg, port, &out)];
+        procs.extend((0..2).map(|r| worker(&["--rank", &r.to_string()], port)));
+        let start = Instant::now();
+        let committed = || -> Vec<String> {
+            let mut v: Vec<String> = std::fs::read_dir(&ck)
+                .map(|d| d.map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect())
+                .unwrap_or_default();
+            v.retain(|n| n.starts_with("step-"));
+            v
+        };
+        while committed().is_empty() {
+            assert!(start.elapsed() < Duration::from_secs(120), "no checkpoint appeared");
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        for p in &mut procs {
+            p.kill().unwrap(); // SIGKILL
+        }
+        for mut p in procs {
+            p.wait().unwrap();
+        }
+        assert!(!out.join("model").exists(), "the job ended before the kill");
+        let before = metrics(&out).len();
+
+        let cfg = if resume_world == 2 {
+            cfg
+        } else {
+            let one = tmp.path().join("killed-1-on-1.toml");
+            let text = std::fs::read_to_string(&cfg).unwrap().replace("world_size = 2", "world_size = 1");
+            std::fs::write(&one, text).unwrap();
+            one
+        };
+        run_job(&cfg, resume_world, &out);
+        // The resumed run appends its steps, from the checkpoint's on (a
+        // step reported after the checkpoint but before the kill is
+        // reported again, and so is any between the checkpoint and the kill).
+        let m = metrics(&out);
+        let resumed: Vec<u64> = m[before..].iter().map(|s| s["step"].as_u64().unwrap()).collect();
+        let first = resumed[0];
+        assert!(first > 0 && first.is_multiple_of(2), "resumed at a checkpoint step: {resumed:?}");
+        assert_eq!(resumed, (first..steps).collect::<Vec<_>>(), "{m:?}");
+        for s in &m {
+            assert_eq!(s["samples"], 10, "the global batch is kept");
+        }
+        let got = load_model(&out.join("model"));
+        if resume_world == 2 {
+            assert!(got == want, "resumed on 2 workers, the weights differ from the uninterrupted job's");
+        } else {
+            let (worst, name) = worst_relative_error(&want, &got);
+            assert!(worst < 1e-5, "resumed on 1 worker: {name} differs by {worst:e}");
+        }
+    }
+}
+
 fn stderr_of(mut child: Child) -> String {
     let mut s = String::new();
     child.stderr.take().unwrap().read_to_string(&mut s).unwrap();

@@ -29,6 +29,9 @@ pub fn load(path: &Path) -> Result<TrainJob> {
     if let Some(dir) = job.model.dir.as_mut() {
         abs(dir);
     }
+    if let Some(dir) = job.checkpoint.dir.as_mut() {
+        abs(dir);
+    }
     Ok(job)
 }
 

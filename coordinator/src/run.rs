@@ -14,6 +14,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tessera_worker::data::loader::Dataset;
+use tessera_worker::train::checkpoint;
 use tessera_worker::train::run::model_config;
 
 pub struct RunOptions {
@@ -58,12 +59,33 @@ pub fn run(opts: &RunOptions) -> Result<RunReport> {
     let out = opts.out.canonicalize().with_context(|| format!("cannot resolve {}", opts.out.display()))?;
     let spec = job::spec(&job, Some(&out.join("model")))?;
     let total = spec.total_steps;
+    // A job whose checkpoint directory holds an intact checkpoint resumes
+    // from the newest one: the plan of every later step is the same pure
+    // function of the step, whatever the world size.
+    let start_step = match &job.checkpoint.dir {
+        Some(root) => match checkpoint::latest_intact(root, &mut |w| tracing::warn!("{w}"))? {
+            Some(dir) => {
+                let step = checkpoint::committed_step(&dir)?;
+                tracing::info!(checkpoint = %dir.display(), step, total, "resuming from the checkpoint");
+                step
+            }
+            None => 0,
+        },
+        None => 0,
+    };
     let deadline = job.cluster.heartbeat_interval_s * opts.missed_heartbeats;
     let metrics_path = out.join("metrics.jsonl");
-    let metrics = Mutex::new(std::io::BufWriter::new(
-        std::fs::File::create(&metrics_path).with_context(|| format!("cannot create {}", metrics_path.display()))?,
-    ));
+    // A resumed job adds to the metrics of the steps before it.
+    let metrics_file = std::fs::File::options()
+        .create(true)
+        .write(true)
+        .append(start_step > 0)
+        .truncate(start_step == 0)
+        .open(&metrics_path)
+        .with_context(|| format!("cannot create {}", metrics_path.display()))?;
+    let metrics = Mutex::new(std::io::BufWriter::new(metrics_file));
     let bar = progress_bar(total);
+    bar.set_position(start_step);
     let bar_for_steps = bar.clone();
     let log_every = (total / 20).max(1);
     let on_step = move |s: &StepSummary| {
@@ -97,7 +119,11 @@ pub fn run(opts: &RunOptions) -> Result<RunReport> {
         }
     };
     let shared = Arc::new(Shared {
-        state: Mutex::new(JobState::new(spec, world, deadline)),
+        state: Mutex::new({
+            let mut st = JobState::new(spec, world, deadline);
+            st.start_step = start_step;
+            st
+        }),
         planner,
         changed: tokio::sync::Notify::new(),
         started: Instant::now(),

@@ -103,7 +103,7 @@ impl tessera_proto::Coordinator for Service {
                     world_size: m.world_size as u32,
                     ring_peers: if m.complete() { m.ring_peers() } else { vec![] },
                     nccl_unique_id: m.nccl_id.clone(),
-                    start_step: 0,
+                    start_step: st.start_step,
                     joined: m.joined() as u32,
                 })
             };

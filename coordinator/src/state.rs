@@ -25,6 +25,9 @@ pub struct JobState {
     pub saved_model: Option<String>,
     /// A rank silent for this long is declared dead.
     pub heartbeat_deadline_s: f64,
+    /// The first step to train: the step of the checkpoint the job resumes
+    /// from (0 for a fresh job).
+    pub start_step: u64,
 }
 
 impl JobState {
@@ -38,6 +41,7 @@ impl JobState {
             eval: None,
             saved_model: None,
             heartbeat_deadline_s,
+            start_step: 0,
         }
     }
 
@@ -69,9 +73,10 @@ impl JobState {
         Some(s)
     }
 
-    /// The step after the last one every rank has reported.
+    /// The step after the last one every rank has reported (or the step
+    /// the job resumed at, before any report).
     pub fn steps_done(&self) -> u64 {
-        self.summaries.last().map(|s| s.step + 1).unwrap_or(0)
+        self.summaries.last().map(|s| s.step + 1).unwrap_or(self.start_step)
     }
 
     pub fn action(&self) -> (Action, String) {

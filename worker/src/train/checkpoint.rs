@@ -148,6 +148,15 @@ pub fn committed_steps(root: &Path) -> Result<Vec<u64>> {
     Ok(steps)
 }
 
+/// The step a committed checkpoint directory holds, from its name.
+pub fn committed_step(dir: &Path) -> Result<u64> {
+    dir.file_name()
+        .and_then(|n| n.to_str())
+        .and_then(|n| n.strip_prefix(PREFIX))
+        .and_then(|s| s.parse().ok())
+        .with_context(|| format!("{} is not a checkpoint directory ({PREFIX}NNNNNNNN)", dir.display()))
+}
+
 /// Checks a checkpoint directory against its manifest: every file listed
 /// with its size and SHA-256, nothing missing.
 pub fn verify(dir: &Path) -> Result<()> {

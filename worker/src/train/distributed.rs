@@ -3,9 +3,10 @@
 //! ring, then train the samples the coordinator assigns each step, with
 //! gradients all-reduced in buckets while backward runs.
 
+use super::checkpoint;
 use super::grad_sync::{BucketSizes, CommThread};
 use super::job::TrainJob;
-use super::run::{build_model, model_config};
+use super::run::{build_model, model_config, restore, save_checkpoint};
 use super::trainer::{synced_params, train_step_dp};
 use crate::client::Client;
 use crate::collective::ring::RingCollective;
@@ -204,6 +205,17 @@ where
         }
         tracing::info!(joined = r.joined, world_size = world, "waiting for the other workers");
     };
+    if rdv.start_step > 0 {
+        // The coordinator found this checkpoint intact; every rank loads it.
+        let root = job
+            .checkpoint
+            .dir
+            .as_ref()
+            .context("the coordinator resumes at a step, but the job has no checkpoint.dir")?;
+        let dir = root.join(checkpoint::step_dir_name(rdv.start_step));
+        let done = restore(be, job, &cfg, &mut vlm, &mut opt, &dir)?;
+        tracing::info!(rank, step = done, checkpoint = %dir.display(), "resumed from the checkpoint");
+    }
     let (collective, aborter) = connect(&rdv)?;
     *abort.lock().unwrap_or_else(|e| e.into_inner()) = Some(aborter);
     let comm = CommThread::new(collective);
@@ -250,6 +262,12 @@ where
                 None => e,
             }
         })?;
+        if rank == 0 {
+            // Every rank holds the same weights and optimizer state after
+            // the all-reduced update: rank 0 writes the checkpoint for all,
+            // before it reports the step.
+            save_checkpoint(be, job, &cfg, &vlm, &opt, step + 1, &mut |line| tracing::info!("{line}"))?;
+        }
         let step_s = last_step_at.elapsed().max(tick.elapsed());
         last_step_at = Instant::now();
         client.report(StepReport {

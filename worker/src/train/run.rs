@@ -120,17 +120,7 @@ fn run_job_on<B: Backend>(
     let (mut vlm, mut opt) = build_model(be, job, &cfg)?;
     let mut start = 0;
     if let Some(dir) = &resume_from {
-        let c = checkpoint::load(dir, |model| load_weights(model, &cfg))?;
-        if c.state.seed != t.seed {
-            bail!("{}: written with train.seed = {}, the job has {}", dir.display(), c.state.seed, t.seed);
-        }
-        if c.state.micro_batches != c.state.step * t.grad_accum as u64 {
-            bail!("{}: written with another train.grad_accum; resume with the job it was written by", dir.display());
-        }
-        vlm.params = ParamStore::from_host(be, &cfg, &c.weights)
-            .with_context(|| format!("{}: the model does not match the job's", dir.display()))?;
-        opt.restore(be, &vlm.params, c.state.optimizer_step, &c.m, &c.v)?;
-        start = c.state.step;
+        start = restore(be, job, &cfg, &mut vlm, &mut opt, dir)?;
         log(&format!("resumed from {} (step {start} of {})", dir.display(), t.steps));
     }
     let data = match &job.data {
@@ -225,9 +215,34 @@ fn run_job_on<B: Backend>(
     Ok(report)
 }
 
+/// Loads the checkpoint in `dir` into the model and optimizer; returns the
+/// steps it had done. The checkpoint must come from this job: the same
+/// seed, accumulation and model.
+pub(crate) fn restore<B: Backend>(
+    be: &B,
+    job: &TrainJob,
+    cfg: &ModelConfig,
+    vlm: &mut Vlm<B>,
+    opt: &mut Optimizer<B>,
+    dir: &Path,
+) -> Result<u64> {
+    let t = &job.train;
+    let c = checkpoint::load(dir, |model| load_weights(model, cfg))?;
+    if c.state.seed != t.seed {
+        bail!("{}: written with train.seed = {}, the job has {}", dir.display(), c.state.seed, t.seed);
+    }
+    if c.state.micro_batches != c.state.step * t.grad_accum as u64 {
+        bail!("{}: written with another train.grad_accum; resume with the job it was written by", dir.display());
+    }
+    vlm.params = ParamStore::from_host(be, cfg, &c.weights)
+        .with_context(|| format!("{}: the model does not match the job's", dir.display()))?;
+    opt.restore(be, &vlm.params, c.state.optimizer_step, &c.m, &c.v)?;
+    Ok(c.state.step)
+}
+
 /// Checkpoints after `done` steps when the job asks for it: every
 /// `checkpoint.every` steps and after the last one; then prunes to `keep`.
-fn save_checkpoint<B: Backend>(
+pub(crate) fn save_checkpoint<B: Backend>(
     be: &B,
     job: &TrainJob,
     cfg: &ModelConfig,
