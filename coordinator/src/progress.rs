@@ -32,17 +32,39 @@ pub struct StepSummary {
     /// Per rank: compute seconds and samples trained.
     pub compute_s: Vec<f64>,
     pub rank_samples: Vec<u64>,
+    /// Ranks whose compute time exceeds the median over ranks by the
+    /// straggler factor (`cluster.straggler_factor`).
+    pub stragglers: Vec<u32>,
+}
+
+/// The ranks slower than `factor` times the median compute time (the
+/// median of an even count is the mean of the middle two). None when the
+/// median is zero.
+pub fn stragglers(compute_s: &[f64], factor: f64) -> Vec<u32> {
+    let mut sorted = compute_s.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    let n = sorted.len();
+    if n == 0 {
+        return Vec::new();
+    }
+    let median = if n % 2 == 1 { sorted[n / 2] } else { 0.5 * (sorted[n / 2 - 1] + sorted[n / 2]) };
+    if median <= 0.0 {
+        return Vec::new();
+    }
+    compute_s.iter().enumerate().filter(|(_, &t)| t > factor * median).map(|(r, _)| r as u32).collect()
 }
 
 /// Collects reports until every rank has reported a step.
 pub struct StepBook {
     world_size: usize,
     pending: BTreeMap<u64, Vec<Option<StepReport>>>,
+    /// A rank slower than this times the median is flagged.
+    pub straggler_factor: f64,
 }
 
 impl StepBook {
     pub fn new(world_size: usize) -> Self {
-        StepBook { world_size, pending: BTreeMap::new() }
+        StepBook { world_size, pending: BTreeMap::new(), straggler_factor: 1.5 }
     }
 
     /// Files a report; returns the step's summary once the last rank is in.
@@ -59,11 +81,11 @@ impl StepBook {
             return None;
         }
         let reports: Vec<StepReport> = self.pending.remove(&step)?.into_iter().flatten().collect();
-        Some(summarize(step, &reports, plan_imbalance))
+        Some(summarize(step, &reports, plan_imbalance, self.straggler_factor))
     }
 }
 
-fn summarize(step: u64, r: &[StepReport], plan_imbalance: f64) -> StepSummary {
+fn summarize(step: u64, r: &[StepReport], plan_imbalance: f64, straggler_factor: f64) -> StepSummary {
     let sum = |f: fn(&StepReport) -> u64| r.iter().map(f).sum::<u64>();
     let target_tokens = sum(|x| x.target_tokens);
     let loss_sum: f64 = r.iter().map(|x| x.loss_sum).sum();
@@ -96,6 +118,7 @@ fn summarize(step: u64, r: &[StepReport], plan_imbalance: f64) -> StepSummary {
         plan_imbalance,
         compute_imbalance: if mean_compute > 0.0 { max_compute / mean_compute - 1.0 } else { 0.0 },
         comm_wait_s: timing(|t| t.comm_wait_s).into_iter().fold(0.0, f64::max),
+        stragglers: stragglers(&compute_s, straggler_factor),
         compute_s,
         rank_samples: r.iter().map(|x| x.samples as u64).collect(),
     }
@@ -134,6 +157,31 @@ mod tests {
         assert!((s.tokens_per_s - 200.0 / 3.5).abs() < 1e-9);
         assert_eq!(s.compute_s, vec![1.0, 3.0]);
         assert_eq!(s.rank_samples, vec![2, 2]);
+        assert_eq!(s.stragglers, Vec::<u32>::new(), "3 s is 1.5 x the median of 2 s, not more");
         assert_eq!(b.record(report(5, 1, 1.0, 1, 1.0), 0.0), None, "an out-of-range rank is ignored");
+    }
+
+    /// A summary names the slow rank, at the book's factor.
+    #[test]
+    fn a_summary_flags_the_straggler() {
+        let mut b = StepBook::new(3);
+        b.record(report(0, 4, 1.0, 1, 1.0), 0.0);
+        b.record(report(1, 4, 1.0, 1, 1.2), 0.0);
+        let s = b.record(report(2, 4, 1.0, 1, 2.0), 0.0).unwrap();
+        assert_eq!(s.stragglers, vec![2], "2.0 s against a median of 1.2 s");
+        b.straggler_factor = 2.0;
+        b.record(report(0, 5, 1.0, 1, 1.0), 0.0);
+        b.record(report(1, 5, 1.0, 1, 1.2), 0.0);
+        assert!(b.record(report(2, 5, 1.0, 1, 2.0), 0.0).unwrap().stragglers.is_empty());
+    }
+
+    #[test]
+    fn stragglers_are_slower_than_the_median_by_the_factor() {
+        assert_eq!(stragglers(&[1.0, 1.1, 0.9, 1.6], 1.5), vec![3], "median 1.05: 1.6 > 1.575");
+        assert_eq!(stragglers(&[1.0, 1.1, 0.9, 1.5], 1.5), Vec::<u32>::new());
+        assert_eq!(stragglers(&[2.0, 9.0, 2.1], 2.0), vec![1]);
+        assert_eq!(stragglers(&[5.0], 1.5), Vec::<u32>::new(), "one rank is its own median");
+        assert_eq!(stragglers(&[0.0, 0.0], 1.5), Vec::<u32>::new());
+        assert_eq!(stragglers(&[], 1.5), Vec::<u32>::new());
     }
 }

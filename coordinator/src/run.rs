@@ -86,6 +86,7 @@ pub fn run(opts: &RunOptions) -> Result<RunReport> {
     let metrics = Mutex::new(std::io::BufWriter::new(metrics_file));
     let bar = progress_bar(total);
     bar.set_position(start_step);
+    let straggler_factor = job.cluster.straggler_factor;
     let bar_for_steps = bar.clone();
     let log_every = (total / 20).max(1);
     let on_step = move |s: &StepSummary| {
@@ -94,6 +95,10 @@ pub fn run(opts: &RunOptions) -> Result<RunReport> {
             if let Err(e) = writeln!(m, "{line}").and_then(|_| m.flush()) {
                 tracing::error!(error = %e, "cannot write metrics.jsonl");
             }
+        }
+        for &rank in &s.stragglers {
+            let compute_s = s.compute_s[rank as usize];
+            tracing::warn!(step = s.step + 1, rank, compute_s, all_ranks = ?s.compute_s, factor = straggler_factor, "straggler");
         }
         bar_for_steps.set_position(s.step + 1);
         bar_for_steps.set_message(format!(
@@ -122,6 +127,7 @@ pub fn run(opts: &RunOptions) -> Result<RunReport> {
         state: Mutex::new({
             let mut st = JobState::new(spec, world, deadline);
             st.start_step = start_step;
+            st.set_straggler_factor(job.cluster.straggler_factor);
             st
         }),
         planner,

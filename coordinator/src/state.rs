@@ -66,6 +66,11 @@ impl JobState {
         Ok(())
     }
 
+    /// Flags ranks slower than `factor` times the median in every summary.
+    pub fn set_straggler_factor(&mut self, factor: f64) {
+        self.book.straggler_factor = factor;
+    }
+
     /// Files a step report; returns the summary when the step is complete.
     pub fn report(&mut self, r: StepReport, plan_imbalance: f64) -> Option<StepSummary> {
         let s = self.book.record(r, plan_imbalance)?;

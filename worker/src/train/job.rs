@@ -122,6 +122,14 @@ pub struct ClusterSection {
     pub first_bucket_mb: f64,
     #[serde(default = "bucket_mb")]
     pub bucket_mb: f64,
+    /// A rank whose compute time exceeds the median over ranks by this
+    /// factor is flagged as a straggler (log and metrics.jsonl).
+    #[serde(default = "straggler_factor")]
+    pub straggler_factor: f64,
+}
+
+fn straggler_factor() -> f64 {
+    1.5
 }
 
 impl Default for ClusterSection {
@@ -131,6 +139,7 @@ impl Default for ClusterSection {
             heartbeat_interval_s: two(),
             join_timeout_s: ten_minutes(),
             first_bucket_mb: first_bucket_mb(),
+            straggler_factor: straggler_factor(),
             bucket_mb: bucket_mb(),
         }
     }
@@ -191,6 +200,9 @@ impl TrainJob {
         }
         if !(0.0..1.0).contains(&t.warmup_ratio) {
             bail!("train.warmup_ratio: {} is not in [0, 1)", t.warmup_ratio);
+        }
+        if self.cluster.straggler_factor.is_nan() || self.cluster.straggler_factor <= 1.0 {
+            bail!("cluster.straggler_factor: {} must be above 1 (a rank this many times slower than the median is flagged)", self.cluster.straggler_factor);
         }
         if self.checkpoint.every == 0 {
             bail!("checkpoint.every: must be positive");
@@ -273,6 +285,8 @@ llm = true
         assert!(e.contains("cluster.world_size"), "{e}");
         let e = TrainJob::parse(&format!("{GOOD}\n[cluster]\nbucket_mb = -1\n")).unwrap_err().to_string();
         assert!(e.contains("cluster.bucket_mb"), "{e}");
+        let e = TrainJob::parse(&format!("{GOOD}\n[cluster]\nstraggler_factor = 1.0\n")).unwrap_err().to_string();
+        assert!(e.contains("cluster.straggler_factor"), "{e}");
         let e = TrainJob::parse(&format!("{GOOD}\n[checkpoint]\nevery = 0\n")).unwrap_err().to_string();
         assert!(e.contains("checkpoint.every"), "{e}");
         let e = TrainJob::parse(&format!("{GOOD}\n[checkpoint]\nkeep = 0\n")).unwrap_err().to_string();
