@@ -349,6 +349,63 @@ fn a_killed_job_resumes_from_its_checkpoint() {
     }
 }
 
+/// A worker killed with SIGKILL (alone in its job, so no ring peer sees it
+/// first) is declared dead by the coordinator within the heartbeat
+/// deadline plus one heartbeat interval, and the job fails naming it.
+/// Prints the measured delay (docs/BENCHMARKS.md).
+#[test]
+fn a_dead_worker_is_declared_within_the_deadline() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    make_data(&data);
+    let (interval, missed) = (0.5, 4.0);
+    let cfg = tmp.path().join("job.toml");
+    std::fs::write(&cfg, config(&data, 100_000, 2, 1, 1, "", "")).unwrap();
+    let port = free_port();
+    let mut c = Command::new(bin("coordinator"))
+        .args(["--config", cfg.to_str().unwrap(), "--listen", &format!("127.0.0.1:{port}")])
+        .args(["--out", tmp.path().join("out").to_str().unwrap(), "--missed-heartbeats", "4"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Coordinator log lines with the time each arrived.
+    let (tx, lines) = std::sync::mpsc::channel();
+    let stderr = c.stderr.take().unwrap();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(stderr).lines().map_while(Result::ok) {
+            let _ = tx.send((Instant::now(), line));
+        }
+    });
+    let mut w = worker(&["--rank", "0"], port);
+    let out = tmp.path().join("out");
+    let start = Instant::now();
+    while metrics_lines(&out) < 3 {
+        assert!(start.elapsed() < Duration::from_secs(120), "the job did not start training");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    w.kill().unwrap(); // SIGKILL
+    let killed = Instant::now();
+    w.wait().unwrap();
+    let declared = loop {
+        let (at, line) = lines.recv_timeout(Duration::from_secs(30)).expect("the coordinator never declared the death");
+        if line.contains("worker declared dead") {
+            break at;
+        }
+    };
+    let delay = declared.duration_since(killed).as_secs_f64();
+    let limit = interval * missed + interval;
+    println!("death declared {delay:.3} s after SIGKILL (deadline {:.1} s + interval {interval} s)", interval * missed);
+    assert!(delay <= limit, "declared {delay:.3} s after the kill, limit {limit} s");
+    let o = wait(c, Duration::from_secs(30), "coordinator");
+    assert!(!o.status.success());
+}
+
+fn metrics_lines(out: &Path) -> usize {
+    std::fs::read_to_string(out.join("metrics.jsonl")).map(|t| t.lines().count()).unwrap_or(0)
+}
+
 fn stderr_of(mut child: Child) -> String {
     let mut s = String::new();
     child.stderr.take().unwrap().read_to_string(&mut s).unwrap();

@@ -193,7 +193,7 @@ async fn serve(shared: Arc<Shared>, listen: SocketAddr, world: usize, join_timeo
         let ended = {
             let mut st = shared.lock();
             if let Some(dead) = st.check_liveness(shared.now()) {
-                tracing::error!(rank = dead, "worker declared dead");
+                tracing::error!(rank = dead, deadline_s = st.heartbeat_deadline_s, "worker declared dead");
             }
             if st.check_join_timeout(shared.now(), join_timeout_s) {
                 tracing::error!(joined = st.members.joined(), world_size = world, "gave up waiting for workers");
@@ -215,7 +215,10 @@ async fn serve(shared: Arc<Shared>, listen: SocketAddr, world: usize, join_timeo
             tokio::time::sleep(Duration::from_secs_f64(grace)).await;
             break outcome;
         }
-        let _ = tokio::time::timeout(Duration::from_millis(500), notified).await;
+        // Liveness is checked at least twice per heartbeat interval, so a
+        // death is declared within the deadline plus half an interval.
+        let tick = (shared.lock().spec.heartbeat_interval_s / 2.0).clamp(0.01, 0.5);
+        let _ = tokio::time::timeout(Duration::from_secs_f64(tick), notified).await;
     };
     let _ = stop_tx.send(());
     match server.await {
