@@ -130,6 +130,53 @@ fn a_killed_run_resumes_to_the_same_bits() {
     );
 }
 
+/// SIGTERM (a scheduler's preemption) stops the run after the step in
+/// progress with a checkpoint of that step, off the `every` schedule, and a
+/// clear message; the same command then finishes the run with the bits of
+/// an uninterrupted one.
+#[test]
+fn sigterm_stops_with_a_checkpoint_and_the_run_resumes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    make_data(&data);
+    let reference = write_config(tmp.path(), &data, &tmp.path().join("ck-reference"));
+    assert!(train(&reference, &tmp.path().join("model-reference")).status.success());
+
+    let ck = tmp.path().join("ck-term");
+    let config = write_config(tmp.path(), &data, &ck);
+    // Checkpoints only at the end, so the one the signal makes is the only one.
+    let text = std::fs::read_to_string(&config).unwrap().replace("every = 2", "every = 1000");
+    std::fs::write(&config, text).unwrap();
+    let out = tmp.path().join("model-term");
+    let mut child = Command::new(bin("worker"))
+        .args(["train", "--device", "cpu", "--config", config.to_str().unwrap(), "--out", out.to_str().unwrap()])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // The step lines arrive as they are printed (Rust's stdout is line-buffered).
+    let mut lines = std::io::BufRead::lines(std::io::BufReader::new(child.stdout.take().unwrap()));
+    let second = format!("step     2/{STEPS}");
+    assert!(lines.any(|l| l.unwrap().starts_with(&second)), "training did not start");
+    let kill = Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
+    assert!(kill.success());
+    lines.for_each(drop);
+    let stopped = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&stopped.stderr);
+    assert!(!stopped.status.success() && stderr.contains("stopped by a signal after step"), "{stderr}");
+    let left = committed(&ck);
+    assert_eq!(left.len(), 1, "{left:?}");
+    let step: u64 = left[0].trim_start_matches("step-").parse().unwrap();
+    assert!(step >= 2 && step < STEPS, "{left:?}");
+    assert!(stderr.contains(&format!("after step {step} of {STEPS}")), "{stderr}");
+    assert!(!out.exists());
+
+    let resumed = train(&config, &out);
+    let stdout = String::from_utf8_lossy(&resumed.stdout);
+    assert!(resumed.status.success() && stdout.contains(&format!("(step {step} of {STEPS})")), "{stdout}");
+    assert!(model_bytes(&out) == model_bytes(&tmp.path().join("model-reference")));
+}
+
 /// Without `[checkpoint]` nothing is written; a run that finished resumes
 /// at its end and trains no further step.
 #[test]

@@ -266,7 +266,7 @@ where
             // Every rank holds the same weights and optimizer state after
             // the all-reduced update: rank 0 writes the checkpoint for all,
             // before it reports the step.
-            save_checkpoint(be, job, &cfg, &vlm, &opt, step + 1, &mut |line| tracing::info!("{line}"))?;
+            save_checkpoint(be, job, &cfg, &vlm, &opt, step + 1, false, &mut |line| tracing::info!("{line}"))?;
         }
         let step_s = last_step_at.elapsed().max(tick.elapsed());
         last_step_at = Instant::now();

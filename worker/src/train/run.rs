@@ -139,6 +139,7 @@ fn run_job_on<B: Backend>(
             .collect(),
     };
     let mut report = JobReport { losses: vec![], steps: vec![], bad_samples: 0, eval: None, seconds: 0.0 };
+    let stop = stop_on_signal(job)?;
     let t0 = std::time::Instant::now();
     for step in start..t.steps {
         let tick = std::time::Instant::now();
@@ -160,7 +161,7 @@ fn run_job_on<B: Backend>(
         report.bad_samples += bad;
         if micro.is_empty() {
             log(&format!("step {:>5}/{}  skipped: every sample was bad", step + 1, t.steps));
-            save_checkpoint(be, job, &cfg, &vlm, &opt, step + 1, log)?;
+            stop_or_checkpoint(be, job, &cfg, &vlm, &opt, step + 1, stop.as_deref(), log)?;
             continue;
         }
         let r = train_step(be, &mut vlm, &mut opt, &micro)?;
@@ -193,7 +194,7 @@ fn run_job_on<B: Backend>(
             r.loss.tokens as f64 / tick.elapsed().as_secs_f64(),
             if bad > 0 { format!("  bad samples skipped: {bad}") } else { String::new() }
         ));
-        save_checkpoint(be, job, &cfg, &vlm, &opt, step + 1, log)?;
+        stop_or_checkpoint(be, job, &cfg, &vlm, &opt, step + 1, stop.as_deref(), log)?;
     }
     drop(loader);
     if let Some((p, mut f)) = metrics_file {
@@ -240,8 +241,49 @@ pub(crate) fn restore<B: Backend>(
     Ok(c.state.step)
 }
 
+/// With checkpoints on, SIGTERM (a scheduler's preemption or time limit)
+/// and SIGINT no longer kill the run at once: they set a flag, and the run
+/// stops after the step in progress with a checkpoint of it.
+fn stop_on_signal(job: &TrainJob) -> Result<Option<Arc<std::sync::atomic::AtomicBool>>> {
+    if job.checkpoint.dir.is_none() {
+        return Ok(None);
+    }
+    let flag = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    for signal in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
+        signal_hook::flag::register(signal, flag.clone()).context("cannot install the stop-signal handler")?;
+    }
+    Ok(Some(flag))
+}
+
+/// After `done` steps: checkpoints when due, or at once when a stop signal
+/// came, and then stops the run with an error that says how to resume.
+#[allow(clippy::too_many_arguments)]
+fn stop_or_checkpoint<B: Backend>(
+    be: &B,
+    job: &TrainJob,
+    cfg: &ModelConfig,
+    vlm: &Vlm<B>,
+    opt: &Optimizer<B>,
+    done: u64,
+    stop: Option<&std::sync::atomic::AtomicBool>,
+    log: &mut dyn FnMut(&str),
+) -> Result<()> {
+    let stopping = stop.is_some_and(|f| f.load(std::sync::atomic::Ordering::Relaxed));
+    let saved = save_checkpoint(be, job, cfg, vlm, opt, done, stopping, log)?;
+    if stopping {
+        let dir = saved.map(|d| d.display().to_string()).unwrap_or_default();
+        bail!(
+            "stopped by a signal after step {done} of {}; the checkpoint {dir} holds it: run the same command to resume",
+            job.train.steps
+        );
+    }
+    Ok(())
+}
+
 /// Checkpoints after `done` steps when the job asks for it: every
-/// `checkpoint.every` steps and after the last one; then prunes to `keep`.
+/// `checkpoint.every` steps, after the last one, and when `force`d; then
+/// prunes to `keep`. Returns the committed directory.
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn save_checkpoint<B: Backend>(
     be: &B,
     job: &TrainJob,
@@ -249,12 +291,13 @@ pub(crate) fn save_checkpoint<B: Backend>(
     vlm: &Vlm<B>,
     opt: &Optimizer<B>,
     done: u64,
+    force: bool,
     log: &mut dyn FnMut(&str),
-) -> Result<()> {
+) -> Result<Option<std::path::PathBuf>> {
     let ck = &job.checkpoint;
-    let Some(root) = &ck.dir else { return Ok(()) };
-    if !done.is_multiple_of(ck.every) && done != job.train.steps {
-        return Ok(());
+    let Some(root) = &ck.dir else { return Ok(None) };
+    if !force && !done.is_multiple_of(ck.every) && done != job.train.steps {
+        return Ok(None);
     }
     let (m, v) = opt.moments_to_host(be, &vlm.params);
     let state = checkpoint::RunState {
@@ -273,5 +316,5 @@ pub(crate) fn save_checkpoint<B: Backend>(
     })?;
     checkpoint::prune(root, ck.keep)?;
     log(&format!("checkpoint {} committed", dir.display()));
-    Ok(())
+    Ok(Some(dir))
 }
