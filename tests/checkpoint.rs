@@ -167,7 +167,7 @@ fn sigterm_stops_with_a_checkpoint_and_the_run_resumes() {
     let left = committed(&ck);
     assert_eq!(left.len(), 1, "{left:?}");
     let step: u64 = left[0].trim_start_matches("step-").parse().unwrap();
-    assert!(step >= 2 && step < STEPS, "{left:?}");
+    assert!((2..STEPS).contains(&step), "{left:?}");
     assert!(stderr.contains(&format!("after step {step} of {STEPS}")), "{stderr}");
     assert!(!out.exists());
 
