@@ -5,7 +5,7 @@
 
 mod common;
 
-use common::bin;
+use common::{bin, committed_checkpoints};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -64,15 +64,6 @@ fn model_bytes(dir: &Path) -> Vec<Vec<u8>> {
         .collect()
 }
 
-fn committed(root: &Path) -> Vec<String> {
-    let mut names: Vec<String> = std::fs::read_dir(root)
-        .map(|d| d.map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect())
-        .unwrap_or_default();
-    names.retain(|n| n.starts_with("step-"));
-    names.sort();
-    names
-}
-
 #[test]
 fn a_killed_run_resumes_to_the_same_bits() {
     let tmp = tempfile::tempdir().unwrap();
@@ -83,7 +74,7 @@ fn a_killed_run_resumes_to_the_same_bits() {
     let reference = write_config(tmp.path(), &data, &tmp.path().join("ck-reference"));
     let run = train(&reference, &tmp.path().join("model-reference"));
     assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
-    assert_eq!(committed(&tmp.path().join("ck-reference")), ["step-00000038", "step-00000040"], "keep = 2");
+    assert_eq!(committed_checkpoints(&tmp.path().join("ck-reference")), ["step-00000038", "step-00000040"], "keep = 2");
 
     // Killed with SIGKILL once its first checkpoint has committed.
     let ck = tmp.path().join("ck-killed");
@@ -96,13 +87,13 @@ fn a_killed_run_resumes_to_the_same_bits() {
         .spawn()
         .unwrap();
     let start = Instant::now();
-    while committed(&ck).is_empty() {
+    while committed_checkpoints(&ck).is_empty() {
         assert!(start.elapsed() < Duration::from_secs(120), "no checkpoint appeared");
         std::thread::sleep(Duration::from_millis(2));
     }
     child.kill().unwrap(); // SIGKILL
     child.wait().unwrap();
-    let left = committed(&ck);
+    let left = committed_checkpoints(&ck);
     assert!(!out.exists() && !left.is_empty(), "the run ended before the kill: {left:?}");
 
     // Damage the newest checkpoint: the restart must notice and use the one before,
@@ -164,7 +155,7 @@ fn sigterm_stops_with_a_checkpoint_and_the_run_resumes() {
     let stopped = child.wait_with_output().unwrap();
     let stderr = String::from_utf8_lossy(&stopped.stderr);
     assert!(!stopped.status.success() && stderr.contains("stopped by a signal after step"), "{stderr}");
-    let left = committed(&ck);
+    let left = committed_checkpoints(&ck);
     assert_eq!(left.len(), 1, "{left:?}");
     let step: u64 = left[0].trim_start_matches("step-").parse().unwrap();
     assert!((2..STEPS).contains(&step), "{left:?}");

@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::bin;
+use common::{bin, committed_checkpoints};
 use std::collections::BTreeMap;
 use std::io::Read;
 use std::path::Path;
@@ -299,14 +299,7 @@ fn a_killed_job_resumes_from_its_checkpoint() {
         let mut procs = vec![coordinator(&cfg, port, &out)];
         procs.extend((0..2).map(|r| worker(&["--rank", &r.to_string()], port)));
         let start = Instant::now();
-        let committed = || -> Vec<String> {
-            let mut v: Vec<String> = std::fs::read_dir(&ck)
-                .map(|d| d.map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect())
-                .unwrap_or_default();
-            v.retain(|n| n.starts_with("step-"));
-            v
-        };
-        while committed().is_empty() {
+        while committed_checkpoints(&ck).is_empty() {
             assert!(start.elapsed() < Duration::from_secs(120), "no checkpoint appeared");
             std::thread::sleep(Duration::from_millis(2));
         }

@@ -49,3 +49,13 @@ pub fn copy_dir(src: &Path, dst: &Path) {
         }
     }
 }
+
+/// The committed checkpoints (`step-*` directories) under `root`, sorted.
+pub fn committed_checkpoints(root: &Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(root)
+        .map(|d| d.map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect())
+        .unwrap_or_default();
+    names.retain(|n| n.starts_with("step-"));
+    names.sort();
+    names
+}
