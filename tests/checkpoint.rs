@@ -121,6 +121,52 @@ fn a_killed_run_resumes_to_the_same_bits() {
     );
 }
 
+/// SIGKILL while a checkpoint is being written (its temporary directory
+/// exists): the previous checkpoint is intact and is the one resumed from,
+/// and the run still ends with the bits of an uninterrupted one.
+#[test]
+fn a_kill_during_a_checkpoint_write_resumes_from_the_previous_one() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    make_data(&data);
+    let reference = write_config(tmp.path(), &data, &tmp.path().join("ck-reference"));
+    assert!(train(&reference, &tmp.path().join("model-reference")).status.success());
+
+    // The kill must land between the temporary directory's creation and its
+    // rename; a few tries make that near certain.
+    for attempt in 0..20 {
+        let ck = tmp.path().join(format!("ck-{attempt}"));
+        let config = write_config(tmp.path(), &data, &ck);
+        let out = tmp.path().join(format!("model-{attempt}"));
+        let mut child = Command::new(bin("worker"))
+            .args(["train", "--device", "cpu", "--config", config.to_str().unwrap(), "--out", out.to_str().unwrap()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        // The second checkpoint's write, so that an older one exists.
+        let writing = ck.join(".step-00000004.tmp");
+        let start = Instant::now();
+        while !writing.exists() && start.elapsed() < Duration::from_secs(60) {
+            std::thread::yield_now();
+        }
+        child.kill().unwrap();
+        child.wait().unwrap();
+        if !writing.exists() || committed_checkpoints(&ck) != ["step-00000002"] {
+            continue; // the write finished before the kill: try again
+        }
+        println!("the kill landed in the checkpoint write on attempt {}", attempt + 1);
+        let resumed = train(&config, &out);
+        let stdout = String::from_utf8_lossy(&resumed.stdout);
+        assert!(resumed.status.success(), "{stdout}{}", String::from_utf8_lossy(&resumed.stderr));
+        assert!(stdout.contains("step-00000002 (step 2 of"), "resumed from the previous checkpoint: {stdout}");
+        assert!(!writing.exists(), "the unfinished write was replaced");
+        assert!(model_bytes(&out) == model_bytes(&tmp.path().join("model-reference")));
+        return;
+    }
+    panic!("20 kills all missed the checkpoint write");
+}
+
 /// SIGTERM (a scheduler's preemption) stops the run after the step in
 /// progress with a checkpoint of that step, off the `every` schedule, and a
 /// clear message; the same command then finishes the run with the bits of
