@@ -342,6 +342,64 @@ fn a_killed_job_resumes_from_its_checkpoint() {
     }
 }
 
+/// SIGTERM to one worker of a 2-worker job (a preemption): both ranks learn
+/// it at the same step's first all-reduce, neither trains that step, rank 0
+/// checkpoints what is done, and the job stops with the reason. Started
+/// again, it resumes there and ends with the bits of an uninterrupted job.
+#[test]
+fn sigterm_stops_every_rank_at_one_step_with_a_checkpoint() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    make_data(&data);
+    let steps = 30;
+    let job = |name: &str| {
+        let ck = tmp.path().join(format!("ck-{name}"));
+        let toml = config(&data, steps, 5, 2, 2, "", "")
+            + &format!("[checkpoint]\ndir = \"{}\"\nevery = 1000\n", ck.display());
+        let cfg = tmp.path().join(format!("{name}.toml"));
+        std::fs::write(&cfg, toml).unwrap();
+        (cfg, ck)
+    };
+    let (reference, _) = job("reference");
+    run_job(&reference, 2, &tmp.path().join("out-reference"));
+
+    let (cfg, ck) = job("term");
+    let out = tmp.path().join("out-term");
+    let port = free_port();
+    let c = coordinator(&cfg, port, &out);
+    let workers: Vec<Child> = (0..2).map(|r| worker(&["--rank", &r.to_string()], port)).collect();
+    let start = Instant::now();
+    while metrics_lines(&out) < 3 {
+        assert!(start.elapsed() < Duration::from_secs(120), "the job did not start training");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let term = Command::new("kill").args(["-TERM", &workers[1].id().to_string()]).status().unwrap();
+    assert!(term.success());
+    let errors: Vec<String> = workers
+        .into_iter()
+        .map(|w| {
+            let o = wait(w, Duration::from_secs(60), "worker");
+            assert!(!o.status.success());
+            String::from_utf8_lossy(&o.stderr).into_owned()
+        })
+        .collect();
+    assert!(errors[1].contains("stopped by a signal after step"), "{}", errors[1]);
+    assert!(errors[0].contains("the checkpoint") && errors[0].contains("start the job again"), "{}", errors[0]);
+    let c = wait(c, Duration::from_secs(60), "coordinator");
+    assert!(!c.status.success(), "the job did not finish: the coordinator says so");
+    let left = committed_checkpoints(&ck);
+    assert_eq!(left.len(), 1, "only the stop's checkpoint: {left:?}");
+    let step: u64 = left[0].trim_start_matches("step-").parse().unwrap();
+    assert!(errors[1].contains(&format!("after step {step} of {steps}")), "{}", errors[1]);
+    assert!((3..steps).contains(&step), "{left:?}");
+
+    run_job(&cfg, 2, &out);
+    assert!(
+        load_model(&out.join("model")) == load_model(&tmp.path().join("out-reference/model")),
+        "the resumed job's weights differ from the uninterrupted job's"
+    );
+}
+
 /// A worker killed with SIGKILL (alone in its job, so no ring peer sees it
 /// first) is declared dead by the coordinator within the heartbeat
 /// deadline plus one heartbeat interval, and the job fails naming it.

@@ -6,7 +6,7 @@
 use super::checkpoint;
 use super::grad_sync::{BucketSizes, CommThread};
 use super::job::TrainJob;
-use super::run::{build_model, model_config, restore, save_checkpoint};
+use super::run::{build_model, model_config, restore, save_checkpoint, stop_on_signal};
 use super::trainer::{synced_params, train_step_dp};
 use crate::client::Client;
 use crate::collective::ring::RingCollective;
@@ -173,6 +173,9 @@ where
     let (mut vlm, mut opt) = build_model(be, job, &cfg)?;
     let data_cfg = job.data.clone().context("the job has no [data] section")?;
     let dataset = Arc::new(Dataset::open(&data_cfg, &cfg)?);
+    // With checkpoints on, SIGTERM/SIGINT stop the job at a step boundary
+    // that every rank agrees on (train_step_dp), with a checkpoint.
+    let stop_signal = stop_on_signal(job)?;
 
     // Heartbeats from their own thread, so a long step never looks like death.
     let step_now = Arc::new(AtomicU64::new(0));
@@ -255,13 +258,29 @@ where
             }
         }
         let samples: usize = micro.iter().map(|b| b.batch).sum();
-        let r = train_step_dp(be, &mut vlm, &mut opt, &micro, &comm, sizes, &synced).map_err(|e| {
+        let stop_wanted = stop_signal.as_deref().is_some_and(|f| f.load(Ordering::Relaxed));
+        let r = train_step_dp(be, &mut vlm, &mut opt, &micro, &comm, sizes, &synced, stop_wanted).map_err(|e| {
             // An all-reduce released by a shutdown fails; the shutdown is the news.
             match shutdown.lock().unwrap_or_else(|e| e.into_inner()).clone() {
                 Some(why) => anyhow!("stopping at step {step}: {why}"),
                 None => e,
             }
         })?;
+        let Some(r) = r else {
+            // A rank was asked to stop: all learned it at this step's first
+            // all-reduce, none trained it, and rank 0 checkpoints what is done.
+            let total = spec.total_steps;
+            if rank == 0 {
+                let log = &mut |line: &str| tracing::info!("{line}");
+                if let Some(dir) = save_checkpoint(be, job, &cfg, &vlm, &opt, step, true, log)? {
+                    bail!("stopped by a signal after step {step} of {total}; the checkpoint {} holds it: start the job again to resume", dir.display());
+                }
+            }
+            if stop_wanted {
+                bail!("stopped by a signal after step {step} of {total}");
+            }
+            bail!("stopping after step {step} of {total}: another rank was stopped by a signal");
+        };
         if rank == 0 {
             // Every rank holds the same weights and optimizer state after
             // the all-reduced update: rank 0 writes the checkpoint for all,

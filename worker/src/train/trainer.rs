@@ -66,6 +66,11 @@ pub fn synced_params<B: Backend>(model: &Vlm<B>, opt: &Optimizer<B>) -> Vec<bool
 /// gradient of the *global* mean loss (each rank divides by the target
 /// count summed over all ranks), all-reduced in buckets while the last
 /// micro-batch's backward runs, then the same AdamW update on every rank.
+///
+/// `stop` is this rank's wish to stop (a signal arrived). It travels in the
+/// step's first all-reduce, so every rank learns at the same step whether
+/// any rank wants to stop; then no rank trains the step and all return None.
+#[allow(clippy::too_many_arguments)]
 pub fn train_step_dp<B: Backend>(
     be: &B,
     model: &mut Vlm<B>,
@@ -74,7 +79,8 @@ pub fn train_step_dp<B: Backend>(
     comm: &CommThread<B::Buf>,
     sizes: BucketSizes,
     synced: &[bool],
-) -> Result<DpStepReport>
+    stop: bool,
+) -> Result<Option<DpStepReport>>
 where
     B::Buf: Send + 'static,
 {
@@ -85,7 +91,11 @@ where
         tiles += prep.tiles;
         llm_tokens += prep.batch * prep.seq;
     }
-    let global = comm.sum_counts(vec![local as u64])?[0];
+    let counts = comm.sum_counts(vec![local as u64, u64::from(stop)])?;
+    if counts[1] > 0 {
+        return Ok(None);
+    }
+    let global = counts[0];
     model.trainable = opt.cfg.trainable();
     model.params.zero_grads(be);
     let mut loss = LossSum { sum: 0.0, tokens: 0 };
@@ -104,7 +114,7 @@ where
     let comm_wait = sync.finish(&mut model.params.grads)?;
     let info = opt.step(be, &mut model.params);
     be.check()?;
-    Ok(DpStepReport { loss, global_targets: global, info, comm_wait, tiles, llm_tokens })
+    Ok(Some(DpStepReport { loss, global_targets: global, info, comm_wait, tiles, llm_tokens }))
 }
 
 #[cfg(test)]
