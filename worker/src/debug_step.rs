@@ -167,7 +167,7 @@ fn read_f64_tensors(path: &Path) -> Result<std::collections::HashMap<String, Vec
             if t.dtype() != Dtype::F32 {
                 bail!("{}: {name} is {:?}, expected F32", path.display(), t.dtype());
             }
-            Ok((name, t.data().chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]) as f64).collect()))
+            Ok((name, decode(t.data(), Dtype::F32).into_iter().map(f64::from).collect()))
         })
         .collect()
 }

@@ -95,7 +95,7 @@ pub(crate) fn decode(data: &[u8], dtype: Dtype) -> Vec<f32> {
 }
 
 /// Encodes f32 values as little-endian f32 or bf16 (round to nearest even).
-fn encode(data: &[f32], dtype: SaveDtype) -> Vec<u8> {
+pub(crate) fn encode(data: &[f32], dtype: SaveDtype) -> Vec<u8> {
     let size = dtype.size();
     let mut out = vec![0u8; data.len() * size];
     out.par_chunks_mut(CHUNK * size).zip(data.par_chunks(CHUNK)).for_each(|(o, d)| match dtype {

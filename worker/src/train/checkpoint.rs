@@ -18,6 +18,7 @@
 //! and skipped for the newest intact one. Older checkpoints are deleted only
 //! after a newer one is in place.
 
+use crate::model::weights::{decode, encode, read_file, SaveDtype};
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -194,9 +195,11 @@ pub fn latest_intact(root: &Path, warn: &mut dyn FnMut(String)) -> Result<Option
     Ok(None)
 }
 
-/// Reads a verified checkpoint; `read_model` reads its model directory.
+/// Reads a checkpoint that `latest_intact` (or `verify`) has just checked:
+/// hashing every file again would read the whole checkpoint twice, which
+/// at 3B parameters is tens of gigabytes. `read_model` reads its model
+/// directory.
 pub fn load(dir: &Path, read_model: impl FnOnce(&Path) -> Result<BTreeMap<String, Vec<f32>>>) -> Result<Checkpoint> {
-    verify(dir)?;
     let state_path = dir.join("state.json");
     let state: RunState = serde_json::from_slice(
         &std::fs::read(&state_path).with_context(|| format!("cannot read {}", state_path.display()))?,
@@ -213,7 +216,7 @@ fn write_moments(path: &Path, m: &BTreeMap<String, Vec<f32>>, v: &BTreeMap<Strin
         .iter()
         .map(|(k, x)| (format!("m.{k}"), x))
         .chain(v.iter().map(|(k, x)| (format!("v.{k}"), x)))
-        .map(|(k, x)| (k, x.iter().flat_map(|f| f.to_le_bytes()).collect()))
+        .map(|(k, x)| (k, encode(x, SaveDtype::F32)))
         .collect();
     let views = bytes
         .iter()
@@ -226,7 +229,7 @@ fn write_moments(path: &Path, m: &BTreeMap<String, Vec<f32>>, v: &BTreeMap<Strin
 type Moments = (BTreeMap<String, Vec<f32>>, BTreeMap<String, Vec<f32>>);
 
 fn read_moments(path: &Path) -> Result<Moments> {
-    let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let bytes = read_file(path)?;
     let st = safetensors::SafeTensors::deserialize(&bytes)
         .with_context(|| format!("{}: not a safetensors file", path.display()))?;
     let (mut m, mut v) = (BTreeMap::new(), BTreeMap::new());
@@ -234,7 +237,7 @@ fn read_moments(path: &Path) -> Result<Moments> {
         if t.dtype() != safetensors::tensor::Dtype::F32 {
             bail!("{}: {name} is {:?}, expected F32", path.display(), t.dtype());
         }
-        let values: Vec<f32> = t.data().chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
+        let values = decode(t.data(), t.dtype());
         match (name.strip_prefix("m."), name.strip_prefix("v.")) {
             (Some(p), _) => m.insert(p.to_string(), values),
             (_, Some(p)) => v.insert(p.to_string(), values),
