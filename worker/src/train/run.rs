@@ -161,40 +161,51 @@ fn run_job_on<B: Backend>(
         report.bad_samples += bad;
         if micro.is_empty() {
             log(&format!("step {:>5}/{}  skipped: every sample was bad", step + 1, t.steps));
-            stop_or_checkpoint(be, job, &cfg, &vlm, &opt, step + 1, stop.as_deref(), log)?;
-            continue;
+        } else {
+            let r = train_step(be, &mut vlm, &mut opt, &micro)?;
+            let samples: usize = micro.iter().map(|b| b.batch).sum();
+            report.losses.push(r.loss.mean());
+            let m = StepMetrics {
+                step: step + 1,
+                loss: r.loss.mean(),
+                grad_norm: r.info.grad_norm,
+                lr_scale: r.info.lr_scale,
+                samples,
+                target_tokens: r.loss.tokens,
+                bad_samples: bad,
+                truncated,
+                seconds: tick.elapsed().as_secs_f64(),
+            };
+            if let Some((p, f)) = metrics_file.as_mut() {
+                use std::io::Write;
+                writeln!(f, "{}", serde_json::to_string(&m)?)
+                    .with_context(|| format!("cannot write {}", p.display()))?;
+            }
+            report.steps.push(m);
+            log(&format!(
+                "step {:>5}/{}  loss {:.4}  grad_norm {:.3}  lr_scale {:.3}  {:.1} samples/s  {:.0} tokens/s{}",
+                step + 1,
+                t.steps,
+                r.loss.mean(),
+                r.info.grad_norm,
+                r.info.lr_scale,
+                samples as f64 / tick.elapsed().as_secs_f64(),
+                r.loss.tokens as f64 / tick.elapsed().as_secs_f64(),
+                if bad > 0 { format!("  bad samples skipped: {bad}") } else { String::new() }
+            ));
         }
-        let r = train_step(be, &mut vlm, &mut opt, &micro)?;
-        let samples: usize = micro.iter().map(|b| b.batch).sum();
-        report.losses.push(r.loss.mean());
-        let m = StepMetrics {
-            step: step + 1,
-            loss: r.loss.mean(),
-            grad_norm: r.info.grad_norm,
-            lr_scale: r.info.lr_scale,
-            samples,
-            target_tokens: r.loss.tokens,
-            bad_samples: bad,
-            truncated,
-            seconds: tick.elapsed().as_secs_f64(),
-        };
-        if let Some((p, f)) = metrics_file.as_mut() {
-            use std::io::Write;
-            writeln!(f, "{}", serde_json::to_string(&m)?).with_context(|| format!("cannot write {}", p.display()))?;
+        // After the step: a checkpoint when due, or at once when a stop
+        // signal came, and then the run stops with how to resume.
+        let stopping = stop.as_deref().is_some_and(|f| f.load(std::sync::atomic::Ordering::Relaxed));
+        let saved = save_checkpoint(be, job, &cfg, &vlm, &opt, step + 1, stopping, log)?;
+        if stopping {
+            let dir = saved.map(|d| d.display().to_string()).unwrap_or_default();
+            bail!(
+                "stopped by a signal after step {} of {}; the checkpoint {dir} holds it: run the same command to resume",
+                step + 1,
+                t.steps
+            );
         }
-        report.steps.push(m);
-        log(&format!(
-            "step {:>5}/{}  loss {:.4}  grad_norm {:.3}  lr_scale {:.3}  {:.1} samples/s  {:.0} tokens/s{}",
-            step + 1,
-            t.steps,
-            r.loss.mean(),
-            r.info.grad_norm,
-            r.info.lr_scale,
-            samples as f64 / tick.elapsed().as_secs_f64(),
-            r.loss.tokens as f64 / tick.elapsed().as_secs_f64(),
-            if bad > 0 { format!("  bad samples skipped: {bad}") } else { String::new() }
-        ));
-        stop_or_checkpoint(be, job, &cfg, &vlm, &opt, step + 1, stop.as_deref(), log)?;
     }
     drop(loader);
     if let Some((p, mut f)) = metrics_file {
@@ -216,9 +227,10 @@ fn run_job_on<B: Backend>(
     Ok(report)
 }
 
-/// Loads the checkpoint in `dir` into the model and optimizer; returns the
-/// steps it had done. The checkpoint must come from this job: the same
-/// seed, accumulation and model.
+/// Loads the checkpoint in `dir`, which `checkpoint::latest_intact` has
+/// verified (here or on the coordinator), into the model and optimizer;
+/// returns the steps it had done. The checkpoint must come from this job:
+/// the same seed, accumulation and model.
 pub(crate) fn restore<B: Backend>(
     be: &B,
     job: &TrainJob,
@@ -256,31 +268,6 @@ pub(crate) fn stop_on_signal(job: &TrainJob) -> Result<Option<Arc<std::sync::ato
         signal_hook::flag::register(signal, flag.clone()).context("cannot install the stop-signal handler")?;
     }
     Ok(Some(flag))
-}
-
-/// After `done` steps: checkpoints when due, or at once when a stop signal
-/// came, and then stops the run with an error that says how to resume.
-#[allow(clippy::too_many_arguments)]
-fn stop_or_checkpoint<B: Backend>(
-    be: &B,
-    job: &TrainJob,
-    cfg: &ModelConfig,
-    vlm: &Vlm<B>,
-    opt: &Optimizer<B>,
-    done: u64,
-    stop: Option<&std::sync::atomic::AtomicBool>,
-    log: &mut dyn FnMut(&str),
-) -> Result<()> {
-    let stopping = stop.is_some_and(|f| f.load(std::sync::atomic::Ordering::Relaxed));
-    let saved = save_checkpoint(be, job, cfg, vlm, opt, done, stopping, log)?;
-    if stopping {
-        let dir = saved.map(|d| d.display().to_string()).unwrap_or_default();
-        bail!(
-            "stopped by a signal after step {done} of {}; the checkpoint {dir} holds it: run the same command to resume",
-            job.train.steps
-        );
-    }
-    Ok(())
 }
 
 /// Checkpoints after `done` steps when the job asks for it: every
