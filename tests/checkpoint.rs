@@ -51,10 +51,14 @@ keep = 2
 }
 
 fn train(config: &Path, out: &Path) -> std::process::Output {
-    Command::new(bin("worker"))
-        .args(["train", "--device", "cpu", "--config", config.to_str().unwrap(), "--out", out.to_str().unwrap()])
-        .output()
-        .unwrap()
+    train_command(config, out).output().unwrap()
+}
+
+/// `worker train` on the CPU with `config`, saving the model to `out`.
+fn train_command(config: &Path, out: &Path) -> Command {
+    let mut c = Command::new(bin("worker"));
+    c.args(["train", "--device", "cpu", "--config", config.to_str().unwrap(), "--out", out.to_str().unwrap()]);
+    c
 }
 
 fn model_bytes(dir: &Path) -> Vec<Vec<u8>> {
@@ -80,12 +84,7 @@ fn a_killed_run_resumes_to_the_same_bits() {
     let ck = tmp.path().join("ck-killed");
     let config = write_config(tmp.path(), &data, &ck);
     let out = tmp.path().join("model-killed");
-    let mut child = Command::new(bin("worker"))
-        .args(["train", "--device", "cpu", "--config", config.to_str().unwrap(), "--out", out.to_str().unwrap()])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut child = train_command(&config, &out).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
     let start = Instant::now();
     while committed_checkpoints(&ck).is_empty() {
         assert!(start.elapsed() < Duration::from_secs(120), "no checkpoint appeared");
@@ -138,12 +137,7 @@ fn a_kill_during_a_checkpoint_write_resumes_from_the_previous_one() {
         let ck = tmp.path().join(format!("ck-{attempt}"));
         let config = write_config(tmp.path(), &data, &ck);
         let out = tmp.path().join(format!("model-{attempt}"));
-        let mut child = Command::new(bin("worker"))
-            .args(["train", "--device", "cpu", "--config", config.to_str().unwrap(), "--out", out.to_str().unwrap()])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
+        let mut child = train_command(&config, &out).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
         // The second checkpoint's write, so that an older one exists.
         let writing = ck.join(".step-00000004.tmp");
         let start = Instant::now();
@@ -185,12 +179,7 @@ fn sigterm_stops_with_a_checkpoint_and_the_run_resumes() {
     let text = std::fs::read_to_string(&config).unwrap().replace("every = 2", "every = 1000");
     std::fs::write(&config, text).unwrap();
     let out = tmp.path().join("model-term");
-    let mut child = Command::new(bin("worker"))
-        .args(["train", "--device", "cpu", "--config", config.to_str().unwrap(), "--out", out.to_str().unwrap()])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut child = train_command(&config, &out).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
     // The step lines arrive as they are printed (Rust's stdout is line-buffered).
     let mut lines = std::io::BufRead::lines(std::io::BufReader::new(child.stdout.take().unwrap()));
     let second = format!("step     2/{STEPS}");
