@@ -98,7 +98,7 @@ fn a_killed_run_resumes_to_the_same_bits() {
     // Damage the newest checkpoint: the restart must notice and use the one before,
     // when there is one.
     let newest = ck.join(left.last().unwrap());
-    let opt = newest.join("optimizer.safetensors");
+    let opt = newest.join("optimizer-00000-of-00001.safetensors");
     let mut bytes = std::fs::read(&opt).unwrap();
     let mid = bytes.len() / 2;
     bytes[mid] ^= 1;
@@ -139,7 +139,7 @@ fn a_kill_during_a_checkpoint_write_resumes_from_the_previous_one() {
         let out = tmp.path().join(format!("model-{attempt}"));
         let mut child = train_command(&config, &out).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
         // The second checkpoint's write, so that an older one exists.
-        let writing = ck.join(".step-00000004.tmp");
+        let writing = ck.join(".step-00000004.g0.staging");
         let start = Instant::now();
         while !writing.exists() && start.elapsed() < Duration::from_secs(60) {
             std::thread::yield_now();

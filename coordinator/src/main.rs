@@ -3,12 +3,14 @@
 mod job;
 mod loss_curve;
 mod membership;
+mod metrics_log;
 mod plan;
 mod planner;
 mod progress;
 mod run;
 mod service;
 mod state;
+mod store;
 
 use clap::Parser;
 use std::net::SocketAddr;
@@ -28,7 +30,9 @@ struct Cli {
     /// Address the gRPC service listens on.
     #[arg(long, default_value = "0.0.0.0:29500")]
     listen: SocketAddr,
-    /// Output folder: metrics.jsonl, loss_curve.svg, and model/ (saved by rank 0).
+    /// Output and state folder: metrics.jsonl, loss_curve.svg, model/ (saved
+    /// by rank 0) and coordinator.redb, the job's durable state. A
+    /// coordinator started again on the same folder resumes the job.
     #[arg(long)]
     out: Option<PathBuf>,
     /// A worker silent for this many heartbeat intervals is declared dead.

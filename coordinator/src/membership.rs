@@ -16,15 +16,38 @@ pub struct JoinInfo {
     pub pid: u32,
 }
 
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq)]
 pub enum JoinError {
-    Protocol { theirs: u32, ours: u32 },
-    RankOutOfRange { rank: u32, world_size: usize },
-    RankTaken { rank: u32, by: String },
-    GpuTaken { host: String, device: String, rank: u32 },
-    Full { world_size: usize },
+    Protocol {
+        theirs: u32,
+        ours: u32,
+    },
+    RankOutOfRange {
+        rank: u32,
+        world_size: usize,
+    },
+    RankTaken {
+        rank: u32,
+        by: String,
+    },
+    /// Held by a member of this generation that has gone quiet: it will be
+    /// declared dead (freeing the rank) or speak again. Worth retrying.
+    RankBusy {
+        rank: u32,
+        by: String,
+        silent_s: f64,
+    },
+    GpuTaken {
+        host: String,
+        device: String,
+        rank: u32,
+    },
+    Full {
+        world_size: usize,
+    },
     BadDevice(String),
-    Finished,
+    /// The job has ended: finished, or failed (and why).
+    Ended(String),
 }
 
 impl fmt::Display for JoinError {
@@ -38,12 +61,16 @@ impl fmt::Display for JoinError {
                 write!(f, "rank {rank} is out of range: the job has world_size {world_size} (ranks 0..{world_size})")
             }
             JoinError::RankTaken { rank, by } => write!(f, "rank {rank} is already taken by {by}"),
+            JoinError::RankBusy { rank, by, silent_s } => write!(
+                f,
+                "rank {rank} is held by {by}, silent for {silent_s:.1} s: retry once the coordinator declares it dead"
+            ),
             JoinError::GpuTaken { host, device, rank } => {
                 write!(f, "{device} on host {host} is already used by rank {rank}: one rank per GPU")
             }
             JoinError::Full { world_size } => write!(f, "the job is full: all {world_size} ranks have joined"),
             JoinError::BadDevice(d) => write!(f, "device {d:?} is not `cpu` or `cuda:K`"),
-            JoinError::Finished => write!(f, "the job has finished"),
+            JoinError::Ended(why) => write!(f, "{why}"),
         }
     }
 }
@@ -55,6 +82,11 @@ pub struct Member {
     /// Seconds since the coordinator started, at the last sign of life.
     pub last_seen: f64,
     pub left: bool,
+    /// The generation it last joined: a survivor of an aborted generation
+    /// keeps its rank but counts only once it joins the new one.
+    pub generation: u64,
+    /// Names this membership (rendezvous finds the member by it).
+    pub id: u64,
 }
 
 impl Member {
@@ -71,26 +103,48 @@ pub struct Membership {
     pub members: Vec<Option<Member>>,
     /// The NCCL unique id rank 0 created for this generation (GPU jobs).
     pub nccl_id: Vec<u8>,
+    /// A member silent this long may be replaced (from an aborted
+    /// generation) or is reported busy (from this one) rather than taken.
+    pub quiet_after_s: f64,
+    joins: u64,
 }
 
 impl Membership {
+    #[cfg(test)]
     pub fn new(world_size: usize) -> Self {
-        Membership { world_size, generation: 1, members: vec![None; world_size], nccl_id: Vec::new() }
+        Self::at_generation(world_size, 1)
+    }
+
+    pub fn at_generation(world_size: usize, generation: u64) -> Self {
+        Membership {
+            world_size,
+            generation,
+            members: vec![None; world_size],
+            nccl_id: Vec::new(),
+            quiet_after_s: f64::INFINITY,
+            joins: 0,
+        }
     }
 
     /// Admits a worker and returns its rank. Joining again from the same
-    /// host and process (a retried Join whose reply was lost) returns the
-    /// same rank.
+    /// host and process (a retried Join whose reply was lost, or a survivor
+    /// of an aborted generation) returns the same rank.
     pub fn join(&mut self, info: JoinInfo, now: f64) -> Result<u32, JoinError> {
         if info.protocol_version != tessera_proto::PROTOCOL_VERSION {
             return Err(JoinError::Protocol { theirs: info.protocol_version, ours: tessera_proto::PROTOCOL_VERSION });
         }
         let gpu = parse_device(&info.device)?;
-        if let Some((r, m)) = self.find(|m| m.info.host == info.host && m.info.pid == info.pid && !m.left) {
+        let generation = self.generation;
+        if let Some((r, m)) = self.find(|_, m| m.info.host == info.host && m.info.pid == info.pid && !m.left) {
             if info.rank.is_none_or(|want| want == r) {
+                let id = self.next_id();
                 if let Some(Some(m)) = self.members.get_mut(r as usize) {
                     m.last_seen = now;
                     m.info.collective_addr = info.collective_addr;
+                    if m.generation != generation {
+                        m.generation = generation;
+                        m.id = id;
+                    }
                 }
                 return Ok(r);
             }
@@ -102,8 +156,13 @@ impl Membership {
             }
             Some(r) => {
                 if let Some(Some(m)) = self.members.get(r as usize) {
-                    if !m.left {
-                        return Err(JoinError::RankTaken { rank: r, by: m.describe() });
+                    let silent_s = now - m.last_seen;
+                    match (m.left, silent_s > self.quiet_after_s, m.generation == generation) {
+                        // Free, or a quiet member of an aborted generation: a replacement.
+                        (true, _, _) | (false, true, false) => {}
+                        // Quiet in this generation: it will be declared dead, or speak again.
+                        (false, true, true) => return Err(JoinError::RankBusy { rank: r, by: m.describe(), silent_s }),
+                        (false, false, _) => return Err(JoinError::RankTaken { rank: r, by: m.describe() }),
                     }
                 }
                 r
@@ -117,20 +176,57 @@ impl Membership {
             let same_gpu = |m: &Member| {
                 !m.left && m.info.host == info.host && parse_device(&m.info.device).ok().flatten() == Some(k)
             };
-            if let Some((r, _)) = self.find(same_gpu) {
+            // The member this one replaces does not count.
+            if let Some((r, _)) = self.find(|r, m| r != rank && same_gpu(m)) {
                 return Err(JoinError::GpuTaken { host: info.host, device: info.device, rank: r });
             }
         }
-        self.members[rank as usize] = Some(Member { info, last_seen: now, left: false });
+        let id = self.next_id();
+        self.members[rank as usize] = Some(Member { info, last_seen: now, left: false, generation, id });
         Ok(rank)
     }
 
-    fn find(&self, pred: impl Fn(&Member) -> bool) -> Option<(u32, &Member)> {
-        self.members.iter().enumerate().find_map(|(r, m)| m.as_ref().filter(|m| pred(m)).map(|m| (r as u32, m)))
+    /// Unique within a coordinator's life; the generation in the high bits
+    /// keeps ids of different generations apart.
+    fn next_id(&mut self) -> u64 {
+        self.joins += 1;
+        (self.generation << 32) | self.joins
     }
 
+    /// The current member named `id`, with its rank.
+    pub fn by_id(&self, id: u64) -> Option<(u32, &Member)> {
+        self.find(|_, m| m.id == id && !m.left && m.generation == self.generation)
+    }
+
+    /// Starts the next generation: nobody counts as joined until they join
+    /// it again (survivors keep their ranks), and the NCCL id is renewed.
+    pub fn next_generation(&mut self) {
+        self.generation += 1;
+        self.nccl_id.clear();
+    }
+
+    /// An elastic job going on with the members that joined this
+    /// generation: they are renumbered 0..n in the order of their old
+    /// ranks. Returns the new world size.
+    pub fn shrink_to_joined(&mut self) -> usize {
+        let g = self.generation;
+        let kept: Vec<Option<Member>> =
+            self.members.drain(..).filter(|m| m.as_ref().is_some_and(|m| !m.left && m.generation == g)).collect();
+        self.world_size = kept.len();
+        self.members = kept;
+        self.world_size
+    }
+
+    fn find(&self, pred: impl Fn(u32, &Member) -> bool) -> Option<(u32, &Member)> {
+        self.members
+            .iter()
+            .enumerate()
+            .find_map(|(r, m)| m.as_ref().filter(|m| pred(r as u32, m)).map(|m| (r as u32, m)))
+    }
+
+    /// Members of the current generation.
     pub fn joined(&self) -> usize {
-        self.members.iter().filter(|m| m.as_ref().is_some_and(|m| !m.left)).count()
+        self.members.iter().filter(|m| m.as_ref().is_some_and(|m| !m.left && m.generation == self.generation)).count()
     }
 
     /// Every rank has joined (and, in a GPU job, rank 0 has sent the NCCL id).
@@ -147,10 +243,11 @@ impl Membership {
         self.members.iter().map(|m| m.as_ref().map(|m| m.info.collective_addr.clone()).unwrap_or_default()).collect()
     }
 
-    /// Records a sign of life; false when the rank is not a current member.
-    pub fn touch(&mut self, rank: u32, now: f64) -> bool {
+    /// Records a sign of life from `rank` of `generation`; false when that
+    /// is not a member.
+    pub fn touch(&mut self, rank: u32, generation: u64, now: f64) -> bool {
         match self.members.get_mut(rank as usize) {
-            Some(Some(m)) if !m.left => {
+            Some(Some(m)) if !m.left && m.generation == generation => {
                 m.last_seen = now;
                 true
             }

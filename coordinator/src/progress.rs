@@ -1,12 +1,12 @@
 //! Step reports from every rank, folded into one line per step: the loss of
 //! the global batch, throughput, and how evenly the ranks were loaded.
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use tessera_proto::v1::StepReport;
 
 /// One finished step, over all ranks (a line of metrics.jsonl).
-#[derive(Clone, Debug, Serialize, PartialEq)]
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct StepSummary {
     pub step: u64,
     /// Mean loss over the global batch's target tokens.

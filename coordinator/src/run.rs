@@ -3,12 +3,13 @@
 
 use crate::job;
 use crate::loss_curve::loss_curve_svg;
+use crate::metrics_log::MetricsLog;
 use crate::planner::Planner;
 use crate::progress::StepSummary;
 use crate::service::{Service, Shared};
-use crate::state::{JobState, Outcome};
+use crate::state::{Gathering, JobState, Liveness, Outcome, RecoveryPolicy};
+use crate::store::{self, JobStore};
 use anyhow::{bail, Context, Result};
-use std::io::Write;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -74,27 +75,39 @@ pub fn run(opts: &RunOptions) -> Result<RunReport> {
         None => 0,
     };
     let deadline = job.cluster.heartbeat_interval_s * opts.missed_heartbeats;
+    // The state directory: a coordinator started again on it picks the job
+    // up where the last one left it.
+    let (store, stored) = JobStore::open(&out)?;
+    let stored = match stored {
+        Some(stored) if start_step > 0 => {
+            store::check_identity(&stored, spec.seed, spec.global_batch, &out)?;
+            tracing::warn!(
+                previous_generation = stored.generation,
+                restarts = stored.restarts,
+                steps_done = stored.steps_done,
+                resume_step = start_step,
+                "the coordinator restarted on a job in progress: every worker rejoins"
+            );
+            Some(stored)
+        }
+        // Nothing to resume: a new job, though still past every generation
+        // a worker of the old one may speak for.
+        Some(stored) => Some(store::StoredJob { generation: stored.generation, ..Default::default() }),
+        None => None,
+    };
     let metrics_path = out.join("metrics.jsonl");
-    // A resumed job adds to the metrics of the steps before it.
-    let metrics_file = std::fs::File::options()
-        .create(true)
-        .write(true)
-        .append(start_step > 0)
-        .truncate(start_step == 0)
-        .open(&metrics_path)
-        .with_context(|| format!("cannot create {}", metrics_path.display()))?;
-    let metrics = Mutex::new(std::io::BufWriter::new(metrics_file));
+    // A resumed job keeps the metrics of the steps before its checkpoint.
+    let (metrics, earlier) = MetricsLog::open(&metrics_path, (start_step > 0).then_some(start_step))?;
+    let metrics = Arc::new(Mutex::new(metrics));
     let bar = progress_bar(total);
     bar.set_position(start_step);
     let straggler_factor = job.cluster.straggler_factor;
     let bar_for_steps = bar.clone();
     let log_every = (total / 20).max(1);
+    let metrics_for_steps = metrics.clone();
     let on_step = move |s: &StepSummary| {
-        if let Ok(line) = serde_json::to_string(s) {
-            let mut m = metrics.lock().unwrap_or_else(|e| e.into_inner());
-            if let Err(e) = writeln!(m, "{line}").and_then(|_| m.flush()) {
-                tracing::error!(error = %e, "cannot write metrics.jsonl");
-            }
+        if let Err(e) = metrics_for_steps.lock().unwrap_or_else(|e| e.into_inner()).append(s) {
+            tracing::error!(error = %format!("{e:#}"), "cannot write metrics.jsonl");
         }
         for &rank in &s.stragglers {
             let compute_s = s.compute_s[rank as usize];
@@ -123,25 +136,43 @@ pub fn run(opts: &RunOptions) -> Result<RunReport> {
             tracing::debug!(step = s.step + 1, loss = s.loss, plan_imbalance = s.plan_imbalance, "step");
         }
     };
+    let bar_for_rewind = bar.clone();
+    let on_rewind = move |kept: &[StepSummary]| {
+        if let Err(e) = metrics.lock().unwrap_or_else(|e| e.into_inner()).rewrite(kept) {
+            tracing::error!(error = %format!("{e:#}"), "cannot rewrite metrics.jsonl");
+        }
+        bar_for_rewind.set_position(kept.last().map_or(0, |s| s.step + 1));
+    };
+    let policy = RecoveryPolicy {
+        max_restarts: job.cluster.max_restarts,
+        elastic: job.cluster.elastic,
+        elastic_timeout_s: job.cluster.elastic_timeout_s,
+        join_timeout_s: job.cluster.join_timeout_s,
+    };
+    let mut state = JobState::resume(spec, world, deadline, policy, stored.as_ref(), start_step);
+    state.set_straggler_factor(job.cluster.straggler_factor);
+    state.summaries = earlier;
+    if let Some(root) = &job.checkpoint.dir {
+        // What is on disk is what a resume can use.
+        state.committed = checkpoint::committed_steps(root)?.into_iter().filter(|&s| s <= start_step).collect();
+    }
+    store.save(&state.stored())?;
     let shared = Arc::new(Shared {
-        state: Mutex::new({
-            let mut st = JobState::new(spec, world, deadline);
-            st.start_step = start_step;
-            st.set_straggler_factor(job.cluster.straggler_factor);
-            st
-        }),
+        state: Mutex::new(state),
         planner,
         changed: tokio::sync::Notify::new(),
         started: Instant::now(),
         on_step: Box::new(on_step),
+        on_rewind: Box::new(on_rewind),
+        store,
+        checkpoints: job.checkpoint.dir.clone().map(|d| (d, job.checkpoint.keep)),
     });
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;
-    let join_timeout = job.cluster.join_timeout_s;
-    let outcome = rt.block_on(serve(shared.clone(), opts.listen, world, join_timeout))?;
+    let outcome = rt.block_on(serve(shared.clone(), opts.listen))?;
     bar.finish_and_clear();
     let st = shared.lock();
     let points: Vec<(u64, f64)> = st.summaries.iter().map(|s| (s.step + 1, s.loss)).collect();
@@ -172,7 +203,8 @@ fn progress_bar(total: u64) -> indicatif::ProgressBar {
 
 /// Serves until the job has an outcome and every worker has left (or a
 /// failed job's workers had a chance to hear it).
-async fn serve(shared: Arc<Shared>, listen: SocketAddr, world: usize, join_timeout_s: f64) -> Result<Outcome> {
+async fn serve(shared: Arc<Shared>, listen: SocketAddr) -> Result<Outcome> {
+    let world = shared.lock().members.world_size;
     let listener = tokio::net::TcpListener::bind(listen)
         .await
         .with_context(|| format!("cannot listen on {listen} (is another coordinator running there?)"))?;
@@ -192,16 +224,41 @@ async fn serve(shared: Arc<Shared>, listen: SocketAddr, world: usize, join_timeo
         // Decided under the lock, awaited after it is released.
         let ended = {
             let mut st = shared.lock();
-            if let Some(dead) = st.check_liveness(shared.now()) {
-                tracing::error!(rank = dead, deadline_s = st.heartbeat_deadline_s, "worker declared dead");
+            match st.check_liveness(shared.now()) {
+                Some(Liveness::Dead { rank, recovery }) => {
+                    tracing::error!(rank, deadline_s = st.heartbeat_deadline_s, "worker declared dead");
+                    if let Some(generation) = recovery {
+                        shared.recovered(&st, generation);
+                    }
+                    shared.changed.notify_waiters();
+                }
+                Some(Liveness::Dropped { rank }) => {
+                    tracing::warn!(
+                        rank,
+                        deadline_s = st.heartbeat_deadline_s,
+                        "a rank that had not rejoined went silent: its rank is free for a replacement"
+                    );
+                }
+                None => {}
             }
-            if st.check_join_timeout(shared.now(), join_timeout_s) {
-                tracing::error!(joined = st.members.joined(), world_size = world, "gave up waiting for workers");
+            match st.check_gathering(shared.now()) {
+                Gathering::Waiting => {}
+                Gathering::Shrunk(n) => {
+                    tracing::warn!(world_size = n, "no replacement came within cluster.elastic_timeout_s: going on with fewer ranks, same global batch");
+                    shared.changed.notify_waiters();
+                }
+                Gathering::Failed => {
+                    tracing::error!(
+                        joined = st.members.joined(),
+                        world_size = st.members.world_size,
+                        "gave up waiting for workers"
+                    );
+                }
             }
-            let joined = st.members.joined();
-            let waiting = st.outcome == Outcome::Running && joined < world && st.summaries.is_empty();
+            let (joined, world) = (st.members.joined(), st.members.world_size);
+            let waiting = st.outcome == Outcome::Running && !st.training;
             if waiting && last_wait_log.elapsed() > Duration::from_secs(10) {
-                tracing::info!(joined, world_size = world, "waiting for workers");
+                tracing::info!(joined, world_size = world, generation = st.members.generation, "waiting for workers");
                 last_wait_log = Instant::now();
             }
             match &st.outcome {

@@ -1,22 +1,28 @@
 //! The gRPC handlers: translate requests into `JobState` and `Planner`
 //! calls and their answers back into replies. No job logic lives here.
 
-use crate::membership::JoinInfo;
+use crate::membership::{JoinError, JoinInfo};
 use crate::planner::Planner;
 use crate::progress::StepSummary;
 use crate::state::{JobState, Outcome};
+use crate::store::JobStore;
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 use tessera_proto::v1::{
-    Assignment, AssignmentRequest, HeartbeatReply, HeartbeatRequest, JoinReply, JoinRequest, LeaveReply, LeaveRequest,
-    RendezvousReply, RendezvousRequest, SampleRef, StepAck, StepReport,
+    Assignment, AssignmentRequest, CheckpointAck, CheckpointPart, HeartbeatReply, HeartbeatRequest, JoinReply,
+    JoinRequest, LeaveReply, LeaveRequest, RendezvousReply, RendezvousRequest, SampleRef, StepAck, StepReport,
 };
+use tessera_worker::train::checkpoint::{self, FileEntry};
 use tokio::sync::Notify;
 use tonic::{Request, Response, Status};
 
 /// How long a Rendezvous call waits for the last ranks before answering
 /// "not ready" (the worker asks again), so no call outlives a proxy timeout.
 const RENDEZVOUS_WAIT: Duration = Duration::from_secs(10);
+
+/// Told the steps kept when a recovery goes back to a checkpoint.
+pub type Rewind = dyn Fn(&[StepSummary]) + Send + Sync;
 
 /// Shared between the handlers and the coordinator's main loop.
 pub struct Shared {
@@ -27,6 +33,12 @@ pub struct Shared {
     pub started: Instant,
     /// Called with each finished step (progress bar, metrics file).
     pub on_step: Box<dyn Fn(&StepSummary) + Send + Sync>,
+    /// Called with the steps kept when a recovery goes back to a checkpoint.
+    pub on_rewind: Box<Rewind>,
+    /// The durable job record (generation, restarts, commits).
+    pub store: JobStore,
+    /// checkpoint.dir and checkpoint.keep, when the job checkpoints.
+    pub checkpoints: Option<(PathBuf, usize)>,
 }
 
 impl Shared {
@@ -35,6 +47,41 @@ impl Shared {
     }
     pub fn now(&self) -> f64 {
         self.started.elapsed().as_secs_f64()
+    }
+
+    /// Admits a worker (see `JobState::join`) and says what it joined.
+    fn try_join(&self, info: JoinInfo) -> Result<JoinReply, JoinError> {
+        let mut st = self.lock();
+        let rank = st.join(info, self.now())?;
+        Ok(JoinReply {
+            rank,
+            world_size: st.members.world_size as u32,
+            generation: st.members.generation,
+            job: Some(st.spec.clone()),
+            member_id: st.members.members[rank as usize].as_ref().map_or(0, |m| m.id),
+        })
+    }
+
+    /// Writes the job record to the durable store. A failure is logged, not
+    /// fatal: the checkpoints on disk still hold the job.
+    pub fn persist(&self, st: &JobState) {
+        if let Err(e) = self.store.save(&st.stored()) {
+            tracing::error!(error = %format!("{e:#}"), "cannot record the job state");
+        }
+    }
+
+    /// A failure started generation `generation`: everyone goes back to the
+    /// last committed checkpoint.
+    pub fn recovered(&self, st: &JobState, generation: u64) {
+        tracing::warn!(
+            generation,
+            resume_step = st.start_step,
+            restarts = st.restarts,
+            max_restarts = st.policy.max_restarts,
+            "recovering: every rank rejoins and resumes from the last committed checkpoint"
+        );
+        (self.on_rewind)(&st.summaries);
+        self.persist(st);
     }
 }
 
@@ -59,22 +106,29 @@ impl tessera_proto::Coordinator for Service {
         };
         let (host, device) = (info.host.clone(), info.device.clone());
         let s = &self.0;
-        let mut st = s.lock();
-        let rank = st.join(info, s.now()).map_err(|e| {
+        // A rank held by a worker that has just died looks taken until its
+        // holder has been quiet for a while: wait that long before saying
+        // so, and a replacement started right after the death gets in.
+        let patience = Duration::from_secs_f64(s.lock().members.quiet_after_s.min(30.0) + 0.2);
+        let waited = Instant::now();
+        let joined = loop {
+            // A refused join changes nothing, so it can be tried again.
+            let joined = s.try_join(info.clone());
+            if !matches!(joined, Err(JoinError::RankTaken { .. })) || waited.elapsed() >= patience {
+                break joined;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        };
+        let reply = joined.map_err(|e| {
             tracing::warn!(%host, %device, error = %e, "join refused");
             match e {
-                crate::membership::JoinError::Protocol { .. } => Status::failed_precondition(e.to_string()),
+                JoinError::Protocol { .. } => Status::failed_precondition(e.to_string()),
+                // The holder is about to be declared dead: the worker retries.
+                JoinError::RankBusy { .. } => Status::unavailable(e.to_string()),
                 _ => Status::already_exists(e.to_string()),
             }
         })?;
-        tracing::info!(rank, %host, %device, joined = st.members.joined(), world_size = st.members.world_size, "worker joined");
-        let reply = JoinReply {
-            rank,
-            world_size: st.members.world_size as u32,
-            generation: st.members.generation,
-            job: Some(st.spec.clone()),
-        };
-        drop(st);
+        tracing::info!(rank = reply.rank, %host, %device, generation = reply.generation, "worker joined");
         s.changed.notify_waiters();
         Ok(Response::new(reply))
     }
@@ -91,10 +145,26 @@ impl tessera_proto::Coordinator for Service {
             let mut id_arrived = false;
             let reply = {
                 let mut st = s.lock();
-                st.check(r.rank, r.generation, s.now()).map_err(refused)?;
-                if r.rank == 0 && !r.nccl_unique_id.is_empty() && st.members.nccl_id != r.nccl_unique_id {
+                // By member id: an elastic shrink may have given it another rank.
+                let rank = st.members.by_id(r.member_id).map(|(rank, _)| rank).ok_or_else(|| {
+                    refused(format!(
+                        "rank {} is not a member of generation {}: join again",
+                        r.rank, st.members.generation
+                    ))
+                })?;
+                st.check(rank, r.generation, s.now()).map_err(refused)?;
+                if rank == 0 && !r.nccl_unique_id.is_empty() && st.members.nccl_id != r.nccl_unique_id {
                     st.members.nccl_id = r.nccl_unique_id.clone();
                     id_arrived = true;
+                }
+                if st.start_training() {
+                    tracing::info!(
+                        generation = st.members.generation,
+                        world_size = st.members.world_size,
+                        start_step = st.start_step,
+                        "every rank has joined: training"
+                    );
+                    s.persist(&st);
                 }
                 let m = &st.members;
                 (m.complete() || tokio::time::Instant::now() >= deadline).then(|| RendezvousReply {
@@ -105,6 +175,7 @@ impl tessera_proto::Coordinator for Service {
                     nccl_unique_id: m.nccl_id.clone(),
                     start_step: st.start_step,
                     joined: m.joined() as u32,
+                    rank,
                 })
             };
             if id_arrived {
@@ -167,6 +238,7 @@ impl tessera_proto::Coordinator for Service {
         let total = st.spec.total_steps;
         if let Some(summary) = st.report(r, imbalance) {
             (s.on_step)(&summary);
+            s.persist(&st);
         }
         Ok(Response::new(StepAck { done: step + 1 >= total }))
     }
@@ -175,8 +247,7 @@ impl tessera_proto::Coordinator for Service {
         let r = req.into_inner();
         let s = &self.0;
         let mut st = s.lock();
-        st.check(r.rank, r.generation, s.now()).map_err(refused)?;
-        let (action, reason) = st.action();
+        let (action, reason) = st.heartbeat(r.rank, r.generation, s.now()).map_err(refused)?;
         Ok(Response::new(HeartbeatReply { generation: st.members.generation, action: action as i32, reason }))
     }
 
@@ -194,11 +265,54 @@ impl tessera_proto::Coordinator for Service {
         if r.finished {
             tracing::info!(rank = r.rank, "worker finished");
         } else {
-            tracing::error!(rank = r.rank, error = %r.error, "worker failed");
+            tracing::error!(rank = r.rank, error = %r.error, will_rejoin = r.will_rejoin, "worker failed");
         }
-        st.leave(r.rank, r.finished, &r.error);
+        if let Some(generation) = st.leave(r.rank, r.finished, &r.error, r.will_rejoin, s.now()) {
+            s.recovered(&st, generation);
+        }
         drop(st);
         s.changed.notify_waiters();
         Ok(Response::new(LeaveReply {}))
+    }
+
+    async fn commit_checkpoint(&self, req: Request<CheckpointPart>) -> Result<Response<CheckpointAck>, Status> {
+        let r = req.into_inner();
+        let s = &self.0;
+        let (root, keep) = s
+            .checkpoints
+            .clone()
+            .ok_or_else(|| Status::failed_precondition("the job has no checkpoint.dir: nothing to commit"))?;
+        let files: Vec<FileEntry> =
+            r.files.into_iter().map(|f| FileEntry { path: f.path, bytes: f.bytes, sha256: f.sha256 }).collect();
+        let all = {
+            let mut st = s.lock();
+            st.check(r.rank, r.generation, s.now()).map_err(refused)?;
+            st.add_part(r.rank, r.step, files)
+        };
+        let Some(all) = all else { return Ok(Response::new(CheckpointAck::default())) };
+        // Phase two: every rank's part is on disk; the manifest and the
+        // rename make it one committed checkpoint.
+        let (step, generation) = (r.step, r.generation);
+        let staging = checkpoint::staging_dir(&root, step, generation);
+        let committed = tokio::task::spawn_blocking(move || {
+            let dir = checkpoint::commit(&root, &staging, step, all)?;
+            checkpoint::prune(&root, keep)?;
+            anyhow::Ok(dir)
+        })
+        .await
+        .map_err(|e| Status::internal(format!("commit task: {e}")))?;
+        match committed {
+            Ok(dir) => {
+                let mut st = s.lock();
+                st.committed(step, keep);
+                s.persist(&st);
+                tracing::info!(step, dir = %dir.display(), "checkpoint committed");
+                Ok(Response::new(CheckpointAck { committed: true, dir: dir.display().to_string() }))
+            }
+            Err(e) => {
+                tracing::error!(step, error = %format!("{e:#}"), "cannot commit the checkpoint");
+                Err(Status::internal(format!("cannot commit the checkpoint of step {step}: {e:#}")))
+            }
+        }
     }
 }

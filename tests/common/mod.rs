@@ -2,6 +2,8 @@
 //! the committed fixtures, and running commands.
 #![allow(dead_code)]
 
+pub mod cluster;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 

@@ -388,6 +388,7 @@ async fn run_one(args: &Args, n: usize, coordinator: &Path, base: &str, data: &P
                     rank: j.rank,
                     generation: j.generation,
                     nccl_unique_id: nccl_unique_id.clone(),
+                    member_id: j.member_id,
                 })
                 .await
                 .map_err(|s| anyhow!("rank {i}: rendezvous: {}", s.message()))?

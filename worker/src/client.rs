@@ -5,8 +5,8 @@
 use anyhow::{anyhow, bail, Context, Result};
 use std::time::{Duration, Instant};
 use tessera_proto::v1::{
-    Assignment, AssignmentRequest, HeartbeatReply, HeartbeatRequest, JoinReply, JoinRequest, LeaveRequest,
-    RendezvousReply, RendezvousRequest, StepAck, StepReport,
+    Assignment, AssignmentRequest, CheckpointAck, CheckpointPart, HeartbeatReply, HeartbeatRequest, JoinReply,
+    JoinRequest, LeaveRequest, RendezvousReply, RendezvousRequest, StepAck, StepReport,
 };
 use tessera_proto::CoordinatorClient;
 use tonic::transport::{Channel, Endpoint};
@@ -71,6 +71,29 @@ impl Client {
     pub fn join(&self, req: JoinRequest) -> Result<JoinReply> {
         self.call("join", |mut c| async move { c.join(req).await })
     }
+
+    /// Joins, retrying with backoff while the coordinator is unreachable (a
+    /// restarted coordinator coming back) or the rank is still held by a
+    /// worker about to be declared dead (a replacement started early).
+    /// Refusals (a wrong rank, another protocol) are final.
+    pub fn join_patiently(&self, req: JoinRequest, patience: Duration) -> Result<JoinReply> {
+        let start = Instant::now();
+        let mut delay = Duration::from_millis(100);
+        loop {
+            let req = req.clone();
+            let status = match self.rt.block_on(async { self.inner.clone().join(req).await }) {
+                Ok(r) => return Ok(r.into_inner()),
+                Err(s) => s,
+            };
+            let retry = matches!(status.code(), tonic::Code::Unavailable | tonic::Code::DeadlineExceeded);
+            if !retry || start.elapsed() + delay > patience {
+                bail!("coordinator {} refused join: {} ({:?})", self.url, status.message(), status.code());
+            }
+            tracing::info!(retry_in_ms = delay.as_millis() as u64, reason = %status.message(), "cannot join yet");
+            std::thread::sleep(delay);
+            delay = (delay * 2).min(Duration::from_secs(2));
+        }
+    }
     pub fn rendezvous(&self, req: RendezvousRequest) -> Result<RendezvousReply> {
         self.call("rendezvous", |mut c| async move { c.rendezvous(req).await })
     }
@@ -82,6 +105,9 @@ impl Client {
     }
     pub fn heartbeat(&self, req: HeartbeatRequest) -> Result<HeartbeatReply> {
         self.call("heartbeat", |mut c| async move { c.heartbeat(req).await })
+    }
+    pub fn commit_checkpoint(&self, req: CheckpointPart) -> Result<CheckpointAck> {
+        self.call("checkpoint part", |mut c| async move { c.commit_checkpoint(req).await })
     }
     pub fn leave(&self, req: LeaveRequest) -> Result<()> {
         self.call("leave", |mut c| async move { c.leave(req).await }).map(|_| ())

@@ -126,6 +126,25 @@ pub struct ClusterSection {
     /// factor is flagged as a straggler (log and metrics.jsonl).
     #[serde(default = "straggler_factor")]
     pub straggler_factor: f64,
+    /// Recoveries allowed: a rank that dies or fails starts a new
+    /// generation that resumes from the last committed checkpoint, up to
+    /// this many times over the job's life (0: a failure fails the job).
+    #[serde(default = "three_u32")]
+    pub max_restarts: u32,
+    /// After a failure, go on with the ranks that are left when no
+    /// replacement joins within `elastic_timeout_s` (the global batch is kept).
+    #[serde(default)]
+    pub elastic: bool,
+    #[serde(default = "thirty")]
+    pub elastic_timeout_s: f64,
+}
+
+fn three_u32() -> u32 {
+    3
+}
+
+fn thirty() -> f64 {
+    30.0
 }
 
 fn straggler_factor() -> f64 {
@@ -141,6 +160,9 @@ impl Default for ClusterSection {
             first_bucket_mb: first_bucket_mb(),
             straggler_factor: straggler_factor(),
             bucket_mb: bucket_mb(),
+            max_restarts: three_u32(),
+            elastic: false,
+            elastic_timeout_s: thirty(),
         }
     }
 }
@@ -229,6 +251,9 @@ impl TrainJob {
         }
         if !(c.heartbeat_interval_s.is_finite() && c.heartbeat_interval_s > 0.0) {
             bail!("cluster.heartbeat_interval_s: {} is not a positive number of seconds", c.heartbeat_interval_s);
+        }
+        if !(c.elastic_timeout_s.is_finite() && c.elastic_timeout_s > 0.0) {
+            bail!("cluster.elastic_timeout_s: {} is not a positive number of seconds", c.elastic_timeout_s);
         }
         if !(c.join_timeout_s.is_finite() && c.join_timeout_s > 0.0) {
             bail!("cluster.join_timeout_s: {} is not a positive number of seconds", c.join_timeout_s);
