@@ -63,6 +63,19 @@ fn wait_for_a_kill_point(ck: &Path, out: &Path) -> usize {
     metrics_lines(out)
 }
 
+/// Starts the job on 2 workers and SIGKILLs rank 1 at a kill point;
+/// returns the coordinator and rank 0.
+fn start_and_kill_rank_1(cfg: &Path, ck: &Path, out: &Path, port: u16) -> (Child, Child) {
+    let c = coordinator(cfg, port, out);
+    let w0 = worker(&["--rank", "0"], port);
+    let mut w1 = worker(&["--rank", "1"], port);
+    let at = wait_for_a_kill_point(ck, out);
+    w1.kill().unwrap(); // SIGKILL
+    w1.wait().unwrap();
+    println!("killed rank 1 after {at} steps");
+    (c, w0)
+}
+
 fn assert_succeeds(child: Child, what: &str) -> String {
     let o = wait(child, Duration::from_secs(240), what);
     let stderr = String::from_utf8_lossy(&o.stderr).into_owned();
@@ -92,13 +105,7 @@ fn a_killed_worker_is_replaced_and_the_job_ends_with_the_same_bits() {
     let (cfg, ck) = job(tmp.path(), &r.data, "replaced", "max_restarts = 2");
     let out = tmp.path().join("out");
     let port = free_port();
-    let c = coordinator(&cfg, port, &out);
-    let w0 = worker(&["--rank", "0"], port);
-    let mut w1 = worker(&["--rank", "1"], port);
-    let at = wait_for_a_kill_point(&ck, &out);
-    w1.kill().unwrap(); // SIGKILL
-    w1.wait().unwrap();
-    println!("killed rank 1 after {at} steps");
+    let (c, w0) = start_and_kill_rank_1(&cfg, &ck, &out, port);
     let replacement = worker(&["--rank", "1"], port);
     assert_succeeds(w0, "the surviving worker");
     assert_succeeds(replacement, "the replacement worker");
@@ -153,13 +160,7 @@ fn an_elastic_job_finishes_on_fewer_ranks() {
     let (cfg, ck) = job(tmp.path(), &r.data, "elastic", extra);
     let out = tmp.path().join("out");
     let port = free_port();
-    let c = coordinator(&cfg, port, &out);
-    let w0 = worker(&["--rank", "0"], port);
-    let mut w1 = worker(&["--rank", "1"], port);
-    let at = wait_for_a_kill_point(&ck, &out);
-    w1.kill().unwrap(); // SIGKILL
-    w1.wait().unwrap();
-    println!("killed rank 1 after {at} steps");
+    let (c, w0) = start_and_kill_rank_1(&cfg, &ck, &out, port);
     assert_succeeds(w0, "the surviving worker");
     let log = assert_succeeds(c, "the coordinator");
     assert!(log.contains("going on with fewer ranks"), "{log}");
