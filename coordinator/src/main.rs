@@ -38,6 +38,10 @@ struct Cli {
     /// A worker silent for this many heartbeat intervals is declared dead.
     #[arg(long, default_value_t = 10.0)]
     missed_heartbeats: f64,
+    /// A file holding the job token every worker must present (else the
+    /// TESSERA_JOB_TOKEN environment variable; neither: no token).
+    #[arg(long)]
+    token_file: Option<PathBuf>,
 }
 
 fn main() -> ExitCode {
@@ -46,11 +50,19 @@ fn main() -> ExitCode {
     let out = cli.out.clone().unwrap_or_else(|| {
         PathBuf::from("runs").join(cli.config.file_stem().map(|s| s.to_owned()).unwrap_or_else(|| "job".into()))
     });
+    let token = match tessera_worker::auth::JobToken::load(cli.token_file.as_deref()) {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("coordinator: {e:#}");
+            return ExitCode::from(2);
+        }
+    };
     let opts = run::RunOptions {
         config: cli.config,
         listen: cli.listen,
         out: out.clone(),
         missed_heartbeats: cli.missed_heartbeats,
+        token,
     };
     match run::run(&opts) {
         Ok(report) => {

@@ -87,6 +87,9 @@ pub struct Member {
     pub generation: u64,
     /// Names this membership (rendezvous finds the member by it).
     pub id: u64,
+    /// Proves a call comes from this worker (kept while the process lives,
+    /// across generations).
+    pub secret: String,
 }
 
 impl Member {
@@ -182,7 +185,8 @@ impl Membership {
             }
         }
         let id = self.next_id();
-        self.members[rank as usize] = Some(Member { info, last_seen: now, left: false, generation, id });
+        let secret = tessera_worker::auth::new_session_secret();
+        self.members[rank as usize] = Some(Member { info, last_seen: now, left: false, generation, id, secret });
         Ok(rank)
     }
 
@@ -191,6 +195,14 @@ impl Membership {
     fn next_id(&mut self) -> u64 {
         self.joins += 1;
         (self.generation << 32) | self.joins
+    }
+
+    /// Whether `secret` is the session of the worker that holds `rank`.
+    pub fn authorize(&self, rank: u32, secret: &str) -> bool {
+        match self.members.get(rank as usize) {
+            Some(Some(m)) => tessera_worker::auth::same_bytes(m.secret.as_bytes(), secret.as_bytes()),
+            _ => false,
+        }
     }
 
     /// The current member named `id`, with its rank.
@@ -334,10 +346,14 @@ mod tests {
     fn a_retried_join_gets_the_same_rank_and_a_left_rank_can_be_rejoined() {
         let mut m = Membership::new(2);
         assert_eq!(m.join(info(None, "a", "cpu", 1), 0.0), Ok(0));
+        let secret = m.members[0].as_ref().unwrap().secret.clone();
         assert_eq!(m.join(info(None, "a", "cpu", 1), 1.0), Ok(0));
         assert_eq!(m.joined(), 1);
+        assert!(m.authorize(0, &secret), "a retried join keeps the session");
+        assert!(!m.authorize(1, &secret) && !m.authorize(0, "0123"), "another rank, another secret");
         m.leave(0);
         assert_eq!(m.join(info(Some(0), "c", "cpu", 9), 2.0), Ok(0));
+        assert!(!m.authorize(0, &secret), "the new holder has a new session");
     }
 
     #[test]

@@ -6,7 +6,7 @@ use crate::loss_curve::loss_curve_svg;
 use crate::metrics_log::MetricsLog;
 use crate::planner::Planner;
 use crate::progress::StepSummary;
-use crate::service::{Service, Shared};
+use crate::service::{check_token, Service, Shared};
 use crate::state::{Gathering, JobState, Liveness, Outcome, RecoveryPolicy};
 use crate::store::{self, JobStore};
 use anyhow::{bail, Context, Result};
@@ -14,6 +14,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+use tessera_worker::auth::JobToken;
 use tessera_worker::data::loader::Dataset;
 use tessera_worker::train::checkpoint;
 use tessera_worker::train::run::model_config;
@@ -25,6 +26,8 @@ pub struct RunOptions {
     pub out: PathBuf,
     /// Heartbeats a rank may miss before it is declared dead.
     pub missed_heartbeats: f64,
+    /// Every call must carry it (none: anyone who reaches the port may join).
+    pub token: Option<JobToken>,
 }
 
 /// What the job produced.
@@ -172,7 +175,13 @@ pub fn run(opts: &RunOptions) -> Result<RunReport> {
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;
-    let outcome = rt.block_on(serve(shared.clone(), opts.listen))?;
+    if opts.token.is_none() && !opts.listen.ip().is_loopback() {
+        tracing::warn!(
+            listen = %opts.listen,
+            "no job token: any process that reaches this port can join the job; set TESSERA_JOB_TOKEN or --token-file"
+        );
+    }
+    let outcome = rt.block_on(serve(shared.clone(), opts.listen, opts.token.clone()))?;
     bar.finish_and_clear();
     let st = shared.lock();
     let points: Vec<(u64, f64)> = st.summaries.iter().map(|s| (s.step + 1, s.loss)).collect();
@@ -203,7 +212,7 @@ fn progress_bar(total: u64) -> indicatif::ProgressBar {
 
 /// Serves until the job has an outcome and every worker has left (or a
 /// failed job's workers had a chance to hear it).
-async fn serve(shared: Arc<Shared>, listen: SocketAddr) -> Result<Outcome> {
+async fn serve(shared: Arc<Shared>, listen: SocketAddr, token: Option<JobToken>) -> Result<Outcome> {
     let world = shared.lock().members.world_size;
     let listener = tokio::net::TcpListener::bind(listen)
         .await
@@ -213,7 +222,7 @@ async fn serve(shared: Arc<Shared>, listen: SocketAddr) -> Result<Outcome> {
     let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let server = tonic::transport::Server::builder()
-        .add_service(tessera_proto::CoordinatorServer::new(Service(shared.clone())))
+        .add_service(tessera_proto::CoordinatorServer::with_interceptor(Service(shared.clone()), check_token(token)))
         .serve_with_incoming_shutdown(incoming, async {
             let _ = stop_rx.await;
         });

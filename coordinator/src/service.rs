@@ -13,6 +13,7 @@ use tessera_proto::v1::{
     Assignment, AssignmentRequest, CheckpointAck, CheckpointPart, HeartbeatReply, HeartbeatRequest, JoinReply,
     JoinRequest, LeaveReply, LeaveRequest, RendezvousReply, RendezvousRequest, SampleRef, StepAck, StepReport,
 };
+use tessera_worker::auth::{JobToken, SESSION_KEY};
 use tessera_worker::train::checkpoint::{self, FileEntry};
 use tokio::sync::Notify;
 use tonic::{Request, Response, Status};
@@ -59,6 +60,7 @@ impl Shared {
             generation: st.members.generation,
             job: Some(st.spec.clone()),
             member_id: st.members.members[rank as usize].as_ref().map_or(0, |m| m.id),
+            session_secret: st.members.members[rank as usize].as_ref().map(|m| m.secret.clone()).unwrap_or_default(),
         })
     }
 
@@ -90,6 +92,35 @@ pub struct Service(pub Arc<Shared>);
 
 fn refused(msg: String) -> Status {
     Status::failed_precondition(msg)
+}
+
+/// The session secret a worker's call carries (empty: none).
+fn session<T>(req: &Request<T>) -> String {
+    req.metadata().get(SESSION_KEY).and_then(|v| v.to_str().ok()).unwrap_or_default().to_string()
+}
+
+/// Refuses a call for `rank` that does not carry that rank's session.
+fn authorize(st: &JobState, rank: u32, secret: &str) -> Result<(), Status> {
+    if st.members.authorize(rank, secret) {
+        return Ok(());
+    }
+    Err(Status::permission_denied(format!(
+        "this call speaks for rank {rank} without that rank's session: only the worker that joined as rank {rank} may"
+    )))
+}
+
+/// Refuses every call that does not carry the job token, when the job has
+/// one (checked before any handler runs).
+pub fn check_token(token: Option<JobToken>) -> impl tonic::service::Interceptor + Clone {
+    move |req: Request<()>| -> Result<Request<()>, Status> {
+        let Some(t) = &token else { return Ok(req) };
+        if t.accepts(req.metadata().get("authorization").and_then(|v| v.to_str().ok())) {
+            return Ok(req);
+        }
+        Err(Status::unauthenticated(
+            "missing or wrong job token: give the worker the job's token (TESSERA_JOB_TOKEN or --token-file)",
+        ))
+    }
 }
 
 #[tonic::async_trait]
@@ -134,6 +165,7 @@ impl tessera_proto::Coordinator for Service {
     }
 
     async fn rendezvous(&self, req: Request<RendezvousRequest>) -> Result<Response<RendezvousReply>, Status> {
+        let secret = session(&req);
         let r = req.into_inner();
         let s = &self.0;
         let deadline = tokio::time::Instant::now() + RENDEZVOUS_WAIT;
@@ -152,6 +184,7 @@ impl tessera_proto::Coordinator for Service {
                         r.rank, st.members.generation
                     ))
                 })?;
+                authorize(&st, rank, &secret)?;
                 st.check(rank, r.generation, s.now()).map_err(refused)?;
                 if rank == 0 && !r.nccl_unique_id.is_empty() && st.members.nccl_id != r.nccl_unique_id {
                     st.members.nccl_id = r.nccl_unique_id.clone();
@@ -189,10 +222,12 @@ impl tessera_proto::Coordinator for Service {
     }
 
     async fn get_assignment(&self, req: Request<AssignmentRequest>) -> Result<Response<Assignment>, Status> {
+        let secret = session(&req);
         let r = req.into_inner();
         let s = self.0.clone();
         let (world, total) = {
             let mut st = s.lock();
+            authorize(&st, r.rank, &secret)?;
             st.check(r.rank, r.generation, s.now()).map_err(refused)?;
             if let Outcome::Failed(why) = &st.outcome {
                 return Err(Status::aborted(format!("the job failed: {why}")));
@@ -223,6 +258,7 @@ impl tessera_proto::Coordinator for Service {
     }
 
     async fn report_step(&self, req: Request<StepReport>) -> Result<Response<StepAck>, Status> {
+        let secret = session(&req);
         let r = req.into_inner();
         let s = &self.0;
         let world = s.lock().members.world_size;
@@ -234,6 +270,7 @@ impl tessera_proto::Coordinator for Service {
             .map_err(|e| Status::internal(format!("planner task: {e}")))?
             .unwrap_or(0.0);
         let mut st = s.lock();
+        authorize(&st, r.rank, &secret)?;
         st.check(r.rank, r.generation, s.now()).map_err(refused)?;
         let total = st.spec.total_steps;
         if let Some(summary) = st.report(r, imbalance) {
@@ -244,17 +281,21 @@ impl tessera_proto::Coordinator for Service {
     }
 
     async fn heartbeat(&self, req: Request<HeartbeatRequest>) -> Result<Response<HeartbeatReply>, Status> {
+        let secret = session(&req);
         let r = req.into_inner();
         let s = &self.0;
         let mut st = s.lock();
+        authorize(&st, r.rank, &secret)?;
         let (action, reason) = st.heartbeat(r.rank, r.generation, s.now()).map_err(refused)?;
         Ok(Response::new(HeartbeatReply { generation: st.members.generation, action: action as i32, reason }))
     }
 
     async fn leave(&self, req: Request<LeaveRequest>) -> Result<Response<LeaveReply>, Status> {
+        let secret = session(&req);
         let r = req.into_inner();
         let s = &self.0;
         let mut st = s.lock();
+        authorize(&st, r.rank, &secret)?;
         st.check(r.rank, r.generation, s.now()).map_err(refused)?;
         if let Some(e) = r.eval {
             st.eval = Some(e);
@@ -276,6 +317,7 @@ impl tessera_proto::Coordinator for Service {
     }
 
     async fn commit_checkpoint(&self, req: Request<CheckpointPart>) -> Result<Response<CheckpointAck>, Status> {
+        let secret = session(&req);
         let r = req.into_inner();
         let s = &self.0;
         let (root, keep) = s
@@ -286,6 +328,7 @@ impl tessera_proto::Coordinator for Service {
             r.files.into_iter().map(|f| FileEntry { path: f.path, bytes: f.bytes, sha256: f.sha256 }).collect();
         let all = {
             let mut st = s.lock();
+            authorize(&st, r.rank, &secret)?;
             st.check(r.rank, r.generation, s.now()).map_err(refused)?;
             st.add_part(r.rank, r.step, files)
         };

@@ -2,29 +2,60 @@
 //! tonic client, usable from the step loop, the data threads and the
 //! heartbeat thread at once (each call runs on one shared runtime).
 
+use crate::auth::{JobToken, SESSION_KEY};
 use anyhow::{anyhow, bail, Context, Result};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tessera_proto::v1::{
     Assignment, AssignmentRequest, CheckpointAck, CheckpointPart, HeartbeatReply, HeartbeatRequest, JoinReply,
     JoinRequest, LeaveRequest, RendezvousReply, RendezvousRequest, StepAck, StepReport,
 };
 use tessera_proto::CoordinatorClient;
+use tonic::metadata::{AsciiMetadataValue, MetadataValue};
+use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, Endpoint};
 
 /// Longest any one call may take; Rendezvous itself answers within 10 s.
 const CALL_TIMEOUT: Duration = Duration::from_secs(60);
 
+/// What every call carries: the job token, and after Join the session
+/// secret that binds the calls to this worker's rank.
+#[derive(Clone)]
+struct Credentials {
+    token: Option<AsciiMetadataValue>,
+    session: Arc<Mutex<Option<AsciiMetadataValue>>>,
+}
+
+impl tonic::service::Interceptor for Credentials {
+    fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        if let Some(t) = &self.token {
+            req.metadata_mut().insert("authorization", t.clone());
+        }
+        if let Some(s) = self.session.lock().unwrap_or_else(|e| e.into_inner()).clone() {
+            req.metadata_mut().insert(SESSION_KEY, s);
+        }
+        Ok(req)
+    }
+}
+
+type Inner = CoordinatorClient<InterceptedService<Channel, Credentials>>;
+
 #[derive(Clone)]
 pub struct Client {
     url: String,
-    rt: std::sync::Arc<tokio::runtime::Runtime>,
-    inner: CoordinatorClient<Channel>,
+    rt: Arc<tokio::runtime::Runtime>,
+    inner: Inner,
+    session: Arc<Mutex<Option<AsciiMetadataValue>>>,
 }
 
 impl Client {
     /// Connects to the coordinator, retrying with exponential backoff (a
     /// worker may start before the coordinator is up) until `patience` runs out.
-    pub fn connect(url: &str, patience: Duration) -> Result<Self> {
+    pub fn connect(url: &str, patience: Duration, token: Option<&JobToken>) -> Result<Self> {
+        let token = token
+            .map(|t| MetadataValue::try_from(t.bearer()))
+            .transpose()
+            .map_err(|_| anyhow!("the job token cannot travel in a header"))?;
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
             .enable_all()
@@ -54,12 +85,22 @@ impl Client {
                 }
             }
         };
-        Ok(Client { url: url.to_string(), rt: std::sync::Arc::new(rt), inner: CoordinatorClient::new(channel) })
+        let session = Arc::new(Mutex::new(None));
+        let inner = CoordinatorClient::with_interceptor(channel, Credentials { token, session: session.clone() });
+        Ok(Client { url: url.to_string(), rt: Arc::new(rt), inner, session })
+    }
+
+    /// Later calls carry the session secret a Join returned.
+    fn joined(&self, reply: JoinReply) -> Result<JoinReply> {
+        let secret = MetadataValue::try_from(reply.session_secret.as_str())
+            .map_err(|_| anyhow!("the coordinator sent a session secret that is not a header value"))?;
+        *self.session.lock().unwrap_or_else(|e| e.into_inner()) = Some(secret);
+        Ok(reply)
     }
 
     fn call<T, F, Fut>(&self, what: &str, f: F) -> Result<T>
     where
-        F: FnOnce(CoordinatorClient<Channel>) -> Fut,
+        F: FnOnce(Inner) -> Fut,
         Fut: std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
     {
         self.rt
@@ -69,7 +110,7 @@ impl Client {
     }
 
     pub fn join(&self, req: JoinRequest) -> Result<JoinReply> {
-        self.call("join", |mut c| async move { c.join(req).await })
+        self.call("join", |mut c| async move { c.join(req).await }).and_then(|r| self.joined(r))
     }
 
     /// Joins, retrying with backoff while the coordinator is unreachable (a
@@ -82,7 +123,7 @@ impl Client {
         loop {
             let req = req.clone();
             let status = match self.rt.block_on(async { self.inner.clone().join(req).await }) {
-                Ok(r) => return Ok(r.into_inner()),
+                Ok(r) => return self.joined(r.into_inner()),
                 Err(s) => s,
             };
             let retry = matches!(status.code(), tonic::Code::Unavailable | tonic::Code::DeadlineExceeded);

@@ -54,6 +54,10 @@ struct RunArgs {
     /// address on the route to the coordinator).
     #[arg(long)]
     advertise_host: Option<String>,
+    /// A file holding the job's token (else the TESSERA_JOB_TOKEN
+    /// environment variable; neither: no token).
+    #[arg(long)]
+    token_file: Option<PathBuf>,
 }
 
 #[derive(Subcommand)]
@@ -199,6 +203,7 @@ fn run(cli: Cli) -> Result<()> {
                 launch,
                 connect_patience: std::time::Duration::from_secs_f64(args.connect_timeout),
                 advertise_host: args.advertise_host,
+                token: tessera_worker::auth::JobToken::load(args.token_file.as_deref())?,
             })?;
         }
         Command::DebugStep { model, batch, out, device, expect } => {

@@ -9,6 +9,7 @@ use super::job::TrainJob;
 use super::optimizer::Optimizer;
 use super::run::{build_model, model_config, restore, stop_on_signal, write_checkpoint_part};
 use super::trainer::{synced_params, train_step_dp};
+use crate::auth::JobToken;
 use crate::client::Client;
 use crate::collective::ring::RingCollective;
 use crate::collective::Collective;
@@ -36,6 +37,8 @@ pub struct WorkerOptions {
     pub connect_patience: Duration,
     /// Host name or address the other ranks reach this one at (ring).
     pub advertise_host: Option<String>,
+    /// The job token: every call to the coordinator carries it.
+    pub token: Option<JobToken>,
 }
 
 /// One step's share for this rank, cut into micro-batches.
@@ -50,7 +53,7 @@ struct Share {
 /// committed checkpoint; the coordinator decides whether there is one.
 pub fn run_worker(opts: &WorkerOptions) -> Result<()> {
     let device = opts.launch.device.resolve(opts.launch.local_rank)?;
-    let client = Client::connect(&opts.launch.coordinator, opts.connect_patience)?;
+    let client = Client::connect(&opts.launch.coordinator, opts.connect_patience, opts.token.as_ref())?;
     let host = match &opts.advertise_host {
         Some(h) => h.clone(),
         None => advertise_host(&opts.launch.coordinator),
