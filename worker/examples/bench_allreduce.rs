@@ -159,7 +159,7 @@ fn run_rank(args: &Args, rank: usize) -> Result<()> {
     };
     let max = transport(args.transports.first().map_or("shm", String::as_str))?;
     let mut ring =
-        RingCollective::<f32>::connect_with_transport(rank, n, listener, &peers, 0, Duration::from_secs(60), max)?;
+        RingCollective::<f32>::connect_with_transport(rank, n, listener, &peers, 0, Duration::from_secs(60), max, &[])?;
     ring.set_segment_bytes(args.segment_kib * 1024);
     for size in args.sizes_bytes() {
         let len = size / 4;

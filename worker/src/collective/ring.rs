@@ -1,16 +1,33 @@
 //! The CPU collective: a ring all-reduce over TCP (on one host: Unix sockets
 //! and shared memory).
 //!
-//! Ranks find each other and check each other's identity over TCP. On Linux,
-//! two neighbours in the same network namespace (in practice: on the same
-//! host) then move their link to a Unix domain socket, offered by the
-//! accepting rank under a random abstract name and claimed with a random
-//! token sent over the checked TCP connection (step 4 of the handshake). A
+//! Ranks find each other and check each other's identity over TCP: a hello
+//! (magic, version, world size, generation, ranks, and a fresh random nonce)
+//! each way on every link.
+//!
+//! Authentication: the job has a secret token (bytes, possibly empty), and a
+//! link carries no gradient byte until both of its ends proved that they hold
+//! the same one (step 4 of the handshake, `auth`). Each end sends
+//! HMAC-SHA256 keyed with the token over a label, its role (connecting or
+//! accepting end) and the link's two hellos as sent, which hold both
+//! nonces, world size, generation and the two ranks; the token never
+//! travels, and a recorded proof is worth nothing on another link, in
+//! another generation or in a later handshake. Each end checks the peer's
+//! proof in constant time, and a peer that sends a wrong proof (another
+//! token, or none) is refused on both ends with an error saying that the job
+//! token does not match. The proofs travel over TCP, before any move to a
+//! Unix socket or shared memory. This keeps out anyone who can reach a
+//! rank's port without the token; it does not encrypt the gradients.
+//!
+//! On Linux, two neighbours in the same network namespace (in practice: on
+//! the same host) then move their link to a Unix domain socket, offered by
+//! the accepting rank under a random abstract name and claimed with a random
+//! token sent over the checked TCP connection (step 5 of the handshake). A
 //! Unix socket moves the same bytes with the same two copies but skips the
 //! TCP/IP stack, a large part of loopback TCP's cost (docs/BENCHMARKS.md).
 //! Peers on other hosts, or an upgrade that fails, keep the TCP connection.
 //!
-//! On such a Unix link the data then moves through shared memory (step 5,
+//! On such a Unix link the data then moves through shared memory (step 6,
 //! [`super::shm`]): the writing rank creates a ring buffer in a memfd and
 //! passes it over the socket; from then on it copies its bytes once into the
 //! ring and the reading rank adds (reduce-scatter) or copies (all-gather)
@@ -64,14 +81,15 @@ use std::time::{Duration, Instant};
 /// First bytes of every handshake, so a stray connection (another program,
 /// an old build) is refused by name instead of being read as data.
 const MAGIC: [u8; 8] = *b"TESSRING";
-/// Bumped whenever the bytes on the wire change meaning.
-const PROTOCOL_VERSION: u32 = 1;
+/// Bumped whenever the bytes on the wire change meaning. 2: the hello
+/// carries a nonce and both ends prove the job token (step 4).
+const PROTOCOL_VERSION: u32 = 2;
 /// Feature bit in [`Hello::features`]: the sender can move the link to a
 /// Unix socket after the handshake. A peer without it (another OS, an older
 /// build: the field was reserved and zero) keeps TCP.
 const FEATURE_UNIX: u32 = 1;
 /// Feature bit: the sender can move the data of a Unix link into a shared
-/// memory ring (step 5 of the handshake; needs [`FEATURE_UNIX`] too).
+/// memory ring (step 6 of the handshake; needs [`FEATURE_UNIX`] too).
 const FEATURE_SHM: u32 = 2;
 /// The features this build offers.
 const LOCAL_FEATURES: u32 = if cfg!(target_os = "linux") { FEATURE_UNIX | FEATURE_SHM } else { 0 };
@@ -125,9 +143,16 @@ struct Hello {
     to: u64,
     /// Optional abilities ([`FEATURE_UNIX`]); not checked, only intersected.
     features: u32,
+    /// Fresh random bytes for this link, so that a token proof answers this
+    /// handshake only and a recorded one cannot be replayed.
+    nonce: [u8; NONCE_BYTES],
 }
 
-const HELLO_BYTES: usize = 48;
+/// The part of the hello that every protocol version shares, so a peer of
+/// another version is read far enough to be named, not waited for.
+const HELLO_HEAD_BYTES: usize = 48;
+const NONCE_BYTES: usize = 32;
+const HELLO_BYTES: usize = HELLO_HEAD_BYTES + NONCE_BYTES;
 
 impl Hello {
     fn encode(&self) -> [u8; HELLO_BYTES] {
@@ -139,6 +164,7 @@ impl Hello {
         b[24..32].copy_from_slice(&self.generation.to_le_bytes());
         b[32..40].copy_from_slice(&self.from.to_le_bytes());
         b[40..48].copy_from_slice(&self.to.to_le_bytes());
+        b[HELLO_HEAD_BYTES..].copy_from_slice(&self.nonce);
         b
     }
 
@@ -163,6 +189,11 @@ impl Hello {
             generation: u64_at(24),
             from: u64_at(32),
             to: u64_at(40),
+            nonce: {
+                let mut n = [0u8; NONCE_BYTES];
+                n.copy_from_slice(&b[HELLO_HEAD_BYTES..]);
+                n
+            },
         })
     }
 
@@ -671,14 +702,92 @@ fn accept_until(listener: &TcpListener, deadline: Instant, what: &str) -> Result
     }
 }
 
+/// Reads a hello: its head, and its nonce only when the head is of this
+/// version (another version's hello may be shorter; [`Hello::check`] then
+/// names the version, while waiting for more bytes would hang).
 fn read_hello(mut s: &TcpStream, deadline: Instant) -> std::io::Result<[u8; HELLO_BYTES]> {
     s.set_read_timeout(Some(read_timeout(deadline)))?;
     let mut b = [0u8; HELLO_BYTES];
-    s.read_exact(&mut b)?;
+    s.read_exact(&mut b[..HELLO_HEAD_BYTES])?;
+    if b[0..8] == MAGIC && b[8..12] == PROTOCOL_VERSION.to_le_bytes() {
+        s.read_exact(&mut b[HELLO_HEAD_BYTES..])?;
+    }
     Ok(b)
 }
 
-/// Step 4 of the handshake: moving same-host links to Unix sockets.
+/// Step 4: proving the job token. On each link both ends send
+/// HMAC-SHA256(token, label, role, the connecting end's hello, the accepting
+/// end's hello), the hellos as sent, so the proof binds both nonces, the
+/// direction, world size, generation and both ranks: it answers this link
+/// of this handshake only, and the role byte keeps a peer from reflecting a
+/// proof back at its sender. The token itself never travels.
+mod auth {
+    use super::*;
+    use hmac::{Hmac, Mac};
+    use sha2::Sha256;
+
+    pub(super) const PROOF_BYTES: usize = 32;
+    const LABEL: &[u8] = b"tessera ring token proof\0";
+    /// Who sends the proof: the end that connected (the link's
+    /// predecessor) or the end that accepted (its successor).
+    pub(super) const BY_CONNECTOR: u8 = b'C';
+    pub(super) const BY_ACCEPTOR: u8 = b'A';
+
+    fn mac(
+        token: &[u8],
+        role: u8,
+        connector_hello: &[u8; HELLO_BYTES],
+        acceptor_hello: &[u8; HELLO_BYTES],
+    ) -> Result<Hmac<Sha256>> {
+        let mut m = <Hmac<Sha256> as Mac>::new_from_slice(token)
+            .map_err(|e| anyhow!("cannot key HMAC-SHA256 with the job token: {e}"))?;
+        m.update(LABEL);
+        m.update(&[role]);
+        m.update(connector_hello);
+        m.update(acceptor_hello);
+        Ok(m)
+    }
+
+    pub(super) fn prove(
+        token: &[u8],
+        role: u8,
+        connector_hello: &[u8; HELLO_BYTES],
+        acceptor_hello: &[u8; HELLO_BYTES],
+    ) -> Result<[u8; PROOF_BYTES]> {
+        Ok(mac(token, role, connector_hello, acceptor_hello)?.finalize().into_bytes().into())
+    }
+
+    /// Whether `proof` is the one a holder of `token` sends; compared in
+    /// constant time (`verify_slice`), so timing tells nothing about it.
+    pub(super) fn holds_token(
+        proof: &[u8; PROOF_BYTES],
+        token: &[u8],
+        role: u8,
+        connector_hello: &[u8; HELLO_BYTES],
+        acceptor_hello: &[u8; HELLO_BYTES],
+    ) -> Result<bool> {
+        Ok(mac(token, role, connector_hello, acceptor_hello)?.verify_slice(proof).is_ok())
+    }
+
+    pub(super) fn read_proof(mut s: &TcpStream, deadline: Instant) -> std::io::Result<[u8; PROOF_BYTES]> {
+        s.set_read_timeout(Some(read_timeout(deadline)))?;
+        let mut b = [0u8; PROOF_BYTES];
+        s.read_exact(&mut b)?;
+        Ok(b)
+    }
+
+    /// The refusal, the same words on both ends of the link; it names
+    /// neither the token nor the proofs.
+    pub(super) fn mismatch(rank: usize, peer: &str, token: &[u8]) -> anyhow::Error {
+        let own = if token.is_empty() { " (this rank has no job token)" } else { "" };
+        anyhow!(
+            "rank {rank}: the job token does not match: {peer} could not prove it holds this job's token{own}; \
+             the link was refused before any gradient moved"
+        )
+    }
+}
+
+/// Step 5 of the handshake: moving same-host links to Unix sockets.
 mod upgrade {
     use super::*;
 
@@ -705,7 +814,7 @@ mod upgrade {
     }
 
     /// `next_can`/`prev_can`: both ends of that link announced
-    /// [`FEATURE_UNIX`]. Like steps 1-3, no step waits for a peer to do more
+    /// [`FEATURE_UNIX`]. Like steps 1-4, no step waits for a peer to do more
     /// than run the same sequence:
     /// a. offer the predecessor a Unix socket (bind a listener under a random
     ///    abstract name, send name and token);
@@ -807,8 +916,8 @@ mod upgrade {
     #[cfg(target_os = "linux")]
     const OFFER_SHM: u8 = b'M';
 
-    /// Step 5: moving the data of Unix links into shared memory, where both
-    /// ends announced [`FEATURE_SHM`]. The same three moves as step 4:
+    /// Step 6: moving the data of Unix links into shared memory, where both
+    /// ends announced [`FEATURE_SHM`]. The same three moves as step 5:
     /// a. create a ring for the successor and send it (or [`OFFER_NONE`]);
     /// b. receive the predecessor's ring, map it, answer whether that worked;
     /// c. read the successor's answer; on a decline drop the ring.
@@ -902,9 +1011,11 @@ impl<T: Real> RingCollective<T> {
     /// This rank connects to rank+1 (retrying until `timeout`, since peers
     /// start at different times) and accepts one connection from rank-1;
     /// both ends check magic bytes, protocol version, world size, generation
-    /// and ranks. Then each link whose two ends can moves to a Unix socket
-    /// when they share a network namespace (see the module docs). A world
-    /// size of 1 opens no sockets (the listener is dropped).
+    /// and ranks, then prove to each other that they hold the same job token
+    /// (here: the empty one; see [`connect_with_token`](Self::connect_with_token)).
+    /// Then each link whose two ends can moves to a Unix socket when they
+    /// share a network namespace (see the module docs). A world size of 1
+    /// opens no sockets (the listener is dropped).
     pub fn connect(
         rank: usize,
         world_size: usize,
@@ -913,11 +1024,30 @@ impl<T: Real> RingCollective<T> {
         generation: u64,
         timeout: Duration,
     ) -> Result<Self> {
-        Self::connect_with_transport(rank, world_size, listener, peers, generation, timeout, Transport::Shm)
+        Self::connect_with_token(rank, world_size, listener, peers, generation, timeout, &[])
     }
 
-    /// [`connect`](Self::connect), with same-host links limited to `max`
-    /// (to compare transports; results are the same on all of them).
+    /// [`connect`](Self::connect) for a job with a secret `token`: a link
+    /// is used only once the peer proved it holds the same token (without
+    /// either end sending it). A peer without it, or with another one, is
+    /// refused on both ends with an error that says the job token does not
+    /// match.
+    pub fn connect_with_token(
+        rank: usize,
+        world_size: usize,
+        listener: TcpListener,
+        peers: &[String],
+        generation: u64,
+        timeout: Duration,
+        token: &[u8],
+    ) -> Result<Self> {
+        Self::connect_with_transport(rank, world_size, listener, peers, generation, timeout, Transport::Shm, token)
+    }
+
+    /// [`connect_with_token`](Self::connect_with_token), with same-host
+    /// links limited to `max` (to compare transports; results are the same
+    /// on all of them).
+    #[allow(clippy::too_many_arguments)]
     pub fn connect_with_transport(
         rank: usize,
         world_size: usize,
@@ -926,15 +1056,17 @@ impl<T: Real> RingCollective<T> {
         generation: u64,
         timeout: Duration,
         max: Transport,
+        token: &[u8],
     ) -> Result<Self> {
         #[cfg(target_os = "linux")]
         let ring_bytes = super::shm::DEFAULT_RING_BYTES;
         #[cfg(not(target_os = "linux"))]
         let ring_bytes = 0;
         let opts = LinkOptions { max, ring_bytes };
-        Self::connect_opts(rank, world_size, listener, peers, generation, timeout, opts)
+        Self::connect_opts(rank, world_size, listener, peers, generation, timeout, opts, token)
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn connect_opts(
         rank: usize,
         world_size: usize,
@@ -943,6 +1075,7 @@ impl<T: Real> RingCollective<T> {
         generation: u64,
         timeout: Duration,
         opts: LinkOptions,
+        token: &[u8],
     ) -> Result<Self> {
         if world_size == 0 {
             bail!("world size must be at least 1");
@@ -956,7 +1089,8 @@ impl<T: Real> RingCollective<T> {
         let links = if world_size == 1 {
             None
         } else {
-            Some(Self::handshake(rank, world_size, &listener, peers, generation, Instant::now() + timeout, opts)?)
+            let deadline = Instant::now() + timeout;
+            Some(Self::handshake(rank, world_size, &listener, peers, generation, deadline, opts, token)?)
         };
         Ok(RingCollective {
             rank,
@@ -979,8 +1113,14 @@ impl<T: Real> RingCollective<T> {
     ///    buffer, so it does not wait for the successor to accept);
     /// 2. accept the predecessor, read its hello, answer with ours, check;
     /// 3. read the successor's answer and check it;
-    /// 4. move same-host links to Unix sockets (`upgrade::to_unix`);
-    /// 5. move the data of those to shared memory (`upgrade::to_shm`).
+    /// 4. prove the job token on both links (writes only, small enough for
+    ///    the socket buffers), then check both peers' proofs (`auth`), so
+    ///    each end of a mismatched link sees the peer's proof and says so;
+    /// 5. move same-host links to Unix sockets (`upgrade::to_unix`);
+    /// 6. move the data of those to shared memory (`upgrade::to_shm`).
+    ///
+    /// Nothing but hellos and proofs moves before step 4 has passed.
+    #[allow(clippy::too_many_arguments)]
     fn handshake(
         rank: usize,
         n: usize,
@@ -989,6 +1129,7 @@ impl<T: Real> RingCollective<T> {
         generation: u64,
         deadline: Instant,
         opts: LinkOptions,
+        token: &[u8],
     ) -> Result<Links> {
         let features = opts.max.features();
         let next_rank = (rank + 1) % n;
@@ -1000,26 +1141,28 @@ impl<T: Real> RingCollective<T> {
             from: rank as u64,
             to: to as u64,
             features,
+            // rand's thread RNG is a CSPRNG seeded from the OS.
+            nonce: rand::random(),
         };
         let next_name = format!("rank {next_rank} (successor, {})", peers[next_rank]);
 
         // 1. Successor.
         let next = connect_with_retry(&peers[next_rank], deadline, &next_name)?;
         next.set_nodelay(true).with_context(|| format!("setting TCP_NODELAY towards {next_name} failed"))?;
-        (&next)
-            .write_all(&me(next_rank).encode())
-            .with_context(|| format!("sending the handshake to {next_name} failed"))?;
+        let hello_to_next = me(next_rank).encode();
+        (&next).write_all(&hello_to_next).with_context(|| format!("sending the handshake to {next_name} failed"))?;
 
         // 2. Predecessor.
         let prev_advertised = format!("rank {prev_rank} (predecessor, advertised as {})", peers[prev_rank]);
         let (prev, prev_addr) = accept_until(listener, deadline, &prev_advertised)?;
         let prev_name = format!("rank {prev_rank} (predecessor, {prev_addr})");
         prev.set_nodelay(true).with_context(|| format!("setting TCP_NODELAY towards {prev_name} failed"))?;
-        let got = read_hello(&prev, deadline)
+        let hello_from_prev = read_hello(&prev, deadline)
             .with_context(|| format!("reading the handshake of the connection from {prev_addr} failed"))?;
         // Answer before checking, so the peer can name the mismatch too.
-        let answer = (&prev).write_all(&me(prev_rank).encode());
-        let prev_features = Hello::decode(&got)
+        let hello_to_prev = me(prev_rank).encode();
+        let answer = (&prev).write_all(&hello_to_prev);
+        let prev_features = Hello::decode(&hello_from_prev)
             .and_then(|h| {
                 h.check(&Hello { from: prev_rank as u64, to: rank as u64, ..me(prev_rank) }).map(|()| h.features)
             })
@@ -1029,16 +1172,40 @@ impl<T: Real> RingCollective<T> {
         answer.with_context(|| format!("answering the handshake of {prev_name} failed"))?;
 
         // 3. The successor's answer.
-        let got = read_hello(&next, deadline).with_context(|| {
+        let hello_from_next = read_hello(&next, deadline).with_context(|| {
             format!("reading the handshake answer of {next_name} failed (did it refuse this rank? see its log)")
         })?;
-        let next_features = Hello::decode(&got)
+        let next_features = Hello::decode(&hello_from_next)
             .and_then(|h| {
                 h.check(&Hello { from: next_rank as u64, to: rank as u64, ..me(next_rank) }).map(|()| h.features)
             })
             .with_context(|| format!("rank {rank}: {next_name} answered the handshake wrongly"))?;
 
-        // 4. Same-host links move to Unix sockets where both ends can.
+        // 4. The job token. This rank connected to its successor and
+        // accepted its predecessor; each proof covers the link's two hellos
+        // in that (connector, acceptor) order. A failed send is reported
+        // after the peer's proof is checked: a peer that already refused
+        // this rank has sent its proof, and a mismatch is the clearer error.
+        let proof = auth::prove(token, auth::BY_CONNECTOR, &hello_to_next, &hello_from_next)?;
+        let sent_next = (&next).write_all(&proof);
+        let proof = auth::prove(token, auth::BY_ACCEPTOR, &hello_from_prev, &hello_to_prev)?;
+        let sent_prev = (&prev).write_all(&proof);
+        let got = auth::read_proof(&prev, deadline).with_context(|| {
+            format!("reading the token proof of {prev_name} failed (did it refuse this rank's job token? see its log)")
+        })?;
+        if !auth::holds_token(&got, token, auth::BY_CONNECTOR, &hello_from_prev, &hello_to_prev)? {
+            return Err(auth::mismatch(rank, &prev_name, token));
+        }
+        sent_prev.with_context(|| format!("sending the token proof to {prev_name} failed"))?;
+        let got = auth::read_proof(&next, deadline).with_context(|| {
+            format!("reading the token proof of {next_name} failed (did it refuse this rank's job token? see its log)")
+        })?;
+        if !auth::holds_token(&got, token, auth::BY_ACCEPTOR, &hello_to_next, &hello_from_next)? {
+            return Err(auth::mismatch(rank, &next_name, token));
+        }
+        sent_next.with_context(|| format!("sending the token proof to {next_name} failed"))?;
+
+        // 5. Same-host links move to Unix sockets where both ends can.
         let (next, prev) = upgrade::to_unix(
             next,
             prev,
@@ -1048,7 +1215,7 @@ impl<T: Real> RingCollective<T> {
             (&next_name, &prev_name),
         )?;
 
-        // 5. Their data moves to shared memory where both ends can.
+        // 6. Their data moves to shared memory where both ends can.
         #[cfg(target_os = "linux")]
         let (next_shm, prev_shm) = upgrade::to_shm(
             &next,
@@ -1464,10 +1631,22 @@ mod tests {
         (ls, addrs)
     }
 
+    /// The job token of the tests' rings, so that every test runs the proofs.
+    const TOKEN: &[u8] = b"token-of-the-test-job";
+
+    fn default_opts(n: usize) -> Vec<LinkOptions> {
+        vec![LinkOptions { max: Transport::Shm, ring_bytes: DEFAULT_RING_BYTES }; n]
+    }
+
     /// Connects n ranks, each on its own thread, rank i in `generations[i]`.
     fn connect_ring<T: Real>(generations: &[u64]) -> Vec<Result<RingCollective<T>>> {
-        let opts = vec![LinkOptions { max: Transport::Shm, ring_bytes: DEFAULT_RING_BYTES }; generations.len()];
-        connect_ring_opts(generations, &opts)
+        connect_ring_opts(generations, &default_opts(generations.len()))
+    }
+
+    /// Connects n ranks of one generation, rank i with `tokens[i]`.
+    fn connect_ring_tokens<T: Real>(tokens: &[&[u8]]) -> Vec<Result<RingCollective<T>>> {
+        let n = tokens.len();
+        connect_ring_full(&vec![GENERATION; n], &default_opts(n), tokens)
     }
 
     #[cfg(target_os = "linux")]
@@ -1477,16 +1656,25 @@ mod tests {
 
     /// [`connect_ring`] with link options per rank.
     fn connect_ring_opts<T: Real>(generations: &[u64], opts: &[LinkOptions]) -> Vec<Result<RingCollective<T>>> {
+        connect_ring_full(generations, opts, &vec![TOKEN; generations.len()])
+    }
+
+    /// [`connect_ring`] with link options and a token per rank.
+    fn connect_ring_full<T: Real>(
+        generations: &[u64],
+        opts: &[LinkOptions],
+        tokens: &[&[u8]],
+    ) -> Vec<Result<RingCollective<T>>> {
         let n = generations.len();
         let (ls, addrs) = listeners(n);
         thread::scope(|s| {
             let hs: Vec<_> = ls
                 .into_iter()
-                .zip(generations.iter().zip(opts))
+                .zip(generations.iter().zip(opts).zip(tokens))
                 .enumerate()
-                .map(|(rank, (l, (&g, &o)))| {
+                .map(|(rank, (l, ((&g, &o), &t)))| {
                     let addrs = &addrs;
-                    s.spawn(move || RingCollective::<T>::connect_opts(rank, n, l, addrs, g, CONNECT, o))
+                    s.spawn(move || RingCollective::<T>::connect_opts(rank, n, l, addrs, g, CONNECT, o, t))
                 })
                 .collect();
             hs.into_iter().map(|h| h.join().unwrap()).collect()
@@ -1913,11 +2101,12 @@ mod tests {
 
     /// A fake predecessor that sends `hello` to rank 0 of a two-rank ring
     /// whose successor is a bare listener; returns rank 0's error.
-    fn refused_by_rank0(hello: [u8; HELLO_BYTES]) -> String {
+    fn refused_by_rank0(hello: &[u8]) -> String {
         let (mut ls, addrs) = listeners(2);
         let l0 = ls.remove(0);
         let _fake_successor = ls.remove(0); // the kernel completes rank 0's connect
         let addr0 = addrs[0].clone();
+        let hello = hello.to_vec();
         let fake = thread::spawn(move || {
             let mut s = TcpStream::connect(&addr0).unwrap();
             s.write_all(&hello).unwrap();
@@ -1925,7 +2114,7 @@ mod tests {
             let _ = s.read_exact(&mut answer);
             answer
         });
-        let e = RingCollective::<f32>::connect(0, 2, l0, &addrs, GENERATION, CONNECT).err().unwrap();
+        let e = RingCollective::<f32>::connect_with_token(0, 2, l0, &addrs, GENERATION, CONNECT, TOKEN).err().unwrap();
         let answer = fake.join().unwrap();
         // Rank 0 answered with its own identity before refusing.
         let h = Hello::decode(&answer).unwrap();
@@ -1938,7 +2127,7 @@ mod tests {
         within(30, || {
             let mut junk = [b'x'; HELLO_BYTES];
             junk[..16].copy_from_slice(b"GET / HTTP/1.1\r\n");
-            let e = refused_by_rank0(junk);
+            let e = refused_by_rank0(&junk);
             assert!(e.contains("not a Tessera ring peer"), "{e}");
         });
     }
@@ -1953,10 +2142,11 @@ mod tests {
                 from: 2,
                 to: 0,
                 features: LOCAL_FEATURES,
+                nonce: [7; NONCE_BYTES],
             };
-            let e = refused_by_rank0(h.encode());
+            let e = refused_by_rank0(&h.encode());
             for part in [
-                "protocol version 2 (this rank speaks 1)",
+                &format!("protocol version {} (this rank speaks {PROTOCOL_VERSION})", PROTOCOL_VERSION + 1),
                 "world size 3 (this rank has 2)",
                 "sender rank 2 (expected rank 1)",
                 "rank 0",
@@ -1965,6 +2155,245 @@ mod tests {
             }
             assert!(!e.contains("generation 7 ("), "{e}");
         });
+    }
+
+    #[test]
+    fn an_older_version_is_named_not_waited_for() {
+        within(30, || {
+            // A version 1 hello: the 48-byte head alone, no nonce.
+            let h = Hello {
+                version: 1,
+                world_size: 2,
+                generation: GENERATION,
+                from: 1,
+                to: 0,
+                features: 0,
+                nonce: [0; NONCE_BYTES],
+            };
+            let e = refused_by_rank0(&h.encode()[..HELLO_HEAD_BYTES]);
+            assert!(e.contains(&format!("protocol version 1 (this rank speaks {PROTOCOL_VERSION})")), "{e}");
+        });
+    }
+
+    #[test]
+    fn ranks_with_the_same_token_connect_and_sum() {
+        within(60, || {
+            let token: &[u8] = b"\x00\xffsecret of job 42";
+            let rings: Vec<RingCollective<f32>> =
+                connect_ring_tokens(&[token; 3]).into_iter().map(|r| r.unwrap()).collect();
+            let out = on_all(rings, |c| {
+                let mut v = input::<f32>(c.rank(), 1000);
+                c.all_reduce_sum(&mut v).unwrap();
+                let mut u = [c.rank() as u64 + 1];
+                c.all_reduce_sum_u64(&mut u).unwrap();
+                (v, u[0])
+            });
+            for (rank, (_, (v, u))) in out.iter().enumerate() {
+                assert_eq!(*u, 6, "rank {rank}");
+                for (i, g) in v.iter().enumerate() {
+                    let exact: f64 = (0..3).map(|r| f32::of(value(r, i)).f64()).sum();
+                    assert!((g.f64() - exact).abs() <= 1e-5 * (1.0 + exact.abs()), "rank {rank} i={i}: {g}");
+                }
+                assert_eq!(bits(v), bits(&out[0].1 .0), "rank {rank} differs from rank 0");
+            }
+        });
+    }
+
+    #[test]
+    fn ranks_without_a_token_still_connect() {
+        within(60, || {
+            let (ls, addrs) = listeners(2);
+            let out: Vec<Result<RingCollective<f64>>> = thread::scope(|s| {
+                let hs: Vec<_> = ls
+                    .into_iter()
+                    .enumerate()
+                    .map(|(rank, l)| {
+                        let addrs = &addrs;
+                        s.spawn(move || RingCollective::connect(rank, 2, l, addrs, GENERATION, CONNECT))
+                    })
+                    .collect();
+                hs.into_iter().map(|h| h.join().unwrap()).collect()
+            });
+            let out = on_all(out.into_iter().map(|r| r.unwrap()).collect(), |c| {
+                let mut v = vec![c.rank() as f64 + 0.5];
+                c.all_reduce_sum(&mut v).unwrap();
+                v[0]
+            });
+            assert!(out.iter().all(|(_, v)| *v == 2.0));
+        });
+    }
+
+    /// Asserts that every rank was refused for the token, and that no error
+    /// shows the tokens.
+    fn assert_token_refused<T>(out: &[Result<RingCollective<T>>], tokens: &[&[u8]]) {
+        for (rank, r) in out.iter().enumerate() {
+            let e = format!("{:#}", r.as_ref().err().unwrap_or_else(|| panic!("rank {rank} connected")));
+            assert!(e.contains("job token does not match"), "rank {rank}: {e}");
+            for t in tokens.iter().filter(|t| !t.is_empty()) {
+                assert!(!e.contains(&*String::from_utf8_lossy(t)), "rank {rank} shows a token: {e}");
+            }
+        }
+    }
+
+    #[test]
+    fn another_token_is_refused_on_both_sides() {
+        within(60, || {
+            // Rank 2 is a neighbour of both others, so every rank refuses.
+            let tokens: [&[u8]; 3] = [b"token-AAAA", b"token-AAAA", b"token-BBBB"];
+            let out = connect_ring_tokens::<f32>(&tokens);
+            assert_token_refused(&out, &tokens);
+            let e = format!("{:#}", out[0].as_ref().err().unwrap());
+            assert!(e.contains("rank 0: the job token does not match: rank 2 (predecessor"), "{e}");
+            let e = format!("{:#}", out[1].as_ref().err().unwrap());
+            assert!(e.contains("rank 1: the job token does not match: rank 2 (successor"), "{e}");
+        });
+    }
+
+    #[test]
+    fn a_rank_without_the_token_is_refused() {
+        within(60, || {
+            let tokens: [&[u8]; 2] = [b"", b"token-AAAA"];
+            let out = connect_ring_tokens::<f32>(&tokens);
+            assert_token_refused(&out, &tokens);
+            let e = format!("{:#}", out[0].as_ref().err().unwrap());
+            assert!(e.contains("this rank has no job token"), "{e}");
+        });
+    }
+
+    #[test]
+    fn ranks_starting_in_any_order_connect() {
+        within(120, || {
+            let orders = [[0, 1, 2], [0, 2, 1], [1, 0, 2], [1, 2, 0], [2, 0, 1], [2, 1, 0]];
+            for order in orders {
+                let (ls, addrs) = listeners(3);
+                let out: Vec<Result<RingCollective<f32>>> = thread::scope(|s| {
+                    let hs: Vec<_> = ls
+                        .into_iter()
+                        .enumerate()
+                        .map(|(rank, l)| {
+                            let addrs = &addrs;
+                            let delay = 60 * order.iter().position(|&r| r == rank).unwrap() as u64;
+                            s.spawn(move || {
+                                thread::sleep(Duration::from_millis(delay));
+                                RingCollective::connect_with_token(rank, 3, l, addrs, GENERATION, CONNECT, TOKEN)
+                            })
+                        })
+                        .collect();
+                    hs.into_iter().map(|h| h.join().unwrap()).collect()
+                });
+                let rings = out.into_iter().map(|r| r.unwrap_or_else(|e| panic!("order {order:?}: {e:#}"))).collect();
+                let sums = on_all(rings, |c| {
+                    let mut u = [1u64 << c.rank()];
+                    c.all_reduce_sum_u64(&mut u).unwrap();
+                    u[0]
+                });
+                assert!(sums.iter().all(|(_, u)| *u == 7), "order {order:?}");
+            }
+        });
+    }
+
+    /// What a fake rank 1 does once both hellos of a two-rank ring are
+    /// exchanged with the real rank 0.
+    enum FakeProof {
+        /// 32 random bytes on both links.
+        Garbage,
+        /// None: it ends its side of both links.
+        Nothing,
+    }
+
+    /// Runs a real rank 0 (with [`TOKEN`]) against a fake rank 1 that sends
+    /// well-formed hellos but no valid token proof. Returns rank 0's error
+    /// and every byte the fake got after the hellos, per link.
+    fn against_fake_rank1(proof: FakeProof) -> (String, Vec<u8>, Vec<u8>) {
+        let (mut ls, addrs) = listeners(2);
+        let (l0, l1) = (ls.remove(0), ls.remove(0));
+        let addr0 = addrs[0].clone();
+        let fake = thread::spawn(move || {
+            let hello = Hello {
+                version: PROTOCOL_VERSION,
+                world_size: 2,
+                generation: GENERATION,
+                from: 1,
+                to: 0,
+                features: LOCAL_FEATURES,
+                nonce: rand::random(),
+            };
+            // As successor: rank 0 connects and says hello first.
+            let (mut from0, _) = l1.accept().unwrap();
+            let mut got = [0u8; HELLO_BYTES];
+            from0.read_exact(&mut got).unwrap();
+            from0.write_all(&hello.encode()).unwrap();
+            // As predecessor.
+            let mut to0 = TcpStream::connect(&addr0).unwrap();
+            to0.write_all(&hello.encode()).unwrap();
+            to0.read_exact(&mut got).unwrap();
+            for s in [&from0, &to0] {
+                match proof {
+                    FakeProof::Garbage => (&*s).write_all(&rand::random::<[u8; auth::PROOF_BYTES]>()).unwrap(),
+                    FakeProof::Nothing => s.shutdown(Shutdown::Write).unwrap(),
+                }
+            }
+            let rest = |mut s: &TcpStream| {
+                let mut b = Vec::new();
+                s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+                let _ = s.read_to_end(&mut b);
+                b
+            };
+            (rest(&from0), rest(&to0))
+        });
+        let e = RingCollective::<f32>::connect_with_token(0, 2, l0, &addrs, GENERATION, CONNECT, TOKEN).err().unwrap();
+        let (from0, to0) = fake.join().unwrap();
+        (format!("{e:#}"), from0, to0)
+    }
+
+    #[test]
+    fn a_peer_with_a_garbage_proof_gets_no_data() {
+        within(60, || {
+            let (e, from0, to0) = against_fake_rank1(FakeProof::Garbage);
+            assert!(e.contains("rank 0: the job token does not match: rank 1"), "{e}");
+            // Rank 0's own proofs, then nothing: no offer, no call, no gradient.
+            assert_eq!((from0.len(), to0.len()), (auth::PROOF_BYTES, auth::PROOF_BYTES));
+        });
+    }
+
+    #[test]
+    fn a_peer_without_a_proof_gets_no_data() {
+        within(60, || {
+            let (e, from0, to0) = against_fake_rank1(FakeProof::Nothing);
+            assert!(e.contains("reading the token proof of rank 1"), "{e}");
+            assert!(from0.len() <= auth::PROOF_BYTES && to0.len() <= auth::PROOF_BYTES);
+        });
+    }
+
+    #[test]
+    fn a_proof_answers_one_link_of_one_handshake() {
+        let hello = |from: u64, to: u64, generation: u64, nonce: u8| {
+            Hello {
+                version: PROTOCOL_VERSION,
+                world_size: 2,
+                generation,
+                from,
+                to,
+                features: 0,
+                nonce: [nonce; NONCE_BYTES],
+            }
+            .encode()
+        };
+        let (c, a) = (hello(0, 1, 3, 1), hello(1, 0, 3, 2));
+        let proof = auth::prove(TOKEN, auth::BY_CONNECTOR, &c, &a).unwrap();
+        let holds = |token: &[u8], role, c: &[u8; HELLO_BYTES], a: &[u8; HELLO_BYTES]| {
+            auth::holds_token(&proof, token, role, c, a).unwrap()
+        };
+        assert!(holds(TOKEN, auth::BY_CONNECTOR, &c, &a));
+        assert!(!holds(b"another token", auth::BY_CONNECTOR, &c, &a));
+        assert!(!holds(b"", auth::BY_CONNECTOR, &c, &a));
+        // Reflected back at its sender.
+        assert!(!holds(TOKEN, auth::BY_ACCEPTOR, &c, &a));
+        // The other link of the same two ranks, another generation, fresh nonces.
+        assert!(!holds(TOKEN, auth::BY_CONNECTOR, &hello(1, 0, 3, 1), &hello(0, 1, 3, 2)));
+        assert!(!holds(TOKEN, auth::BY_CONNECTOR, &hello(0, 1, 4, 1), &hello(1, 0, 4, 2)));
+        assert!(!holds(TOKEN, auth::BY_CONNECTOR, &c, &hello(1, 0, 3, 9)));
+        assert!(!holds(TOKEN, auth::BY_CONNECTOR, &hello(0, 1, 3, 9), &a));
     }
 
     #[test]
