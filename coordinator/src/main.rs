@@ -1,6 +1,7 @@
 //! The `coordinator` command line: runs a multi-worker job on the head node.
 
 mod job;
+mod limits;
 mod loss_curve;
 mod membership;
 mod metrics_log;
@@ -42,6 +43,13 @@ struct Cli {
     /// TESSERA_JOB_TOKEN environment variable; neither: no token).
     #[arg(long)]
     token_file: Option<PathBuf>,
+    /// Requests a second each client connection may make (bursts of twice
+    /// that); more get RESOURCE_EXHAUSTED.
+    #[arg(long, default_value_t = 200.0)]
+    rate_limit: f64,
+    /// Requests larger than this many bytes are refused (OUT_OF_RANGE).
+    #[arg(long, default_value_t = 1 << 20)]
+    max_message_bytes: usize,
 }
 
 fn main() -> ExitCode {
@@ -63,6 +71,8 @@ fn main() -> ExitCode {
         out: out.clone(),
         missed_heartbeats: cli.missed_heartbeats,
         token,
+        rate_limit: cli.rate_limit,
+        max_message_bytes: cli.max_message_bytes,
     };
     match run::run(&opts) {
         Ok(report) => {

@@ -2,11 +2,12 @@
 //! left, write the metrics, the loss curve and the outcome.
 
 use crate::job;
+use crate::limits::{gate, RateLimiter};
 use crate::loss_curve::loss_curve_svg;
 use crate::metrics_log::MetricsLog;
 use crate::planner::Planner;
 use crate::progress::StepSummary;
-use crate::service::{check_token, Service, Shared};
+use crate::service::{Service, Shared};
 use crate::state::{Gathering, JobState, Liveness, Outcome, RecoveryPolicy};
 use crate::store::{self, JobStore};
 use anyhow::{bail, Context, Result};
@@ -28,6 +29,10 @@ pub struct RunOptions {
     pub missed_heartbeats: f64,
     /// Every call must carry it (none: anyone who reaches the port may join).
     pub token: Option<JobToken>,
+    /// Requests a second each client connection may make (bursts of twice that).
+    pub rate_limit: f64,
+    /// Larger requests are refused (OUT_OF_RANGE) without being decoded.
+    pub max_message_bytes: usize,
 }
 
 /// What the job produced.
@@ -181,7 +186,7 @@ pub fn run(opts: &RunOptions) -> Result<RunReport> {
             "no job token: any process that reaches this port can join the job; set TESSERA_JOB_TOKEN or --token-file"
         );
     }
-    let outcome = rt.block_on(serve(shared.clone(), opts.listen, opts.token.clone()))?;
+    let outcome = rt.block_on(serve(shared.clone(), opts))?;
     bar.finish_and_clear();
     let st = shared.lock();
     let points: Vec<(u64, f64)> = st.summaries.iter().map(|s| (s.step + 1, s.loss)).collect();
@@ -212,7 +217,8 @@ fn progress_bar(total: u64) -> indicatif::ProgressBar {
 
 /// Serves until the job has an outcome and every worker has left (or a
 /// failed job's workers had a chance to hear it).
-async fn serve(shared: Arc<Shared>, listen: SocketAddr, token: Option<JobToken>) -> Result<Outcome> {
+async fn serve(shared: Arc<Shared>, opts: &RunOptions) -> Result<Outcome> {
+    let listen = opts.listen;
     let world = shared.lock().members.world_size;
     let listener = tokio::net::TcpListener::bind(listen)
         .await
@@ -220,9 +226,14 @@ async fn serve(shared: Arc<Shared>, listen: SocketAddr, token: Option<JobToken>)
     let addr = listener.local_addr().context("listener address")?;
     tracing::info!(%addr, world_size = world, "coordinator listening; waiting for workers");
     let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+    let limiter = Arc::new(RateLimiter::new(opts.rate_limit, 2.0 * opts.rate_limit));
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let server = tonic::transport::Server::builder()
-        .add_service(tessera_proto::CoordinatorServer::with_interceptor(Service(shared.clone()), check_token(token)))
+        .add_service(tonic::service::interceptor::InterceptedService::new(
+            tessera_proto::CoordinatorServer::new(Service(shared.clone()))
+                .max_decoding_message_size(opts.max_message_bytes),
+            gate(opts.token.clone(), limiter),
+        ))
         .serve_with_incoming_shutdown(incoming, async {
             let _ = stop_rx.await;
         });

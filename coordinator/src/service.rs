@@ -13,7 +13,7 @@ use tessera_proto::v1::{
     Assignment, AssignmentRequest, CheckpointAck, CheckpointPart, HeartbeatReply, HeartbeatRequest, JoinReply,
     JoinRequest, LeaveReply, LeaveRequest, RendezvousReply, RendezvousRequest, SampleRef, StepAck, StepReport,
 };
-use tessera_worker::auth::{JobToken, SESSION_KEY};
+use tessera_worker::auth::SESSION_KEY;
 use tessera_worker::train::checkpoint::{self, FileEntry};
 use tokio::sync::Notify;
 use tonic::{Request, Response, Status};
@@ -107,20 +107,6 @@ fn authorize(st: &JobState, rank: u32, secret: &str) -> Result<(), Status> {
     Err(Status::permission_denied(format!(
         "this call speaks for rank {rank} without that rank's session: only the worker that joined as rank {rank} may"
     )))
-}
-
-/// Refuses every call that does not carry the job token, when the job has
-/// one (checked before any handler runs).
-pub fn check_token(token: Option<JobToken>) -> impl tonic::service::Interceptor + Clone {
-    move |req: Request<()>| -> Result<Request<()>, Status> {
-        let Some(t) = &token else { return Ok(req) };
-        if t.accepts(req.metadata().get("authorization").and_then(|v| v.to_str().ok())) {
-            return Ok(req);
-        }
-        Err(Status::unauthenticated(
-            "missing or wrong job token: give the worker the job's token (TESSERA_JOB_TOKEN or --token-file)",
-        ))
-    }
 }
 
 #[tonic::async_trait]

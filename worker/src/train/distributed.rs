@@ -87,7 +87,7 @@ pub fn run_worker(opts: &WorkerOptions) -> Result<()> {
     let spec = joined.job.clone().context("the coordinator sent no job")?;
     let rejoin = Rejoin { client: &client, request, patience: opts.connect_patience, config: spec.config_toml.clone() };
     let mut gen = Generation::from(&joined);
-    let result = train(&client, &spec, &mut gen, &rejoin, device, listener);
+    let result = train(&client, &spec, &mut gen, &rejoin, device, listener, opts.token.clone());
     match &result {
         Ok((eval, saved)) => {
             let leave = LeaveRequest {
@@ -203,6 +203,7 @@ fn train(
     rejoin: &Rejoin,
     device: Device,
     listener: Option<TcpListener>,
+    token: Option<JobToken>,
 ) -> Result<Finished> {
     let job = TrainJob::parse(&spec.config_toml).context("the job config the coordinator sent")?;
     match device {
@@ -218,8 +219,16 @@ fn train(
                 }
                 let timeout = Duration::from_secs(120);
                 let listener = listener.try_clone().context("cannot reuse the ring listener")?;
-                let ring =
-                    RingCollective::<f32>::connect(rank, world, listener, &rdv.ring_peers, rdv.generation, timeout)?;
+                // Ring peers prove the job token to each other before any gradient moves.
+                let ring = RingCollective::<f32>::connect_with_token(
+                    rank,
+                    world,
+                    listener,
+                    &rdv.ring_peers,
+                    rdv.generation,
+                    timeout,
+                    token.as_ref().map_or(&[][..], |t| t.bytes()),
+                )?;
                 let h = ring.abort_handle();
                 Ok((ring, Box::new(move || h.abort())))
             };
