@@ -157,3 +157,101 @@ fn workers_with_the_token_train_and_one_without_is_refused() {
     let stdout = String::from_utf8_lossy(&o.stdout);
     assert!(stdout.contains("trained 3 steps"), "{stdout}");
 }
+
+/// A test CA and what it signs, written as PEM files under `dir`.
+struct Pki {
+    ca: std::path::PathBuf,
+    cert: std::path::PathBuf,
+    key: std::path::PathBuf,
+}
+
+fn make_pki(dir: &std::path::Path, name: &str, sans: &[&str], purpose: rcgen::ExtendedKeyUsagePurpose) -> Pki {
+    use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair};
+    let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca.distinguished_name.push(DnType::CommonName, format!("{name} CA"));
+    let ca_key = KeyPair::generate().unwrap();
+    let ca_cert = ca.self_signed(&ca_key).unwrap();
+    let mut leaf = CertificateParams::new(sans.iter().map(|s| s.to_string()).collect::<Vec<_>>()).unwrap();
+    leaf.extended_key_usages = vec![purpose];
+    let leaf_key = KeyPair::generate().unwrap();
+    let leaf_cert = leaf.signed_by(&leaf_key, &ca_cert, &ca_key).unwrap();
+    let pki = Pki {
+        ca: dir.join(format!("{name}-ca.pem")),
+        cert: dir.join(format!("{name}-cert.pem")),
+        key: dir.join(format!("{name}-key.pem")),
+    };
+    std::fs::write(&pki.ca, ca_cert.pem()).unwrap();
+    std::fs::write(&pki.cert, leaf_cert.pem()).unwrap();
+    std::fs::write(&pki.key, leaf_key.serialize_pem()).unwrap();
+    pki
+}
+
+/// A one-worker job over TLS: the worker trusting the coordinator's CA
+/// trains; one trusting another CA cannot connect. With a client CA on the
+/// coordinator (mutual TLS), a worker needs a certificate signed by it.
+#[test]
+fn tls_join_works_with_the_right_ca_and_fails_with_another() {
+    use rcgen::ExtendedKeyUsagePurpose::{ClientAuth, ServerAuth};
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    make_data(&data);
+    let server = make_pki(tmp.path(), "server", &["localhost", "127.0.0.1"], ServerAuth);
+    let stranger = make_pki(tmp.path(), "stranger", &["localhost"], ServerAuth);
+    let client = make_pki(tmp.path(), "client", &["worker-0"], ClientAuth);
+    let cfg = tmp.path().join("job.toml");
+    std::fs::write(&cfg, config(&data, 2, 4, 1, 1, "join_timeout_s = 60", "")).unwrap();
+    let path = |p: &std::path::Path| p.to_str().unwrap().to_string();
+
+    for mutual in [false, true] {
+        let port = free_port();
+        let out = tmp.path().join(format!("out-{mutual}"));
+        let mut args = vec![
+            "--config".to_string(),
+            path(&cfg),
+            "--listen".into(),
+            format!("127.0.0.1:{port}"),
+            "--out".into(),
+            path(&out),
+            "--tls-cert".into(),
+            path(&server.cert),
+            "--tls-key".into(),
+            path(&server.key),
+        ];
+        if mutual {
+            args.extend(["--tls-client-ca".into(), path(&client.ca)]);
+        }
+        let c = Command::new(common::bin("coordinator"))
+            .args(&args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let run_worker = |ca: &Pki, identity: Option<&Pki>| {
+            let mut cmd = Command::new(common::bin("worker"));
+            cmd.args(["--rank", "0", "--coordinator", &format!("https://localhost:{port}"), "--connect-timeout", "3"])
+                .args(["--tls-ca", &path(&ca.ca)]);
+            if let Some(id) = identity {
+                cmd.args(["--tls-cert", &path(&id.cert), "--tls-key", &path(&id.key)]);
+            }
+            let child = cmd.env("RAYON_NUM_THREADS", "1").stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+            wait(child, Duration::from_secs(120), "worker")
+        };
+        let refused = run_worker(&stranger, mutual.then_some(&client));
+        let e = String::from_utf8_lossy(&refused.stderr);
+        println!("mutual={mutual}, another CA: {}", e.lines().last().unwrap_or(""));
+        assert!(!refused.status.success() && !e.contains("panicked"), "{e}");
+        assert!(e.contains("cannot reach the coordinator") || e.contains("certificate"), "another CA: {e}");
+        if mutual {
+            let anonymous = run_worker(&server, None);
+            let e = String::from_utf8_lossy(&anonymous.stderr);
+            println!("no client certificate: {}", e.lines().last().unwrap_or(""));
+            assert!(!anonymous.status.success() && !e.contains("panicked"), "no client certificate: {e}");
+        }
+        let ok = run_worker(&server, mutual.then_some(&client));
+        assert!(ok.status.success(), "mutual={mutual}: {}", String::from_utf8_lossy(&ok.stderr));
+        let o = wait(c, Duration::from_secs(60), "coordinator");
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        assert!(String::from_utf8_lossy(&o.stdout).contains("trained 2 steps"));
+    }
+}

@@ -50,6 +50,14 @@ struct Cli {
     /// Requests larger than this many bytes are refused (OUT_OF_RANGE).
     #[arg(long, default_value_t = 1 << 20)]
     max_message_bytes: usize,
+    /// Serve TLS with this certificate (PEM, with its chain) and key.
+    #[arg(long, requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    #[arg(long, requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// Mutual TLS: workers must present a certificate signed by this CA (PEM).
+    #[arg(long, requires = "tls_cert")]
+    tls_client_ca: Option<PathBuf>,
 }
 
 fn main() -> ExitCode {
@@ -73,6 +81,10 @@ fn main() -> ExitCode {
         token,
         rate_limit: cli.rate_limit,
         max_message_bytes: cli.max_message_bytes,
+        tls: match (cli.tls_cert, cli.tls_key) {
+            (Some(cert), Some(key)) => Some(tessera_worker::tls::ServerTls { cert, key, client_ca: cli.tls_client_ca }),
+            _ => None,
+        },
     };
     match run::run(&opts) {
         Ok(report) => {

@@ -16,6 +16,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tessera_worker::auth::JobToken;
+use tessera_worker::tls::ServerTls;
 use tessera_worker::data::loader::Dataset;
 use tessera_worker::train::checkpoint;
 use tessera_worker::train::run::model_config;
@@ -33,6 +34,7 @@ pub struct RunOptions {
     pub rate_limit: f64,
     /// Larger requests are refused (OUT_OF_RANGE) without being decoded.
     pub max_message_bytes: usize,
+    pub tls: Option<ServerTls>,
 }
 
 /// What the job produced.
@@ -228,7 +230,12 @@ async fn serve(shared: Arc<Shared>, opts: &RunOptions) -> Result<Outcome> {
     let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
     let limiter = Arc::new(RateLimiter::new(opts.rate_limit, 2.0 * opts.rate_limit));
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let server = tonic::transport::Server::builder()
+    let mut builder = tonic::transport::Server::builder();
+    if let Some(tls) = &opts.tls {
+        builder = builder.tls_config(tls.config()?).context("the TLS certificate or key")?;
+        tracing::info!(mutual = tls.client_ca.is_some(), "serving TLS");
+    }
+    let server = builder
         .add_service(tonic::service::interceptor::InterceptedService::new(
             tessera_proto::CoordinatorServer::new(Service(shared.clone()))
                 .max_decoding_message_size(opts.max_message_bytes),

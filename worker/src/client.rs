@@ -3,6 +3,7 @@
 //! heartbeat thread at once (each call runs on one shared runtime).
 
 use crate::auth::{JobToken, SESSION_KEY};
+use crate::tls::ClientTls;
 use anyhow::{anyhow, bail, Context, Result};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -51,7 +52,7 @@ pub struct Client {
 impl Client {
     /// Connects to the coordinator, retrying with exponential backoff (a
     /// worker may start before the coordinator is up) until `patience` runs out.
-    pub fn connect(url: &str, patience: Duration, token: Option<&JobToken>) -> Result<Self> {
+    pub fn connect(url: &str, patience: Duration, token: Option<&JobToken>, tls: Option<&ClientTls>) -> Result<Self> {
         let token = token
             .map(|t| MetadataValue::try_from(t.bearer()))
             .transpose()
@@ -66,6 +67,12 @@ impl Client {
             .timeout(CALL_TIMEOUT)
             .connect_timeout(Duration::from_secs(5))
             .tcp_nodelay(true);
+        let endpoint = match tls {
+            Some(tls) => endpoint
+                .tls_config(tls.config(url)?)
+                .map_err(|e| anyhow!("TLS settings for {url}: {}", source_chain(&e)))?,
+            None => endpoint,
+        };
         let start = Instant::now();
         let mut delay = Duration::from_millis(100);
         let channel = loop {
@@ -73,10 +80,15 @@ impl Client {
                 Ok(c) => break c,
                 Err(e) => {
                     if start.elapsed() + delay > patience {
+                        let why = source_chain(&e);
+                        let hint = if why.contains("certificate") {
+                            "the coordinator's TLS certificate is not signed by the --tls-ca given, or not for this host name"
+                        } else {
+                            "is it running, and is the address right?"
+                        };
                         bail!(
-                            "cannot reach the coordinator at {url} after {:.0} s: {} (is it running, and is the address right?)",
+                            "cannot reach the coordinator at {url} after {:.0} s: {why} ({hint})",
                             start.elapsed().as_secs_f64(),
-                            source_chain(&e)
                         );
                     }
                     tracing::info!(%url, retry_in_ms = delay.as_millis() as u64, "coordinator not reachable yet");
@@ -106,7 +118,7 @@ impl Client {
         self.rt
             .block_on(f(self.inner.clone()))
             .map(|r| r.into_inner())
-            .map_err(|s| anyhow!("coordinator {} refused {what}: {} ({:?})", self.url, s.message(), s.code()))
+            .map_err(|s| refusal(&self.url, what, &s))
     }
 
     pub fn join(&self, req: JoinRequest) -> Result<JoinReply> {
@@ -128,7 +140,7 @@ impl Client {
             };
             let retry = matches!(status.code(), tonic::Code::Unavailable | tonic::Code::DeadlineExceeded);
             if !retry || start.elapsed() + delay > patience {
-                bail!("coordinator {} refused join: {} ({:?})", self.url, status.message(), status.code());
+                return Err(refusal(&self.url, "join", &status));
             }
             tracing::info!(retry_in_ms = delay.as_millis() as u64, reason = %status.message(), "cannot join yet");
             std::thread::sleep(delay);
@@ -156,13 +168,30 @@ impl Client {
 }
 
 /// "transport error: connection refused" rather than only the outer layer.
+/// Layers that repeat their source's text are said once.
 fn source_chain(e: &dyn std::error::Error) -> String {
     let mut s = e.to_string();
     let mut cur = e.source();
     while let Some(inner) = cur {
-        s.push_str(": ");
-        s.push_str(&inner.to_string());
+        let text = inner.to_string();
+        if !s.ends_with(&text) {
+            s.push_str(": ");
+            s.push_str(&text);
+        }
         cur = inner.source();
     }
     s
+}
+
+/// A refused call, with a hint where the status alone says little: a TLS
+/// handshake the coordinator broke off arrives as a bare transport error.
+fn refusal(url: &str, what: &str, s: &tonic::Status) -> anyhow::Error {
+    let mut msg = format!("coordinator {url} refused {what}: {} ({:?})", s.message(), s.code());
+    if s.code() == tonic::Code::Unknown && s.message().contains("transport error") && url.starts_with("https://") {
+        msg.push_str(
+            " (a coordinator with mutual TLS drops a worker without a certificate signed by its --tls-client-ca: \
+             give this worker --tls-cert and --tls-key)",
+        );
+    }
+    anyhow!(msg)
 }

@@ -11,4 +11,5 @@ pub mod eval;
 pub mod launch;
 pub mod logging;
 pub mod model;
+pub mod tls;
 pub mod train;

@@ -58,6 +58,16 @@ struct RunArgs {
     /// environment variable; neither: no token).
     #[arg(long)]
     token_file: Option<PathBuf>,
+    /// The CA (PEM) of the coordinator's TLS certificate; the coordinator
+    /// URL is then https://.
+    #[arg(long)]
+    tls_ca: Option<PathBuf>,
+    /// This worker's certificate and key (PEM), for a coordinator that
+    /// asks for them (mutual TLS).
+    #[arg(long)]
+    tls_cert: Option<PathBuf>,
+    #[arg(long)]
+    tls_key: Option<PathBuf>,
 }
 
 #[derive(Subcommand)]
@@ -204,6 +214,7 @@ fn run(cli: Cli) -> Result<()> {
                 connect_patience: std::time::Duration::from_secs_f64(args.connect_timeout),
                 advertise_host: args.advertise_host,
                 token: tessera_worker::auth::JobToken::load(args.token_file.as_deref())?,
+                tls: tessera_worker::tls::ClientTls::from_flags(args.tls_ca, args.tls_cert, args.tls_key)?,
             })?;
         }
         Command::DebugStep { model, batch, out, device, expect } => {

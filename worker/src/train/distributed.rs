@@ -11,6 +11,7 @@ use super::run::{build_model, model_config, restore, stop_on_signal, write_check
 use super::trainer::{synced_params, train_step_dp};
 use crate::auth::JobToken;
 use crate::client::Client;
+use crate::tls::ClientTls;
 use crate::collective::ring::RingCollective;
 use crate::collective::Collective;
 use crate::data::loader::{DataConfig, Dataset, LoadedBatch, Prefetcher};
@@ -39,6 +40,8 @@ pub struct WorkerOptions {
     pub advertise_host: Option<String>,
     /// The job token: every call to the coordinator carries it.
     pub token: Option<JobToken>,
+    /// TLS towards the coordinator (an https:// URL).
+    pub tls: Option<ClientTls>,
 }
 
 /// One step's share for this rank, cut into micro-batches.
@@ -53,7 +56,7 @@ struct Share {
 /// committed checkpoint; the coordinator decides whether there is one.
 pub fn run_worker(opts: &WorkerOptions) -> Result<()> {
     let device = opts.launch.device.resolve(opts.launch.local_rank)?;
-    let client = Client::connect(&opts.launch.coordinator, opts.connect_patience, opts.token.as_ref())?;
+    let client = Client::connect(&opts.launch.coordinator, opts.connect_patience, opts.token.as_ref(), opts.tls.as_ref())?;
     let host = match &opts.advertise_host {
         Some(h) => h.clone(),
         None => advertise_host(&opts.launch.coordinator),
