@@ -234,7 +234,8 @@ fn tls_join_works_with_the_right_ca_and_fails_with_another() {
             if let Some(id) = identity {
                 cmd.args(["--tls-cert", &path(&id.cert), "--tls-key", &path(&id.key)]);
             }
-            let child = cmd.env("RAYON_NUM_THREADS", "1").stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+            let child =
+                cmd.env("RAYON_NUM_THREADS", "1").stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
             wait(child, Duration::from_secs(120), "worker")
         };
         let refused = run_worker(&stranger, mutual.then_some(&client));

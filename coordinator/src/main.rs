@@ -8,12 +8,14 @@ mod metrics_log;
 mod plan;
 mod planner;
 mod progress;
+mod prometheus;
 mod run;
 mod service;
 mod state;
+mod status;
 mod store;
 
-use clap::Parser;
+use clap::{Parser, Subcommand};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -22,12 +24,47 @@ use std::process::ExitCode;
 #[command(
     name = "coordinator",
     version,
-    about = "Tessera coordinator: rendezvous, per-step cost-balanced sharding and progress for `worker --rank N` processes"
+    about = "Tessera coordinator: rendezvous, per-step cost-balanced sharding and progress for `worker --rank N` processes",
+    long_about = "Tessera coordinator: rendezvous, per-step cost-balanced sharding and progress for `worker --rank N` processes.\n\nWithout a subcommand it runs a job: `coordinator --config JOB.toml [--listen ADDR] [--out DIR]`. `coordinator status --url URL` shows a running job.",
+    args_conflicts_with_subcommands = true,
+    subcommand_negates_reqs = true
 )]
 struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+    #[command(flatten)]
+    run: RunArgs,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Shows a running job at a glance: generation, outcome, step and ETA,
+    /// recent loss, throughput, last checkpoint, restarts, and every rank.
+    Status {
+        /// The coordinator's gRPC URL, e.g. http://head-node:29500.
+        #[arg(long)]
+        url: String,
+        /// A file holding the job token (else the TESSERA_JOB_TOKEN
+        /// environment variable; neither: no token).
+        #[arg(long)]
+        token_file: Option<PathBuf>,
+        /// The CA (PEM) of a TLS coordinator's certificate (an https:// URL).
+        #[arg(long)]
+        tls_ca: Option<PathBuf>,
+        /// A client certificate and key (PEM), for a coordinator with mutual TLS.
+        #[arg(long)]
+        tls_cert: Option<PathBuf>,
+        #[arg(long)]
+        tls_key: Option<PathBuf>,
+    },
+}
+
+/// Running a job (the flags given without a subcommand).
+#[derive(clap::Args)]
+struct RunArgs {
     /// The job config (TOML): model, train, optim, data and cluster sections.
-    #[arg(long)]
-    config: PathBuf,
+    #[arg(long, required = true)]
+    config: Option<PathBuf>,
     /// Address the gRPC service listens on.
     #[arg(long, default_value = "0.0.0.0:29500")]
     listen: SocketAddr,
@@ -58,13 +95,52 @@ struct Cli {
     /// Mutual TLS: workers must present a certificate signed by this CA (PEM).
     #[arg(long, requires = "tls_cert")]
     tls_client_ca: Option<PathBuf>,
+    /// Serve Prometheus metrics at http://ADDR/metrics (e.g. 0.0.0.0:9464);
+    /// with a job token, a scrape must send `Authorization: Bearer TOKEN`.
+    #[arg(long)]
+    metrics_listen: Option<SocketAddr>,
 }
 
 fn main() -> ExitCode {
     tessera_worker::logging::init();
     let cli = Cli::parse();
+    match cli.command {
+        Some(Command::Status { url, token_file, tls_ca, tls_cert, tls_key }) => {
+            show_status(&url, token_file.as_deref(), (tls_ca, tls_cert, tls_key))
+        }
+        None => run_job(cli.run),
+    }
+}
+
+/// --tls-ca, --tls-cert, --tls-key.
+type TlsFlags = (Option<PathBuf>, Option<PathBuf>, Option<PathBuf>);
+
+/// `coordinator status`: prints the job, or one line saying why it cannot.
+fn show_status(url: &str, token_file: Option<&std::path::Path>, tls: TlsFlags) -> ExitCode {
+    let shown = tessera_worker::auth::JobToken::load(token_file).and_then(|t| {
+        let tls = tessera_worker::tls::ClientTls::from_flags(tls.0, tls.1, tls.2)?;
+        status::query(url, t.as_ref(), tls.as_ref())
+    });
+    match shown {
+        Ok(s) => {
+            print!("{}", status::render(&s));
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("coordinator status: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run_job(cli: RunArgs) -> ExitCode {
+    // clap requires --config when there is no subcommand.
+    let Some(config) = cli.config else {
+        eprintln!("coordinator: --config is required");
+        return ExitCode::from(2);
+    };
     let out = cli.out.clone().unwrap_or_else(|| {
-        PathBuf::from("runs").join(cli.config.file_stem().map(|s| s.to_owned()).unwrap_or_else(|| "job".into()))
+        PathBuf::from("runs").join(config.file_stem().map(|s| s.to_owned()).unwrap_or_else(|| "job".into()))
     });
     let token = match tessera_worker::auth::JobToken::load(cli.token_file.as_deref()) {
         Ok(t) => t,
@@ -74,7 +150,7 @@ fn main() -> ExitCode {
         }
     };
     let opts = run::RunOptions {
-        config: cli.config,
+        config,
         listen: cli.listen,
         out: out.clone(),
         missed_heartbeats: cli.missed_heartbeats,
@@ -85,6 +161,7 @@ fn main() -> ExitCode {
             (Some(cert), Some(key)) => Some(tessera_worker::tls::ServerTls { cert, key, client_ca: cli.tls_client_ca }),
             _ => None,
         },
+        metrics_listen: cli.metrics_listen,
     };
     match run::run(&opts) {
         Ok(report) => {

@@ -94,6 +94,7 @@ mod tests {
             compute_imbalance: 0.1,
             comm_wait_s: 0.0,
             compute_s: vec![0.2, 0.22],
+            step_s: vec![0.24, 0.25],
             rank_samples: vec![2, 2],
             stragglers: vec![],
         }
@@ -128,5 +129,15 @@ mod tests {
         assert_eq!(steps_in(&path), vec![0, 1]);
         let (_, kept) = MetricsLog::open(&path, None).unwrap();
         assert!(kept.is_empty() && steps_in(&path).is_empty(), "a new job starts a new file");
+    }
+
+    /// Lines written before `step_s` existed still resume.
+    #[test]
+    fn a_line_without_step_times_is_read() {
+        let mut v = serde_json::to_value(step(3)).unwrap();
+        v.as_object_mut().unwrap().remove("step_s");
+        let got = parse(&v.to_string(), Path::new("m.jsonl"));
+        assert_eq!(got.len(), 1);
+        assert!(got[0].step_s.is_empty());
     }
 }

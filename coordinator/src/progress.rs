@@ -31,6 +31,9 @@ pub struct StepSummary {
     pub comm_wait_s: f64,
     /// Per rank: compute seconds and samples trained.
     pub compute_s: Vec<f64>,
+    /// Per rank: wall seconds of the step (absent from older metrics files).
+    #[serde(default)]
+    pub step_s: Vec<f64>,
     pub rank_samples: Vec<u64>,
     /// Ranks whose compute time exceeds the median over ranks by the
     /// straggler factor (`cluster.straggler_factor`).
@@ -120,6 +123,7 @@ fn summarize(step: u64, r: &[StepReport], plan_imbalance: f64, straggler_factor:
         comm_wait_s: timing(|t| t.comm_wait_s).into_iter().fold(0.0, f64::max),
         stragglers: stragglers(&compute_s, straggler_factor),
         compute_s,
+        step_s,
         rank_samples: r.iter().map(|x| x.samples as u64).collect(),
     }
 }
@@ -156,6 +160,7 @@ mod tests {
         assert!((s.compute_imbalance - 0.5).abs() < 1e-12, "3 s against a mean of 2 s");
         assert!((s.tokens_per_s - 200.0 / 3.5).abs() < 1e-9);
         assert_eq!(s.compute_s, vec![1.0, 3.0]);
+        assert_eq!(s.step_s, vec![1.5, 3.5]);
         assert_eq!(s.rank_samples, vec![2, 2]);
         assert_eq!(s.stragglers, Vec::<u32>::new(), "3 s is 1.5 x the median of 2 s, not more");
         assert_eq!(b.record(report(5, 1, 1.0, 1, 1.0), 0.0), None, "an out-of-range rank is ignored");

@@ -7,6 +7,7 @@ use crate::loss_curve::loss_curve_svg;
 use crate::metrics_log::MetricsLog;
 use crate::planner::Planner;
 use crate::progress::StepSummary;
+use crate::prometheus::{JobSnapshot, Metrics};
 use crate::service::{Service, Shared};
 use crate::state::{Gathering, JobState, Liveness, Outcome, RecoveryPolicy};
 use crate::store::{self, JobStore};
@@ -16,8 +17,8 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tessera_worker::auth::JobToken;
-use tessera_worker::tls::ServerTls;
 use tessera_worker::data::loader::Dataset;
+use tessera_worker::tls::ServerTls;
 use tessera_worker::train::checkpoint;
 use tessera_worker::train::run::model_config;
 
@@ -29,12 +30,15 @@ pub struct RunOptions {
     /// Heartbeats a rank may miss before it is declared dead.
     pub missed_heartbeats: f64,
     /// Every call must carry it (none: anyone who reaches the port may join).
+    /// It guards the metrics endpoint too.
     pub token: Option<JobToken>,
     /// Requests a second each client connection may make (bursts of twice that).
     pub rate_limit: f64,
     /// Larger requests are refused (OUT_OF_RANGE) without being decoded.
     pub max_message_bytes: usize,
     pub tls: Option<ServerTls>,
+    /// Where `GET /metrics` is served (none: nowhere).
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 /// What the job produced.
@@ -115,9 +119,14 @@ pub fn run(opts: &RunOptions) -> Result<RunReport> {
     let bar_for_steps = bar.clone();
     let log_every = (total / 20).max(1);
     let metrics_for_steps = metrics.clone();
+    let prom = opts.metrics_listen.map(|_| Arc::new(Metrics::new()));
+    let prom_for_steps = prom.clone();
     let on_step = move |s: &StepSummary| {
         if let Err(e) = metrics_for_steps.lock().unwrap_or_else(|e| e.into_inner()).append(s) {
             tracing::error!(error = %format!("{e:#}"), "cannot write metrics.jsonl");
+        }
+        if let Some(p) = &prom_for_steps {
+            p.observe_step(s);
         }
         for &rank in &s.stragglers {
             let compute_s = s.compute_s[rank as usize];
@@ -147,9 +156,13 @@ pub fn run(opts: &RunOptions) -> Result<RunReport> {
         }
     };
     let bar_for_rewind = bar.clone();
+    let prom_for_rewind = prom.clone();
     let on_rewind = move |kept: &[StepSummary]| {
         if let Err(e) = metrics.lock().unwrap_or_else(|e| e.into_inner()).rewrite(kept) {
             tracing::error!(error = %format!("{e:#}"), "cannot rewrite metrics.jsonl");
+        }
+        if let Some(p) = &prom_for_rewind {
+            p.rewound(kept);
         }
         bar_for_rewind.set_position(kept.last().map_or(0, |s| s.step + 1));
     };
@@ -188,7 +201,8 @@ pub fn run(opts: &RunOptions) -> Result<RunReport> {
             "no job token: any process that reaches this port can join the job; set TESSERA_JOB_TOKEN or --token-file"
         );
     }
-    let outcome = rt.block_on(serve(shared.clone(), opts))?;
+    let prom = opts.metrics_listen.zip(prom);
+    let outcome = rt.block_on(serve(shared.clone(), opts, prom))?;
     bar.finish_and_clear();
     let st = shared.lock();
     let points: Vec<(u64, f64)> = st.summaries.iter().map(|s| (s.step + 1, s.loss)).collect();
@@ -218,14 +232,33 @@ fn progress_bar(total: u64) -> indicatif::ProgressBar {
 }
 
 /// Serves until the job has an outcome and every worker has left (or a
-/// failed job's workers had a chance to hear it).
-async fn serve(shared: Arc<Shared>, opts: &RunOptions) -> Result<Outcome> {
-    let listen = opts.listen;
+/// failed job's workers had a chance to hear it); with `metrics`, serves
+/// `GET /metrics` on its address as long.
+async fn serve(shared: Arc<Shared>, opts: &RunOptions, metrics: Option<(SocketAddr, Arc<Metrics>)>) -> Result<Outcome> {
+    let (listen, token) = (opts.listen, opts.token.clone());
     let world = shared.lock().members.world_size;
     let listener = tokio::net::TcpListener::bind(listen)
         .await
         .with_context(|| format!("cannot listen on {listen} (is another coordinator running there?)"))?;
     let addr = listener.local_addr().context("listener address")?;
+    let (metrics_stop, metrics_server) = match metrics {
+        Some((at, metrics)) => {
+            let listener = tokio::net::TcpListener::bind(at)
+                .await
+                .with_context(|| format!("cannot listen on {at} for the metrics endpoint"))?;
+            let bound = listener.local_addr().context("metrics listener address")?;
+            tracing::info!(addr = %bound, "serving Prometheus metrics at /metrics");
+            let for_scrape = shared.clone();
+            // Copied under the lock, encoded after it is released.
+            let snapshot = Box::new(move || JobSnapshot::of(&for_scrape.lock()));
+            let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+            let server = crate::prometheus::serve(listener, metrics, snapshot, token.clone(), async {
+                let _ = stop_rx.await;
+            });
+            (Some(stop_tx), Some(tokio::spawn(server)))
+        }
+        None => (None, None),
+    };
     tracing::info!(%addr, world_size = world, "coordinator listening; waiting for workers");
     let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
     let limiter = Arc::new(RateLimiter::new(opts.rate_limit, 2.0 * opts.rate_limit));
@@ -305,10 +338,21 @@ async fn serve(shared: Arc<Shared>, opts: &RunOptions) -> Result<Outcome> {
         let _ = tokio::time::timeout(Duration::from_secs_f64(tick), notified).await;
     };
     let _ = stop_tx.send(());
+    if let Some(stop) = metrics_stop {
+        let _ = stop.send(());
+    }
     match server.await {
         Ok(Ok(())) => {}
         Ok(Err(e)) => bail!("gRPC server: {e}"),
         Err(e) => bail!("gRPC server task: {e}"),
+    }
+    if let Some(server) = metrics_server {
+        // The job's outcome stands whatever happened to its metrics.
+        match server.await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::warn!(error = %format!("{e:#}"), "metrics server"),
+            Err(e) => tracing::warn!(error = %e, "metrics server task"),
+        }
     }
     Ok(outcome)
 }

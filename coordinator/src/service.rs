@@ -10,8 +10,9 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 use tessera_proto::v1::{
-    Assignment, AssignmentRequest, CheckpointAck, CheckpointPart, HeartbeatReply, HeartbeatRequest, JoinReply,
-    JoinRequest, LeaveReply, LeaveRequest, RendezvousReply, RendezvousRequest, SampleRef, StepAck, StepReport,
+    Assignment, AssignmentRequest, CheckpointAck, CheckpointPart, HeartbeatReply, HeartbeatRequest, JobStatus,
+    JoinReply, JoinRequest, LeaveReply, LeaveRequest, RendezvousReply, RendezvousRequest, SampleRef, StatusRequest,
+    StepAck, StepReport,
 };
 use tessera_worker::auth::SESSION_KEY;
 use tessera_worker::train::checkpoint::{self, FileEntry};
@@ -300,6 +301,13 @@ impl tessera_proto::Coordinator for Service {
         drop(st);
         s.changed.notify_waiters();
         Ok(Response::new(LeaveReply {}))
+    }
+
+    /// Read-only: the job token (checked by the interceptor) is enough.
+    async fn get_status(&self, _req: Request<StatusRequest>) -> Result<Response<JobStatus>, Status> {
+        let s = &self.0;
+        let st = s.lock();
+        Ok(Response::new(crate::status::job_status(&st, s.now())))
     }
 
     async fn commit_checkpoint(&self, req: Request<CheckpointPart>) -> Result<Response<CheckpointAck>, Status> {

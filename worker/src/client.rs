@@ -115,10 +115,7 @@ impl Client {
         F: FnOnce(Inner) -> Fut,
         Fut: std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
     {
-        self.rt
-            .block_on(f(self.inner.clone()))
-            .map(|r| r.into_inner())
-            .map_err(|s| refusal(&self.url, what, &s))
+        self.rt.block_on(f(self.inner.clone())).map(|r| r.into_inner()).map_err(|s| refusal(&self.url, what, &s))
     }
 
     pub fn join(&self, req: JoinRequest) -> Result<JoinReply> {
@@ -169,7 +166,7 @@ impl Client {
 
 /// "transport error: connection refused" rather than only the outer layer.
 /// Layers that repeat their source's text are said once.
-fn source_chain(e: &dyn std::error::Error) -> String {
+pub fn source_chain(e: &dyn std::error::Error) -> String {
     let mut s = e.to_string();
     let mut cur = e.source();
     while let Some(inner) = cur {

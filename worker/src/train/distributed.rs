@@ -11,7 +11,6 @@ use super::run::{build_model, model_config, restore, stop_on_signal, write_check
 use super::trainer::{synced_params, train_step_dp};
 use crate::auth::JobToken;
 use crate::client::Client;
-use crate::tls::ClientTls;
 use crate::collective::ring::RingCollective;
 use crate::collective::Collective;
 use crate::data::loader::{DataConfig, Dataset, LoadedBatch, Prefetcher};
@@ -21,6 +20,7 @@ use crate::eval::evaluate;
 use crate::launch::Launch;
 use crate::model::weights::{save_model_dir, SaveDtype};
 use crate::model::{ModelConfig, Vlm};
+use crate::tls::ClientTls;
 use anyhow::{anyhow, bail, Context, Result};
 use std::net::TcpListener;
 use std::path::PathBuf;
@@ -56,7 +56,8 @@ struct Share {
 /// committed checkpoint; the coordinator decides whether there is one.
 pub fn run_worker(opts: &WorkerOptions) -> Result<()> {
     let device = opts.launch.device.resolve(opts.launch.local_rank)?;
-    let client = Client::connect(&opts.launch.coordinator, opts.connect_patience, opts.token.as_ref(), opts.tls.as_ref())?;
+    let client =
+        Client::connect(&opts.launch.coordinator, opts.connect_patience, opts.token.as_ref(), opts.tls.as_ref())?;
     let host = match &opts.advertise_host {
         Some(h) => h.clone(),
         None => advertise_host(&opts.launch.coordinator),
