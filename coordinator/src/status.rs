@@ -332,11 +332,11 @@ mod tests {
     #[test]
     fn an_unreachable_coordinator_is_one_clear_error() {
         let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-        let e = query(&format!("http://127.0.0.1:{port}"), None).unwrap_err().to_string();
+        let e = query(&format!("http://127.0.0.1:{port}"), None, None).unwrap_err().to_string();
         assert!(e.starts_with(&format!("cannot reach the coordinator at http://127.0.0.1:{port}")), "{e}");
         assert!(!e.contains('\n'), "{e}");
         for bad in ["not a url", "head-node:29500"] {
-            let e = query(bad, None).unwrap_err().to_string();
+            let e = query(bad, None, None).unwrap_err().to_string();
             assert!(e.contains("is not a coordinator URL"), "{e}");
         }
     }
