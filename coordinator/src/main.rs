@@ -44,18 +44,8 @@ enum Command {
         /// The coordinator's gRPC URL, e.g. http://head-node:29500.
         #[arg(long)]
         url: String,
-        /// A file holding the job token (else the TESSERA_JOB_TOKEN
-        /// environment variable; neither: no token).
-        #[arg(long)]
-        token_file: Option<PathBuf>,
-        /// The CA (PEM) of a TLS coordinator's certificate (an https:// URL).
-        #[arg(long)]
-        tls_ca: Option<PathBuf>,
-        /// A client certificate and key (PEM), for a coordinator with mutual TLS.
-        #[arg(long)]
-        tls_cert: Option<PathBuf>,
-        #[arg(long)]
-        tls_key: Option<PathBuf>,
+        #[command(flatten)]
+        client: tessera_worker::client::ClientArgs,
     },
 }
 
@@ -105,22 +95,14 @@ fn main() -> ExitCode {
     tessera_worker::logging::init();
     let cli = Cli::parse();
     match cli.command {
-        Some(Command::Status { url, token_file, tls_ca, tls_cert, tls_key }) => {
-            show_status(&url, token_file.as_deref(), (tls_ca, tls_cert, tls_key))
-        }
+        Some(Command::Status { url, client }) => show_status(&url, client),
         None => run_job(cli.run),
     }
 }
 
-/// --tls-ca, --tls-cert, --tls-key.
-type TlsFlags = (Option<PathBuf>, Option<PathBuf>, Option<PathBuf>);
-
 /// `coordinator status`: prints the job, or one line saying why it cannot.
-fn show_status(url: &str, token_file: Option<&std::path::Path>, tls: TlsFlags) -> ExitCode {
-    let shown = tessera_worker::auth::JobToken::load(token_file).and_then(|t| {
-        let tls = tessera_worker::tls::ClientTls::from_flags(tls.0, tls.1, tls.2)?;
-        status::query(url, t.as_ref(), tls.as_ref())
-    });
+fn show_status(url: &str, client: tessera_worker::client::ClientArgs) -> ExitCode {
+    let shown = client.resolve().and_then(|(token, tls)| status::query(url, token.as_ref(), tls.as_ref()));
     match shown {
         Ok(s) => {
             print!("{}", status::render(&s));

@@ -19,6 +19,34 @@ use tonic::transport::{Channel, Endpoint};
 /// Longest any one call may take; Rendezvous itself answers within 10 s.
 const CALL_TIMEOUT: Duration = Duration::from_secs(60);
 
+/// How a client of the coordinator proves itself (the flags `worker` and
+/// `coordinator status` share).
+#[derive(clap::Args, Clone, Debug, Default)]
+pub struct ClientArgs {
+    /// A file holding the job's token (else the TESSERA_JOB_TOKEN
+    /// environment variable; neither: no token).
+    #[arg(long)]
+    pub token_file: Option<std::path::PathBuf>,
+    /// The CA (PEM) of the coordinator's TLS certificate; the coordinator
+    /// URL is then https://.
+    #[arg(long)]
+    pub tls_ca: Option<std::path::PathBuf>,
+    /// This client's certificate and key (PEM), for a coordinator that
+    /// asks for them (mutual TLS).
+    #[arg(long)]
+    pub tls_cert: Option<std::path::PathBuf>,
+    #[arg(long)]
+    pub tls_key: Option<std::path::PathBuf>,
+}
+
+impl ClientArgs {
+    /// The token and TLS settings the flags (and the environment) name.
+    pub fn resolve(self) -> Result<(Option<JobToken>, Option<ClientTls>)> {
+        let token = JobToken::load(self.token_file.as_deref())?;
+        Ok((token, ClientTls::from_flags(self.tls_ca, self.tls_cert, self.tls_key)?))
+    }
+}
+
 /// What every call carries: the job token, and after Join the session
 /// secret that binds the calls to this worker's rank.
 #[derive(Clone)]

@@ -54,20 +54,8 @@ struct RunArgs {
     /// address on the route to the coordinator).
     #[arg(long)]
     advertise_host: Option<String>,
-    /// A file holding the job's token (else the TESSERA_JOB_TOKEN
-    /// environment variable; neither: no token).
-    #[arg(long)]
-    token_file: Option<PathBuf>,
-    /// The CA (PEM) of the coordinator's TLS certificate; the coordinator
-    /// URL is then https://.
-    #[arg(long)]
-    tls_ca: Option<PathBuf>,
-    /// This worker's certificate and key (PEM), for a coordinator that
-    /// asks for them (mutual TLS).
-    #[arg(long)]
-    tls_cert: Option<PathBuf>,
-    #[arg(long)]
-    tls_key: Option<PathBuf>,
+    #[command(flatten)]
+    client: tessera_worker::client::ClientArgs,
 }
 
 #[derive(Subcommand)]
@@ -209,12 +197,13 @@ fn run(cli: Cli) -> Result<()> {
             if !(args.connect_timeout.is_finite() && args.connect_timeout >= 0.0) {
                 bail!("--connect-timeout {}: expected seconds", args.connect_timeout);
             }
+            let (token, tls) = args.client.resolve()?;
             run_worker(&WorkerOptions {
                 launch,
                 connect_patience: std::time::Duration::from_secs_f64(args.connect_timeout),
                 advertise_host: args.advertise_host,
-                token: tessera_worker::auth::JobToken::load(args.token_file.as_deref())?,
-                tls: tessera_worker::tls::ClientTls::from_flags(args.tls_ca, args.tls_cert, args.tls_key)?,
+                token,
+                tls,
             })?;
         }
         Command::DebugStep { model, batch, out, device, expect } => {
