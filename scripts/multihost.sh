@@ -31,6 +31,9 @@
 #                  (default: ${CARGO_TARGET_DIR:-target}/release).
 #   REMOTE_DIR     the repository's path on the hosts (default: this one's).
 #   SSH            the ssh command (default: ssh -o BatchMode=yes).
+#   TOKEN_FILE     the job token the workers must present (default: a fresh
+#                  random one in $OUT/job.token, mode 600, which the hosts
+#                  read at the same path).
 #
 # The workers' output comes back over ssh, each line prefixed with its rank.
 # Exit status: the coordinator's (0 = every rank trained every step and left).
@@ -76,7 +79,13 @@ fi
 
 echo "multihost.sh: $workers workers on ${hosts[*]}; coordinator on $HEAD:$PORT; out $OUT"
 mkdir -p "$OUT"
-"$BIN/coordinator" --config "$CONFIG" --listen "0.0.0.0:$PORT" --out "$OUT" &
+# Only this job's workers may join: a token nobody else can read.
+TOKEN_FILE=${TOKEN_FILE:-}
+if [ -z "$TOKEN_FILE" ]; then
+    TOKEN_FILE=$OUT/job.token
+    (umask 077 && od -An -N32 -tx1 /dev/urandom | tr -d ' \n' >"$TOKEN_FILE")
+fi
+"$BIN/coordinator" --config "$CONFIG" --listen "0.0.0.0:$PORT" --out "$OUT" --token-file "$TOKEN_FILE" &
 coordinator_pid=$!
 
 pids=()
@@ -88,8 +97,8 @@ for host in "${hosts[@]}"; do
     for ((local_rank = 0; local_rank < GPUS_PER_HOST; local_rank++)); do
         device=${DEVICE:-cuda:$local_rank}
         # The remote command line, quoted for the remote shell.
-        remote=$(printf 'cd %q && exec %q --rank %q --coordinator %q --device %q' \
-            "$REMOTE_DIR" "$BIN/worker" "$rank" "http://$HEAD:$PORT" "$device")
+        remote=$(printf 'cd %q && exec %q --rank %q --coordinator %q --device %q --token-file %q' \
+            "$REMOTE_DIR" "$BIN/worker" "$rank" "http://$HEAD:$PORT" "$device" "$TOKEN_FILE")
         # -n: ssh must not read this script's stdin. The subshell's status is
         # ssh's (pipefail), not sed's.
         ("${ssh_cmd[@]}" -n "$host" "$remote" 2>&1 | sed -u "s/^/[rank $rank] /") &
