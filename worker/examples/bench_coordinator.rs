@@ -10,7 +10,9 @@
 //!
 //! 1. calls Join (its own fake host, pid and ring address, device "cpu") and
 //!    then Rendezvous until the reply says ready. The rendezvous time runs
-//!    from the first Join sent to the last ready reply received;
+//!    from the first Join sent to the last ready reply received. Every call
+//!    after Join carries the session secret Join returned
+//!    (`x-tessera-session`), as a real worker's does;
 //! 2. fetches GetAssignment for steps 0..steps, one after another (all
 //!    workers at once, as ranks in lock step do); the per-step sample counts
 //!    over all ranks are checked against the global batch. Then it fetches
@@ -35,15 +37,20 @@
 //! ```
 //! or `tools/bench_coordinator.sh`, which builds and prints the machine.
 
+mod bench_util;
+
 use anyhow::{anyhow, bail, Context, Result};
+use bench_util::{check_open_files, connect_all, cpu_s, delta, log_tail, peak_rss_mib, Reaper};
 use clap::Parser;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tessera_proto::v1::{AssignmentRequest, JoinRequest, LeaveRequest, RendezvousRequest, StepReport, Timings};
 use tessera_proto::CoordinatorClient;
+use tessera_worker::auth::SESSION_KEY;
+use tonic::metadata::AsciiMetadataValue;
 use tonic::transport::{Channel, Endpoint};
 
 #[derive(Parser)]
@@ -113,43 +120,14 @@ struct Rest {
     exit: String,
 }
 
-/// Kills the coordinator if the benchmark bails out while it runs.
-struct Reaper(Option<Child>);
-
-impl Drop for Reaper {
-    fn drop(&mut self) {
-        if let Some(c) = self.0.as_mut() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
 fn main() -> Result<()> {
     let args = Args::parse();
-    let bin_dir = match &args.bin_dir {
-        Some(d) => d.clone(),
-        None => {
-            let exe = std::env::current_exe().context("cannot find this program's path")?;
-            exe.parent()
-                .and_then(Path::parent)
-                .map(Path::to_path_buf)
-                .context("cannot find target/release from this program's path")?
-        }
-    };
+    let bin_dir = bench_util::bin_dir(args.bin_dir.as_deref())?;
     let coordinator = bin_dir.join("coordinator");
     let worker = bin_dir.join("worker");
-    for b in [&coordinator, &worker] {
-        if !b.exists() {
-            bail!(
-                "{} is missing: cargo build --release -p tessera-worker -p tessera-coordinator (or pass --bin-dir)",
-                b.display()
-            );
-        }
-    }
     let max_n = args.workers.iter().copied().max().unwrap_or(0);
     check_open_files(max_n)?;
-    let data = ensure_demo_data(&worker, &args.data)?;
+    let data = bench_util::ensure_demo_data(&worker, &args.data)?;
     let base = std::fs::read_to_string(&args.base_config)
         .with_context(|| format!("cannot read {}", args.base_config.display()))?;
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -190,107 +168,20 @@ fn main() -> Result<()> {
     Ok(())
 }
 
-/// Each process holds one socket per simulated worker (plus a few): refuse
-/// early with the fix rather than failing halfway through a run.
-fn check_open_files(n: usize) -> Result<()> {
-    let limits = std::fs::read_to_string("/proc/self/limits").unwrap_or_default();
-    let soft = limits
-        .lines()
-        .find(|l| l.starts_with("Max open files"))
-        .and_then(|l| l.split_whitespace().nth(3))
-        .and_then(|v| v.parse::<usize>().ok());
-    eprintln!("open-file limit (soft): {}", soft.map(|s| s.to_string()).unwrap_or_else(|| "unknown".into()));
-    if let Some(soft) = soft {
-        if soft < n + 256 {
-            bail!(
-                "the open-file limit is {soft}, too low for {n} connections (and the coordinator's {n}): \
-                 raise it with `ulimit -n {}` (hard limit: `ulimit -Hn`)",
-                n + 1024
-            );
-        }
-    }
-    Ok(())
-}
-
-fn ensure_demo_data(worker: &Path, data: &Path) -> Result<PathBuf> {
-    if !data.join("train.jsonl").exists() {
-        eprintln!("making the demo data in {}", data.display());
-        let status = Command::new(worker)
-            .args(["make-demo-data", "--out"])
-            .arg(data)
-            .status()
-            .with_context(|| format!("cannot run {}", worker.display()))?;
-        if !status.success() {
-            bail!("worker make-demo-data --out {} failed: {status}", data.display());
-        }
-    }
-    data.canonicalize().with_context(|| format!("cannot resolve {}", data.display()))
-}
-
-/// The base config with this run's size, steps and absolute data paths.
+/// The base config with this run's size and steps and a 30 s heartbeat
+/// interval.
 fn job_config(base: &str, n: usize, steps: u64, data: &Path) -> Result<String> {
-    let mut t: toml::Table = base.parse().context("the base config is not valid TOML")?;
-    let section = |t: &mut toml::Table, name: &str| -> Result<toml::Table> {
-        match t.remove(name) {
-            Some(toml::Value::Table(s)) => Ok(s),
-            None => Ok(toml::Table::new()),
-            Some(_) => bail!("[{name}] is not a table"),
-        }
-    };
-    let mut train = section(&mut t, "train")?;
-    train.insert("steps".into(), toml::Value::Integer(steps as i64));
-    train.insert("batch_size".into(), toml::Value::Integer(n as i64));
-    t.insert("train".into(), toml::Value::Table(train));
-    let mut cluster = section(&mut t, "cluster")?;
-    cluster.insert("world_size".into(), toml::Value::Integer(n as i64));
-    cluster.insert("heartbeat_interval_s".into(), toml::Value::Float(30.0));
-    t.insert("cluster".into(), toml::Value::Table(cluster));
-    let mut d = section(&mut t, "data")?;
-    let s = |p: PathBuf| toml::Value::String(p.display().to_string());
-    let part = |jsonl: &str| {
-        let mut p = toml::Table::new();
-        p.insert("path".into(), s(data.join(jsonl)));
-        p.insert("image_folder".into(), s(data.join("images")));
-        toml::Value::Array(vec![toml::Value::Table(p)])
-    };
-    d.insert("tokenizer".into(), s(data.join("tokenizer.json")));
-    d.insert("datasets".into(), part("train.jsonl"));
-    d.insert("eval_datasets".into(), part("eval.jsonl"));
-    t.insert("data".into(), toml::Value::Table(d));
-    toml::to_string(&t).context("cannot write the job config")
-}
-
-fn free_port() -> Result<u16> {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").context("cannot bind a port on 127.0.0.1")?;
-    Ok(l.local_addr().context("listener address")?.port())
-}
-
-fn log_tail(path: &Path) -> String {
-    let text = std::fs::read_to_string(path).unwrap_or_default();
-    let lines: Vec<&str> = text.lines().collect();
-    lines[lines.len().saturating_sub(15)..].join("\n")
-}
-
-/// CPU seconds (user + system) a running process has used (Linux; the
-/// kernel's clock tick is 100 Hz on every common configuration).
-fn cpu_s(pid: u32) -> Option<f64> {
-    let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let after_name = &s[s.rfind(')')? + 2..];
-    let f: Vec<&str> = after_name.split_whitespace().collect();
-    // Fields 14 and 15 of stat (utime, stime); `after_name` starts at field 3.
-    let ticks: u64 = f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?;
-    Some(ticks as f64 / 100.0)
-}
-
-fn delta(a: Option<f64>, b: Option<f64>) -> Option<f64> {
-    Some(b? - a?)
-}
-
-/// Peak resident memory of a running process (Linux).
-fn peak_rss_mib(pid: u32) -> Option<f64> {
-    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let kib: f64 = s.lines().find(|l| l.starts_with("VmHWM:"))?.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kib / 1024.0)
+    let int = |v: i64| toml::Value::Integer(v);
+    bench_util::job_config(
+        base,
+        data,
+        &[
+            ("train", "steps", int(steps as i64)),
+            ("train", "batch_size", int(n as i64)),
+            ("cluster", "world_size", int(n as i64)),
+            ("cluster", "heartbeat_interval_s", toml::Value::Float(30.0)),
+        ],
+    )
 }
 
 async fn run_one(args: &Args, n: usize, coordinator: &Path, base: &str, data: &Path, dir: &Path) -> Result<Row> {
@@ -298,7 +189,7 @@ async fn run_one(args: &Args, n: usize, coordinator: &Path, base: &str, data: &P
     let config = dir.join("job.toml");
     std::fs::write(&config, job_config(base, n, steps, data)?)
         .with_context(|| format!("cannot write {}", config.display()))?;
-    let port = free_port()?;
+    let port = bench_util::free_port()?;
     let log = dir.join("coordinator.log");
     let log_file = std::fs::File::create(&log).with_context(|| format!("cannot create {}", log.display()))?;
     let out_file = log_file.try_clone().context("cannot share the log file")?;
@@ -320,37 +211,11 @@ async fn run_one(args: &Args, n: usize, coordinator: &Path, base: &str, data: &P
         .connect_timeout(Duration::from_secs(10))
         .tcp_nodelay(true);
 
-    // Wait until the coordinator listens (it indexes the dataset first).
-    let up = Instant::now();
-    loop {
-        if let Some(c) = reaper.0.as_mut() {
-            if let Some(status) = c.try_wait().context("cannot poll the coordinator")? {
-                bail!("the coordinator exited early ({status}):\n{}", log_tail(&log));
-            }
-        }
-        match endpoint.connect().await {
-            Ok(_) => break,
-            Err(_) if up.elapsed() < Duration::from_secs(60) => tokio::time::sleep(Duration::from_millis(20)).await,
-            Err(e) => bail!("the coordinator did not listen on {url} within 60 s: {e}\n{}", log_tail(&log)),
-        }
-    }
+    bench_util::wait_listening(&endpoint, &mut reaper, &log, Duration::from_secs(60)).await?;
 
     // One connection per simulated worker, opened before the clock starts.
     let t = Instant::now();
-    let mut clients: Vec<CoordinatorClient<Channel>> = Vec::with_capacity(n);
-    while clients.len() < n {
-        let batch = args.connect_batch.max(1).min(n - clients.len());
-        let handles: Vec<_> = (0..batch)
-            .map(|_| {
-                let e = endpoint.clone();
-                tokio::spawn(async move { e.connect().await })
-            })
-            .collect();
-        for h in handles {
-            let ch = h.await.context("connect task")?.with_context(|| format!("cannot connect to {url}"))?;
-            clients.push(CoordinatorClient::new(ch));
-        }
-    }
+    let clients = connect_all(&endpoint, n, args.connect_batch).await?;
     let connect_s = t.elapsed().as_secs_f64();
 
     // Phase 1: Join, then Rendezvous until ready.
@@ -372,6 +237,8 @@ async fn run_one(args: &Args, n: usize, coordinator: &Path, base: &str, data: &P
             .map_err(|s| anyhow!("rank {i}: join: {}", s.message()))?
             .into_inner();
         let t_joined = Instant::now();
+        let session: AsciiMetadataValue =
+            j.session_secret.parse().map_err(|_| anyhow!("rank {i}: the session secret is not a header value"))?;
         if j.rank != i as u32 || j.world_size as usize != n {
             bail!("rank {i}: join answered rank {} of {}", j.rank, j.world_size);
         }
@@ -384,12 +251,15 @@ async fn run_one(args: &Args, n: usize, coordinator: &Path, base: &str, data: &P
         let mut polls = 0u64;
         loop {
             let r = c
-                .rendezvous(RendezvousRequest {
-                    rank: j.rank,
-                    generation: j.generation,
-                    nccl_unique_id: nccl_unique_id.clone(),
-                    member_id: j.member_id,
-                })
+                .rendezvous(as_member(
+                    RendezvousRequest {
+                        rank: j.rank,
+                        generation: j.generation,
+                        nccl_unique_id: nccl_unique_id.clone(),
+                        member_id: j.member_id,
+                    },
+                    &session,
+                ))
                 .await
                 .map_err(|s| anyhow!("rank {i}: rendezvous: {}", s.message()))?
                 .into_inner();
@@ -401,7 +271,7 @@ async fn run_one(args: &Args, n: usize, coordinator: &Path, base: &str, data: &P
                 if cuda && r.nccl_unique_id.len() != 128 {
                     bail!("rank {i}: ready without the NCCL id");
                 }
-                return Ok((t_join, t_joined, Instant::now(), polls, j.generation));
+                return Ok((t_join, t_joined, Instant::now(), polls, j.generation, session));
             }
         }
     })
@@ -409,7 +279,9 @@ async fn run_one(args: &Args, n: usize, coordinator: &Path, base: &str, data: &P
     let mut first_join: Option<Instant> = None;
     let (mut last_joined, mut last_ready) = (None::<Instant>, None::<Instant>);
     let (mut polls, mut generation) = (0u64, 0u64);
-    for (tj, tjd, tr, p, g) in joined {
+    let mut sessions = Vec::with_capacity(n);
+    for (tj, tjd, tr, p, g, session) in joined {
+        sessions.push(session);
         first_join = Some(first_join.map_or(tj, |f| f.min(tj)));
         last_joined = Some(last_joined.map_or(tjd, |l| l.max(tjd)));
         last_ready = Some(last_ready.map_or(tr, |l| l.max(tr)));
@@ -420,7 +292,7 @@ async fn run_one(args: &Args, n: usize, coordinator: &Path, base: &str, data: &P
     let all_joined_s = last_joined.map_or(0.0, |l| (l - first_join).as_secs_f64());
     let rendezvous_s = last_ready.map_or(0.0, |l| (l - first_join).as_secs_f64());
     let cpu1 = cpu_s(pid);
-    let rest = later_phases(&clients, n, steps, generation, pid, &mut reaper, &log, cpu1).await;
+    let rest = later_phases(&clients, &sessions, n, steps, generation, pid, &mut reaper, &log, cpu1).await;
     Ok(Row {
         workers: n,
         device: args.device.clone(),
@@ -431,6 +303,14 @@ async fn run_one(args: &Args, n: usize, coordinator: &Path, base: &str, data: &P
         rendezvous_cpu_s: delta(cpu0, cpu1),
         rest: rest.map_err(|e| format!("{e:#}")),
     })
+}
+
+/// `msg` carrying the session secret the simulated worker's Join returned
+/// (the coordinator refuses a call for a rank without it).
+fn as_member<T>(msg: T, session: &AsciiMetadataValue) -> tonic::Request<T> {
+    let mut r = tonic::Request::new(msg);
+    r.metadata_mut().insert(SESSION_KEY, session.clone());
+    r
 }
 
 /// Runs `work(rank, client)` for every simulated worker at once, each on its
@@ -454,6 +334,7 @@ where
 #[allow(clippy::too_many_arguments)]
 async fn later_phases(
     clients: &[CoordinatorClient<Channel>],
+    sessions: &[AsciiMetadataValue],
     n: usize,
     steps: u64,
     generation: u64,
@@ -467,13 +348,14 @@ async fn later_phases(
     let t = Instant::now();
     let fetched = on_every_worker(clients, "assignment", |i, mut c| {
         let per_step = per_step.clone();
+        let session = sessions[i].clone();
         async move {
             let mut lat = Vec::with_capacity(steps as usize);
             let mut mine = Vec::with_capacity(steps as usize);
             for step in 0..steps {
                 let t = Instant::now();
                 let a = c
-                    .get_assignment(AssignmentRequest { rank: i as u32, generation, step })
+                    .get_assignment(as_member(AssignmentRequest { rank: i as u32, generation, step }, &session))
                     .await
                     .map_err(|s| anyhow!("rank {i}: assignment {step}: {}", s.message()))?
                     .into_inner();
@@ -506,18 +388,21 @@ async fn later_phases(
         }
     }
     latencies.sort_by(f64::total_cmp);
-    let pct = |q: f64| latencies[((latencies.len() - 1) as f64 * q).round() as usize] * 1e3;
+    let pct = |q: f64| bench_util::quantile(&latencies, q).unwrap_or(f64::NAN) * 1e3;
     let cpu2 = cpu_s(pid);
 
     // Phase 2b: the same assignments again, now from the plan cache.
     let t = Instant::now();
-    on_every_worker(clients, "assignment", |i, mut c| async move {
-        for step in 0..steps {
-            c.get_assignment(AssignmentRequest { rank: i as u32, generation, step })
-                .await
-                .map_err(|s| anyhow!("rank {i}: assignment {step} (again): {}", s.message()))?;
+    on_every_worker(clients, "assignment", |i, mut c| {
+        let session = sessions[i].clone();
+        async move {
+            for step in 0..steps {
+                c.get_assignment(as_member(AssignmentRequest { rank: i as u32, generation, step }, &session))
+                    .await
+                    .map_err(|s| anyhow!("rank {i}: assignment {step} (again): {}", s.message()))?;
+            }
+            Ok(())
         }
-        Ok(())
     })
     .await?;
     let cached_assign_s = t.elapsed().as_secs_f64();
@@ -527,9 +412,10 @@ async fn later_phases(
     let t = Instant::now();
     on_every_worker(clients, "report", |i, mut c| {
         let mine = samples[i].clone();
+        let session = sessions[i].clone();
         async move {
             for (step, &k) in mine.iter().enumerate() {
-                c.report_step(StepReport {
+                let report = StepReport {
                     rank: i as u32,
                     generation,
                     step: step as u64,
@@ -542,9 +428,10 @@ async fn later_phases(
                     lr_scale: 1.0,
                     timings: Some(Timings { data_wait_s: 0.0, compute_s: 0.01, comm_wait_s: 0.0, step_s: 0.01 }),
                     ..Default::default()
-                })
-                .await
-                .map_err(|s| anyhow!("rank {i}: report {step}: {}", s.message()))?;
+                };
+                c.report_step(as_member(report, &session))
+                    .await
+                    .map_err(|s| anyhow!("rank {i}: report {step}: {}", s.message()))?;
             }
             Ok(())
         }
@@ -552,11 +439,13 @@ async fn later_phases(
     .await?;
     let reports_s = t.elapsed().as_secs_f64();
     let t = Instant::now();
-    on_every_worker(clients, "leave", |i, mut c| async move {
-        c.leave(LeaveRequest { rank: i as u32, generation, finished: true, ..Default::default() })
-            .await
-            .map_err(|s| anyhow!("rank {i}: leave: {}", s.message()))?;
-        Ok(())
+    on_every_worker(clients, "leave", |i, mut c| {
+        let leave =
+            as_member(LeaveRequest { rank: i as u32, generation, finished: true, ..Default::default() }, &sessions[i]);
+        async move {
+            c.leave(leave).await.map_err(|s| anyhow!("rank {i}: leave: {}", s.message()))?;
+            Ok(())
+        }
     })
     .await?;
     let mut child = reaper.0.take().context("the coordinator is gone")?;
