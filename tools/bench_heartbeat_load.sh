@@ -7,7 +7,7 @@
 # with the mean step time of each run against the mean of the A runs, the
 # heartbeats' latency and outcomes, the job coordinator's latency to a probe,
 # and the CPU use of the coordinator, the workers, the simulated clients and
-# the rest of the machine; then B vs A, C vs A and B vs C. About 6 minutes on
+# the rest of the machine; then B vs A, C vs A and B vs C. About 4 minutes on
 # 2 cores. Extra arguments go to the example, e.g.
 #
 #   tools/bench_heartbeat_load.sh --clients 1024 --steps 1000 --runs A,B,C,A,C,B,A --keep
