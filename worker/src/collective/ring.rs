@@ -776,6 +776,35 @@ mod auth {
         Ok(b)
     }
 
+    /// The link end a proof is expected from, as this rank sees it.
+    pub(super) struct Peer<'a> {
+        pub rank: usize,
+        pub name: &'a str,
+        pub token: &'a [u8],
+        pub deadline: Instant,
+    }
+
+    /// Reads the peer's proof (sent by `role`) and refuses the link unless
+    /// it shows the peer holds the token.
+    pub(super) fn expect_proof(
+        s: &TcpStream,
+        peer: &Peer,
+        role: u8,
+        connector_hello: &[u8; HELLO_BYTES],
+        acceptor_hello: &[u8; HELLO_BYTES],
+    ) -> Result<()> {
+        let got = read_proof(s, peer.deadline).with_context(|| {
+            format!(
+                "reading the token proof of {} failed (did it refuse this rank's job token? see its log)",
+                peer.name
+            )
+        })?;
+        if !holds_token(&got, peer.token, role, connector_hello, acceptor_hello)? {
+            return Err(mismatch(peer.rank, peer.name, peer.token));
+        }
+        Ok(())
+    }
+
     /// The refusal, the same words on both ends of the link; it names
     /// neither the token nor the proofs.
     pub(super) fn mismatch(rank: usize, peer: &str, token: &[u8]) -> anyhow::Error {
@@ -1190,19 +1219,11 @@ impl<T: Real> RingCollective<T> {
         let sent_next = (&next).write_all(&proof);
         let proof = auth::prove(token, auth::BY_ACCEPTOR, &hello_from_prev, &hello_to_prev)?;
         let sent_prev = (&prev).write_all(&proof);
-        let got = auth::read_proof(&prev, deadline).with_context(|| {
-            format!("reading the token proof of {prev_name} failed (did it refuse this rank's job token? see its log)")
-        })?;
-        if !auth::holds_token(&got, token, auth::BY_CONNECTOR, &hello_from_prev, &hello_to_prev)? {
-            return Err(auth::mismatch(rank, &prev_name, token));
-        }
+        let peer = auth::Peer { rank, name: &prev_name, token, deadline };
+        auth::expect_proof(&prev, &peer, auth::BY_CONNECTOR, &hello_from_prev, &hello_to_prev)?;
         sent_prev.with_context(|| format!("sending the token proof to {prev_name} failed"))?;
-        let got = auth::read_proof(&next, deadline).with_context(|| {
-            format!("reading the token proof of {next_name} failed (did it refuse this rank's job token? see its log)")
-        })?;
-        if !auth::holds_token(&got, token, auth::BY_ACCEPTOR, &hello_to_next, &hello_from_next)? {
-            return Err(auth::mismatch(rank, &next_name, token));
-        }
+        let peer = auth::Peer { name: &next_name, ..peer };
+        auth::expect_proof(&next, &peer, auth::BY_ACCEPTOR, &hello_to_next, &hello_from_next)?;
         sent_next.with_context(|| format!("sending the token proof to {next_name} failed"))?;
 
         // 5. Same-host links move to Unix sockets where both ends can.
