@@ -27,7 +27,9 @@ pub struct StoredJob {
     pub coordinator_restarts: u32,
     /// Steps of the committed checkpoints, oldest first.
     pub committed: Vec<u64>,
-    /// Steps every rank has reported.
+    /// Steps every rank had reported at the last change recorded (a
+    /// commit or a new generation; not every step, which would put an
+    /// fsync on the coordinator's hot path).
     pub steps_done: u64,
 }
 
