@@ -42,7 +42,7 @@ mod bench_util;
 use anyhow::{anyhow, bail, Context, Result};
 use bench_util::{check_open_files, connect_all, cpu_s, delta, log_tail, peak_rss_mib, Reaper};
 use clap::Parser;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -62,22 +62,11 @@ struct Args {
     /// Step assignments each worker fetches (and steps the job has).
     #[arg(long, default_value_t = 100)]
     steps: u64,
-    /// The job config to copy (model, optimizer, data template).
-    #[arg(long, default_value = "configs/demo.toml")]
-    base_config: PathBuf,
-    /// Demo data folder; made with `worker make-demo-data` when absent.
-    #[arg(long, default_value = "data/demo")]
-    data: PathBuf,
-    /// Folder with the `coordinator` and `worker` binaries (default: the
-    /// folder above this example's, i.e. target/release).
-    #[arg(long)]
-    bin_dir: Option<PathBuf>,
+    #[command(flatten)]
+    common: bench_util::CommonArgs,
     /// Async runtime threads of the simulated workers.
     #[arg(long, default_value_t = 2)]
     client_threads: usize,
-    /// Connections opened at once while setting up.
-    #[arg(long, default_value_t = 128)]
-    connect_batch: usize,
     /// Keep each run's folder (config, coordinator log, metrics).
     #[arg(long)]
     keep: bool,
@@ -122,14 +111,10 @@ struct Rest {
 
 fn main() -> Result<()> {
     let args = Args::parse();
-    let bin_dir = bench_util::bin_dir(args.bin_dir.as_deref())?;
-    let coordinator = bin_dir.join("coordinator");
-    let worker = bin_dir.join("worker");
     let max_n = args.workers.iter().copied().max().unwrap_or(0);
     check_open_files(max_n)?;
-    let data = bench_util::ensure_demo_data(&worker, &args.data)?;
-    let base = std::fs::read_to_string(&args.base_config)
-        .with_context(|| format!("cannot read {}", args.base_config.display()))?;
+    let bench_util::Inputs { bin_dir, data, base } = args.common.inputs()?;
+    let coordinator = bin_dir.join("coordinator");
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(args.client_threads.max(1))
         .enable_all()
@@ -215,7 +200,7 @@ async fn run_one(args: &Args, n: usize, coordinator: &Path, base: &str, data: &P
 
     // One connection per simulated worker, opened before the clock starts.
     let t = Instant::now();
-    let clients = connect_all(&endpoint, n, args.connect_batch).await?;
+    let clients = connect_all(&endpoint, n, args.common.connect_batch).await?;
     let connect_s = t.elapsed().as_secs_f64();
 
     // Phase 1: Join, then Rendezvous until ready.

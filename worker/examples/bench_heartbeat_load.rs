@@ -100,22 +100,11 @@ struct Args {
     /// simulated client makes --rate-hz, a worker a few).
     #[arg(long, default_value_t = 200.0)]
     rate_limit: f64,
-    /// The job config to copy (model, optimizer, data template).
-    #[arg(long, default_value = "configs/demo.toml")]
-    base_config: PathBuf,
-    /// Demo data folder; made with `worker make-demo-data` when absent.
-    #[arg(long, default_value = "data/demo")]
-    data: PathBuf,
-    /// Folder with the `coordinator` and `worker` binaries (default: the
-    /// folder above this example's, i.e. target/release).
-    #[arg(long)]
-    bin_dir: Option<PathBuf>,
+    #[command(flatten)]
+    common: bench_util::CommonArgs,
     /// Async runtime threads of the simulated clients.
     #[arg(long, default_value_t = 1)]
     client_threads: usize,
-    /// Connections opened at once while setting up.
-    #[arg(long, default_value_t = 128)]
-    connect_batch: usize,
     /// Longest one simulated call may take.
     #[arg(long, default_value_t = 10.0)]
     call_timeout_s: f64,
@@ -234,7 +223,6 @@ fn main() -> Result<()> {
     let args = Args::parse();
     let start = Instant::now();
     let deadline = start + Duration::from_secs(args.time_limit_s);
-    let bin_dir = bench_util::bin_dir(args.bin_dir.as_deref())?;
     let runs: Vec<Load> = args.runs.iter().map(|s| Load::parse(s)).collect::<Result<_>>()?;
     if runs.is_empty() {
         bail!("--runs: no runs");
@@ -248,9 +236,7 @@ fn main() -> Result<()> {
     if runs.iter().any(|&r| r != Load::None) {
         bench_util::check_open_files(args.clients + 64)?;
     }
-    let data = bench_util::ensure_demo_data(&bin_dir.join("worker"), &args.data)?;
-    let base = std::fs::read_to_string(&args.base_config)
-        .with_context(|| format!("cannot read {}", args.base_config.display()))?;
+    let bench_util::Inputs { bin_dir, data, base } = args.common.inputs()?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(args.client_threads.max(1))
         .enable_all()
@@ -536,7 +522,7 @@ async fn run_one(
             None => &coord.endpoint,
         };
         let t = Instant::now();
-        let conns = bench_util::connect_all(target, args.clients, args.connect_batch).await?;
+        let conns = bench_util::connect_all(target, args.clients, args.common.connect_batch).await?;
         eprintln!("   {} connections in {:.2} s", conns.len(), t.elapsed().as_secs_f64());
         let beat = Beat { auth: auth.clone(), origin, period, stop: stop.clone(), done: done.clone() };
         let t0 = tokio::time::Instant::now();

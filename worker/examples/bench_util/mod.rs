@@ -11,6 +11,43 @@ use std::time::{Duration, Instant};
 use tessera_proto::CoordinatorClient;
 use tonic::transport::{Channel, Endpoint};
 
+/// The flags both benchmarks take: where the binaries, the demo data and
+/// the job config to copy are, and how many connections to open at once.
+#[derive(clap::Args)]
+pub struct CommonArgs {
+    /// The job config to copy (model, optimizer, data template).
+    #[arg(long, default_value = "configs/demo.toml")]
+    pub base_config: PathBuf,
+    /// Demo data folder; made with `worker make-demo-data` when absent.
+    #[arg(long, default_value = "data/demo")]
+    pub data: PathBuf,
+    /// Folder with the `coordinator` and `worker` binaries (default: the
+    /// folder above this example's, i.e. target/release).
+    #[arg(long)]
+    pub bin_dir: Option<PathBuf>,
+    /// Connections opened at once while setting up.
+    #[arg(long, default_value_t = 128)]
+    pub connect_batch: usize,
+}
+
+/// What the common flags name, made ready: the binaries' folder, the demo
+/// data (made when absent) and the base config's text.
+pub struct Inputs {
+    pub bin_dir: PathBuf,
+    pub data: PathBuf,
+    pub base: String,
+}
+
+impl CommonArgs {
+    pub fn inputs(&self) -> Result<Inputs> {
+        let bin_dir = bin_dir(self.bin_dir.as_deref())?;
+        let data = ensure_demo_data(&bin_dir.join("worker"), &self.data)?;
+        let base = std::fs::read_to_string(&self.base_config)
+            .with_context(|| format!("cannot read {}", self.base_config.display()))?;
+        Ok(Inputs { bin_dir, data, base })
+    }
+}
+
 /// Kills a child process (and reaps it) if the benchmark bails out or
 /// panics while it runs. `take()` the child to wait for it normally.
 pub struct Reaper(pub Option<Child>);
