@@ -329,11 +329,9 @@ impl JobState {
                 .map(|m| (r as u32, m.generation == g))
         })?;
         if current && self.training {
+            // A training generation either recovers or fails the job.
             let why = format!("rank {rank} sent no heartbeat for {:.0} s", self.heartbeat_deadline_s);
-            let recovery = self.fail_rank(rank, why.clone(), now);
-            if recovery.is_none() && self.outcome == Outcome::Running {
-                self.outcome = Outcome::Failed(why);
-            }
+            let recovery = self.fail_rank(rank, why, now);
             return Some(Liveness::Dead { rank, recovery });
         }
         self.members.leave(rank);
