@@ -13,22 +13,5 @@
 #   tools/bench_heartbeat_load.sh --clients 1024 --steps 1000 --runs A,B,C,A,C,B,A --keep
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
-target="${CARGO_TARGET_DIR:-target}"
-
-source tools/machine.sh # the script runs from the repository root
-print_machine coordinator worker proto
-
-echo "== build"
-cargo build --release -p tessera-worker -p tessera-coordinator --bin worker --bin coordinator --example bench_heartbeat_load
-
-# Each side holds one socket per simulated client: raise the soft open-file
-# limit to the hard one when it is lower.
-hard=$(ulimit -Hn)
-if [ "$hard" = unlimited ] || [ "$(ulimit -n)" -lt "$hard" ]; then
-    ulimit -n "$hard" 2>/dev/null || true
-fi
-echo "open files: soft $(ulimit -n), hard $(ulimit -Hn)"
-
-echo "== run (loadavg before: $(cut -d" " -f1-3 /proc/loadavg))"
-"$target/release/examples/bench_heartbeat_load" --bin-dir "$target/release" "$@"
-echo "(loadavg after: $(cut -d" " -f1-3 /proc/loadavg))"
+source tools/coordinator_bench.sh # the script runs from the repository root
+run_coordinator_bench bench_heartbeat_load "$@"
