@@ -48,6 +48,21 @@ fn req<T>(msg: T, token: Option<&str>, session: Option<&str>) -> Request<T> {
     r
 }
 
+/// Sends `msgs` on one heartbeat stream and returns the answers.
+async fn beats(
+    client: &mut CoordinatorClient<Channel>,
+    msgs: Vec<HeartbeatRequest>,
+    token: Option<&str>,
+    session: Option<&str>,
+) -> Result<Vec<HeartbeatReply>, tonic::Status> {
+    let mut replies = client.heartbeats(req(tokio_stream::iter(msgs), token, session)).await?.into_inner();
+    let mut out = Vec::new();
+    while let Some(r) = replies.message().await? {
+        out.push(r);
+    }
+    Ok(out)
+}
+
 fn join_request(rank: u32, pid: u32) -> JoinRequest {
     JoinRequest {
         protocol_version: tessera_proto::PROTOCOL_VERSION,
@@ -81,7 +96,7 @@ fn calls_without_the_token_or_for_another_rank_are_refused() {
                 client.rendezvous(req(RendezvousRequest::default(), token, None)).await.unwrap_err().code(),
                 client.get_assignment(req(AssignmentRequest::default(), token, None)).await.unwrap_err().code(),
                 client.report_step(req(StepReport::default(), token, None)).await.unwrap_err().code(),
-                client.heartbeat(req(HeartbeatRequest::default(), token, None)).await.unwrap_err().code(),
+                beats(&mut client, vec![HeartbeatRequest::default()], token, None).await.unwrap_err().code(),
                 client.leave(req(LeaveRequest::default(), token, None)).await.unwrap_err().code(),
                 client.commit_checkpoint(req(CheckpointPart::default(), token, None)).await.unwrap_err().code(),
             ];
@@ -95,13 +110,25 @@ fn calls_without_the_token_or_for_another_rank_are_refused() {
         let b = client.join(req(join_request(1, 2), t, None)).await.unwrap().into_inner();
         assert_ne!(a.session_secret, b.session_secret);
         let beat = |rank| HeartbeatRequest { rank, generation: a.generation, step: 0 };
-        let ok = client.heartbeat(req(beat(1), t, Some(&b.session_secret))).await.unwrap().into_inner();
-        assert_eq!(ok.action, Action::Continue as i32);
+        let ok = beats(&mut client, vec![beat(1)], t, Some(&b.session_secret)).await.unwrap();
+        assert_eq!(ok[0].action, Action::Continue as i32);
+        // Beats for rank 1 without its session are answered "join again"
+        // and do not keep rank 1 alive.
+        tokio::time::sleep(Duration::from_millis(1500)).await;
         for session in [Some(a.session_secret.as_str()), None, Some("00000000000000000000000000000000")] {
-            let e = client.heartbeat(req(beat(1), t, session)).await.unwrap_err();
-            assert_eq!(e.code(), Code::PermissionDenied, "{session:?}: {e:?}");
-            assert!(e.message().contains("rank 1"), "{e:?}");
+            let answers = beats(&mut client, vec![beat(1), beat(1)], t, session).await.unwrap();
+            assert_eq!(answers.len(), 2, "{session:?}: every beat is answered");
+            for r in answers {
+                assert_eq!(r.action, Action::Abort as i32, "{session:?}: {r:?}");
+                assert!(r.reason.contains("rank 1") && r.reason.contains("join again"), "{r:?}");
+            }
         }
+        let last_seen = |s: &JobStatus| s.ranks.iter().find(|r| r.rank == 1).and_then(|r| r.last_seen_s_ago);
+        let status = client.get_status(req(StatusRequest::default(), t, None)).await.unwrap().into_inner();
+        assert!(last_seen(&status).unwrap() >= 1.4, "forged beats touched rank 1: {status:?}");
+        beats(&mut client, vec![beat(1)], t, Some(&b.session_secret)).await.unwrap();
+        let status = client.get_status(req(StatusRequest::default(), t, None)).await.unwrap().into_inner();
+        assert!(last_seen(&status).unwrap() < 1.0, "rank 1's own beat counts: {status:?}");
         let leave = LeaveRequest {
             rank: 1,
             generation: a.generation,

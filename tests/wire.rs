@@ -56,7 +56,7 @@ impl Decoder for Raw {
 }
 
 const METHODS: [&str; 7] =
-    ["Join", "Rendezvous", "GetAssignment", "ReportStep", "Heartbeat", "Leave", "CommitCheckpoint"];
+    ["Join", "Rendezvous", "GetAssignment", "ReportStep", "Heartbeats", "Leave", "CommitCheckpoint"];
 
 async fn call(channel: &Channel, method: &str, body: Vec<u8>, session: Option<&str>) -> Result<Vec<u8>, Status> {
     let mut grpc = tonic::client::Grpc::new(channel.clone());
@@ -131,7 +131,7 @@ fn valid(method: &str, generation: u64) -> Vec<u8> {
         "ReportStep" => {
             StepReport { rank: 0, generation, step: 0, loss_sum: 1.0, ..Default::default() }.encode_to_vec()
         }
-        "Heartbeat" => HeartbeatRequest { rank: 0, generation, step: 0 }.encode_to_vec(),
+        "Heartbeats" => HeartbeatRequest { rank: 0, generation, step: 0 }.encode_to_vec(),
         "Leave" => LeaveRequest { rank: 0, generation, will_rejoin: true, ..Default::default() }.encode_to_vec(),
         _ => CheckpointPart {
             rank: 0,
@@ -192,7 +192,9 @@ fn arbitrary_bytes_in_every_rpc_get_an_answer_and_the_coordinator_goes_on() {
                 }
             }
             if i % 100 == 0 {
-                call(&ch, "Heartbeat", beat.clone(), Some(&session)).await.expect("the coordinator stopped serving");
+                let answer = call(&ch, "Heartbeats", beat.clone(), Some(&session)).await;
+                let reply = HeartbeatReply::decode(&answer.expect("the coordinator stopped serving")[..]).unwrap();
+                assert_eq!(reply.action, Action::Continue as i32, "case {i}: the fuzzer's rank was lost: {reply:?}");
             }
         }
         counts
@@ -234,7 +236,7 @@ fn an_oversized_message_and_a_flood_are_refused_while_others_are_served() {
         let beat = HeartbeatRequest::default().encode_to_vec();
         let mut limited = 0;
         for _ in 0..100 {
-            if let Err(e) = call(&a, "Heartbeat", beat.clone(), None).await {
+            if let Err(e) = call(&a, "Heartbeats", beat.clone(), None).await {
                 if e.code() == Code::ResourceExhausted {
                     assert!(e.message().contains("rate limit"), "{e:?}");
                     limited += 1;
@@ -242,8 +244,27 @@ fn an_oversized_message_and_a_flood_are_refused_while_others_are_served() {
             }
         }
         assert!(limited > 50, "100 calls at once against 20/s (bursts of 40): {limited} refused");
-        let e = call(&b, "Heartbeat", beat, None).await.unwrap_err();
-        assert_eq!(e.code(), Code::PermissionDenied, "the other client is still served (and checked): {e:?}");
+        let answer = HeartbeatReply::decode(&call(&b, "Heartbeats", beat, None).await.unwrap()[..]).unwrap();
+        assert_eq!(answer.action, Action::Abort as i32, "the other client is still served (and checked): {answer:?}");
+        assert!(answer.reason.contains("without that rank's session"), "{answer:?}");
+
+        // A flood of beats on one open stream is refused too: each beat
+        // counts against the peer's rate, not only the stream's opening.
+        let mut client = tessera_proto::CoordinatorClient::new(channel(port).await);
+        let mut flood = Request::new(tokio_stream::iter(vec![HeartbeatRequest::default(); 100]));
+        flood.metadata_mut().insert("authorization", format!("Bearer {TOKEN}").parse().unwrap());
+        let mut replies = client.heartbeats(flood).await.unwrap().into_inner();
+        let mut answered = 0;
+        let e = loop {
+            match replies.message().await {
+                Ok(Some(_)) => answered += 1,
+                Ok(None) => panic!("100 beats at once against 20/s were all answered"),
+                Err(e) => break e,
+            }
+        };
+        assert_eq!(e.code(), Code::ResourceExhausted, "{e:?}");
+        assert!(e.message().contains("rate limit"), "{e:?}");
+        assert!(answered < 40, "no more than the burst of 40, less the stream's opening: {answered}");
     });
     assert!(c.try_wait().unwrap().is_none(), "the coordinator exited");
     let _ = c.kill();

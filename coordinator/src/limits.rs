@@ -2,7 +2,8 @@
 //! request rate per peer. A peer here is a client connection (its address
 //! and port): one worker process, however many threads it calls from. A
 //! peer over its rate gets RESOURCE_EXHAUSTED and nothing else happens, so
-//! a runaway client slows only itself.
+//! a runaway client slows only itself. A message on a stream (a heartbeat)
+//! counts as a request too: the service checks those itself.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -52,6 +53,19 @@ impl RateLimiter {
     }
 }
 
+impl RateLimiter {
+    /// Admits one request from `peer` now, or says it is over its rate.
+    pub fn check(&self, peer: SocketAddr) -> Result<(), Status> {
+        if self.admit(peer, Instant::now()) {
+            return Ok(());
+        }
+        Err(Status::resource_exhausted(format!(
+            "{peer} is over the coordinator's rate limit of {} requests/s: slow down",
+            self.rate
+        )))
+    }
+}
+
 /// The checks every call goes through, in order: the job token (when the
 /// job has one), then the peer's rate.
 pub fn gate(token: Option<JobToken>, limiter: Arc<RateLimiter>) -> impl tonic::service::Interceptor + Clone {
@@ -64,12 +78,7 @@ pub fn gate(token: Option<JobToken>, limiter: Arc<RateLimiter>) -> impl tonic::s
             }
         }
         if let Some(peer) = req.remote_addr() {
-            if !limiter.admit(peer, Instant::now()) {
-                return Err(Status::resource_exhausted(format!(
-                    "{peer} is over the coordinator's rate limit of {} requests/s: slow down",
-                    limiter.rate
-                )));
-            }
+            limiter.check(peer)?;
         }
         Ok(req)
     }

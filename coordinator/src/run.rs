@@ -270,7 +270,7 @@ async fn serve(shared: Arc<Shared>, opts: &RunOptions, metrics: Option<(SocketAd
     }
     let server = builder
         .add_service(tonic::service::interceptor::InterceptedService::new(
-            tessera_proto::CoordinatorServer::new(Service(shared.clone()))
+            tessera_proto::CoordinatorServer::new(Service(shared.clone(), limiter.clone()))
                 .max_decoding_message_size(opts.max_message_bytes),
             gate(opts.token.clone(), limiter),
         ))

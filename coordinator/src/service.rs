@@ -1,23 +1,26 @@
 //! The gRPC handlers: translate requests into `JobState` and `Planner`
 //! calls and their answers back into replies. No job logic lives here.
 
+use crate::limits::RateLimiter;
 use crate::membership::{JoinError, JoinInfo};
 use crate::planner::Planner;
 use crate::progress::StepSummary;
 use crate::state::{JobState, Outcome};
 use crate::store::JobStore;
 use std::path::PathBuf;
+use std::pin::Pin;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 use tessera_proto::v1::{
-    Assignment, AssignmentRequest, CheckpointAck, CheckpointPart, HeartbeatReply, HeartbeatRequest, JobStatus,
+    Action, Assignment, AssignmentRequest, CheckpointAck, CheckpointPart, HeartbeatReply, HeartbeatRequest, JobStatus,
     JoinReply, JoinRequest, LeaveReply, LeaveRequest, RendezvousReply, RendezvousRequest, SampleRef, StatusRequest,
     StepAck, StepReport,
 };
 use tessera_worker::auth::SESSION_KEY;
 use tessera_worker::train::checkpoint::{self, FileEntry};
 use tokio::sync::Notify;
-use tonic::{Request, Response, Status};
+use tokio_stream::{Stream, StreamExt};
+use tonic::{Request, Response, Status, Streaming};
 
 /// How long a Rendezvous call waits for the last ranks before answering
 /// "not ready" (the worker asks again), so no call outlives a proxy timeout.
@@ -88,8 +91,13 @@ impl Shared {
     }
 }
 
+/// The handlers, with the per-peer rate limit that heartbeat streams keep
+/// beat by beat (the interceptor sees only a stream's opening).
 #[derive(Clone)]
-pub struct Service(pub Arc<Shared>);
+pub struct Service(pub Arc<Shared>, pub Arc<RateLimiter>);
+
+/// The answers on a heartbeat stream, one per beat.
+pub type HeartbeatReplies = Pin<Box<dyn Stream<Item = Result<HeartbeatReply, Status>> + Send>>;
 
 fn refused(msg: String) -> Status {
     Status::failed_precondition(msg)
@@ -269,14 +277,33 @@ impl tessera_proto::Coordinator for Service {
         Ok(Response::new(StepAck { done: step + 1 >= total }))
     }
 
-    async fn heartbeat(&self, req: Request<HeartbeatRequest>) -> Result<Response<HeartbeatReply>, Status> {
+    type HeartbeatsStream = HeartbeatReplies;
+
+    /// Each beat is answered in turn. A beat that is not the current
+    /// member's (no session for its rank, another generation) is answered
+    /// ABORT ("join again") and the stream stays open, so the worker hears
+    /// why; only a peer over its rate, or a message that does not decode,
+    /// ends the stream.
+    async fn heartbeats(
+        &self,
+        req: Request<Streaming<HeartbeatRequest>>,
+    ) -> Result<Response<HeartbeatReplies>, Status> {
         let secret = session(&req);
-        let r = req.into_inner();
-        let s = &self.0;
-        let mut st = s.lock();
-        authorize(&st, r.rank, &secret)?;
-        let (action, reason) = st.heartbeat(r.rank, r.generation, s.now()).map_err(refused)?;
-        Ok(Response::new(HeartbeatReply { generation: st.members.generation, action: action as i32, reason }))
+        let peer = req.remote_addr();
+        let (s, limiter) = (self.0.clone(), self.1.clone());
+        let replies = req.into_inner().map(move |beat| {
+            let r = beat?;
+            if let Some(peer) = peer {
+                limiter.check(peer)?;
+            }
+            let mut st = s.lock();
+            let answer = authorize(&st, r.rank, &secret)
+                .map_err(|e| e.message().to_string())
+                .and_then(|()| st.heartbeat(r.rank, r.generation, s.now()));
+            let (action, reason) = answer.unwrap_or_else(|why| (Action::Abort, format!("{why}: join again")));
+            Ok(HeartbeatReply { generation: st.members.generation, action: action as i32, reason })
+        });
+        Ok(Response::new(Box::pin(replies)))
     }
 
     async fn leave(&self, req: Request<LeaveRequest>) -> Result<Response<LeaveReply>, Status> {

@@ -3,7 +3,7 @@
 
 /// Bumped on every incompatible change to the wire protocol; Join refuses a
 /// worker whose version differs.
-pub const PROTOCOL_VERSION: u32 = 2;
+pub const PROTOCOL_VERSION: u32 = 3;
 
 #[allow(clippy::all, clippy::pedantic)]
 pub mod v1 {

@@ -15,13 +15,15 @@
 //! - **A**, no load: the job alone.
 //! - **B**, load on the job's coordinator: before the workers start, this
 //!   process opens N tonic channels to the coordinator (one TCP connection
-//!   each) and every client sends a Heartbeat every 1/`--rate-hz` s, with
-//!   the job token, starting at staggered offsets spread evenly over the
-//!   first period. The clients are not members of the job: client i claims
-//!   rank i % world_size without that rank's session, so each call goes
-//!   through the whole path (token check, rate limit, the job's state lock,
-//!   the rank's session lookup) and is refused with PERMISSION_DENIED.
-//!   Every outcome is counted by status code.
+//!   each), and every client opens a heartbeat stream, as a worker does,
+//!   and sends a beat on it every 1/`--rate-hz` s, each answered before the
+//!   next, with the job token, starting at staggered offsets spread evenly
+//!   over the first period. The clients are not members of the job: client
+//!   i claims rank i % world_size without that rank's session, so each beat
+//!   goes through the whole path (the stream's token check, the per-beat
+//!   rate limit, the job's state lock, the rank's session lookup) and is
+//!   answered ABORT ("join again"), touching no rank. Every answer is
+//!   counted, and every stream that fails by its status code.
 //! - **C**, load on a decoy: the same clients heartbeat a second coordinator
 //!   process on another port (the same config and token, no workers join
 //!   it), so the machine serves the same RPCs at the same rate but the job's
@@ -67,7 +69,7 @@ use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tessera_proto::v1::HeartbeatRequest;
+use tessera_proto::v1::{Action, HeartbeatReply, HeartbeatRequest};
 use tessera_proto::CoordinatorClient;
 use tessera_worker::auth::TOKEN_ENV;
 use tonic::metadata::AsciiMetadataValue;
@@ -114,6 +116,16 @@ struct Args {
     /// Longest the whole benchmark may take.
     #[arg(long, default_value_t = 2400)]
     time_limit_s: u64,
+    /// CPUs the worker processes run on (a taskset list, e.g. 0-7); unset:
+    /// this process's CPUs. With --coordinator-cpus, and this process
+    /// started on others (`taskset -c 10-15 ...`), the simulated clients
+    /// stop sharing cores with the job, as on a cluster where they are
+    /// other machines.
+    #[arg(long)]
+    worker_cpus: Option<String>,
+    /// CPUs the job's coordinator (and the decoy) run on.
+    #[arg(long)]
+    coordinator_cpus: Option<String>,
     /// Keep each run's folder (config, logs, metrics).
     #[arg(long)]
     keep: bool,
@@ -299,6 +311,19 @@ struct Coord {
     log: PathBuf,
 }
 
+/// A command for `bin`, run on `cpus` through taskset (which execs it:
+/// the process id is the binary's) when given.
+fn on_cpus(bin: PathBuf, cpus: Option<&str>) -> Command {
+    match cpus {
+        Some(list) => {
+            let mut c = Command::new("taskset");
+            c.arg("-c").arg(list).arg(bin);
+            c
+        }
+        None => Command::new(bin),
+    }
+}
+
 async fn start_coordinator(
     args: &Args,
     bin_dir: &Path,
@@ -310,7 +335,7 @@ async fn start_coordinator(
     let port = bench_util::free_port()?;
     let log_file = std::fs::File::create(&log).with_context(|| format!("cannot create {}", log.display()))?;
     let out_file = log_file.try_clone().context("cannot share the log file")?;
-    let child = Command::new(bin_dir.join("coordinator"))
+    let child = on_cpus(bin_dir.join("coordinator"), args.coordinator_cpus.as_deref())
         .arg("--config")
         .arg(config)
         .args(["--listen", &format!("127.0.0.1:{port}"), "--rate-limit", &args.rate_limit.to_string(), "--out"])
@@ -335,10 +360,11 @@ async fn start_coordinator(
 /// Counts kept by each simulated client.
 #[derive(Default)]
 struct ClientStats {
-    /// Per call: sent (ms after the run's origin), latency (us).
+    /// Per beat: sent (ms after the run's origin), latency (us).
     calls: Vec<(u32, u32)>,
-    /// Calls by status code (0: OK).
-    outcomes: BTreeMap<i32, u64>,
+    /// Beats by answer ("Continue", "Abort", ...) or, for a stream that
+    /// failed, by status code.
+    outcomes: BTreeMap<String, u64>,
 }
 
 /// What every simulated client shares.
@@ -350,12 +376,14 @@ struct Beat {
     origin: Instant,
     period: Duration,
     stop: Arc<AtomicBool>,
-    /// Calls completed so far, all clients.
+    /// Beats answered so far, all clients.
     done: Arc<AtomicU64>,
 }
 
-/// Heartbeats from one simulated client until `stop`: one call at a time,
-/// every `period` from `first`.
+/// Heartbeats from one simulated client until `stop`, as a worker sends
+/// them: one stream, a beat every `period` from `first`, each answered
+/// before the next. A stream that fails is counted by its status and
+/// opened again at the next beat.
 async fn heartbeat_loop(
     mut client: CoordinatorClient<Channel>,
     rank: u32,
@@ -365,22 +393,37 @@ async fn heartbeat_loop(
     let mut stats = ClientStats::default();
     let mut tick = tokio::time::interval_at(first, b.period);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut open: Option<(tokio::sync::mpsc::Sender<HeartbeatRequest>, tonic::Streaming<HeartbeatReply>)> = None;
     loop {
         tick.tick().await;
         if b.stop.load(Ordering::Relaxed) {
             return stats;
         }
-        let mut req = tonic::Request::new(HeartbeatRequest { rank, generation: 0, step: 0 });
-        req.metadata_mut().insert("authorization", b.auth.clone());
         let t = Instant::now();
-        let r = client.heartbeat(req).await;
+        let answer = async {
+            let (beats, mut replies) = match open.take() {
+                Some(o) => o,
+                None => {
+                    let (tx, rx) = tokio::sync::mpsc::channel(1);
+                    let mut req = tonic::Request::new(tokio_stream::wrappers::ReceiverStream::new(rx));
+                    req.metadata_mut().insert("authorization", b.auth.clone());
+                    (tx, client.heartbeats(req).await?.into_inner())
+                }
+            };
+            let beat = HeartbeatRequest { rank, generation: 0, step: 0 };
+            beats.send(beat).await.map_err(|_| tonic::Status::unavailable("the stream is closed"))?;
+            let reply = replies.message().await?.ok_or_else(|| tonic::Status::unavailable("the stream ended"))?;
+            open = Some((beats, replies));
+            Ok::<_, tonic::Status>(reply)
+        }
+        .await;
         let sent_ms = (t - b.origin).as_millis().min(u32::MAX as u128) as u32;
         stats.calls.push((sent_ms, t.elapsed().as_micros().min(u32::MAX as u128) as u32));
-        let code = match r {
-            Ok(_) => tonic::Code::Ok,
-            Err(s) => s.code(),
+        let outcome = match answer {
+            Ok(r) => format!("{:?}", Action::try_from(r.action).unwrap_or(Action::Continue)),
+            Err(s) => format!("{:?}", s.code()),
         };
-        *stats.outcomes.entry(code as i32).or_default() += 1;
+        *stats.outcomes.entry(outcome).or_default() += 1;
         b.done.fetch_add(1, Ordering::Relaxed);
     }
 }
@@ -543,7 +586,7 @@ async fn run_one(
         let log = dir.join(format!("worker-{rank}.log"));
         let log_file = std::fs::File::create(&log).with_context(|| format!("cannot create {}", log.display()))?;
         let out_file = log_file.try_clone().context("cannot share the log file")?;
-        let child = Command::new(bin_dir.join("worker"))
+        let child = on_cpus(bin_dir.join("worker"), args.worker_cpus.as_deref())
             .args(["--rank", &rank.to_string(), "--coordinator", url.trim_end_matches('/')])
             .args(["--device", "cpu", "--connect-timeout", "60"])
             .env(TOKEN_ENV, &token)
@@ -570,6 +613,15 @@ async fn run_one(
     let mut lines = LineCounter { path: out.join("metrics.jsonl"), offset: 0, lines: 0 };
     let mut begin = None;
     let end = loop {
+        // The lines first: a finished job's workers exit right after its last
+        // line, and an exited (not yet reaped) process still has its CPU clock.
+        let n = lines.poll()?;
+        if begin.is_none() && n > args.warmup {
+            begin = Some(snapshot(coord.pid, decoy_pid));
+        }
+        if n >= args.steps {
+            break snapshot(coord.pid, decoy_pid);
+        }
         if let Some(status) = coord.reaper.try_exit()? {
             bail!("the coordinator exited during training ({status}):\n{}", log_tail(&coord.log));
         }
@@ -580,13 +632,6 @@ async fn run_one(
                     log_tail(&dir.join(format!("worker-{rank}.log")))
                 );
             }
-        }
-        let n = lines.poll()?;
-        if begin.is_none() && n > args.warmup {
-            begin = Some(snapshot(coord.pid, decoy_pid));
-        }
-        if n >= args.steps {
-            break snapshot(coord.pid, decoy_pid);
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
@@ -620,7 +665,7 @@ async fn run_one(
             all: Latency::of(all.calls.iter().map(lat).collect()),
             window: Latency::of(window),
             slowest: slowest.iter().take(5).map(|c| ((c.0 as f64 - workers_ms) / 1e3, lat(c))).collect(),
-            outcomes: all.outcomes.iter().map(|(&k, &v)| (format!("{:?}", tonic::Code::from_i32(k)), v)).collect(),
+            outcomes: all.outcomes,
         }
     });
     if let Some(h) = &heartbeats {
@@ -753,7 +798,15 @@ fn print_table(results: &[Result<RunResult>], args: &Args, took: Duration) {
         .map(|r| format!("{} {}", r.label, pct(r.machine_cpu_s, r.window_s)))
         .collect::<Vec<_>>()
         .join(", ");
-    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+    // All the machine's cores (/proc/stat counts them all), not this process's share.
+    let cores = std::fs::read_to_string("/proc/stat")
+        .map(|s| s.lines().filter(|l| l.starts_with("cpu") && !l.starts_with("cpu ")).count())
+        .unwrap_or(0);
+    let own_cpus = std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| s.lines().find_map(|l| l.strip_prefix("Cpus_allowed_list:").map(|v| v.trim().to_string())))
+        .unwrap_or_else(|| "?".into());
+    let placed = |cpus: &Option<String>| cpus.clone().unwrap_or_else(|| format!("{own_cpus} (shared)"));
     let (workers, steps, warmup, clients, hz) = (args.workers, args.steps, args.warmup, args.clients, args.rate_hz);
     println!();
     println!(
@@ -762,11 +815,13 @@ fn print_table(results: &[Result<RunResult>], args: &Args, took: Duration) {
          metrics line to the last) / its steps. CPU: user + system in the window as a % of one core; clients = this \
          process; other processes = the machine's busy time (/proc/stat) less ours (machine, {cores} cores: \
          {machine}). Probe: one more client heartbeating the job's coordinator at {hz} Hz in every run (calls sent \
-         in the window). Heartbeats: {clients} clients x {hz} Hz offered = {:.0}/s, one call at a time each, rank \
-         i % {workers} without its session; heartbeats/s completed in the window; latency client-side, send to \
+         in the window). Heartbeats: {clients} clients x {hz} Hz offered = {:.0}/s, on one stream each, a beat answered \
+         before the next, rank i % {workers} without its session; heartbeats/s completed in the window; latency client-side, send to \
          reply, of the calls sent in the window and of every call of the run (from before the workers start to the \
-         last step). Took {:.0} s.",
+         last step). CPUs: workers {}, coordinator and decoy {}, clients {own_cpus}. Took {:.0} s.",
         clients as f64 * hz,
+        placed(&args.worker_cpus),
+        placed(&args.coordinator_cpus),
         took.as_secs_f64()
     );
     println!();

@@ -12,6 +12,7 @@ use tessera_proto::v1::{
     JoinRequest, LeaveRequest, RendezvousReply, RendezvousRequest, StepAck, StepReport,
 };
 use tessera_proto::CoordinatorClient;
+use tokio_stream::wrappers::ReceiverStream;
 use tonic::metadata::{AsciiMetadataValue, MetadataValue};
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, Endpoint};
@@ -181,14 +182,46 @@ impl Client {
     pub fn report(&self, req: StepReport) -> Result<StepAck> {
         self.call("step report", |mut c| async move { c.report_step(req).await })
     }
-    pub fn heartbeat(&self, req: HeartbeatRequest) -> Result<HeartbeatReply> {
-        self.call("heartbeat", |mut c| async move { c.heartbeat(req).await })
+    /// Opens this worker's heartbeat stream (one per generation; open a new
+    /// one after any error).
+    pub fn heartbeats(&self) -> Result<Heartbeats> {
+        let (beats, rx) = tokio::sync::mpsc::channel(1);
+        let replies =
+            self.call("heartbeat stream", |mut c| async move { c.heartbeats(ReceiverStream::new(rx)).await })?;
+        Ok(Heartbeats { url: self.url.clone(), rt: self.rt.clone(), beats, replies })
     }
     pub fn commit_checkpoint(&self, req: CheckpointPart) -> Result<CheckpointAck> {
         self.call("checkpoint part", |mut c| async move { c.commit_checkpoint(req).await })
     }
     pub fn leave(&self, req: LeaveRequest) -> Result<()> {
         self.call("leave", |mut c| async move { c.leave(req).await }).map(|_| ())
+    }
+}
+
+/// A worker's open heartbeat stream: one small message each way per beat.
+pub struct Heartbeats {
+    url: String,
+    rt: Arc<tokio::runtime::Runtime>,
+    beats: tokio::sync::mpsc::Sender<HeartbeatRequest>,
+    replies: tonic::Streaming<HeartbeatReply>,
+}
+
+impl Heartbeats {
+    /// Sends one beat and waits up to `patience` for its answer. After an
+    /// error the stream is spent: a late answer would be taken for the
+    /// next beat's.
+    pub fn beat(mut self, req: HeartbeatRequest, patience: Duration) -> Result<(HeartbeatReply, Self)> {
+        let url = &self.url;
+        let answer = self.rt.block_on(async {
+            self.beats.send(req).await.map_err(|_| anyhow!("the heartbeat stream to {url} is closed"))?;
+            match tokio::time::timeout(patience, self.replies.message()).await {
+                Err(_) => bail!("coordinator {url} did not answer a heartbeat within {:.1} s", patience.as_secs_f64()),
+                Ok(Ok(Some(reply))) => Ok(reply),
+                Ok(Ok(None)) => bail!("coordinator {url} closed the heartbeat stream"),
+                Ok(Err(status)) => Err(refusal(url, "heartbeat", &status)),
+            }
+        })?;
+        Ok((answer, self))
     }
 }
 

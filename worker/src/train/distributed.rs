@@ -559,6 +559,9 @@ fn heartbeat_loop(
     verdict: &Mutex<Option<Verdict>>,
 ) {
     let mut failures = 0;
+    // Opened at the first beat, opened again after any error.
+    let mut stream = None;
+    let patience = (2 * interval).max(Duration::from_secs(10));
     while !stop.load(Ordering::Relaxed) {
         std::thread::sleep(interval);
         if stop.load(Ordering::Relaxed) {
@@ -566,13 +569,19 @@ fn heartbeat_loop(
         }
         let rank = rank.load(Ordering::Relaxed) as u32;
         let req = HeartbeatRequest { rank, generation, step: step.load(Ordering::Relaxed) };
-        let v = match client.heartbeat(req) {
-            Ok(r) if r.action == Action::Continue as i32 => {
+        let answer = match stream.take() {
+            Some(open) => Ok(open),
+            None => client.heartbeats(),
+        }
+        .and_then(|open| open.beat(req, patience));
+        let v = match answer {
+            Ok((r, open)) if r.action == Action::Continue as i32 => {
+                stream = Some(open);
                 failures = 0;
                 None
             }
-            Ok(r) if r.action == Action::Abort as i32 => Some(Verdict::Abort(r.reason)),
-            Ok(r) => Some(Verdict::Shutdown(if r.reason.is_empty() {
+            Ok((r, _)) if r.action == Action::Abort as i32 => Some(Verdict::Abort(r.reason)),
+            Ok((r, _)) => Some(Verdict::Shutdown(if r.reason.is_empty() {
                 "the coordinator ended the job".into()
             } else {
                 r.reason
