@@ -270,3 +270,42 @@ fn an_oversized_message_and_a_flood_are_refused_while_others_are_served() {
     let _ = c.kill();
     let _ = c.wait();
 }
+
+/// A client that keeps a heartbeat stream open, and silent, does not keep
+/// the coordinator from exiting when the job ends: a connection still open
+/// after the stop's grace is closed.
+#[test]
+fn an_open_heartbeat_stream_does_not_hold_the_coordinator_at_exit() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    make_data(&data);
+    let cfg = tmp.path().join("job.toml");
+    // Nobody joins: the job fails after join_timeout_s.
+    std::fs::write(&cfg, config(&data, 2, 4, 1, 2, "join_timeout_s = 1", "")).unwrap();
+    let port = free_port();
+    let c = Command::new(common::bin("coordinator"))
+        .args(["--config", cfg.to_str().unwrap(), "--listen", &format!("127.0.0.1:{port}")])
+        .args(["--out", tmp.path().join("out").to_str().unwrap()])
+        .env("TESSERA_JOB_TOKEN", TOKEN)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let (beats, rx) = tokio::sync::mpsc::channel::<HeartbeatRequest>(1);
+    let mut replies = rt.block_on(async {
+        let mut client = tessera_proto::CoordinatorClient::new(channel(port).await);
+        let mut open = Request::new(tokio_stream::wrappers::ReceiverStream::new(rx));
+        open.metadata_mut().insert("authorization", format!("Bearer {TOKEN}").parse().unwrap());
+        client.heartbeats(open).await.unwrap().into_inner()
+    });
+    let out = wait(c, Duration::from_secs(30), "the coordinator with a heartbeat stream open");
+    assert!(!out.status.success(), "the job failed (nobody joined)");
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(log.contains("gave up waiting for workers"), "{log}");
+    assert!(log.contains("clients still connected at the end"), "{log}");
+    // The stream ended with the coordinator (the sender is still open here).
+    let end = rt.block_on(replies.message());
+    assert!(!matches!(end, Ok(Some(_))), "{end:?}");
+    drop(beats);
+}

@@ -22,6 +22,10 @@ use tessera_worker::tls::ServerTls;
 use tessera_worker::train::checkpoint;
 use tessera_worker::train::run::model_config;
 
+/// How long the gRPC server may take to finish its calls once the job has
+/// ended (a Rendezvous answers within 10 s) before connections are closed.
+const STOP_GRACE: Duration = Duration::from_secs(12);
+
 pub struct RunOptions {
     pub config: PathBuf,
     pub listen: SocketAddr,
@@ -341,10 +345,20 @@ async fn serve(shared: Arc<Shared>, opts: &RunOptions, metrics: Option<(SocketAd
     if let Some(stop) = metrics_stop {
         let _ = stop.send(());
     }
-    match server.await {
-        Ok(Ok(())) => {}
-        Ok(Err(e)) => bail!("gRPC server: {e}"),
-        Err(e) => bail!("gRPC server task: {e}"),
+    // A client that holds a call open (a stray heartbeat stream, a hung
+    // worker) must not keep the coordinator from ending.
+    let mut server = server;
+    match tokio::time::timeout(STOP_GRACE, &mut server).await {
+        Ok(Ok(Ok(()))) => {}
+        Ok(Ok(Err(e))) => bail!("gRPC server: {e}"),
+        Ok(Err(e)) => bail!("gRPC server task: {e}"),
+        Err(_) => {
+            tracing::warn!(
+                grace_s = STOP_GRACE.as_secs(),
+                "clients still connected at the end: closing their connections"
+            );
+            server.abort();
+        }
     }
     if let Some(server) = metrics_server {
         // The job's outcome stands whatever happened to its metrics.

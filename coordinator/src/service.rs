@@ -283,7 +283,7 @@ impl tessera_proto::Coordinator for Service {
     /// member's (no session for its rank, another generation) is answered
     /// ABORT ("join again") and the stream stays open, so the worker hears
     /// why; only a peer over its rate, or a message that does not decode,
-    /// ends the stream.
+    /// ends the stream (and the coordinator stopping: see `STOP_GRACE`).
     async fn heartbeats(
         &self,
         req: Request<Streaming<HeartbeatRequest>>,
