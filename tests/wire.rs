@@ -70,12 +70,14 @@ async fn call(channel: &Channel, method: &str, body: Vec<u8>, session: Option<&s
     grpc.unary(req, path, Raw).await.map(|r| r.into_inner())
 }
 
-fn start(extra_flags: &[&str]) -> (tempfile::TempDir, Child, u16) {
+/// A coordinator with the job token, for a 2-rank job with `cluster`
+/// settings added.
+fn start(cluster: &str, extra_flags: &[&str]) -> (tempfile::TempDir, Child, u16) {
     let tmp = tempfile::tempdir().unwrap();
     let data = tmp.path().join("data");
     make_data(&data);
     let cfg = tmp.path().join("job.toml");
-    std::fs::write(&cfg, config(&data, 2, 4, 1, 2, "join_timeout_s = 600", "")).unwrap();
+    std::fs::write(&cfg, config(&data, 2, 4, 1, 2, cluster, "")).unwrap();
     let port = free_port();
     let c = Command::new(common::bin("coordinator"))
         .args(["--config", cfg.to_str().unwrap(), "--listen", &format!("127.0.0.1:{port}")])
@@ -150,7 +152,7 @@ fn valid(method: &str, generation: u64) -> Vec<u8> {
 #[test]
 fn arbitrary_bytes_in_every_rpc_get_an_answer_and_the_coordinator_goes_on() {
     let cases: usize = std::env::var("WIRE_FUZZ_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(3000);
-    let (_tmp, mut c, port) = start(&["--rate-limit", "1000000"]);
+    let (_tmp, mut c, port) = start("join_timeout_s = 600", &["--rate-limit", "1000000"]);
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
     let counts = rt.block_on(async {
         let ch = channel(port).await;
@@ -212,7 +214,7 @@ fn arbitrary_bytes_in_every_rpc_get_an_answer_and_the_coordinator_goes_on() {
 /// another connection is still served.
 #[test]
 fn an_oversized_message_and_a_flood_are_refused_while_others_are_served() {
-    let (_tmp, mut c, port) = start(&["--max-message-bytes", "4096", "--rate-limit", "20"]);
+    let (_tmp, mut c, port) = start("join_timeout_s = 600", &["--max-message-bytes", "4096", "--rate-limit", "20"]);
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
     rt.block_on(async {
         let (a, b) = (channel(port).await, channel(port).await);
@@ -276,21 +278,8 @@ fn an_oversized_message_and_a_flood_are_refused_while_others_are_served() {
 /// after the stop's grace is closed.
 #[test]
 fn an_open_heartbeat_stream_does_not_hold_the_coordinator_at_exit() {
-    let tmp = tempfile::tempdir().unwrap();
-    let data = tmp.path().join("data");
-    make_data(&data);
-    let cfg = tmp.path().join("job.toml");
     // Nobody joins: the job fails after join_timeout_s.
-    std::fs::write(&cfg, config(&data, 2, 4, 1, 2, "join_timeout_s = 1", "")).unwrap();
-    let port = free_port();
-    let c = Command::new(common::bin("coordinator"))
-        .args(["--config", cfg.to_str().unwrap(), "--listen", &format!("127.0.0.1:{port}")])
-        .args(["--out", tmp.path().join("out").to_str().unwrap()])
-        .env("TESSERA_JOB_TOKEN", TOKEN)
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let (_tmp, c, port) = start("join_timeout_s = 1", &[]);
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
     let (beats, rx) = tokio::sync::mpsc::channel::<HeartbeatRequest>(1);
     let mut replies = rt.block_on(async {
