@@ -360,19 +360,26 @@ impl tessera_proto::Coordinator for Service {
         // rename make it one committed checkpoint.
         let (step, generation) = (r.step, r.generation);
         let staging = checkpoint::staging_dir(&root, step, generation);
-        let committed = tokio::task::spawn_blocking(move || {
-            let dir = checkpoint::commit(&root, &staging, step, all)?;
-            checkpoint::prune(&root, keep)?;
-            anyhow::Ok(dir)
-        })
-        .await
-        .map_err(|e| Status::internal(format!("commit task: {e}")))?;
+        let into = root.clone();
+        let committed = tokio::task::spawn_blocking(move || checkpoint::commit(&into, &staging, step, all))
+            .await
+            .map_err(|e| Status::internal(format!("commit task: {e}")))?;
         match committed {
             Ok(dir) => {
-                let mut st = s.lock();
-                st.committed(step, keep);
-                s.persist(&st);
+                let loading = {
+                    let mut st = s.lock();
+                    st.committed(step, keep);
+                    s.persist(&st);
+                    st.loading_checkpoint()
+                };
                 tracing::info!(step, dir = %dir.display(), "checkpoint committed");
+                // Pruned after the record: a generation that starts later
+                // resumes from this checkpoint (the newest, kept), and one
+                // that started while this commit ran keeps the one it loads.
+                let pruned = tokio::task::spawn_blocking(move || checkpoint::prune(&root, keep, loading)).await;
+                if let Err(e) = pruned.map_err(anyhow::Error::from).and_then(|r| r) {
+                    tracing::error!(error = %format!("{e:#}"), "cannot delete old checkpoints");
+                }
                 Ok(Response::new(CheckpointAck { committed: true, dir: dir.display().to_string() }))
             }
             Err(e) => {

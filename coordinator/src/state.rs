@@ -353,6 +353,12 @@ impl JobState {
     }
 
     /// Records a committed checkpoint (and forgets the pruned ones).
+    /// The checkpoint this generation's ranks may still be loading: the one
+    /// it resumed from, until every rank has finished a step after it.
+    pub fn loading_checkpoint(&self) -> Option<u64> {
+        (self.start_step > 0 && self.steps_done() <= self.start_step).then_some(self.start_step)
+    }
+
     pub fn committed(&mut self, step: u64, keep: usize) {
         self.committed.retain(|&s| s != step);
         self.committed.push(step);
@@ -560,6 +566,24 @@ mod tests {
         assert_eq!((s.start_step, s.steps_done()), (4, 4));
         let back = s.stored();
         assert_eq!((back.generation, back.committed, back.seed, back.global_batch), (4, vec![4], 3, 4));
+    }
+
+    /// The checkpoint a generation resumed from is spared from pruning
+    /// until every rank has trained a step after it.
+    #[test]
+    fn a_resumed_generation_loads_its_checkpoint_until_a_step_is_done() {
+        let spec = JobSpec { total_steps: 9, seed: 3, global_batch: 4, ..Default::default() };
+        let stored = StoredJob { generation: 3, restarts: 1, committed: vec![4], ..Default::default() };
+        let mut s = JobState::resume(spec, 2, 10.0, RecoveryPolicy::default(), Some(&stored), 4);
+        assert_eq!(s.loading_checkpoint(), Some(4));
+        s.committed(6, 1);
+        assert_eq!(s.loading_checkpoint(), Some(4), "a commit landing meanwhile does not end the loading");
+        let generation = s.members.generation;
+        assert!(s.report(StepReport { rank: 0, generation, step: 4, ..Default::default() }, 0.0).is_none());
+        assert_eq!(s.loading_checkpoint(), Some(4), "rank 1 may still be loading");
+        assert!(s.report(StepReport { rank: 1, generation, step: 4, ..Default::default() }, 0.0).is_some());
+        assert_eq!(s.loading_checkpoint(), None);
+        assert_eq!(state(1).loading_checkpoint(), None, "a job from step 0 loads none");
     }
 
     #[test]

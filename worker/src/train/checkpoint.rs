@@ -326,10 +326,11 @@ fn remove_stale(root: &Path, step: u64) -> Result<()> {
     Ok(())
 }
 
-/// Deletes all but the newest `keep` committed checkpoints.
-pub fn prune(root: &Path, keep: usize) -> Result<()> {
+/// Deletes all but the newest `keep` committed checkpoints, and never the
+/// one of step `spare` (a checkpoint that ranks may still be loading).
+pub fn prune(root: &Path, keep: usize, spare: Option<u64>) -> Result<()> {
     let steps = committed_steps(root)?;
-    for step in steps.iter().rev().skip(keep.max(1)) {
+    for step in steps.iter().rev().skip(keep.max(1)).filter(|&&s| Some(s) != spare) {
         let dir = root.join(step_dir_name(*step));
         std::fs::remove_dir_all(&dir).with_context(|| format!("cannot delete old checkpoint {}", dir.display()))?;
     }
@@ -901,9 +902,11 @@ mod tests {
         for step in [3, 6, 9, 12] {
             save_step(root.path(), step);
         }
-        prune(root.path(), 2).unwrap();
+        prune(root.path(), 2, None).unwrap();
         assert_eq!(committed_steps(root.path()).unwrap(), vec![9, 12]);
-        prune(root.path(), 0).unwrap();
+        prune(root.path(), 0, Some(9)).unwrap();
+        assert_eq!(committed_steps(root.path()).unwrap(), vec![9, 12], "the spared one stays");
+        prune(root.path(), 0, None).unwrap();
         assert_eq!(committed_steps(root.path()).unwrap(), vec![12], "the newest is always kept");
     }
 }

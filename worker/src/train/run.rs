@@ -323,7 +323,7 @@ pub(crate) fn save_checkpoint<B: Backend>(
     let weights = vlm.params.to_host(be);
     let dir =
         checkpoint::save(root, &checkpoint::Parts { state: &state, m: &m, v: &v }, model_writer(job, cfg, &weights))?;
-    checkpoint::prune(root, job.checkpoint.keep)?;
+    checkpoint::prune(root, job.checkpoint.keep, None)?;
     log(&format!("checkpoint {} committed", dir.display()));
     Ok(Some(dir))
 }
