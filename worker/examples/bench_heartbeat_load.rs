@@ -30,6 +30,11 @@
 //!   coordinator serves none of them. C minus A is what sharing the CPU
 //!   costs; B minus C is what serving the load inside the job's coordinator
 //!   costs on top (its state lock, its async threads).
+//! - **D**, members of a decoy (not in the default order): the decoy's job
+//!   has a rank for every client, each client joins it as its rank, as a
+//!   worker does, and beats with its session, so every beat is a member's
+//!   accepted beat (CONTINUE). The decoy's CPU per beat in C and in D says
+//!   what a refusal costs against a member's beat.
 //!
 //! The training speed comes from the coordinator's `metrics.jsonl` (each
 //! line a step, with `seconds`, the slowest rank's step time): the mean over
@@ -69,9 +74,9 @@ use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tessera_proto::v1::{Action, HeartbeatReply, HeartbeatRequest};
+use tessera_proto::v1::{Action, HeartbeatReply, HeartbeatRequest, JoinRequest};
 use tessera_proto::CoordinatorClient;
-use tessera_worker::auth::TOKEN_ENV;
+use tessera_worker::auth::{SESSION_KEY, TOKEN_ENV};
 use tonic::metadata::AsciiMetadataValue;
 use tonic::transport::{Channel, Endpoint};
 
@@ -94,8 +99,9 @@ struct Args {
     #[arg(long, default_value_t = 50)]
     warmup: u64,
     /// The runs, in order: A (no load), B (load on the job's coordinator),
-    /// C (load on a decoy coordinator). The default alternates them so that
-    /// a slow drift of the machine's speed falls on B and C alike.
+    /// C (load on a decoy coordinator), D (the clients are members of a
+    /// decoy job of as many ranks). The default alternates them so that a
+    /// slow drift of the machine's speed falls on B and C alike.
     #[arg(long, value_delimiter = ',', default_value = "A,B,C,A,C,B,A")]
     runs: Vec<String>,
     /// The coordinator's --rate-limit (requests a second per connection; a
@@ -139,6 +145,9 @@ enum Load {
     Job,
     /// C: the clients heartbeat a decoy coordinator with no workers.
     Decoy,
+    /// D: the clients join a decoy job of as many ranks and heartbeat it as
+    /// its members (accepted beats, not refusals).
+    DecoyMembers,
 }
 
 impl Load {
@@ -147,7 +156,8 @@ impl Load {
             "A" | "a" => Ok(Load::None),
             "B" | "b" => Ok(Load::Job),
             "C" | "c" => Ok(Load::Decoy),
-            other => bail!("--runs: {other:?} is not A, B or C"),
+            "D" | "d" => Ok(Load::DecoyMembers),
+            other => bail!("--runs: {other:?} is not A, B, C or D"),
         }
     }
 
@@ -156,6 +166,7 @@ impl Load {
             Load::None => "A",
             Load::Job => "B",
             Load::Decoy => "C",
+            Load::DecoyMembers => "D",
         }
     }
 
@@ -164,6 +175,7 @@ impl Load {
             Load::None => "no load".into(),
             Load::Job => format!("{n} clients -> job's coordinator"),
             Load::Decoy => format!("{n} clients -> decoy coordinator"),
+            Load::DecoyMembers => format!("{n} members -> decoy job of {n} ranks"),
         }
     }
 }
@@ -380,13 +392,44 @@ struct Beat {
     done: Arc<AtomicU64>,
 }
 
+/// Whom a simulated client's beats speak for.
+struct Member {
+    rank: u32,
+    generation: u64,
+    /// The session a Join gave (None: a claim without one, refused).
+    session: Option<AsciiMetadataValue>,
+}
+
+impl Member {
+    /// Claims `rank` without joining: every beat is answered ABORT.
+    fn claim(rank: u32) -> Self {
+        Member { rank, generation: 0, session: None }
+    }
+
+    /// Joins as `rank`, as a worker does: its beats are a member's.
+    async fn join(client: &mut CoordinatorClient<Channel>, rank: u32, auth: &AsciiMetadataValue) -> Result<Self> {
+        let mut req = tonic::Request::new(JoinRequest {
+            protocol_version: tessera_proto::PROTOCOL_VERSION,
+            rank: Some(rank),
+            host: "simulated".into(),
+            device: "cpu".into(),
+            collective_addr: "127.0.0.1:1".into(),
+            pid: rank + 1,
+        });
+        req.metadata_mut().insert("authorization", auth.clone());
+        let r = client.join(req).await.map_err(|s| anyhow!("simulated member {rank} cannot join: {s}"))?.into_inner();
+        let session = r.session_secret.parse().map_err(|_| anyhow!("a session secret that is not a header value"))?;
+        Ok(Member { rank, generation: r.generation, session: Some(session) })
+    }
+}
+
 /// Heartbeats from one simulated client until `stop`, as a worker sends
 /// them: one stream, a beat every `period` from `first`, each answered
 /// before the next. A stream that fails is counted by its status and
 /// opened again at the next beat.
 async fn heartbeat_loop(
     mut client: CoordinatorClient<Channel>,
-    rank: u32,
+    member: Member,
     first: tokio::time::Instant,
     b: Beat,
 ) -> ClientStats {
@@ -407,10 +450,13 @@ async fn heartbeat_loop(
                     let (tx, rx) = tokio::sync::mpsc::channel(1);
                     let mut req = tonic::Request::new(tokio_stream::wrappers::ReceiverStream::new(rx));
                     req.metadata_mut().insert("authorization", b.auth.clone());
+                    if let Some(s) = &member.session {
+                        req.metadata_mut().insert(SESSION_KEY, s.clone());
+                    }
                     (tx, client.heartbeats(req).await?.into_inner())
                 }
             };
-            let beat = HeartbeatRequest { rank, generation: 0, step: 0 };
+            let beat = HeartbeatRequest { rank: member.rank, generation: member.generation, step: 0 };
             beats.send(beat).await.map_err(|_| tonic::Status::unavailable("the stream is closed"))?;
             let reply = replies.message().await?.ok_or_else(|| tonic::Status::unavailable("the stream ended"))?;
             open = Some((beats, replies));
@@ -524,16 +570,18 @@ async fn run_one(
     let out = dir.join("out");
     let mut coord = start_coordinator(args, bin_dir, &config, &out, dir.join("coordinator.log"), &token).await?;
     let mut decoy = None;
-    if load == Load::Decoy {
-        // The same job, but nobody joins it: it only serves the load (and
-        // would give up after cluster.join_timeout_s, far beyond a run).
+    if matches!(load, Load::Decoy | Load::DecoyMembers) {
+        // The same job, but no worker joins it: it only serves the load (and
+        // would give up after cluster.join_timeout_s, far beyond a run). For
+        // D it has a rank for every client, which joins it.
+        let ranks = if load == Load::DecoyMembers { args.clients } else { args.workers };
         let decoy_config = dir.join("decoy.toml");
         let c = bench_util::job_config(
             base,
             data,
             &[
                 ("train", "steps", int(args.steps)),
-                ("cluster", "world_size", int(args.workers as u64)),
+                ("cluster", "world_size", int(ranks as u64)),
                 ("cluster", "join_timeout_s", toml::Value::Float(3600.0)),
             ],
         )?;
@@ -557,7 +605,7 @@ async fn run_one(
     {
         let c = CoordinatorClient::new(coord.endpoint.connect().await.context("cannot connect the probe")?);
         let beat = Beat { auth: auth.clone(), origin, period, stop: stop.clone(), done: Arc::new(AtomicU64::new(0)) };
-        probe.spawn(heartbeat_loop(c, 0, tokio::time::Instant::now(), beat));
+        probe.spawn(heartbeat_loop(c, Member::claim(0), tokio::time::Instant::now(), beat));
     }
     if load != Load::None {
         let target = match &decoy {
@@ -565,14 +613,21 @@ async fn run_one(
             None => &coord.endpoint,
         };
         let t = Instant::now();
-        let conns = bench_util::connect_all(target, args.clients, args.common.connect_batch).await?;
+        let mut conns = bench_util::connect_all(target, args.clients, args.common.connect_batch).await?;
         eprintln!("   {} connections in {:.2} s", conns.len(), t.elapsed().as_secs_f64());
+        let mut members = Vec::with_capacity(conns.len());
+        for (i, c) in conns.iter_mut().enumerate() {
+            members.push(match load {
+                Load::DecoyMembers => Member::join(c, i as u32, &auth).await?,
+                _ => Member::claim((i % args.workers) as u32),
+            });
+        }
         let beat = Beat { auth: auth.clone(), origin, period, stop: stop.clone(), done: done.clone() };
         let t0 = tokio::time::Instant::now();
         let n = conns.len();
-        for (i, c) in conns.into_iter().enumerate() {
+        for (i, (c, m)) in conns.into_iter().zip(members).enumerate() {
             let first = t0 + beat.period.mul_f64(i as f64 / n as f64);
-            clients.spawn(heartbeat_loop(c, (i % args.workers) as u32, first, beat.clone()));
+            clients.spawn(heartbeat_loop(c, m, first, beat.clone()));
         }
         // Let the load settle before the job starts.
         tokio::time::sleep(Duration::from_secs(1)).await;
@@ -816,7 +871,7 @@ fn print_table(results: &[Result<RunResult>], args: &Args, took: Duration) {
          process; other processes = the machine's busy time (/proc/stat) less ours (machine, {cores} cores: \
          {machine}). Probe: one more client heartbeating the job's coordinator at {hz} Hz in every run (calls sent \
          in the window). Heartbeats: {clients} clients x {hz} Hz offered = {:.0}/s, on one stream each, a beat answered \
-         before the next, rank i % {workers} without its session; heartbeats/s completed in the window; latency client-side, send to \
+         before the next, rank i % {workers} without its session (D: rank i of the decoy's job, with its session); heartbeats/s completed in the window; latency client-side, send to \
          reply, of the calls sent in the window and of every call of the run (from before the workers start to the \
          last step). CPUs: workers {}, coordinator and decoy {}, clients {own_cpus}. Took {:.0} s.",
         clients as f64 * hz,
@@ -840,5 +895,25 @@ fn print_table(results: &[Result<RunResult>], args: &Args, took: Duration) {
         vs(Load::Job, Load::None),
         vs(Load::Decoy, Load::None),
         vs(Load::Job, Load::Decoy)
+    );
+    // What one beat costs the decoy: refusals (C) against members' beats (D).
+    let per_beat = |load: Load| {
+        let (cpu, beats) = results
+            .iter()
+            .filter_map(|r| r.as_ref().ok())
+            .filter(|r| r.load == load)
+            .filter_map(|r| Some((r.decoy_cpu_s?, r.window_calls)))
+            .fold((0.0, 0), |(c, b), (dc, db)| (c + dc, b + db));
+        if beats == 0 {
+            "no run".to_string()
+        } else {
+            format!("{:.1} us", 1e6 * cpu / beats as f64)
+        }
+    };
+    println!(
+        "Decoy CPU per answered beat (its whole CPU in the window over the beats): C (refusals) {}, D (members' \
+         beats) {}.",
+        per_beat(Load::Decoy),
+        per_beat(Load::DecoyMembers)
     );
 }
