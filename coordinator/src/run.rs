@@ -176,13 +176,17 @@ pub fn run(opts: &RunOptions) -> Result<RunReport> {
         elastic_timeout_s: job.cluster.elastic_timeout_s,
         join_timeout_s: job.cluster.join_timeout_s,
     };
-    let mut state = JobState::resume(spec, world, deadline, policy, stored.as_ref(), start_step);
+    // What is on disk is what a resume can use (the record in the store
+    // may name checkpoints deleted or damaged since).
+    let committed = match &job.checkpoint.dir {
+        Some(root) if start_step > 0 => {
+            checkpoint::committed_steps(root)?.into_iter().filter(|&s| s <= start_step).collect()
+        }
+        _ => Vec::new(),
+    };
+    let mut state = JobState::resume(spec, world, deadline, policy, stored.as_ref(), committed);
     state.set_straggler_factor(job.cluster.straggler_factor);
     state.summaries = earlier;
-    if let Some(root) = &job.checkpoint.dir {
-        // What is on disk is what a resume can use.
-        state.committed = checkpoint::committed_steps(root)?.into_iter().filter(|&s| s <= start_step).collect();
-    }
     store.save(&state.stored())?;
     let shared = Arc::new(Shared {
         state: Mutex::new(state),

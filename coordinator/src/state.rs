@@ -100,16 +100,18 @@ pub struct JobState {
 
 impl JobState {
     /// A job started on a state directory: `stored` is what a previous
-    /// coordinator recorded (None for a new job), `start_step` the newest
-    /// intact checkpoint's step.
+    /// coordinator recorded (None for a new job), `committed` the steps of
+    /// the checkpoints on disk up to the newest intact one, which the job
+    /// resumes from (none: from step 0).
     pub fn resume(
         spec: JobSpec,
         world_size: usize,
         heartbeat_deadline_s: f64,
         policy: RecoveryPolicy,
         stored: Option<&StoredJob>,
-        start_step: u64,
+        committed: Vec<u64>,
     ) -> Self {
+        let start_step = committed.last().copied().unwrap_or(0);
         // Past every generation a worker may still speak for.
         let generation = stored.map_or(1, |s| s.generation + 1);
         let mut members = Membership::at_generation(world_size, generation);
@@ -128,7 +130,7 @@ impl JobState {
             policy,
             restarts: stored.map_or(0, |s| s.restarts),
             coordinator_restarts: stored.map_or(0, |s| s.coordinator_restarts + 1),
-            committed: stored.map(|s| s.committed.clone()).unwrap_or_default(),
+            committed,
             training: false,
             generation_began: 0.0,
             first_generation: generation,
@@ -378,7 +380,7 @@ mod tests {
 
     fn state_with(world: usize, policy: RecoveryPolicy) -> JobState {
         let spec = JobSpec { total_steps: 2, heartbeat_interval_s: 1.0, ..Default::default() };
-        JobState::resume(spec, world, 10.0, policy, None, 0)
+        JobState::resume(spec, world, 10.0, policy, None, vec![])
     }
 
     fn info(rank: Option<u32>, pid: u32) -> JoinInfo {
@@ -561,7 +563,7 @@ mod tests {
     fn a_restarted_coordinator_starts_a_later_generation() {
         let spec = JobSpec { total_steps: 9, seed: 3, global_batch: 4, ..Default::default() };
         let stored = StoredJob { generation: 3, restarts: 1, committed: vec![4], ..Default::default() };
-        let s = JobState::resume(spec, 2, 10.0, RecoveryPolicy::default(), Some(&stored), 4);
+        let s = JobState::resume(spec, 2, 10.0, RecoveryPolicy::default(), Some(&stored), vec![4]);
         assert_eq!((s.members.generation, s.restarts, s.coordinator_restarts), (4, 1, 1));
         assert_eq!((s.start_step, s.steps_done()), (4, 4));
         let back = s.stored();
@@ -574,7 +576,7 @@ mod tests {
     fn a_resumed_generation_loads_its_checkpoint_until_a_step_is_done() {
         let spec = JobSpec { total_steps: 9, seed: 3, global_batch: 4, ..Default::default() };
         let stored = StoredJob { generation: 3, restarts: 1, committed: vec![4], ..Default::default() };
-        let mut s = JobState::resume(spec, 2, 10.0, RecoveryPolicy::default(), Some(&stored), 4);
+        let mut s = JobState::resume(spec, 2, 10.0, RecoveryPolicy::default(), Some(&stored), vec![4]);
         assert_eq!(s.loading_checkpoint(), Some(4));
         s.committed(6, 1);
         assert_eq!(s.loading_checkpoint(), Some(4), "a commit landing meanwhile does not end the loading");

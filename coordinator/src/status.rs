@@ -232,7 +232,7 @@ mod tests {
     fn training_job() -> JobState {
         let spec = JobSpec { total_steps: 40, heartbeat_interval_s: 1.0, ..Default::default() };
         let policy = RecoveryPolicy { max_restarts: 3, ..Default::default() };
-        let mut st = JobState::resume(spec, 3, 10.0, policy, None, 0);
+        let mut st = JobState::resume(spec, 3, 10.0, policy, None, vec![]);
         for r in 0..3 {
             st.join(info(r, 100 + r), 0.0).unwrap();
         }
@@ -288,7 +288,7 @@ mod tests {
         );
 
         let spec = JobSpec { total_steps: 5, heartbeat_interval_s: 1.0, ..Default::default() };
-        let fresh = JobState::resume(spec, 2, 10.0, RecoveryPolicy::default(), None, 0);
+        let fresh = JobState::resume(spec, 2, 10.0, RecoveryPolicy::default(), None, vec![]);
         let s = job_status(&fresh, 1.0);
         assert_eq!(s.ranks.iter().map(|r| r.state.as_str()).collect::<Vec<_>>(), ["missing", "missing"]);
         assert_eq!((s.eta_s, s.ranks[0].last_seen_s_ago), (None, None));
