@@ -118,6 +118,57 @@ fn a_killed_worker_is_replaced_and_the_job_ends_with_the_same_bits() {
     );
 }
 
+/// SIGKILL rank 1 while the ranks write their parts of the second
+/// checkpoint (its staging directory exists, and it never commits): the
+/// replacement and the survivor resume from the first checkpoint, the
+/// unfinished write is cleared by a later commit, and the job ends with the
+/// uninterrupted job's bits. The kill must land inside the write; a few
+/// tries make that near certain.
+#[test]
+fn a_worker_killed_during_a_checkpoint_write_resumes_from_the_previous_one() {
+    let r = reference();
+    let tmp = tempfile::tempdir().unwrap();
+    for attempt in 0..10 {
+        let (cfg, ck) = job(tmp.path(), &r.data, &format!("in-write-{attempt}"), "max_restarts = 2");
+        let out = tmp.path().join(format!("out-{attempt}"));
+        let port = free_port();
+        let mut c = coordinator(&cfg, port, &out);
+        let mut w0 = worker(&["--rank", "0"], port);
+        let mut w1 = worker(&["--rank", "1"], port);
+        // The second checkpoint's staging directory, of the first generation.
+        let writing = ck.join(".step-00000004.g1.staging");
+        let start = Instant::now();
+        while !writing.exists() && start.elapsed() < Duration::from_secs(120) {
+            std::thread::yield_now();
+        }
+        w1.kill().unwrap(); // SIGKILL
+        w1.wait().unwrap();
+        std::thread::sleep(Duration::from_millis(300));
+        if committed_checkpoints(&ck) != ["step-00000002"] {
+            // Rank 1 had reported its part: the checkpoint committed. Again.
+            for p in [&mut c, &mut w0] {
+                let _ = p.kill();
+                let _ = p.wait();
+            }
+            continue;
+        }
+        println!("the kill landed in the checkpoint write on attempt {}", attempt + 1);
+        let replacement = worker(&["--rank", "1"], port);
+        assert_succeeds(w0, "the surviving worker");
+        assert_succeeds(replacement, "the replacement worker");
+        let log = assert_succeeds(c, "the coordinator");
+        assert!(log.contains("recovering") && log.contains("resume_step=2"), "{log}");
+        assert!(!writing.exists(), "a later commit cleared the unfinished write");
+        assert_one_run(&out);
+        assert!(
+            load_model(&out.join("model")) == r.weights,
+            "the recovered job's weights differ from the uninterrupted job's"
+        );
+        return;
+    }
+    panic!("10 kills all missed the checkpoint write");
+}
+
 /// SIGKILL the coordinator and start it again on the same state directory:
 /// the workers keep trying to reach it, rejoin its next generation, resume
 /// from the last committed checkpoint, and the job ends with the same bits.
