@@ -71,8 +71,9 @@ struct RunArgs {
     #[arg(long)]
     token_file: Option<PathBuf>,
     /// Requests a second each client connection may make (bursts of twice
-    /// that); more get RESOURCE_EXHAUSTED. A worker makes a few calls a step,
-    /// so this leaves room for steps of a few milliseconds.
+    /// that; each heartbeat on a stream counts as one); more get
+    /// RESOURCE_EXHAUSTED. A worker makes a few calls a step, so this leaves
+    /// room for steps of a few milliseconds.
     #[arg(long, default_value_t = 1000.0)]
     rate_limit: f64,
     /// Requests larger than this many bytes are refused (OUT_OF_RANGE).
