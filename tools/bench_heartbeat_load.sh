@@ -11,6 +11,14 @@
 # 2 cores. Extra arguments go to the example, e.g.
 #
 #   tools/bench_heartbeat_load.sh --clients 1024 --steps 1000 --runs A,B,C,A,C,B,A --keep
+#
+# The workers on a core of their own, as on a cluster where the simulated
+# clients are other machines (the clients run in the benchmark process):
+#
+#   taskset -c 1 tools/bench_heartbeat_load.sh --worker-cpus 0 --coordinator-cpus 1
+#
+# Run kind D (--runs C,D,C,D) makes the clients members of a decoy job, to
+# compare a member's accepted beat with the refusals of B and C.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 source tools/coordinator_bench.sh # the script runs from the repository root
