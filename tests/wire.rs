@@ -275,7 +275,8 @@ fn an_oversized_message_and_a_flood_are_refused_while_others_are_served() {
 
 /// A client that keeps a heartbeat stream open, and silent, does not keep
 /// the coordinator from exiting when the job ends: a connection still open
-/// after the stop's grace is closed.
+/// after the stop's grace is closed. (An idle connection held the stop the
+/// same way, by hand; this covers the same path.)
 #[test]
 fn an_open_heartbeat_stream_does_not_hold_the_coordinator_at_exit() {
     // Nobody joins: the job fails after join_timeout_s.

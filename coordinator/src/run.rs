@@ -349,8 +349,10 @@ async fn serve(shared: Arc<Shared>, opts: &RunOptions, metrics: Option<(SocketAd
     if let Some(stop) = metrics_stop {
         let _ = stop.send(());
     }
-    // A client that holds a call open (a stray heartbeat stream, a hung
-    // worker) must not keep the coordinator from ending.
+    // A client that keeps its connection open must not keep the coordinator
+    // from ending: the graceful stop waits for every connection to close,
+    // an idle one (a finished GetStatus, measured) as well as one holding a
+    // stream (a stray heartbeat stream, a hung worker).
     let mut server = server;
     match tokio::time::timeout(STOP_GRACE, &mut server).await {
         Ok(Ok(Ok(()))) => {}
