@@ -40,10 +40,10 @@
 mod bench_util;
 
 use anyhow::{anyhow, bail, Context, Result};
-use bench_util::{check_open_files, connect_all, cpu_s, delta, log_tail, peak_rss_mib, Reaper};
+use bench_util::{check_open_files, connect_all, cpu_s, delta, log_tail, peak_rss_mib, LocalCoordinator, Reaper};
 use clap::Parser;
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -51,7 +51,7 @@ use tessera_proto::v1::{AssignmentRequest, JoinRequest, LeaveRequest, Rendezvous
 use tessera_proto::CoordinatorClient;
 use tessera_worker::auth::SESSION_KEY;
 use tonic::metadata::AsciiMetadataValue;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 
 #[derive(Parser)]
 #[command(about = "N simulated workers against a real coordinator over gRPC")]
@@ -174,29 +174,10 @@ async fn run_one(args: &Args, n: usize, coordinator: &Path, base: &str, data: &P
     let config = dir.join("job.toml");
     std::fs::write(&config, job_config(base, n, steps, data)?)
         .with_context(|| format!("cannot write {}", config.display()))?;
-    let port = bench_util::free_port()?;
-    let log = dir.join("coordinator.log");
-    let log_file = std::fs::File::create(&log).with_context(|| format!("cannot create {}", log.display()))?;
-    let out_file = log_file.try_clone().context("cannot share the log file")?;
-    let child = Command::new(coordinator)
-        .arg("--config")
-        .arg(&config)
-        .args(["--listen", &format!("127.0.0.1:{port}"), "--out"])
-        .arg(dir.join("out"))
-        .stdout(Stdio::from(out_file))
-        .stderr(Stdio::from(log_file))
-        .spawn()
-        .with_context(|| format!("cannot start {}", coordinator.display()))?;
-    let pid = child.id();
-    let mut reaper = Reaper(Some(child));
-    let url = format!("http://127.0.0.1:{port}");
-    let endpoint = Endpoint::from_shared(url.clone())
-        .map_err(|e| anyhow!("bad URL {url}: {e}"))?
-        .timeout(Duration::from_secs_f64(args.call_timeout_s))
-        .connect_timeout(Duration::from_secs(10))
-        .tcp_nodelay(true);
-
-    bench_util::wait_listening(&endpoint, &mut reaper, &log, Duration::from_secs(60)).await?;
+    let mut cmd = Command::new(coordinator);
+    cmd.arg("--config").arg(&config).arg("--out").arg(dir.join("out"));
+    let LocalCoordinator { mut reaper, pid, endpoint, log } =
+        bench_util::start_coordinator(cmd, dir.join("coordinator.log"), args.call_timeout_s).await?;
 
     // One connection per simulated worker, opened before the clock starts.
     let t = Instant::now();

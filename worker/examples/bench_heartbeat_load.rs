@@ -65,7 +65,7 @@
 mod bench_util;
 
 use anyhow::{anyhow, bail, Context, Result};
-use bench_util::{cpu_s, delta, log_tail, quantile, Reaper};
+use bench_util::{cpu_s, delta, log_tail, quantile, LocalCoordinator, Reaper};
 use clap::Parser;
 use std::collections::BTreeMap;
 use std::io::{Read, Seek, SeekFrom};
@@ -78,7 +78,7 @@ use tessera_proto::v1::{Action, HeartbeatReply, HeartbeatRequest, JoinRequest};
 use tessera_proto::CoordinatorClient;
 use tessera_worker::auth::{SESSION_KEY, TOKEN_ENV};
 use tonic::metadata::AsciiMetadataValue;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 
 #[derive(Parser)]
 #[command(about = "A real training job while N simulated clients heartbeat the coordinator")]
@@ -315,14 +315,6 @@ fn pct(cpu: Option<f64>, window_s: f64) -> String {
     cpu.map_or("?".into(), |c| format!("{:.0}%", 100.0 * c / window_s))
 }
 
-/// A coordinator process on a free port of 127.0.0.1, listening.
-struct Coord {
-    reaper: Reaper,
-    pid: u32,
-    endpoint: Endpoint,
-    log: PathBuf,
-}
-
 /// A command for `bin`, run on `cpus` through taskset (which execs it:
 /// the process id is the binary's) when given.
 fn on_cpus(bin: PathBuf, cpus: Option<&str>) -> Command {
@@ -343,30 +335,11 @@ async fn start_coordinator(
     out: &Path,
     log: PathBuf,
     token: &str,
-) -> Result<Coord> {
-    let port = bench_util::free_port()?;
-    let log_file = std::fs::File::create(&log).with_context(|| format!("cannot create {}", log.display()))?;
-    let out_file = log_file.try_clone().context("cannot share the log file")?;
-    let child = on_cpus(bin_dir.join("coordinator"), args.coordinator_cpus.as_deref())
-        .arg("--config")
-        .arg(config)
-        .args(["--listen", &format!("127.0.0.1:{port}"), "--rate-limit", &args.rate_limit.to_string(), "--out"])
-        .arg(out)
-        .env(TOKEN_ENV, token)
-        .stdout(Stdio::from(out_file))
-        .stderr(Stdio::from(log_file))
-        .spawn()
-        .context("cannot start the coordinator")?;
-    let pid = child.id();
-    let mut reaper = Reaper(Some(child));
-    let url = format!("http://127.0.0.1:{port}");
-    let endpoint = Endpoint::from_shared(url.clone())
-        .map_err(|e| anyhow!("bad URL {url}: {e}"))?
-        .timeout(Duration::from_secs_f64(args.call_timeout_s))
-        .connect_timeout(Duration::from_secs(10))
-        .tcp_nodelay(true);
-    bench_util::wait_listening(&endpoint, &mut reaper, &log, Duration::from_secs(60)).await?;
-    Ok(Coord { reaper, pid, endpoint, log })
+) -> Result<LocalCoordinator> {
+    let mut cmd = on_cpus(bin_dir.join("coordinator"), args.coordinator_cpus.as_deref());
+    cmd.arg("--config").arg(config).args(["--rate-limit", &args.rate_limit.to_string(), "--out"]).arg(out);
+    cmd.env(TOKEN_ENV, token);
+    bench_util::start_coordinator(cmd, log, args.call_timeout_s).await
 }
 
 /// Counts kept by each simulated client.

@@ -216,6 +216,40 @@ pub fn quantile(sorted: &[f64], q: f64) -> Option<f64> {
     Some(sorted[((sorted.len() - 1) as f64 * q).round() as usize])
 }
 
+/// A coordinator process on a free port of 127.0.0.1, listening.
+pub struct LocalCoordinator {
+    pub reaper: Reaper,
+    pub pid: u32,
+    pub endpoint: Endpoint,
+    /// Its stdout and stderr.
+    pub log: PathBuf,
+}
+
+/// Starts `cmd` (a coordinator with its flags, less `--listen`) on a free
+/// port of 127.0.0.1 with its output in `log`, and waits until it listens.
+/// Calls on its endpoint time out after `call_timeout_s`.
+pub async fn start_coordinator(mut cmd: Command, log: PathBuf, call_timeout_s: f64) -> Result<LocalCoordinator> {
+    let port = free_port()?;
+    let log_file = std::fs::File::create(&log).with_context(|| format!("cannot create {}", log.display()))?;
+    let out_file = log_file.try_clone().context("cannot share the log file")?;
+    let child = cmd
+        .args(["--listen", &format!("127.0.0.1:{port}")])
+        .stdout(out_file)
+        .stderr(log_file)
+        .spawn()
+        .with_context(|| format!("cannot start {}", cmd.get_program().to_string_lossy()))?;
+    let pid = child.id();
+    let mut reaper = Reaper(Some(child));
+    let url = format!("http://127.0.0.1:{port}");
+    let endpoint = Endpoint::from_shared(url.clone())
+        .map_err(|e| anyhow!("bad URL {url}: {e}"))?
+        .timeout(Duration::from_secs_f64(call_timeout_s))
+        .connect_timeout(Duration::from_secs(10))
+        .tcp_nodelay(true);
+    wait_listening(&endpoint, &mut reaper, &log, Duration::from_secs(60)).await?;
+    Ok(LocalCoordinator { reaper, pid, endpoint, log })
+}
+
 /// Waits until the coordinator in `reaper` accepts connections on
 /// `endpoint` (it indexes the dataset first), up to `patience`.
 pub async fn wait_listening(endpoint: &Endpoint, reaper: &mut Reaper, log: &Path, patience: Duration) -> Result<()> {
