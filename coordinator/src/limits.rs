@@ -51,9 +51,7 @@ impl RateLimiter {
             false
         }
     }
-}
 
-impl RateLimiter {
     /// Admits one request from `peer` now, or says it is over its rate.
     pub fn check(&self, peer: SocketAddr) -> Result<(), Status> {
         if self.admit(peer, Instant::now()) {

@@ -108,14 +108,19 @@ fn session<T>(req: &Request<T>) -> String {
     req.metadata().get(SESSION_KEY).and_then(|v| v.to_str().ok()).unwrap_or_default().to_string()
 }
 
-/// Refuses a call for `rank` that does not carry that rank's session.
-fn authorize(st: &JobState, rank: u32, secret: &str) -> Result<(), Status> {
+/// Whether a call for `rank` carries that rank's session; why not, if not.
+fn session_of(st: &JobState, rank: u32, secret: &str) -> Result<(), String> {
     if st.members.authorize(rank, secret) {
         return Ok(());
     }
-    Err(Status::permission_denied(format!(
+    Err(format!(
         "this call speaks for rank {rank} without that rank's session: only the worker that joined as rank {rank} may"
-    )))
+    ))
+}
+
+/// Refuses a call for `rank` that does not carry that rank's session.
+fn authorize(st: &JobState, rank: u32, secret: &str) -> Result<(), Status> {
+    session_of(st, rank, secret).map_err(Status::permission_denied)
 }
 
 #[tonic::async_trait]
@@ -297,9 +302,7 @@ impl tessera_proto::Coordinator for Service {
                 limiter.check(peer)?;
             }
             let mut st = s.lock();
-            let answer = authorize(&st, r.rank, &secret)
-                .map_err(|e| e.message().to_string())
-                .and_then(|()| st.heartbeat(r.rank, r.generation, s.now()));
+            let answer = session_of(&st, r.rank, &secret).and_then(|()| st.heartbeat(r.rank, r.generation, s.now()));
             let (action, reason) = answer.unwrap_or_else(|why| (Action::Abort, format!("{why}: join again")));
             Ok(HeartbeatReply { generation: st.members.generation, action: action as i32, reason })
         });
