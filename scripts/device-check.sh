@@ -5,16 +5,18 @@
 # and runs, in under 8 minutes on one H100:
 #   (a) every backend op on the GPU against the CPU in f64, on fresh random
 #       inputs with outputs poisoned first: f32 (limit 1e-5), then TF32 GEMMs
-#       (limit 3e-4) -- `worker check-ops`;
+#       (limit 3e-4), then bf16 GEMMs (limit 1e-2) -- `worker check-ops`;
 #   (b) `worker debug-step` on the committed PyTorch fixtures, on the GPU,
 #       against the reference gradients (static and dynamic S2);
 #   (c) one training step of the vila-3b-s2 shape (all widths; LLM_LAYERS of
-#       the LLM's 32 layers) in Tessera and in PyTorch + transformers (bf16
-#       autocast, fused AdamW) on the same GPU: tokens/s, images/s, MFU
-#       against 989 dense bf16 TFLOP/s (H100) and the ratio.
+#       the LLM's 32 layers) in Tessera (bf16 GEMMs, then TF32 GEMMs) and in
+#       PyTorch + transformers (bf16 autocast, fused AdamW) on the same GPU:
+#       tokens/s, images/s, MFU against 989 dense bf16 TFLOP/s (H100) and
+#       the ratios.
 #
 # Usage: scripts/device-check.sh [WORKER]        (default target/release/worker)
 #   DEVICE=cuda:0 LLM_LAYERS=8 VIT_LAYERS=27 BATCH=4 SEQ=256 STEPS=5 PEAK_TFLOPS=989
+#   PRECISIONS="bf16 tf32"   Tessera's step rows
 #   TORCH=skip     leave out the PyTorch peer
 #   DEVICE=cpu PRESET=tiny TORCH=skip   the CPU rehearsal the test suite runs
 # Results (and every command's output) go to $OUT (default a temp folder).
@@ -31,6 +33,7 @@ SEQ="${SEQ:-256}"
 WARMUP="${WARMUP:-2}"
 STEPS="${STEPS:-5}"
 PEAK_TFLOPS="${PEAK_TFLOPS:-989}"
+PRECISIONS="${PRECISIONS:-bf16 tf32}"
 TORCH="${TORCH:-run}"
 PYTHON="${PYTHON:-python3}"
 OUT="${OUT:-$(mktemp -d)}"
@@ -74,6 +77,7 @@ step() {
 # (a) op parity
 step ops-f32 120 "$worker" check-ops --device "$DEVICE" --precision f32
 step ops-tf32 120 "$worker" check-ops --device "$DEVICE" --precision tf32
+step ops-bf16 120 "$worker" check-ops --device "$DEVICE" --precision bf16
 
 # (b) the PyTorch reference step on the fixtures (debug-step runs f32 GEMMs)
 step debug-step 60 "$worker" debug-step --device "$DEVICE" --model "$fixtures/model" \
@@ -85,19 +89,23 @@ step debug-step-dynamic 60 "$worker" debug-step --device "$DEVICE" --model "$fix
 
 # (c) one training step, Tessera then PyTorch, same shape
 shape=(--batch "$BATCH" --seq "$SEQ" --warmup "$WARMUP" --steps "$STEPS")
-TAIL=3 step step-tessera 150 "$worker" bench-step --preset "$PRESET" --device "$DEVICE" --precision tf32 \
-    --vit-layers "$VIT_LAYERS" --llm-layers "$LLM_LAYERS" "${shape[@]}"
-grep '^{' "$OUT/step-tessera.log" | tail -n 1 > "$OUT/tessera.json"
+rows=()
+for precision in $PRECISIONS; do
+    TAIL=3 step "step-tessera-$precision" 150 "$worker" bench-step --preset "$PRESET" --device "$DEVICE" \
+        --precision "$precision" --vit-layers "$VIT_LAYERS" --llm-layers "$LLM_LAYERS" "${shape[@]}"
+    grep '^{' "$OUT/step-tessera-$precision.log" | tail -n 1 > "$OUT/tessera-$precision.json"
+    rows+=("$OUT/tessera-$precision.json")
+done
 if [ "$TORCH" != skip ]; then
     torch_device=cuda
     [ "$DEVICE" = cpu ] && torch_device=cpu
     TAIL=3 step step-pytorch 180 "$PYTHON" tools/bench_step_torch.py --preset "$PRESET" --device "$torch_device" \
         --dtype bf16 --attn sdpa --vit-layers all --vit-layers-count "$VIT_LAYERS" --llm-layers "$LLM_LAYERS" "${shape[@]}"
     grep '^{' "$OUT/step-pytorch.log" | tail -n 1 > "$OUT/pytorch.json"
+    rows+=(--pytorch "$OUT/pytorch.json")
 fi
 echo "== step table"
-"$PYTHON" tools/step_table.py --peak-tflops "$PEAK_TFLOPS" "$OUT/tessera.json" \
-    $([ "$TORCH" != skip ] && echo "$OUT/pytorch.json") | tee "$OUT/step_table.md" || failed+=(step-table)
+"$PYTHON" tools/step_table.py --peak-tflops "$PEAK_TFLOPS" "${rows[@]}" | tee "$OUT/step_table.md" || failed+=(step-table)
 
 if [ ${#failed[@]} -gt 0 ]; then
     echo "device-check: FAILED: ${failed[*]} (logs in $OUT)"

@@ -29,7 +29,15 @@ fn the_cpu_rehearsal_passes_every_check_and_prints_the_table() {
     let run = device_check(&[], dir.path());
     let stdout = String::from_utf8_lossy(&run.stdout);
     assert!(run.status.success(), "{stdout}{}", String::from_utf8_lossy(&run.stderr));
-    for check in ["ops-f32: exit 0", "ops-tf32: exit 0", "debug-step: exit 0", "debug-step-dynamic: exit 0"] {
+    for check in [
+        "ops-f32: exit 0",
+        "ops-tf32: exit 0",
+        "ops-bf16: exit 0",
+        "debug-step: exit 0",
+        "debug-step-dynamic: exit 0",
+        "step-tessera-bf16: exit 0",
+        "step-tessera-tf32: exit 0",
+    ] {
         assert!(stdout.contains(check), "no `{check}` in: {stdout}");
     }
     assert!(stdout.contains("| tessera | cpu f32 |"), "{stdout}");
@@ -51,7 +59,10 @@ fn failing_checks_fail_the_script_and_are_named() {
     assert!(stdout.contains("built without CUDA support"), "{stdout}");
     let last = stdout.lines().last().unwrap_or_default();
     assert!(
-        last.starts_with("device-check: FAILED: ops-f32 ops-tf32 debug-step debug-step-dynamic step-tessera"),
+        last.starts_with(
+            "device-check: FAILED: ops-f32 ops-tf32 ops-bf16 debug-step debug-step-dynamic step-tessera-bf16 \
+             step-tessera-tf32"
+        ),
         "{last}"
     );
 }

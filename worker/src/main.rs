@@ -144,7 +144,7 @@ enum Command {
         /// cpu, cuda:K or auto.
         #[arg(long, default_value = "cpu")]
         device: String,
-        /// GPU GEMM precision: f32 or tf32.
+        /// GPU GEMM precision: f32, tf32 or bf16.
         #[arg(long, default_value = "tf32")]
         precision: String,
         /// Override the ViT's layer count (same widths, fewer layers).
@@ -165,11 +165,11 @@ enum Command {
     },
     /// Runs every op of the backend on DEVICE and on the CPU in f64 with the
     /// same random inputs, and compares (relative error 1e-5 in f32, 3e-4
-    /// for TF32 GEMMs). Exits non-zero when an op fails.
+    /// for TF32 GEMMs, 1e-2 for bf16 GEMMs). Exits non-zero when an op fails.
     CheckOps {
         #[arg(long, default_value = "cuda:0")]
         device: String,
-        /// f32 or tf32.
+        /// f32, tf32 or bf16.
         #[arg(long, default_value = "f32")]
         precision: String,
         #[arg(long, default_value_t = 1)]
@@ -318,7 +318,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::CheckOps { device, precision, seed } => {
             let device = DeviceSpec::parse(&device)?.resolve(None)?;
             let precision = Precision::parse(&precision)?;
-            let tol = if precision == Precision::Tf32 { Tolerance::TF32 } else { Tolerance::F32 };
+            let tol = Tolerance::of(precision);
             let reference = Cpu::<f64>::new();
             let results = tessera_worker::on_device!(device, precision, |be| Ok::<_, anyhow::Error>(check_ops(
                 &reference, be, tol, seed

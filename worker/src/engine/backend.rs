@@ -190,8 +190,10 @@ pub trait Backend: Send + Sync + 'static {
     fn axpy(&self, alpha: f32, x: &Self::Buf, y: &mut Self::Buf);
     /// `x *= s`
     fn scale(&self, x: &mut Self::Buf, s: f32);
-    /// `sum(x^2)`, for gradient-norm reduction.
-    fn sum_squares(&self, x: &Self::Buf) -> f64;
+    /// `sum(x^2)` over every buffer of `xs`, for the gradient norm: one
+    /// reduction and one device-to-host wait for all of them, not one per
+    /// tensor (a LLaMA-3B has hundreds).
+    fn sum_squares(&self, xs: &[&Self::Buf]) -> f64;
 
     // ---- linear algebra ----
     fn matmul(&self, a: &Self::Buf, b: &Self::Buf, c: &mut Self::Buf, g: Gemm);

@@ -40,7 +40,8 @@ pub struct TrainSection {
     /// Fraction of the steps spent warming up (VILA: 0.03).
     #[serde(default)]
     pub warmup_ratio: f64,
-    /// How a GPU computes: "tf32" (default), "f32"; the CPU ignores it.
+    /// How a GPU's GEMMs compute: "tf32" (default), "bf16" or "f32"; the
+    /// CPU ignores it. Storage is f32 in every mode.
     #[serde(default)]
     pub precision: crate::engine::device::Precision,
 }
@@ -217,9 +218,6 @@ impl TrainJob {
         if t.text_tokens < 2 {
             bail!("train.text_tokens: must be at least 2 (a prompt and an answer)");
         }
-        if t.precision == crate::engine::device::Precision::Bf16 {
-            bail!("train.precision = \"bf16\": bf16 mixed precision is not implemented yet; use \"tf32\" or \"f32\"");
-        }
         if !(0.0..1.0).contains(&t.warmup_ratio) {
             bail!("train.warmup_ratio: {} is not in [0, 1)", t.warmup_ratio);
         }
@@ -320,16 +318,16 @@ llm = true
         assert!(e.contains("evry"), "{e}");
     }
 
-    /// `[train] precision`: TF32 by default, f32 on request, bf16 refused
-    /// until it exists, anything else refused by name.
+    /// `[train] precision`: TF32 by default, f32 or bf16 on request,
+    /// anything else refused by name.
     #[test]
     fn precision_is_tf32_unless_asked() {
         use crate::engine::device::Precision;
         assert_eq!(TrainJob::parse(GOOD).unwrap().train.precision, Precision::Tf32);
         let f32_job = GOOD.replace("steps = 10", "steps = 10\nprecision = \"f32\"");
         assert_eq!(TrainJob::parse(&f32_job).unwrap().train.precision, Precision::F32);
-        let e = TrainJob::parse(&GOOD.replace("steps = 10", "steps = 10\nprecision = \"bf16\"")).unwrap_err();
-        assert!(e.to_string().contains("train.precision") && e.to_string().contains("not implemented"), "{e}");
+        let bf16_job = GOOD.replace("steps = 10", "steps = 10\nprecision = \"bf16\"");
+        assert_eq!(TrainJob::parse(&bf16_job).unwrap().train.precision, Precision::Bf16);
         let e = TrainJob::parse(&GOOD.replace("steps = 10", "steps = 10\nprecision = \"fp8\"")).unwrap_err();
         assert!(format!("{e:#}").contains("precision"), "{e:#}");
     }

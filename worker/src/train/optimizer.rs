@@ -152,14 +152,9 @@ impl<B: Backend> Optimizer<B> {
     /// Global L2 norm of the gradients of trainable parameters.
     pub fn grad_norm(&self, be: &B, params: &ParamStore<B>) -> f64 {
         let t = self.cfg.trainable();
-        params
-            .specs
-            .iter()
-            .zip(&params.grads)
-            .filter(|(s, _)| t.get(s.module))
-            .map(|(_, g)| be.sum_squares(g))
-            .sum::<f64>()
-            .sqrt()
+        let grads: Vec<&B::Buf> =
+            params.specs.iter().zip(&params.grads).filter(|(s, _)| t.get(s.module)).map(|(_, g)| g).collect();
+        be.sum_squares(&grads).sqrt()
     }
 
     /// Applies one AdamW step to every trainable parameter from `params.grads`.

@@ -142,8 +142,8 @@ impl<T: Real> Backend for Cpu<T> {
     fn scale(&self, x: &mut Vec<T>, s: f32) {
         elementwise::scale(x, T::of(s as f64))
     }
-    fn sum_squares(&self, x: &Vec<T>) -> f64 {
-        elementwise::sum_squares(x)
+    fn sum_squares(&self, xs: &[&Vec<T>]) -> f64 {
+        xs.iter().map(|x| elementwise::sum_squares(x)).sum()
     }
 
     fn matmul(&self, a: &Vec<T>, b: &Vec<T>, c: &mut Vec<T>, g: Gemm) {

@@ -2,7 +2,7 @@
 //! matching `kernels/<group>.cu`, from the group's module beside this one
 //! (the same split as the CPU backend's modules).
 
-use super::context::{Cuda, MathMode};
+use super::context::Cuda;
 use super::{activation, attention, columns, elementwise, embedding, image, loss, matmul, norm, optim, rope, s2};
 use crate::engine::backend::*;
 use cudarc::driver::CudaSlice;
@@ -26,7 +26,7 @@ impl Backend for Cuda {
     type Idx = Idx;
 
     fn name(&self) -> String {
-        format!("cuda:{}-{}", self.ordinal, if self.math == MathMode::Tf32 { "tf32" } else { "f32" })
+        format!("cuda:{}-{}", self.ordinal, self.math.name())
     }
 
     fn alloc(&self, len: usize) -> Buf {
@@ -83,8 +83,8 @@ impl Backend for Cuda {
     fn scale(&self, x: &mut Buf, s: f32) {
         elementwise::scale(self, x, s)
     }
-    fn sum_squares(&self, x: &Buf) -> f64 {
-        elementwise::sum_squares(self, x)
+    fn sum_squares(&self, xs: &[&Buf]) -> f64 {
+        elementwise::sum_squares(self, xs)
     }
 
     fn matmul(&self, a: &Buf, b: &Buf, c: &mut Buf, g: Gemm) {

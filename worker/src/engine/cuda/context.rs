@@ -14,13 +14,28 @@ use cudarc::driver::{CudaContext, CudaFunction, CudaSlice, CudaStream, LaunchCon
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
-/// How f32 GEMMs run on the tensor cores.
+/// How GEMMs run. Buffers, weights and optimizer state are f32 in every
+/// mode; the mode is the cuBLAS compute type of each GEMM (matmul.rs).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum MathMode {
     /// Full f32 (the reference for op parity at 1e-5).
     F32,
     /// TF32 tensor-core GEMMs: 10-bit mantissa inputs, f32 accumulate.
     Tf32,
+    /// bf16 tensor-core GEMMs: inputs rounded to bf16 (8-bit mantissa),
+    /// f32 accumulate and f32 output. Twice TF32's tensor-core rate.
+    Bf16,
+}
+
+impl MathMode {
+    /// The lower-case name used in logs, `Backend::name` and bench JSON.
+    pub fn name(self) -> &'static str {
+        match self {
+            MathMode::F32 => "f32",
+            MathMode::Tf32 => "tf32",
+            MathMode::Bf16 => "bf16",
+        }
+    }
 }
 
 pub struct Cuda {
@@ -50,16 +65,11 @@ impl Cuda {
         // only add two event calls to every launch.
         // SAFETY: called before any buffer of this context exists.
         unsafe { ctx.disable_event_tracking() };
+        keep_freed_memory_cached(&ctx, ordinal)?;
         let stream = ctx.new_stream().map_err(|e| anyhow!("cuda:{ordinal}: cannot create a stream: {e:?}"))?;
         let blas = CudaBlas::new(stream.clone()).map_err(|e| anyhow!("cuda:{ordinal}: cannot start cuBLAS: {e:?}"))?;
-        let mode = match math {
-            MathMode::F32 => cudarc::cublas::sys::cublasMath_t::CUBLAS_DEFAULT_MATH,
-            MathMode::Tf32 => cudarc::cublas::sys::cublasMath_t::CUBLAS_TF32_TENSOR_OP_MATH,
-        };
-        // SAFETY: the handle is alive; the mode is a valid enum value.
-        unsafe { cudarc::cublas::sys::cublasSetMathMode(*blas.handle(), mode) }
-            .result()
-            .map_err(|e| anyhow!("cuda:{ordinal}: cannot set the cuBLAS math mode: {e:?}"))?;
+        // The handle stays in cuBLAS's default math: each GEMM names its
+        // compute type (matmul.rs), so F32 mode is never silently TF32.
         let arch = arch_name(gpu.compute_capability)?;
         let mut funcs = HashMap::new();
         for (name, src) in kernels::SOURCES {
@@ -151,6 +161,34 @@ impl Cuda {
     /// One block of `threads` per row (reductions over a row).
     pub(super) fn rows(&self, rows: usize, threads: u32) -> LaunchConfig {
         LaunchConfig { grid_dim: (rows.max(1) as u32, 1, 1), block_dim: (threads, 1, 1), shared_mem_bytes: 0 }
+    }
+}
+
+/// cudarc allocates with `cuMemAllocAsync` from the device's default pool,
+/// whose release threshold is 0: at every stream synchronize (one a step,
+/// in `check()`) the pool hands its free memory back to the driver, and the
+/// next step maps it again. A threshold of "never" makes the pool a caching
+/// allocator, as PyTorch's is: a step's buffers come from memory the last
+/// step freed. Devices without stream-ordered allocation free synchronously
+/// and are left as they are.
+fn keep_freed_memory_cached(ctx: &CudaContext, ordinal: usize) -> Result<()> {
+    if !ctx.has_async_alloc() {
+        tracing::warn!(device = %format!("cuda:{ordinal}"), "no stream-ordered allocator: every buffer is a cuMemAlloc");
+        return Ok(());
+    }
+    use cudarc::driver::{result, sys::CUmemPool_attribute};
+    let mut threshold = u64::MAX;
+    // SAFETY: the device is the context's; the release threshold is a u64
+    // attribute and `threshold` outlives the call.
+    unsafe {
+        let pool = result::device::get_default_mem_pool(ctx.cu_device())
+            .map_err(|e| anyhow!("cuda:{ordinal}: cannot get the default memory pool: {e:?}"))?;
+        result::mem_pool::set_attribute(
+            pool,
+            CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
+            (&mut threshold as *mut u64).cast(),
+        )
+        .map_err(|e| anyhow!("cuda:{ordinal}: cannot keep freed memory in the pool: {e:?}"))
     }
 }
 

@@ -50,15 +50,20 @@ pub(super) fn scale(cu: &Cuda, x: &mut Buf, s: f32) {
     }
 }
 
-pub(super) fn sum_squares(cu: &Cuda, x: &Buf) -> f64 {
-    if x.len == 0 {
+/// Every buffer adds into the same partials on the one stream, so the
+/// launches need no sync between them and the host waits once.
+pub(super) fn sum_squares(cu: &Cuda, xs: &[&Buf]) -> f64 {
+    if xs.iter().all(|x| x.len == 0) {
         return 0.0;
     }
     let mut partial = cu.zeros::<f64>(PARTIALS);
     let mut total = cu.zeros::<f64>(1);
-    let (n, parts) = (x.len as u64, PARTIALS as u64);
+    let parts = PARTIALS as u64;
     let grid = LaunchConfig { grid_dim: (PARTIALS as u32, 1, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: 0 };
-    launch!(cu, "sum_squares_partial_f32", grid, &x.data, &mut partial, &n);
+    for x in xs.iter().filter(|x| x.len > 0) {
+        let n = x.len as u64;
+        launch!(cu, "sum_squares_partial_f32", grid, &x.data, &mut partial, &n);
+    }
     launch!(cu, "sum_partials_f64", cu.rows(1, 32), &partial, &mut total, &parts);
     let host = cu.stream.clone_dtoh(&total);
     cu.record("sum of squares (download)", host).map_or(f64::NAN, |v| v[0])

@@ -2,15 +2,20 @@
 //! column-major, and a row-major `[r, c]` matrix read column-major is its
 //! transpose. So `C = op(A) op(B)` (row-major) is computed as
 //! `C^T = op(B)^T op(A)^T` (column-major): the operands swap places and
-//! keep their transpose flags. TF32 or full f32 is the handle's math mode
-//! (context.rs).
+//! keep their transpose flags. Every operand is f32 in memory; the compute
+//! type of the backend's `MathMode` says whether the tensor cores round the
+//! inputs to TF32 or bf16 (f32 accumulation either way).
 
 use super::backend::Buf;
-use super::context::Cuda;
+use super::context::{Cuda, MathMode};
 use crate::engine::backend::Gemm;
+use cudarc::cublas::sys::cublasComputeType_t::{
+    CUBLAS_COMPUTE_32F, CUBLAS_COMPUTE_32F_FAST_16BF, CUBLAS_COMPUTE_32F_FAST_TF32,
+};
+use cudarc::cublas::sys::cublasGemmAlgo_t::CUBLAS_GEMM_DFALT as CUBLAS_GEMM_DEFAULT;
 use cudarc::cublas::sys::cublasOperation_t::{CUBLAS_OP_N, CUBLAS_OP_T};
-use cudarc::cublas::{GemmConfig, StridedBatchedConfig};
-use cudarc::driver::CudaSlice;
+use cudarc::cublas::sys::cudaDataType_t::CUDA_R_32F;
+use cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut};
 
 /// One operand of a strided-batched GEMM: a row-major matrix at `offset`
 /// in `buf` with row length `ld`, matrix `b` of the batch at `offset + b *
@@ -51,30 +56,48 @@ pub(super) fn gemm_strided(
         return;
     }
     let op = |t: bool| if t { CUBLAS_OP_T } else { CUBLAS_OP_N };
-    let cfg = StridedBatchedConfig {
-        gemm: GemmConfig {
-            transa: op(b.trans),
-            transb: op(a.trans),
-            m: n as i32,
-            n: m as i32,
-            k: k as i32,
-            alpha,
-            lda: b.ld as i32,
-            ldb: a.ld as i32,
-            beta,
-            ldc: c.ld as i32,
-        },
-        batch_size: batch as i32,
-        stride_a: b.stride as i64,
-        stride_b: a.stride as i64,
-        stride_c: c.stride as i64,
+    let compute = match cu.math {
+        MathMode::F32 => CUBLAS_COMPUTE_32F,
+        MathMode::Tf32 => CUBLAS_COMPUTE_32F_FAST_TF32,
+        MathMode::Bf16 => CUBLAS_COMPUTE_32F_FAST_16BF,
     };
     let (av, bv) = (a.buf.slice(a.offset..), b.buf.slice(b.offset..));
     let mut cv = c.buf.slice_mut(c.offset..);
+    let (a_ptr, _a_use) = av.device_ptr(&cu.stream);
+    let (b_ptr, _b_use) = bv.device_ptr(&cu.stream);
+    let (c_ptr, _c_use) = cv.device_ptr_mut(&cu.stream);
     // SAFETY: the callers size every operand for `batch` matrices of the
-    // given shapes (checked in `matmul` and by the attention shapes).
-    let done = unsafe { cudarc::cublas::Gemm::gemm_strided_batched(&cu.blas, cfg, &bv, &av, &mut cv) };
-    cu.record("cuBLAS sgemm", done);
+    // given shapes (checked in `matmul` and by the attention shapes); the
+    // pointers are f32 device memory as the data types say; alpha and beta
+    // are host f32, as CUBLAS_COMPUTE_32F* takes them, alive for the call.
+    let done = unsafe {
+        cudarc::cublas::result::gemm_strided_batched_ex(
+            *cu.blas.handle(),
+            op(b.trans),
+            op(a.trans),
+            n as i32,
+            m as i32,
+            k as i32,
+            (&alpha as *const f32).cast(),
+            b_ptr as *const _,
+            CUDA_R_32F,
+            b.ld as i32,
+            b.stride as i64,
+            a_ptr as *const _,
+            CUDA_R_32F,
+            a.ld as i32,
+            a.stride as i64,
+            (&beta as *const f32).cast(),
+            c_ptr as *mut _,
+            CUDA_R_32F,
+            c.ld as i32,
+            c.stride as i64,
+            batch as i32,
+            compute,
+            CUBLAS_GEMM_DEFAULT,
+        )
+    };
+    cu.record("cuBLAS GEMM", done);
 }
 
 /// The Backend's `matmul`: contiguous batches, `k == 0` clears C (or

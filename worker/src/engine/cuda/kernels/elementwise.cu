@@ -28,8 +28,10 @@ extern "C" __global__ void bias_add_f32(float* y, const float* bias, unsigned lo
 }
 
 // First pass of sum(x^2): block b sums its grid-stride share in f64 and
-// writes partial[b]. The host launches a fixed grid, and the second pass
-// adds the partials in order, so the result is deterministic.
+// adds it to partial[b] (zeroed by the host), so that several buffers
+// launched in turn on one stream sum into the same partials. The host
+// launches a fixed grid, and the second pass adds the partials in order,
+// so the result is deterministic.
 extern "C" __global__ void sum_squares_partial_f32(const float* x, double* partial, unsigned long long n) {
     __shared__ double lane[256];
     double acc = 0.0;
@@ -43,7 +45,7 @@ extern "C" __global__ void sum_squares_partial_f32(const float* x, double* parti
         if (threadIdx.x < s) lane[threadIdx.x] += lane[threadIdx.x + s];
         __syncthreads();
     }
-    if (threadIdx.x == 0) partial[blockIdx.x] = lane[0];
+    if (threadIdx.x == 0) partial[blockIdx.x] += lane[0];
 }
 
 // Second pass: one thread adds the partials in order.
