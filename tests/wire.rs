@@ -299,3 +299,26 @@ fn an_open_heartbeat_stream_does_not_hold_the_coordinator_at_exit() {
     assert!(!matches!(end, Ok(Some(_))), "{end:?}");
     drop(beats);
 }
+
+/// A client that made a call and keeps its connection, idle, on a runtime
+/// that keeps running (as a monitoring tool's would): the coordinator's
+/// graceful stop tells it to go away, its connection task closes, and the
+/// coordinator exits at once, without the forced close of `STOP_GRACE`.
+#[test]
+fn an_idle_client_on_a_running_runtime_does_not_delay_the_exit() {
+    let (_tmp, c, port) = start("join_timeout_s = 1", &[]);
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
+    let _client = rt.block_on(async {
+        let mut client = tessera_proto::CoordinatorClient::new(channel(port).await);
+        let mut req = Request::new(StatusRequest::default());
+        req.metadata_mut().insert("authorization", format!("Bearer {TOKEN}").parse().unwrap());
+        client.get_status(req).await.unwrap();
+        client
+    });
+    let t0 = std::time::Instant::now();
+    let out = wait(c, Duration::from_secs(30), "the coordinator with an idle client");
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(log.contains("gave up waiting for workers"), "{log}");
+    assert!(!log.contains("clients still connected at the end"), "{log}");
+    assert!(t0.elapsed() < Duration::from_secs(8), "{:?}", t0.elapsed());
+}

@@ -350,9 +350,12 @@ async fn serve(shared: Arc<Shared>, opts: &RunOptions, metrics: Option<(SocketAd
         let _ = stop.send(());
     }
     // A client that keeps its connection open must not keep the coordinator
-    // from ending: the graceful stop waits for every connection to close,
-    // an idle one (a finished GetStatus, measured) as well as one holding a
-    // stream (a stray heartbeat stream, a hung worker).
+    // from ending. The graceful stop sends each connection HTTP/2's GOAWAY
+    // and waits for it to close: a stream still open (a stray heartbeat
+    // stream, a hung worker) holds it, and so does an idle connection whose
+    // client no longer runs its connection task (a stopped process, a
+    // runtime nobody drives), which never answers the GOAWAY. Both measured
+    // in tests/wire.rs; an idle client that runs closes at once.
     let mut server = server;
     match tokio::time::timeout(STOP_GRACE, &mut server).await {
         Ok(Ok(Ok(()))) => {}
