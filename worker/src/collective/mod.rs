@@ -20,7 +20,11 @@ pub trait Collective: Send {
     fn world_size(&self) -> usize;
 
     /// Sums `buf` across all ranks in place. Every rank ends with the same
-    /// bits, and the reduction order is fixed, so a run repeats bit for bit.
+    /// bits. The TCP ring's reduction order is fixed, so a run repeats bit
+    /// for bit. NCCL picks its algorithm (ring, tree, NVLS) from the size,
+    /// the topology and its version: the same job on the same machines
+    /// repeats, another NCCL or cluster may round differently unless
+    /// NCCL_ALGO and NCCL_PROTO are pinned.
     fn all_reduce_sum(&mut self, buf: &mut Self::Buf) -> anyhow::Result<()>;
 
     /// Sums a few host counters exactly (the step's global target-token

@@ -3,10 +3,12 @@
 //! Rank 0 creates the unique id; the coordinator hands it to every rank
 //! with the generation (DESIGN.md section 5), and each rank joins the
 //! communicator with it. Reductions run on their own stream: the gradient
-//! bucket's copies were queued on the compute stream, so the NCCL stream
-//! first waits for an event recorded there, then sums in place, and the
-//! calling thread (the all-reduce thread, never the compute thread) waits
-//! for the NCCL stream, so a returned bucket holds the sums.
+//! bucket's copies were queued on the compute stream, and the compute
+//! thread recorded an event right after them (`Backend::mark_ready`), so
+//! the NCCL stream waits for that event, not for the rest of backward, then
+//! sums in place; the calling thread (the all-reduce thread, never the
+//! compute thread) waits for the NCCL stream, so a returned bucket holds
+//! the sums.
 //!
 //! The communicator is held behind an `Arc` so that another thread (the
 //! heartbeat loop, on a shutdown) can abort it: a peer that died leaves
@@ -164,10 +166,16 @@ impl NcclCollective {
         self.stream.synchronize().map_err(|e| anyhow!("waiting for the NCCL all-reduce failed: {e:?}"))
     }
 
-    /// The NCCL stream waits for everything queued on the compute stream.
-    fn after_compute(&self) -> Result<()> {
-        let ready = self.compute.record_event(None).map_err(|e| anyhow!("cannot record a CUDA event: {e:?}"))?;
-        self.stream.wait(&ready).map_err(|e| anyhow!("the NCCL stream cannot wait for compute: {e:?}"))
+    /// The NCCL stream waits for the ops that wrote `buf`: up to its ready
+    /// event, or without one, for everything queued on the compute stream.
+    fn after_compute(&self, buf: &Buf) -> Result<()> {
+        let wait = |e: &cudarc::driver::CudaEvent| {
+            self.stream.wait(e).map_err(|e| anyhow!("the NCCL stream cannot wait for compute: {e:?}"))
+        };
+        match &buf.ready {
+            Some(ready) => wait(ready),
+            None => wait(&self.compute.record_event(None).map_err(|e| anyhow!("cannot record a CUDA event: {e:?}"))?),
+        }
     }
 }
 
@@ -186,10 +194,16 @@ impl Collective for NcclCollective {
         if buf.len == 0 {
             return Ok(());
         }
-        self.after_compute()?;
+        self.after_compute(buf)?;
         let stream = self.stream.clone();
         let (ptr, _sync) = buf.data.device_ptr_mut(&stream);
-        self.sum_in_place(ptr, buf.len, sys::ncclDataType_t::ncclFloat32)
+        let summed = self.sum_in_place(ptr, buf.len, sys::ncclDataType_t::ncclFloat32);
+        if summed.is_err() {
+            // The caller drops the bucket on an error, which frees it on the
+            // compute stream: NCCL must be done with it first.
+            let _ = self.stream.synchronize();
+        }
+        summed
     }
 
     fn all_reduce_sum_u64(&mut self, values: &mut [u64]) -> Result<()> {

@@ -181,6 +181,11 @@ pub trait Backend: Send + Sync + 'static {
     fn check(&self) -> anyhow::Result<()> {
         Ok(())
     }
+    /// Marks the point where every op writing `buf` so far has been queued,
+    /// so that work on another stream (the gradient all-reduce) waits for
+    /// exactly that and not for whatever is queued after it. Ops on the CPU
+    /// are done when they return: nothing to mark.
+    fn mark_ready(&self, _buf: &mut Self::Buf) {}
 
     // ---- elementwise ----
     fn fill(&self, buf: &mut Self::Buf, value: f32);

@@ -187,6 +187,7 @@ where
             self.be.copy(&grads[i], 0, &mut bucket, off, n);
             off += n;
         }
+        self.be.mark_ready(&mut bucket);
         self.comm.send(Job::Reduce(bucket))?;
         self.sent += 1;
         Ok(())

@@ -5,7 +5,7 @@
 use super::context::Cuda;
 use super::{activation, attention, columns, elementwise, embedding, image, loss, matmul, norm, optim, rope, s2};
 use crate::engine::backend::*;
-use cudarc::driver::CudaSlice;
+use cudarc::driver::{CudaEvent, CudaSlice};
 
 /// A device buffer of f32. Buffers are allocated at least one element long
 /// (CUDA cannot allocate zero bytes), so the length the model asked for is
@@ -13,6 +13,10 @@ use cudarc::driver::CudaSlice;
 pub struct Buf {
     pub(crate) data: CudaSlice<f32>,
     pub(crate) len: usize,
+    /// Set by `mark_ready`: recorded on the compute stream once the ops
+    /// writing this buffer were queued (a gradient bucket's copies), for
+    /// the NCCL stream to wait on.
+    pub(crate) ready: Option<CudaEvent>,
 }
 
 /// A device buffer of i32 indices.
@@ -30,7 +34,7 @@ impl Backend for Cuda {
     }
 
     fn alloc(&self, len: usize) -> Buf {
-        Buf { data: self.zeros(len), len }
+        Buf { data: self.zeros(len), len, ready: None }
     }
     fn upload(&self, data: &[f32]) -> Buf {
         let mut buf = self.alloc(data.len());
@@ -69,6 +73,10 @@ impl Backend for Cuda {
     }
     fn check(&self) -> anyhow::Result<()> {
         Cuda::check(self)
+    }
+    fn mark_ready(&self, buf: &mut Buf) {
+        let flags = Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DISABLE_TIMING);
+        buf.ready = self.record("recording a ready event", self.stream.record_event(flags));
     }
 
     fn fill(&self, buf: &mut Buf, value: f32) {

@@ -160,6 +160,7 @@ impl Cuda {
 
     /// One block of `threads` per row (reductions over a row).
     pub(super) fn rows(&self, rows: usize, threads: u32) -> LaunchConfig {
+        assert!(rows < 1 << 31, "{rows} rows exceed a grid's x size (2^31 - 1 blocks)");
         LaunchConfig { grid_dim: (rows.max(1) as u32, 1, 1), block_dim: (threads, 1, 1), shared_mem_bytes: 0 }
     }
 }

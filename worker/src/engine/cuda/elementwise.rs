@@ -77,3 +77,14 @@ pub(super) fn bias_add(cu: &Cuda, y: &mut Buf, bias: &Buf, rows: usize, cols: us
         launch!(cu, "bias_add_f32", cu.elems(rows * cols), &mut y.data, &bias.data, &c, &n);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    /// The sum-of-squares kernel sizes its shared reduction for the block
+    /// this module launches.
+    #[test]
+    fn sum_block_size_matches_the_kernel() {
+        let src = include_str!("kernels/elementwise.cu");
+        assert!(src.contains(&format!("#define SUM_THREADS {}\n", super::THREADS)));
+    }
+}

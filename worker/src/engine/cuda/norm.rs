@@ -128,7 +128,7 @@ pub(super) fn layernorm_bwd(
     launch!(
         cu,
         "layernorm_bwd_params_partial_f32",
-        partial_grid(chunks, cols),
+        partial_grid(chunks, cols, false),
         &x.data,
         &mean.data,
         &rstd.data,
@@ -203,7 +203,7 @@ pub(super) fn rmsnorm_bwd(
     launch!(
         cu,
         "rmsnorm_bwd_params_partial_f32",
-        partial_grid(chunks, cols),
+        partial_grid(chunks, cols, false),
         &x.data,
         &rstd.data,
         &dy.data,

@@ -7,16 +7,19 @@
     for (unsigned long long i = blockIdx.x * (unsigned long long)blockDim.x + threadIdx.x; i < (n); \
          i += (unsigned long long)gridDim.x * blockDim.x)
 
-// Grid (chunk, column block): part[chunk, c] = sum of x[r, c] over the chunk's rows.
+// Grid (chunk, column block): part[chunk, c] = sum of x[r, c] over the
+// chunk's rows. Column blocks stride by the grid's y size, which the host
+// caps at CUDA's 65535 (a position table's gradient has ~1M columns).
 extern "C" __global__ void col_sums_partial_f32(const float* x, double* part, unsigned long long rows,
                                                 unsigned long long cols, unsigned long long per) {
-    const unsigned long long c = blockIdx.y * (unsigned long long)blockDim.x + threadIdx.x;
-    if (c >= cols) return;
     const unsigned long long r0 = blockIdx.x * per;
     const unsigned long long r1 = r0 + per < rows ? r0 + per : rows;
-    double acc = 0.0;
-    for (unsigned long long r = r0; r < r1; ++r) acc += (double)x[r * cols + c];
-    part[blockIdx.x * cols + c] = acc;
+    for (unsigned long long c = blockIdx.y * (unsigned long long)blockDim.x + threadIdx.x; c < cols;
+         c += (unsigned long long)gridDim.y * blockDim.x) {
+        double acc = 0.0;
+        for (unsigned long long r = r0; r < r1; ++r) acc += (double)x[r * cols + c];
+        part[blockIdx.x * cols + c] = acc;
+    }
 }
 
 // out[c] += sum over chunks k of part[k, c], in chunk order (one thread per

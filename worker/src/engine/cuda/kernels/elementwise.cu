@@ -32,8 +32,12 @@ extern "C" __global__ void bias_add_f32(float* y, const float* bias, unsigned lo
 // launched in turn on one stream sum into the same partials. The host
 // launches a fixed grid, and the second pass adds the partials in order,
 // so the result is deterministic.
+// Threads per block of sum_squares_partial_f32 (worker/src/engine/cuda/
+// elementwise.rs launches THREADS, checked by a test there).
+#define SUM_THREADS 256
+
 extern "C" __global__ void sum_squares_partial_f32(const float* x, double* partial, unsigned long long n) {
-    __shared__ double lane[256];
+    __shared__ double lane[SUM_THREADS];
     double acc = 0.0;
     GRID_STRIDE(i, n) {
         double v = x[i];
