@@ -46,6 +46,8 @@ pub struct Cuda {
     pub(super) math: MathMode,
     funcs: HashMap<&'static str, CudaFunction>,
     first_error: Mutex<Option<String>>,
+    /// RoPE's cos/sin tables, built once (rope.rs).
+    pub(super) rope_tables: Mutex<super::rope::RopeTables>,
     /// Streaming multiprocessors, to size grid-stride launches.
     pub(super) sms: u32,
 }
@@ -86,7 +88,17 @@ impl Cuda {
             .attribute(cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
             .map_err(|e| anyhow!("cuda:{ordinal}: cannot read the SM count: {e:?}"))? as u32;
         tracing::info!(device = %format!("cuda:{ordinal}"), name = %gpu.name, arch, kernels = funcs.len(), ?math, "CUDA backend ready");
-        Ok(Cuda { ordinal, ctx, stream, blas, math, funcs, first_error: Mutex::new(None), sms })
+        Ok(Cuda {
+            ordinal,
+            ctx,
+            stream,
+            blas,
+            math,
+            funcs,
+            first_error: Mutex::new(None),
+            rope_tables: Mutex::new(Default::default()),
+            sms,
+        })
     }
 
     pub fn stream(&self) -> &Arc<CudaStream> {

@@ -68,6 +68,79 @@ mod tests {
         }
     }
 
+    /// The host modules that launch the kernels.
+    const LAUNCHERS: &[(&str, &str)] = &[
+        ("activation.rs", include_str!("activation.rs")),
+        ("attention.rs", include_str!("attention.rs")),
+        ("columns.rs", include_str!("columns.rs")),
+        ("elementwise.rs", include_str!("elementwise.rs")),
+        ("embedding.rs", include_str!("embedding.rs")),
+        ("image.rs", include_str!("image.rs")),
+        ("loss.rs", include_str!("loss.rs")),
+        ("norm.rs", include_str!("norm.rs")),
+        ("optim.rs", include_str!("optim.rs")),
+        ("rope.rs", include_str!("rope.rs")),
+        ("s2.rs", include_str!("s2.rs")),
+    ];
+
+    /// Splits `text` (which starts just after an opening parenthesis) at
+    /// its top-level commas up to the matching closing parenthesis.
+    fn top_level_args(text: &str) -> Vec<String> {
+        let (mut depth, mut args, mut cur, mut in_str) = (0usize, Vec::new(), String::new(), false);
+        for ch in text.chars() {
+            match ch {
+                '"' => in_str = !in_str,
+                '(' | '[' | '{' | '<' if !in_str => depth += 1,
+                ')' if !in_str && depth == 0 => break,
+                ')' | ']' | '}' | '>' if !in_str => depth = depth.saturating_sub(1),
+                ',' if !in_str && depth == 0 => {
+                    args.push(std::mem::take(&mut cur).trim().to_string());
+                    continue;
+                }
+                _ => {}
+            }
+            cur.push(ch);
+        }
+        if !cur.trim().is_empty() {
+            args.push(cur.trim().to_string());
+        }
+        args
+    }
+
+    /// A kernel launched with the wrong number of arguments reads garbage
+    /// or fails only on a GPU: every `launch!` here passes exactly as many
+    /// arguments as its kernel declares parameters, and names a kernel that
+    /// exists. (The `->` of closures and generics' `<>` do not occur inside
+    /// launch arguments; the parser counts `<`/`>` as brackets.)
+    #[test]
+    fn every_launch_passes_as_many_arguments_as_its_kernel_takes() {
+        let mut params = std::collections::HashMap::new();
+        for (_, src) in SOURCES {
+            for rest in src.split("extern \"C\" __global__ void ").skip(1) {
+                let (name, after) = rest.split_once('(').expect("a kernel's parameter list");
+                params.insert(name.trim().to_string(), top_level_args(after).len());
+            }
+        }
+        let mut launches = 0;
+        for (file, src) in LAUNCHERS {
+            for call in src.split("launch!(").skip(1) {
+                let args = top_level_args(call);
+                let name = args.get(1).map(|n| n.trim_matches('"').to_string()).unwrap_or_default();
+                let Some(&want) = params.get(&name) else {
+                    panic!("{file}: launch of {name:?}, which no .cu declares")
+                };
+                assert_eq!(
+                    args.len() - 3,
+                    want,
+                    "{file}: {name} takes {want} parameters, launched with {:?}",
+                    &args[3..]
+                );
+                launches += 1;
+            }
+        }
+        assert!(launches >= params.len(), "{launches} launches for {} kernels", params.len());
+    }
+
     /// A broken source is refused with NVRTC's message, not a panic.
     #[test]
     fn a_broken_kernel_is_an_error_naming_the_file() {

@@ -8,29 +8,31 @@
          i += (unsigned long long)gridDim.x * blockDim.x)
 
 // table[t * half + i] = cos(t * inv_freq[i]) and table[seq * half + t * half + i]
-// = +-sin(t * inv_freq[i]) (negated when inverse, the backward rotation).
+// = sin(t * inv_freq[i]), for positions t < seq.
 extern "C" __global__ void rope_table_f32(const double* inv_freq, float* table, unsigned long long seq,
-                                          unsigned long long half, int inverse) {
+                                          unsigned long long half) {
     const unsigned long long n = seq * half;
     GRID_STRIDE(k, n) {
         const unsigned long long t = k / half, i = k - t * half;
         const double a = (double)t * inv_freq[i];
-        const double s = sin(a);
         table[k] = (float)cos(a);
-        table[n + k] = (float)(inverse ? -s : s);
+        table[n + k] = (float)sin(a);
     }
 }
 
 // In place on x [batch, seq, heads, 2 * half], one thread per pair (i, i + half)
 // of a head: x1' = x1 cos - x2 sin, x2' = x2 cos + x1 sin at the row's position t.
-extern "C" __global__ void rope_rotate_f32(float* x, const float* table, unsigned long long seq,
-                                           unsigned long long heads, unsigned long long half,
-                                           unsigned long long pairs) {
+// The table holds table_seq >= seq positions; inverse negates sin (the
+// backward rotation).
+extern "C" __global__ void rope_rotate_f32(float* x, const float* table, unsigned long long table_seq,
+                                           unsigned long long seq, unsigned long long heads,
+                                           unsigned long long half, unsigned long long pairs, int inverse) {
     GRID_STRIDE(p, pairs) {
         const unsigned long long head = p / half;  // index over batch * seq * heads
         const unsigned long long i = p - head * half;
         const unsigned long long t = (head / heads) % seq;
-        const float c = table[t * half + i], s = table[seq * half + t * half + i];
+        const float c = table[t * half + i], s0 = table[table_seq * half + t * half + i];
+        const float s = inverse ? -s0 : s0;
         float* h = x + head * 2 * half;
         const float x1 = h[i], x2 = h[i + half];
         h[i] = x1 * c - x2 * s;
