@@ -4,8 +4,9 @@
 Reads the JSON line of one or more `worker bench-step` runs (Tessera, e.g.
 bf16 and TF32 GEMMs) and, when given, the summary line of
 tools/bench_step_torch.py (PyTorch) for the same shape, and prints per run:
-step time, LLM tokens/s, images/s, MFU, and for each Tessera run the ratio
-of PyTorch's step time to its own (> 1: Tessera is faster).
+step time, LLM tokens/s, images/s, MFU, peak GPU memory, and for each
+Tessera run the ratio of PyTorch's step time to its own (> 1: Tessera is
+faster).
 
 MFU = model FLOPs of the step / step time / peak. The FLOPs come from
 Tessera's JSON (worker/src/model/flops.rs: every GEMM and attention product,
@@ -59,13 +60,15 @@ def main():
           f"ViT layers {first['vit_layers']}, LLM layers {first['llm_layers']}; "
           f"{flops / 1e12:.2f} model TFLOP per step; peak {a.peak_tflops:g} TFLOP/s")
     print()
-    print("| impl | setting | step (s) | LLM tokens/s | images/s | MFU |")
-    print("|---|---|---|---|---|---|")
+    print("| impl | setting | step (s) | LLM tokens/s | images/s | MFU | peak GPU memory (GiB) |")
+    print("|---|---|---|---|---|---|---|")
     for name, r, setting in rows:
         s = r["step_s_median"]
         mfu = flops / s / (a.peak_tflops * 1e12)
+        # Tessera: its memory pool's high-water mark; PyTorch: max_memory_allocated.
+        mem = r.get("peak_mem_gib")
         print(f"| {name} | {setting} | {s:.4f} | {first['llm_tokens_per_step'] / s:.0f} | "
-              f"{first['images_per_step'] / s:.2f} | {100 * mfu:.1f}% |")
+              f"{first['images_per_step'] / s:.2f} | {100 * mfu:.1f}% | {'-' if mem is None else f'{mem:.1f}'} |")
     if peer is not None:
         print()
         for r in ours:

@@ -289,7 +289,7 @@ fn run(cli: Cli) -> Result<()> {
             cfg.validate().map_err(|e| anyhow::anyhow!("--vit-layers/--llm-layers: {e}"))?;
             let device = DeviceSpec::parse(&device)?.resolve(None)?;
             let precision = Precision::parse(&precision)?;
-            let times =
+            let (times, peak_bytes) =
                 tessera_worker::on_device!(device, precision, |be| bench_step(be, &cfg, batch, seq, warmup, steps))?;
             let median = times[times.len() / 2];
             let flops = train_step_flops(&cfg, batch, seq);
@@ -312,6 +312,8 @@ fn run(cli: Cli) -> Result<()> {
                     "threads": rayon::current_num_threads(),
                     "step_s_median": median,
                     "step_s_all": times,
+                    // Same key as tools/bench_step_torch.py (GiB); null on the CPU.
+                    "peak_mem_gib": peak_bytes.map(|b| b as f64 / (1u64 << 30) as f64),
                 })
             );
         }
@@ -360,7 +362,7 @@ fn bench_step<B: Backend>(
     seq: usize,
     warmup: usize,
     steps: usize,
-) -> Result<Vec<f64>> {
+) -> Result<(Vec<f64>, Option<u64>)> {
     let mut vlm = Vlm::new(cfg, ParamStore::init(be, cfg, 0), false);
     let mut opt = Optimizer::new(be, OptimConfig { total_steps: 1000, ..OptimConfig::default() }, &vlm.params);
     let b = Batch::synthetic(cfg, batch, seq, 1);
@@ -374,7 +376,7 @@ fn bench_step<B: Backend>(
         }
     }
     times.sort_by(f64::total_cmp);
-    Ok(times)
+    Ok((times, be.peak_memory_bytes()))
 }
 
 fn train(

@@ -186,6 +186,11 @@ pub trait Backend: Send + Sync + 'static {
     /// exactly that and not for whatever is queued after it. Ops on the CPU
     /// are done when they return: nothing to mark.
     fn mark_ready(&self, _buf: &mut Self::Buf) {}
+    /// The most memory this backend's buffers held at once, where the
+    /// device keeps count (a GPU's memory pool); the CPU does not.
+    fn peak_memory_bytes(&self) -> Option<u64> {
+        None
+    }
 
     // ---- elementwise ----
     fn fill(&self, buf: &mut Self::Buf, value: f32);

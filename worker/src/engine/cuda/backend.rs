@@ -74,6 +74,9 @@ impl Backend for Cuda {
     fn check(&self) -> anyhow::Result<()> {
         Cuda::check(self)
     }
+    fn peak_memory_bytes(&self) -> Option<u64> {
+        self.pool_used_high()
+    }
     fn mark_ready(&self, buf: &mut Buf) {
         let flags = Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DISABLE_TIMING);
         buf.ready = self.record("recording a ready event", self.stream.record_event(flags));

@@ -140,6 +140,29 @@ impl Cuda {
         Ok(())
     }
 
+    /// The high-water mark of memory allocated from the device's pool
+    /// (every buffer comes from there), or None where the device has no
+    /// stream-ordered allocator.
+    pub(super) fn pool_used_high(&self) -> Option<u64> {
+        if !self.ctx.has_async_alloc() {
+            return None;
+        }
+        use cudarc::driver::{result, sys::CUmemPool_attribute};
+        let mut used: u64 = 0;
+        // SAFETY: the device is the context's; USED_MEM_HIGH is a u64
+        // attribute and `used` outlives the call.
+        let read = unsafe {
+            result::device::get_default_mem_pool(self.ctx.cu_device()).and_then(|pool| {
+                result::mem_pool::get_attribute(
+                    pool,
+                    CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH,
+                    (&mut used as *mut u64).cast(),
+                )
+            })
+        };
+        self.record("reading the memory pool's high-water mark", read).map(|_| used)
+    }
+
     /// A zero-filled device buffer. Out of memory is the one device error a
     /// config can cause (a batch too large for the card); it stops the
     /// worker with the size it asked for rather than run on with no buffer.
