@@ -75,7 +75,7 @@ impl Cuda {
         let arch = arch_name(gpu.compute_capability)?;
         let mut funcs = HashMap::new();
         for (name, src) in kernels::SOURCES {
-            let ptx = kernels::compile(name, src, arch)?;
+            let ptx = kernels::compile(name, src, arch, kernels::Storage::F32)?;
             let module = ctx.load_module(ptx).map_err(|e| anyhow!("cuda:{ordinal}: cannot load {name}.cu: {e:?}"))?;
             for entry in kernels::entry_points(src) {
                 let f = module

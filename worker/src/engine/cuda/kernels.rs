@@ -24,6 +24,26 @@ pub const SOURCES: &[(&str, &str)] = &[
     ("optim", include_str!("kernels/optim.cu")),
 ];
 
+/// The storage type of activations and weights' compute copies (the
+/// `act_t` of kernels/storage.cuh). Every source compiles for both; the
+/// backend loads the f32 build (bf16 storage is not wired to the backend's
+/// buffers yet: issue 5).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Storage {
+    F32,
+    Bf16,
+}
+
+/// kernels/storage.cuh, prepended to every source.
+const STORAGE_HEADER: &str = include_str!("kernels/storage.cuh");
+
+/// The text NVRTC compiles: the storage type, then the source, whose line
+/// numbers (in NVRTC's errors) stay those of its file.
+fn full_source(name: &str, source: &str, storage: Storage) -> String {
+    let define = if storage == Storage::Bf16 { "#define TESSERA_BF16\n" } else { "" };
+    format!("{define}{STORAGE_HEADER}\n#line 1 \"{name}.cu\"\n{source}")
+}
+
 /// The `extern "C" __global__` kernels a source declares, by name.
 pub fn entry_points(source: &'static str) -> Vec<&'static str> {
     source
@@ -35,10 +55,11 @@ pub fn entry_points(source: &'static str) -> Vec<&'static str> {
 }
 
 /// Compiles one source to PTX for a virtual architecture such as
-/// `compute_90`; the error carries NVRTC's log.
-pub fn compile(name: &str, source: &str, arch: &'static str) -> Result<Ptx> {
+/// `compute_90`, with `storage` as its act_t; the error carries NVRTC's log.
+pub fn compile(name: &str, source: &str, arch: &'static str, storage: Storage) -> Result<Ptx> {
     let opts = CompileOptions { arch: Some(arch), name: Some(format!("{name}.cu")), ..Default::default() };
-    compile_ptx_with_opts(source, opts).map_err(|e| anyhow!("kernel source {name}.cu does not compile for {arch}: {e}"))
+    compile_ptx_with_opts(full_source(name, source, storage), opts)
+        .map_err(|e| anyhow!("kernel source {name}.cu ({storage:?} storage) does not compile for {arch}: {e}"))
 }
 
 #[cfg(test)]
@@ -46,8 +67,9 @@ mod tests {
     use super::*;
 
     /// Every kernel source compiles for both architectures the clusters
-    /// have, and each `extern "C" __global__` function is in the PTX. Needs
-    /// libnvrtc (CI: the nvidia-cuda-nvrtc wheel on LD_LIBRARY_PATH).
+    /// have and both storage types, and each `extern "C" __global__`
+    /// function is in the PTX. Needs libnvrtc (CI: the nvidia-cuda-nvrtc
+    /// wheel on LD_LIBRARY_PATH).
     #[test]
     fn every_kernel_compiles_to_ptx_for_sm80_and_sm90() {
         // SAFETY: only tries to dlopen the library.
@@ -58,11 +80,22 @@ mod tests {
         for (name, src) in SOURCES {
             let kernels = entry_points(src);
             assert!(!kernels.is_empty(), "{name}.cu declares no kernel");
-            for arch in ["compute_80", "compute_90"] {
-                let ptx = compile(name, src, arch).unwrap_or_else(|e| panic!("{e:#}"));
+            for (arch, storage) in [
+                ("compute_80", Storage::F32),
+                ("compute_90", Storage::F32),
+                ("compute_80", Storage::Bf16),
+                ("compute_90", Storage::Bf16),
+            ] {
+                let ptx = compile(name, src, arch, storage).unwrap_or_else(|e| panic!("{e:#}"));
                 let text = ptx.to_src();
                 for k in &kernels {
                     assert!(text.contains(&format!(".entry {k}(")), "{name}.cu for {arch}: no entry {k} in the PTX");
+                }
+                // bf16 storage means 16-bit loads or stores (every source
+                // but AdamW's, whose buffers are all f32 state).
+                let halves = text.contains(".u16") || text.contains(".b16");
+                if *name != "optim" {
+                    assert_eq!(halves, storage == Storage::Bf16, "{name}.cu, {storage:?} storage: 16-bit accesses?");
                 }
             }
         }
@@ -147,9 +180,10 @@ mod tests {
         if !unsafe { cudarc::nvrtc::sys::is_culib_present() } {
             return; // the test above fails with the reason
         }
-        let err = compile("broken", "extern \"C\" __global__ void f(float* x) { x[0] = y; }", "compute_80")
-            .unwrap_err()
-            .to_string();
+        let err =
+            compile("broken", "extern \"C\" __global__ void f(float* x) { x[0] = y; }", "compute_80", Storage::F32)
+                .unwrap_err()
+                .to_string();
         assert!(err.contains("broken.cu") && err.contains("compute_80"), "{err}");
     }
 }

@@ -29,13 +29,13 @@ __device__ __forceinline__ float gelu_grad(float x, int kind) {
     return 0.5f * (1.0f + erff(x * inv_sqrt2)) + x * inv_sqrt2pi * expf(-0.5f * x * x);
 }
 
-extern "C" __global__ void gelu_fwd_f32(const float* x, float* y, int kind, unsigned long long n) {
+extern "C" __global__ void gelu_fwd_f32(const act_t* x, act_t* y, int kind, unsigned long long n) {
     GRID_STRIDE(i, n) { y[i] = gelu_value(x[i], kind); }
 }
 
 // y[r, c] += bias[c % cols], then g = gelu(y), over rows * cols values: bias_add_f32 and
 // gelu_fwd_f32 in one pass. y keeps the pre-activation, which gelu_bwd_f32 reads.
-extern "C" __global__ void bias_gelu_fwd_f32(float* y, const float* bias, float* g, int kind, unsigned long long cols,
+extern "C" __global__ void bias_gelu_fwd_f32(act_t* y, const act_t* bias, act_t* g, int kind, unsigned long long cols,
                                              unsigned long long n) {
     GRID_STRIDE(i, n) {
         const float v = y[i] + bias[i % cols];
@@ -45,14 +45,14 @@ extern "C" __global__ void bias_gelu_fwd_f32(float* y, const float* bias, float*
 }
 
 // dx += dy * gelu'(x)
-extern "C" __global__ void gelu_bwd_f32(const float* x, const float* dy, float* dx, int kind, unsigned long long n) {
+extern "C" __global__ void gelu_bwd_f32(const act_t* x, const act_t* dy, act_t* dx, int kind, unsigned long long n) {
     GRID_STRIDE(i, n) { dx[i] += dy[i] * gelu_grad(x[i], kind); }
 }
 
 __device__ __forceinline__ float sigmoid(float x) { return 1.0f / (1.0f + expf(-x)); }
 
 // out = silu(gate) * up
-extern "C" __global__ void swiglu_fwd_f32(const float* gate, const float* up, float* out, unsigned long long n) {
+extern "C" __global__ void swiglu_fwd_f32(const act_t* gate, const act_t* up, act_t* out, unsigned long long n) {
     GRID_STRIDE(i, n) {
         float g = gate[i];
         out[i] = g * sigmoid(g) * up[i];
@@ -60,8 +60,8 @@ extern "C" __global__ void swiglu_fwd_f32(const float* gate, const float* up, fl
 }
 
 // dup += dout * silu(gate); dgate += dout * up * silu'(gate)
-extern "C" __global__ void swiglu_bwd_f32(const float* gate, const float* up, const float* dout, float* dgate,
-                                          float* dup, unsigned long long n) {
+extern "C" __global__ void swiglu_bwd_f32(const act_t* gate, const act_t* up, const act_t* dout, act_t* dgate,
+                                          act_t* dup, unsigned long long n) {
     GRID_STRIDE(i, n) {
         float g = gate[i], u = up[i], d = dout[i];
         float s = sigmoid(g);

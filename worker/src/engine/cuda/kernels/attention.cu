@@ -37,9 +37,9 @@ __device__ float block_reduce(float v, float* sh, int is_max) {
 // In-place softmax of each row of scores [rows, seq]; with `causal`, row
 // i (its query index is row % seq) sees keys 0..=i and the rest get 0.
 // Each thread rereads only the values it wrote itself.
-extern "C" __global__ void softmax_rows_f32(float* p, unsigned long long seq, int causal) {
+extern "C" __global__ void softmax_rows_f32(act_t* p, unsigned long long seq, int causal) {
     __shared__ float sh[33];
-    float* x = p + (unsigned long long)blockIdx.x * seq;
+    act_t* x = p + (unsigned long long)blockIdx.x * seq;
     const unsigned long long visible = causal ? (unsigned long long)blockIdx.x % seq + 1 : seq;
     float mx = __int_as_float(0xff800000);  // -inf
     for (unsigned long long j = threadIdx.x; j < visible; j += blockDim.x) mx = fmaxf(mx, x[j]);
@@ -59,11 +59,11 @@ extern "C" __global__ void softmax_rows_f32(float* p, unsigned long long seq, in
 // Softmax backward per row, in place on ds (which holds dP on entry):
 // dS = P * (dP - rowsum(dP * P)) * scale. Masked entries have P = 0, so
 // they come out 0 without a mask.
-extern "C" __global__ void softmax_bwd_rows_f32(const float* p, float* ds, unsigned long long seq, float scale) {
+extern "C" __global__ void softmax_bwd_rows_f32(const act_t* p, act_t* ds, unsigned long long seq, float scale) {
     __shared__ float sh[33];
     const unsigned long long off = (unsigned long long)blockIdx.x * seq;
-    const float* pr = p + off;
-    float* dr = ds + off;
+    const act_t* pr = p + off;
+    act_t* dr = ds + off;
     float dot = 0.0f;
     for (unsigned long long j = threadIdx.x; j < seq; j += blockDim.x) dot += pr[j] * dr[j];
     dot = block_reduce(dot, sh, 0);

@@ -10,7 +10,7 @@
 // Grid (chunk, column block): part[chunk, c] = sum of x[r, c] over the
 // chunk's rows. Column blocks stride by the grid's y size, which the host
 // caps at CUDA's 65535 (a position table's gradient has ~1M columns).
-extern "C" __global__ void col_sums_partial_f32(const float* x, double* part, unsigned long long rows,
+extern "C" __global__ void col_sums_partial_f32(const act_t* x, double* part, unsigned long long rows,
                                                 unsigned long long cols, unsigned long long per) {
     const unsigned long long r0 = blockIdx.x * per;
     const unsigned long long r1 = r0 + per < rows ? r0 + per : rows;

@@ -1,5 +1,6 @@
 // Elementwise kernels of the Backend op list (worker/src/engine/backend.rs),
-// f32. Each thread walks the array with a grid-stride loop, so any launch
+// on act_t buffers (storage.cuh): the module of a buffer's storage type runs
+// it, f32 for gradients and optimizer state. Each thread walks the array with a grid-stride loop, so any launch
 // size covers any length. Compiled at start with NVRTC for the device's
 // compute capability; CI compiles this file for sm_80 and sm_90.
 
@@ -7,23 +8,23 @@
     for (unsigned long long i = blockIdx.x * (unsigned long long)blockDim.x + threadIdx.x; i < (n); \
          i += (unsigned long long)gridDim.x * blockDim.x)
 
-extern "C" __global__ void fill_f32(float* x, float value, unsigned long long n) {
+extern "C" __global__ void fill_f32(act_t* x, float value, unsigned long long n) {
     GRID_STRIDE(i, n) { x[i] = value; }
 }
 
 // y += alpha * x
-extern "C" __global__ void axpy_f32(float alpha, const float* x, float* y, unsigned long long n) {
+extern "C" __global__ void axpy_f32(float alpha, const act_t* x, act_t* y, unsigned long long n) {
     GRID_STRIDE(i, n) { y[i] += alpha * x[i]; }
 }
 
 // x *= s
-extern "C" __global__ void scale_f32(float* x, float s, unsigned long long n) {
+extern "C" __global__ void scale_f32(act_t* x, float s, unsigned long long n) {
     GRID_STRIDE(i, n) { x[i] *= s; }
 }
 
 // y[r, c] += bias[c % cols] over rows * cols values: the bias of a linear
 // layer, and (with cols = rows * width) a learned position table.
-extern "C" __global__ void bias_add_f32(float* y, const float* bias, unsigned long long cols, unsigned long long n) {
+extern "C" __global__ void bias_add_f32(act_t* y, const act_t* bias, unsigned long long cols, unsigned long long n) {
     GRID_STRIDE(i, n) { y[i] += bias[i % cols]; }
 }
 
@@ -36,7 +37,7 @@ extern "C" __global__ void bias_add_f32(float* y, const float* bias, unsigned lo
 // elementwise.rs launches THREADS, checked by a test there).
 #define SUM_THREADS 256
 
-extern "C" __global__ void sum_squares_partial_f32(const float* x, double* partial, unsigned long long n) {
+extern "C" __global__ void sum_squares_partial_f32(const act_t* x, double* partial, unsigned long long n) {
     __shared__ double lane[SUM_THREADS];
     double acc = 0.0;
     GRID_STRIDE(i, n) {

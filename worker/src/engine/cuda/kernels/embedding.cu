@@ -10,13 +10,13 @@
 // out[i, :] = table[ids[i], :], or += when accumulate. One block per row i of
 // out, threads over the columns; rows of out are distinct, so no two
 // threads write the same value.
-extern "C" __global__ void gather_rows_f32(const float* table, const int* ids, float* out, unsigned long long dim,
+extern "C" __global__ void gather_rows_f32(const act_t* table, const int* ids, act_t* out, unsigned long long dim,
                                            unsigned long long table_rows, int accumulate) {
     const int id = ids[blockIdx.x];
     if (id < 0) return;
     if ((unsigned long long)id >= table_rows) __trap();
-    const float* src = table + (unsigned long long)id * dim;
-    float* dst = out + (unsigned long long)blockIdx.x * dim;
+    const act_t* src = table + (unsigned long long)id * dim;
+    act_t* dst = out + (unsigned long long)blockIdx.x * dim;
     for (unsigned long long c = threadIdx.x; c < dim; c += blockDim.x) {
         if (accumulate) dst[c] += src[c];
         else dst[c] = src[c];
@@ -31,7 +31,7 @@ extern "C" __global__ void gather_rows_f32(const float* table, const int* ids, f
 // Every value thus sees its updates in index order, as in a sequential loop
 // (repeated adds sum in order, the last of repeated writes wins), whatever
 // the grid. The ids are staged through shared memory, TILE at a time.
-extern "C" __global__ void scatter_rows_f32(const float* src, const int* ids, float* dst, unsigned long long n,
+extern "C" __global__ void scatter_rows_f32(const act_t* src, const int* ids, act_t* dst, unsigned long long n,
                                             unsigned long long dim, unsigned long long table_rows,
                                             unsigned long long rows_per_task, int accumulate) {
     __shared__ int tile[TILE];
@@ -50,7 +50,7 @@ extern "C" __global__ void scatter_rows_f32(const float* src, const int* ids, fl
                 const int t = tile[j];
                 if (t >= 0 && (unsigned long long)t >= r0 && (unsigned long long)t < r1) {
                     const float v = src[(base + j) * dim + c];
-                    float* d = dst + (unsigned long long)t * dim + c;
+                    act_t* d = dst + (unsigned long long)t * dim + c;
                     if (accumulate) *d += v;
                     else *d = v;
                 }

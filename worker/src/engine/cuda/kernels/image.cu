@@ -40,7 +40,7 @@ __device__ __forceinline__ void cubic_taps(unsigned long long i, double scale, u
 // [planes, s, s] -> [planes, d, d]. The CPU resizes rows first into a
 // temporary, then columns; this computes the same four row sums per output
 // (in the same order, unfused) and combines them, so the result is the CPU's.
-extern "C" __global__ void resize_bicubic_f32(const float* src, float* dst, unsigned long long planes,
+extern "C" __global__ void resize_bicubic_f32(const act_t* src, act_t* dst, unsigned long long planes,
                                               unsigned long long s, unsigned long long d, double scale) {
     const unsigned long long n = planes * d * d;
     GRID_STRIDE(o, n) {
@@ -49,10 +49,10 @@ extern "C" __global__ void resize_bicubic_f32(const float* src, float* dst, unsi
         float wx[4], wy[4];
         cubic_taps(x, scale, s, ix, wx);
         cubic_taps(y, scale, s, iy, wy);
-        const float* img = src + plane * s * s;
+        const act_t* img = src + plane * s * s;
         float acc = 0.0f;
         for (int k = 0; k < 4; ++k) {
-            const float* row = img + iy[k] * s;
+            const act_t* row = img + iy[k] * s;
             float h = __fmul_rn(wx[0], row[ix[0]]);
             h = __fadd_rn(h, __fmul_rn(wx[1], row[ix[1]]));
             h = __fadd_rn(h, __fmul_rn(wx[2], row[ix[2]]));
@@ -66,7 +66,7 @@ extern "C" __global__ void resize_bicubic_f32(const float* src, float* dst, unsi
 // Chessboard split of [batch, C, size, size] into n x n tiles of side
 // s = size / n: tile (i, j) of image b is tile (i * n + j) * batch + b of
 // dst, which starts at the first tile written. n_values = n * n * batch * C * s * s.
-extern "C" __global__ void tile_split_f32(const float* src, float* dst, unsigned long long batch,
+extern "C" __global__ void tile_split_f32(const act_t* src, act_t* dst, unsigned long long batch,
                                           unsigned long long channels, unsigned long long size,
                                           unsigned long long n, unsigned long long n_values) {
     const unsigned long long s = size / n, tile_len = channels * s * s;
@@ -80,7 +80,7 @@ extern "C" __global__ void tile_split_f32(const float* src, float* dst, unsigned
 
 // [batch, C, size, size] -> [batch, g * g, C * p * p] with g = size / p
 // (trailing pixels dropped): patch (r, c) is row r * g + c, laid out [C][p][p].
-extern "C" __global__ void patchify_f32(const float* src, float* dst, unsigned long long channels,
+extern "C" __global__ void patchify_f32(const act_t* src, act_t* dst, unsigned long long channels,
                                         unsigned long long size, unsigned long long p, unsigned long long n_values) {
     const unsigned long long g = size / p, row_len = channels * p * p;
     GRID_STRIDE(e, n_values) {

@@ -23,14 +23,14 @@ __device__ __forceinline__ void merge(float& m, double& s, float m2, double s2) 
 // NaN for a target past the vocab, whose row is also flagged in bad as
 // n - row, so the host can name the first one). With dlogits, writes
 // grad_scale * (softmax - onehot), or zeros for an ignored row.
-__device__ void cross_entropy_row(const float* logits, const int* targets, float* dlogits, double* row_loss,
+__device__ void cross_entropy_row(const act_t* logits, const int* targets, act_t* dlogits, double* row_loss,
                                   unsigned long long* bad, unsigned long long n, unsigned long long vocab,
                                   float grad_scale) {
     __shared__ float lane_m[CE_THREADS];
     __shared__ double lane_s[CE_THREADS];
     const unsigned long long row = blockIdx.x;
-    const float* x = logits + row * vocab;
-    float* d = dlogits ? dlogits + row * vocab : 0;
+    const act_t* x = logits + row * vocab;
+    act_t* d = dlogits ? dlogits + row * vocab : 0;
     const int t = targets[row];
     if (t < 0) {  // uniform over the block: no barrier is skipped by only some threads
         if (d)
@@ -83,13 +83,13 @@ __device__ void cross_entropy_row(const float* logits, const int* targets, float
     }
 }
 
-extern "C" __global__ void cross_entropy_f32(const float* logits, const int* targets, double* row_loss,
+extern "C" __global__ void cross_entropy_f32(const act_t* logits, const int* targets, double* row_loss,
                                              unsigned long long* bad, unsigned long long n,
                                              unsigned long long vocab) {
     cross_entropy_row(logits, targets, 0, row_loss, bad, n, vocab, 1.0f);
 }
 
-extern "C" __global__ void cross_entropy_grad_f32(const float* logits, const int* targets, float* dlogits,
+extern "C" __global__ void cross_entropy_grad_f32(const act_t* logits, const int* targets, act_t* dlogits,
                                                   double* row_loss, unsigned long long* bad, unsigned long long n,
                                                   unsigned long long vocab, float grad_scale) {
     cross_entropy_row(logits, targets, dlogits, row_loss, bad, n, vocab, grad_scale);

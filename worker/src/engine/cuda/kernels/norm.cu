@@ -26,7 +26,7 @@ __device__ double block_sum(double v, double* lane) {
 // thread must call it): yr = (xr - mean) * rstd * w + b; mean and variance
 // in f64 (two passes, as on the CPU), saved as f32 mean[blockIdx.x] and
 // rstd[blockIdx.x]. lane has ROW_THREADS entries.
-__device__ void layernorm_row(const float* xr, const float* w, const float* b, float* yr, float* mean, float* rstd,
+__device__ void layernorm_row(const act_t* xr, const act_t* w, const act_t* b, act_t* yr, float* mean, float* rstd,
                               unsigned long long cols, float eps, double* lane) {
     double acc = 0.0;
     for (unsigned long long i = threadIdx.x; i < cols; i += ROW_THREADS) acc += (double)xr[i];
@@ -47,7 +47,7 @@ __device__ void layernorm_row(const float* xr, const float* w, const float* b, f
 }
 
 // y = (x - mean) * rstd * w + b, one block per row (layernorm_row).
-extern "C" __global__ void layernorm_fwd_f32(const float* x, const float* w, const float* b, float* y, float* mean,
+extern "C" __global__ void layernorm_fwd_f32(const act_t* x, const act_t* w, const act_t* b, act_t* y, float* mean,
                                              float* rstd, unsigned long long cols, float eps) {
     __shared__ double lane[ROW_THREADS];
     const unsigned long long off = (unsigned long long)blockIdx.x * cols;
@@ -57,13 +57,13 @@ extern "C" __global__ void layernorm_fwd_f32(const float* x, const float* w, con
 // x1 += residual, then LayerNorm of the new x1 as layernorm_fwd_f32: the
 // residual add of a pre-norm block fused with the norm after it, one block
 // per row. x1 keeps the sum (backward and the next residual read it).
-extern "C" __global__ void add_layernorm_fwd_f32(float* x1, const float* residual, const float* w, const float* b,
-                                                 float* y, float* mean, float* rstd, unsigned long long cols,
+extern "C" __global__ void add_layernorm_fwd_f32(act_t* x1, const act_t* residual, const act_t* w, const act_t* b,
+                                                 act_t* y, float* mean, float* rstd, unsigned long long cols,
                                                  float eps) {
     __shared__ double lane[ROW_THREADS];
     const unsigned long long off = (unsigned long long)blockIdx.x * cols;
-    float* xr = x1 + off;
-    const float* rr = residual + off;
+    act_t* xr = x1 + off;
+    const act_t* rr = residual + off;
     for (unsigned long long i = threadIdx.x; i < cols; i += ROW_THREADS) xr[i] += rr[i];
     // Every thread's part of the sum lands before any thread reads the row
     // (layernorm_row reads with this same stride today, but need not).
@@ -72,13 +72,13 @@ extern "C" __global__ void add_layernorm_fwd_f32(float* x1, const float* residua
 }
 
 // dx += rstd * (dy*w - mean(dy*w) - xhat * mean(dy*w*xhat)), xhat = (x - mean) * rstd.
-extern "C" __global__ void layernorm_bwd_dx_f32(const float* x, const float* w, const float* mean, const float* rstd,
-                                                const float* dy, float* dx, unsigned long long cols) {
+extern "C" __global__ void layernorm_bwd_dx_f32(const act_t* x, const act_t* w, const float* mean, const float* rstd,
+                                                const act_t* dy, act_t* dx, unsigned long long cols) {
     __shared__ double lane[ROW_THREADS];
     const unsigned long long off = (unsigned long long)blockIdx.x * cols;
-    const float* xr = x + off;
-    const float* dyr = dy + off;
-    float* dxr = dx + off;
+    const act_t* xr = x + off;
+    const act_t* dyr = dy + off;
+    act_t* dxr = dx + off;
     const float mu = mean[blockIdx.x], rs = rstd[blockIdx.x];
     double a = 0.0, b = 0.0;
     for (unsigned long long i = threadIdx.x; i < cols; i += ROW_THREADS) {
@@ -98,8 +98,8 @@ extern "C" __global__ void layernorm_bwd_dx_f32(const float* x, const float* w, 
 // Parameter-gradient partials of LayerNorm: block (chunk, column block);
 // each thread sums rows [chunk * chunk_rows, ...) of its column in order,
 // in f64: part_w[chunk, c] = sum dy * (x - mean) * rstd, part_b[chunk, c] = sum dy.
-extern "C" __global__ void layernorm_bwd_params_partial_f32(const float* x, const float* mean, const float* rstd,
-                                                            const float* dy, double* part_w, double* part_b,
+extern "C" __global__ void layernorm_bwd_params_partial_f32(const act_t* x, const float* mean, const float* rstd,
+                                                            const act_t* dy, double* part_w, double* part_b,
                                                             unsigned long long rows, unsigned long long cols,
                                                             unsigned long long chunk_rows) {
     const unsigned long long c = blockIdx.y * (unsigned long long)blockDim.x + threadIdx.x;
@@ -118,12 +118,12 @@ extern "C" __global__ void layernorm_bwd_params_partial_f32(const float* x, cons
 }
 
 // y = w * (x * rstd), rstd = 1 / sqrt(mean(x^2) + eps) with the mean in f64.
-extern "C" __global__ void rmsnorm_fwd_f32(const float* x, const float* w, float* y, float* rstd,
+extern "C" __global__ void rmsnorm_fwd_f32(const act_t* x, const act_t* w, act_t* y, float* rstd,
                                            unsigned long long cols, float eps) {
     __shared__ double lane[ROW_THREADS];
     const unsigned long long off = (unsigned long long)blockIdx.x * cols;
-    const float* xr = x + off;
-    float* yr = y + off;
+    const act_t* xr = x + off;
+    act_t* yr = y + off;
     double acc = 0.0;
     for (unsigned long long i = threadIdx.x; i < cols; i += ROW_THREADS) {
         double v = (double)xr[i];
@@ -136,13 +136,13 @@ extern "C" __global__ void rmsnorm_fwd_f32(const float* x, const float* w, float
 }
 
 // dx += dy*w*rstd - x * (sum(dy*w*x) * rstd^3 / cols)
-extern "C" __global__ void rmsnorm_bwd_dx_f32(const float* x, const float* w, const float* rstd, const float* dy,
-                                              float* dx, unsigned long long cols) {
+extern "C" __global__ void rmsnorm_bwd_dx_f32(const act_t* x, const act_t* w, const float* rstd, const act_t* dy,
+                                              act_t* dx, unsigned long long cols) {
     __shared__ double lane[ROW_THREADS];
     const unsigned long long off = (unsigned long long)blockIdx.x * cols;
-    const float* xr = x + off;
-    const float* dyr = dy + off;
-    float* dxr = dx + off;
+    const act_t* xr = x + off;
+    const act_t* dyr = dy + off;
+    act_t* dxr = dx + off;
     const float rs = rstd[blockIdx.x];
     double acc = 0.0;
     for (unsigned long long i = threadIdx.x; i < cols; i += ROW_THREADS) acc += (double)(dyr[i] * w[i] * xr[i]);
@@ -152,7 +152,7 @@ extern "C" __global__ void rmsnorm_bwd_dx_f32(const float* x, const float* w, co
 }
 
 // RMSNorm's dw partials, as layernorm_bwd_params_partial_f32: part_w[chunk, c] = sum dy * x * rstd.
-extern "C" __global__ void rmsnorm_bwd_params_partial_f32(const float* x, const float* rstd, const float* dy,
+extern "C" __global__ void rmsnorm_bwd_params_partial_f32(const act_t* x, const float* rstd, const act_t* dy,
                                                           double* part_w, unsigned long long rows,
                                                           unsigned long long cols, unsigned long long chunk_rows) {
     const unsigned long long c = blockIdx.y * (unsigned long long)blockDim.x + threadIdx.x;

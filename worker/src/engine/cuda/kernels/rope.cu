@@ -24,7 +24,7 @@ extern "C" __global__ void rope_table_f32(const double* inv_freq, float* table, 
 // of a head: x1' = x1 cos - x2 sin, x2' = x2 cos + x1 sin at the row's position t.
 // The table holds table_seq >= seq positions; inverse negates sin (the
 // backward rotation).
-extern "C" __global__ void rope_rotate_f32(float* x, const float* table, unsigned long long table_seq,
+extern "C" __global__ void rope_rotate_f32(act_t* x, const float* table, unsigned long long table_seq,
                                            unsigned long long seq, unsigned long long heads,
                                            unsigned long long half, unsigned long long pairs, int inverse) {
     GRID_STRIDE(p, pairs) {
@@ -33,7 +33,7 @@ extern "C" __global__ void rope_rotate_f32(float* x, const float* table, unsigne
         const unsigned long long t = (head / heads) % seq;
         const float c = table[t * half + i], s0 = table[table_seq * half + t * half + i];
         const float s = inverse ? -s0 : s0;
-        float* h = x + head * 2 * half;
+        act_t* h = x + head * 2 * half;
         const float x1 = h[i], x2 = h[i + half];
         h[i] = x1 * c - x2 * s;
         h[i + half] = x2 * c + x1 * s;

@@ -11,7 +11,7 @@
 // out [batch, rows, cols, C] from split_rows x split_cols tiles of
 // [th, tw, C]: tile (i, j) of image b is tile (i * split_cols + j) * batch + b
 // of src, which starts at the first tile read.
-extern "C" __global__ void tile_merge_fwd_f32(const float* src, float* out, unsigned long long batch,
+extern "C" __global__ void tile_merge_fwd_f32(const act_t* src, act_t* out, unsigned long long batch,
                                               unsigned long long rows, unsigned long long cols,
                                               unsigned long long channels, unsigned long long th,
                                               unsigned long long tw, unsigned long long split_cols) {
@@ -27,7 +27,7 @@ extern "C" __global__ void tile_merge_fwd_f32(const float* src, float* out, unsi
 
 // dsrc (from the first tile, split_rows * split_cols * batch tiles) += the
 // matching values of dout.
-extern "C" __global__ void tile_merge_bwd_f32(const float* dout, float* dsrc, unsigned long long batch,
+extern "C" __global__ void tile_merge_bwd_f32(const act_t* dout, act_t* dsrc, unsigned long long batch,
                                               unsigned long long rows, unsigned long long cols,
                                               unsigned long long channels, unsigned long long th,
                                               unsigned long long tw, unsigned long long split_cols,
@@ -44,7 +44,7 @@ extern "C" __global__ void tile_merge_bwd_f32(const float* dout, float* dsrc, un
 // dst [batch, o_r, o_c, C]: the mean of each wr x wc window of src [batch,
 // o_r * wr, o_c * wc, C], summed window row by row and divided by `count`,
 // as on the CPU.
-extern "C" __global__ void area_pool_fwd_f32(const float* src, float* dst, unsigned long long o_r,
+extern "C" __global__ void area_pool_fwd_f32(const act_t* src, act_t* dst, unsigned long long o_r,
                                              unsigned long long o_c, unsigned long long channels,
                                              unsigned long long wr, unsigned long long wc, float count,
                                              unsigned long long n_values) {
@@ -54,7 +54,7 @@ extern "C" __global__ void area_pool_fwd_f32(const float* src, float* dst, unsig
         const unsigned long long r = gr % o_r, b = gr / o_r;
         float acc = 0.0f;
         for (unsigned long long dy = 0; dy < wr; ++dy) {
-            const float* line = src + (b * rows + r * wr + dy) * cols * channels;
+            const act_t* line = src + (b * rows + r * wr + dy) * cols * channels;
             for (unsigned long long dx = 0; dx < wc; ++dx) acc += line[(q * wc + dx) * channels + ch];
         }
         dst[e] = acc / count;
@@ -62,7 +62,7 @@ extern "C" __global__ void area_pool_fwd_f32(const float* src, float* dst, unsig
 }
 
 // dsrc [batch, rows, cols, C] += ddst of its window / count.
-extern "C" __global__ void area_pool_bwd_f32(const float* ddst, float* dsrc, unsigned long long rows,
+extern "C" __global__ void area_pool_bwd_f32(const act_t* ddst, act_t* dsrc, unsigned long long rows,
                                              unsigned long long cols, unsigned long long channels,
                                              unsigned long long wr, unsigned long long wc, float count,
                                              unsigned long long n_values) {
@@ -75,14 +75,14 @@ extern "C" __global__ void area_pool_bwd_f32(const float* ddst, float* dsrc, uns
 }
 
 // dst[r, col_offset + c] = src[r, c] for src [rows, width], dst [rows, dst_width].
-extern "C" __global__ void concat_cols_fwd_f32(const float* src, float* dst, unsigned long long width,
+extern "C" __global__ void concat_cols_fwd_f32(const act_t* src, act_t* dst, unsigned long long width,
                                                unsigned long long dst_width, unsigned long long col_offset,
                                                unsigned long long n_values) {
     GRID_STRIDE(e, n_values) { dst[(e / width) * dst_width + col_offset + e % width] = src[e]; }
 }
 
 // dsrc[r, c] += ddst[r, col_offset + c]
-extern "C" __global__ void concat_cols_bwd_f32(const float* ddst, float* dsrc, unsigned long long width,
+extern "C" __global__ void concat_cols_bwd_f32(const act_t* ddst, act_t* dsrc, unsigned long long width,
                                                unsigned long long dst_width, unsigned long long col_offset,
                                                unsigned long long n_values) {
     GRID_STRIDE(e, n_values) { dsrc[e] += ddst[(e / width) * dst_width + col_offset + e % width]; }
@@ -91,7 +91,7 @@ extern "C" __global__ void concat_cols_bwd_f32(const float* ddst, float* dsrc, u
 // VILA DownSampleBlock on square grids [batch, side, side, C], h = ceil(side / 2):
 // dst token (b, k * h + q) part `slot` (of 4, C values each) is source
 // (2q + slot / 2, 2k + slot % 2), zero where that falls in the padding.
-extern "C" __global__ void downsample2x2_fwd_f32(const float* src, float* dst, unsigned long long side,
+extern "C" __global__ void downsample2x2_fwd_f32(const act_t* src, act_t* dst, unsigned long long side,
                                                  unsigned long long h, unsigned long long channels,
                                                  unsigned long long n_values) {
     GRID_STRIDE(e, n_values) {
@@ -104,7 +104,7 @@ extern "C" __global__ void downsample2x2_fwd_f32(const float* src, float* dst, u
 }
 
 // dsrc += the one dst value each source value went to (padding gradients are dropped).
-extern "C" __global__ void downsample2x2_bwd_f32(const float* ddst, float* dsrc, unsigned long long side,
+extern "C" __global__ void downsample2x2_bwd_f32(const act_t* ddst, act_t* dsrc, unsigned long long side,
                                                  unsigned long long h, unsigned long long channels,
                                                  unsigned long long n_values) {
     GRID_STRIDE(e, n_values) {
