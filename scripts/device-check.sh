@@ -5,11 +5,12 @@
 # and runs, in under 8 minutes on one H100:
 #   (a) every backend op on the GPU against the CPU in f64, on fresh random
 #       inputs with outputs poisoned first: f32 (limit 1e-5), then TF32 GEMMs
-#       (limit 3e-4), then bf16 GEMMs (limit 1e-2) -- `worker check-ops`;
+#       (limit 3e-4), then bf16 mixed precision (limit 1e-2) -- `worker
+#       check-ops`;
 #   (b) `worker debug-step` on the committed PyTorch fixtures, on the GPU,
 #       against the reference gradients (static and dynamic S2);
 #   (c) one training step of the vila-3b-s2 shape (all widths; LLM_LAYERS of
-#       the LLM's 32 layers) in Tessera (bf16 GEMMs, then TF32 GEMMs) and in
+#       the LLM's 32 layers) in Tessera (bf16 mixed precision, then TF32) and in
 #       PyTorch + transformers (bf16 autocast, fused AdamW) on the same GPU:
 #       tokens/s, images/s, MFU against 989 dense bf16 TFLOP/s (H100) and
 #       the ratios.

@@ -165,7 +165,7 @@ enum Command {
     },
     /// Runs every op of the backend on DEVICE and on the CPU in f64 with the
     /// same random inputs, and compares (relative error 1e-5 in f32, 3e-4
-    /// for TF32 GEMMs, 1e-2 for bf16 GEMMs). Exits non-zero when an op fails.
+    /// for TF32 GEMMs, 1e-2 for bf16 mixed precision). Exits non-zero when an op fails.
     CheckOps {
         #[arg(long, default_value = "cuda:0")]
         device: String,

@@ -15,7 +15,7 @@
 //! NCCL waiting forever, and `ncclCommAbort` is the one way to release it.
 
 use super::Collective;
-use crate::engine::cuda::{Buf, Cuda};
+use crate::engine::cuda::{Buf, Cuda, Storage};
 use anyhow::{anyhow, bail, Context, Result};
 use cudarc::driver::{CudaStream, DevicePtrMut};
 use cudarc::nccl::{result as nccl, sys};
@@ -196,8 +196,13 @@ impl Collective for NcclCollective {
         }
         self.after_compute(buf)?;
         let stream = self.stream.clone();
+        // Gradient buckets are f32 state; a bf16 buffer sums in bf16.
+        let ty = match buf.storage {
+            Storage::F32 => sys::ncclDataType_t::ncclFloat32,
+            Storage::Bf16 => sys::ncclDataType_t::ncclBfloat16,
+        };
         let (ptr, _sync) = buf.data.device_ptr_mut(&stream);
-        let summed = self.sum_in_place(ptr, buf.len, sys::ncclDataType_t::ncclFloat32);
+        let summed = self.sum_in_place(ptr, buf.len, ty);
         if summed.is_err() {
             // The caller drops the bucket on an error, which frees it on the
             // compute stream: NCCL must be done with it first.

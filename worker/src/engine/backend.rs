@@ -167,9 +167,25 @@ pub trait Backend: Send + Sync + 'static {
     fn name(&self) -> String;
 
     // ---- memory ----
-    /// A zero-filled buffer of `len` values.
+    /// A zero-filled buffer of `len` values, for activations: stored in
+    /// the backend's storage type (bf16 on a GPU with `precision = "bf16"`).
     fn alloc(&self, len: usize) -> Self::Buf;
     fn upload(&self, data: &[f32]) -> Self::Buf;
+    /// A zero-filled buffer that stays f32 whatever the storage type:
+    /// master weights, gradients of parameters, optimizer state and
+    /// normalization statistics ("state").
+    fn alloc_state(&self, len: usize) -> Self::Buf {
+        self.alloc(len)
+    }
+    fn upload_state(&self, data: &[f32]) -> Self::Buf {
+        self.upload(data)
+    }
+    /// The copy of a master weight (a state buffer) that ops read, when
+    /// the backend computes in a storage type of its own; None where ops
+    /// read the master itself. `copy` from the master refreshes it.
+    fn compute_copy(&self, _master: &Self::Buf) -> Option<Self::Buf> {
+        None
+    }
     fn upload_f64(&self, data: &[f64]) -> Self::Buf;
     fn download(&self, buf: &Self::Buf) -> Vec<f32>;
     fn download_f64(&self, buf: &Self::Buf) -> Vec<f64>;

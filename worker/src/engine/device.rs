@@ -90,11 +90,10 @@ pub enum Precision {
     /// `allow_tf32`): about 1e-3 relative per product, much faster.
     #[default]
     Tf32,
-    /// f32 storage (weights, activations, optimizer state), GEMMs on the
-    /// tensor cores with inputs rounded to bf16 and f32 accumulation, as
-    /// PyTorch's bf16 autocast computes its matmuls: about 4e-3 relative
-    /// per product, twice TF32's tensor-core rate. bf16 *storage* of
-    /// weights and activations (half the memory) is not written yet.
+    /// bf16 mixed precision: activations and the weights' compute copies
+    /// in bf16 (half the memory and traffic), GEMMs on the tensor cores in
+    /// bf16 with f32 accumulation (twice TF32's rate), the other ops in f32
+    /// arithmetic; f32 master weights, gradients and AdamW state.
     Bf16,
 }
 

@@ -30,8 +30,9 @@ impl Tolerance {
     pub const F32: Tolerance = Tolerance { plain: 1e-5, gemm: 1e-5 };
     /// TF32 GEMMs (issue 5: 3e-4), everything else f32.
     pub const TF32: Tolerance = Tolerance { plain: 1e-5, gemm: 3e-4 };
-    /// bf16 GEMMs (issue 5: 1e-2), everything else f32.
-    pub const BF16: Tolerance = Tolerance { plain: 1e-5, gemm: 1e-2 };
+    /// bf16 storage of activations and bf16 GEMMs (issue 5: 1e-2): every
+    /// output that is an activation is rounded to bf16.
+    pub const BF16: Tolerance = Tolerance { plain: 1e-2, gemm: 1e-2 };
 
     /// The limits for a GPU computing in `precision`.
     pub fn of(precision: super::device::Precision) -> Tolerance {
@@ -71,9 +72,12 @@ impl<'a, R: Backend, T: Backend> Harness<'a, R, T> {
         (0..n).map(|_| self.rng.gen_range(-1.0f32..1.0)).collect()
     }
 
-    /// The same values on both backends.
+    /// The same values on both backends: the reference gets what the
+    /// tested backend holds (rounded to its storage type), so only the op
+    /// itself is compared.
     fn both(&self, host: &[f32]) -> (R::Buf, T::Buf) {
-        (self.r.upload(host), self.t.upload(host))
+        let t = self.t.upload(host);
+        (self.r.upload(&self.t.download(&t)), t)
     }
 
     fn rand_both(&mut self, n: usize) -> (R::Buf, T::Buf) {
@@ -87,6 +91,25 @@ impl<'a, R: Backend, T: Backend> Harness<'a, R, T> {
         let mut t = self.t.alloc(n);
         self.t.fill(&mut t, f32::NAN);
         (self.r.alloc(n), t)
+    }
+
+    /// As `both`, in state buffers (f32 whatever the backend stores):
+    /// gradients of parameters, statistics, optimizer state.
+    fn state_both(&self, host: &[f32]) -> (R::Buf, T::Buf) {
+        let t = self.t.upload_state(host);
+        (self.r.upload_state(&self.t.download(&t)), t)
+    }
+
+    fn state_rand(&mut self, n: usize) -> (R::Buf, T::Buf) {
+        let h = self.rand(n);
+        self.state_both(&h)
+    }
+
+    /// As `out`, a state buffer.
+    fn state_out(&self, n: usize) -> (R::Buf, T::Buf) {
+        let mut t = self.t.alloc_state(n);
+        self.t.fill(&mut t, f32::NAN);
+        (self.r.alloc_state(n), t)
     }
 
     fn idx(&self, ids: &[i32]) -> (R::Idx, T::Idx) {
@@ -167,6 +190,25 @@ fn elementwise<R: Backend, T: Backend>(h: &mut Harness<R, T>) {
     h.r.copy(&x, 17, &mut c, 100, 800);
     h.t.copy(&xt, 17, &mut ct, 100, 800);
     h.compare("copy", &c, &ct, false);
+    // The same ops on state buffers (f32 whatever the backend stores), and
+    // copies between the two kinds (a master weight into its compute copy).
+    let (gs, gst) = h.state_rand(n);
+    let (mut s, mut st) = h.state_rand(n);
+    h.r.axpy(0.25, &gs, &mut s);
+    h.t.axpy(0.25, &gst, &mut st);
+    h.r.scale(&mut s, -1.5);
+    h.t.scale(&mut st, -1.5);
+    h.compare("axpy, scale (state)", &s, &st, false);
+    let (a, b) = (h.r.sum_squares(&[&s, &x]), h.t.sum_squares(&[&st, &xt]));
+    h.compare_scalar("sum_squares (state and activations)", a, b, false);
+    let (mut act, mut actt) = h.out(1000);
+    h.r.copy(&s, 5, &mut act, 0, 1000);
+    h.t.copy(&st, 5, &mut actt, 0, 1000);
+    h.compare("copy (state to activations)", &act, &actt, false);
+    let (mut back, mut backt) = h.state_out(1000);
+    h.r.copy(&act, 0, &mut back, 0, 1000);
+    h.t.copy(&actt, 0, &mut backt, 0, 1000);
+    h.compare("copy (activations to state)", &back, &backt, false);
 }
 
 fn linear<R: Backend, T: Backend>(h: &mut Harness<R, T>) {
@@ -186,7 +228,7 @@ fn linear<R: Backend, T: Backend>(h: &mut Harness<R, T>) {
     h.r.bias_add(&mut y, &bias, rows, cols);
     h.t.bias_add(&mut yt, &biast, rows, cols);
     h.compare("bias_add", &y, &yt, false);
-    let (mut db, mut dbt) = h.rand_both(cols);
+    let (mut db, mut dbt) = h.state_rand(cols);
     h.r.bias_bwd(&y, &mut db, rows, cols);
     h.t.bias_bwd(&yt, &mut dbt, rows, cols);
     h.compare("bias_bwd", &db, &dbt, false);
@@ -196,7 +238,7 @@ fn linear<R: Backend, T: Backend>(h: &mut Harness<R, T>) {
     h.r.add_broadcast(&mut x, &tab, batch, r2, cols);
     h.t.add_broadcast(&mut xt, &tabt, batch, r2, cols);
     h.compare("add_broadcast", &x, &xt, false);
-    let (mut dtab, mut dtabt) = h.rand_both(r2 * cols);
+    let (mut dtab, mut dtabt) = h.state_rand(r2 * cols);
     h.r.add_broadcast_bwd(&x, &mut dtab, batch, r2, cols);
     h.t.add_broadcast_bwd(&xt, &mut dtabt, batch, r2, cols);
     h.compare("add_broadcast_bwd", &dtab, &dtabt, false);
@@ -209,16 +251,16 @@ fn norms<R: Backend, T: Backend>(h: &mut Harness<R, T>) {
         let (b, bt) = h.rand_both(cols);
         let (dy, dyt) = h.rand_both(rows * cols);
         let (mut y, mut yt) = h.out(rows * cols);
-        let (mut mean, mut meant) = h.out(rows);
-        let (mut rstd, mut rstdt) = h.out(rows);
+        let (mut mean, mut meant) = h.state_out(rows);
+        let (mut rstd, mut rstdt) = h.state_out(rows);
         h.r.layernorm_fwd(&x, &w, &b, &mut y, &mut mean, &mut rstd, rows, cols, 1e-6);
         h.t.layernorm_fwd(&xt, &wt, &bt, &mut yt, &mut meant, &mut rstdt, rows, cols, 1e-6);
         h.compare(&format!("layernorm_fwd [{rows}, {cols}] y"), &y, &yt, false);
         h.compare(&format!("layernorm_fwd [{rows}, {cols}] mean"), &mean, &meant, false);
         h.compare(&format!("layernorm_fwd [{rows}, {cols}] rstd"), &rstd, &rstdt, false);
         let (mut dx, mut dxt) = h.rand_both(rows * cols);
-        let (mut dw, mut dwt) = h.rand_both(cols);
-        let (mut db, mut dbt) = h.rand_both(cols);
+        let (mut dw, mut dwt) = h.state_rand(cols);
+        let (mut db, mut dbt) = h.state_rand(cols);
         h.r.layernorm_bwd(&x, &w, &mean, &rstd, &dy, &mut dx, &mut dw, &mut db, rows, cols);
         h.t.layernorm_bwd(&xt, &wt, &meant, &rstdt, &dyt, &mut dxt, &mut dwt, &mut dbt, rows, cols);
         h.compare(&format!("layernorm_bwd [{rows}, {cols}] dx"), &dx, &dxt, false);
@@ -228,8 +270,8 @@ fn norms<R: Backend, T: Backend>(h: &mut Harness<R, T>) {
         // Fused residual add: x1 is updated in place, y, mean and rstd overwritten.
         let (mut x1, mut x1t) = h.rand_both(rows * cols);
         let (mut y, mut yt) = h.out(rows * cols);
-        let (mut mean, mut meant) = h.out(rows);
-        let (mut rstd, mut rstdt) = h.out(rows);
+        let (mut mean, mut meant) = h.state_out(rows);
+        let (mut rstd, mut rstdt) = h.state_out(rows);
         h.r.add_layernorm_fwd(&mut x1, &x, &w, &b, &mut y, &mut mean, &mut rstd, rows, cols, 1e-6);
         h.t.add_layernorm_fwd(&mut x1t, &xt, &wt, &bt, &mut yt, &mut meant, &mut rstdt, rows, cols, 1e-6);
         h.compare(&format!("add_layernorm_fwd [{rows}, {cols}] x1"), &x1, &x1t, false);
@@ -238,13 +280,13 @@ fn norms<R: Backend, T: Backend>(h: &mut Harness<R, T>) {
         h.compare(&format!("add_layernorm_fwd [{rows}, {cols}] rstd"), &rstd, &rstdt, false);
 
         let (mut y, mut yt) = h.out(rows * cols);
-        let (mut rstd, mut rstdt) = h.out(rows);
+        let (mut rstd, mut rstdt) = h.state_out(rows);
         h.r.rmsnorm_fwd(&x, &w, &mut y, &mut rstd, rows, cols, 1e-5);
         h.t.rmsnorm_fwd(&xt, &wt, &mut yt, &mut rstdt, rows, cols, 1e-5);
         h.compare(&format!("rmsnorm_fwd [{rows}, {cols}] y"), &y, &yt, false);
         h.compare(&format!("rmsnorm_fwd [{rows}, {cols}] rstd"), &rstd, &rstdt, false);
         let (mut dx, mut dxt) = h.rand_both(rows * cols);
-        let (mut dw, mut dwt) = h.rand_both(cols);
+        let (mut dw, mut dwt) = h.state_rand(cols);
         h.r.rmsnorm_bwd(&x, &w, &rstd, &dy, &mut dx, &mut dw, rows, cols);
         h.t.rmsnorm_bwd(&xt, &wt, &rstdt, &dyt, &mut dxt, &mut dwt, rows, cols);
         h.compare(&format!("rmsnorm_bwd [{rows}, {cols}] dx"), &dx, &dxt, false);
@@ -340,7 +382,7 @@ fn rows<R: Backend, T: Backend>(h: &mut Harness<R, T>) {
     h.t.embedding_fwd(&tablet, &ids_t, &mut outt, n, dim);
     h.compare("embedding_fwd", &out, &outt, false);
     let (dout, doutt) = h.rand_both(n * dim);
-    let (mut dt, mut dtt) = h.rand_both(vocab * dim);
+    let (mut dt, mut dtt) = h.state_rand(vocab * dim);
     h.r.embedding_bwd(&dout, &ids_r, &mut dt, n, dim);
     h.t.embedding_bwd(&doutt, &ids_t, &mut dtt, n, dim);
     h.compare("embedding_bwd", &dt, &dtt, false);
@@ -460,11 +502,11 @@ fn s2<R: Backend, T: Backend>(h: &mut Harness<R, T>) {
 
 fn optimizer<R: Backend, T: Backend>(h: &mut Harness<R, T>) {
     let n = 4099;
-    let (mut p, mut pt) = h.rand_both(n);
-    let (g, gt) = h.rand_both(n);
-    let (mut m, mut mt) = h.rand_both(n);
+    let (mut p, mut pt) = h.state_rand(n);
+    let (g, gt) = h.state_rand(n);
+    let (mut m, mut mt) = h.state_rand(n);
     let v: Vec<f32> = h.rand(n).iter().map(|x| x.abs()).collect();
-    let (mut v, mut vt) = h.both(&v);
+    let (mut v, mut vt) = h.state_both(&v);
     let a = AdamW { lr: 1e-3, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.1, step: 7, grad_scale: 0.5 };
     h.r.adamw(&mut p, &g, &mut m, &mut v, a);
     h.t.adamw(&mut pt, &gt, &mut mt, &mut vt, a);

@@ -110,7 +110,7 @@ impl<B: Backend> Llama<B> {
             let (h, im, v) = (c.hidden_size, c.intermediate_size, c.vocab_size);
             let (a, _) = shapes(c, batch, seq);
             let acts = |be: &B| LayerActs {
-                rstd1: be.alloc(rows),
+                rstd1: be.alloc_state(rows),
                 h1: be.alloc(rows * h),
                 q: be.alloc(rows * h),
                 k: be.alloc(rows * h),
@@ -118,7 +118,7 @@ impl<B: Backend> Llama<B> {
                 probs: be.alloc(a.probs_len()),
                 attn: be.alloc(rows * h),
                 x1: be.alloc(rows * h),
-                rstd2: be.alloc(rows),
+                rstd2: be.alloc_state(rows),
                 h2: be.alloc(rows * h),
                 gate: be.alloc(rows * im),
                 up: be.alloc(rows * im),
@@ -129,7 +129,7 @@ impl<B: Backend> Llama<B> {
                 seq,
                 xs: (0..=c.num_hidden_layers).map(|_| be.alloc(rows * h)).collect(),
                 layers: (0..c.num_hidden_layers).map(|_| acts(be)).collect(),
-                final_rstd: be.alloc(rows),
+                final_rstd: be.alloc_state(rows),
                 final_h: be.alloc(rows * h),
                 logits: be.alloc(rows * v),
                 dlogits: be.alloc(0),

@@ -62,8 +62,8 @@ impl<B: Backend> Projector<B> {
             self.ws = Some(Workspace {
                 batch,
                 merged: be.alloc(rows * pin),
-                mean: be.alloc(rows),
-                rstd: be.alloc(rows),
+                mean: be.alloc_state(rows),
+                rstd: be.alloc_state(rows),
                 normed: be.alloc(rows * pin),
                 h: be.alloc(rows * h),
                 act: be.alloc(rows * h),

@@ -16,7 +16,14 @@ pub type GradReady<'a, B> = &'a mut dyn FnMut(&[<B as Backend>::Buf], &[usize]);
 
 pub struct ParamStore<B: Backend> {
     pub specs: Vec<ParamSpec>,
+    /// The weights the model's ops read: the f32 weights themselves, or,
+    /// on a backend with a storage type of its own (a GPU with `precision
+    /// = "bf16"`), their compute copies in it.
     pub values: Vec<B::Buf>,
+    /// The f32 master weights the optimizer updates and checkpoints save,
+    /// where `values` are compute copies; None where they are `values`.
+    pub master: Option<Vec<B::Buf>>,
+    /// Gradients, f32 state on every backend.
     pub grads: Vec<B::Buf>,
     index: HashMap<String, usize>,
 }
@@ -31,7 +38,7 @@ impl<B: Backend> ParamStore<B> {
             if v.len() != s.numel() {
                 bail!("tensor `{}`: expected {} values (shape {:?}), found {}", s.name, s.numel(), s.shape, v.len());
             }
-            values.push(be.upload(v));
+            values.push(be.upload_state(v));
         }
         Ok(Self::with_values(be, specs, values))
     }
@@ -47,10 +54,31 @@ impl<B: Backend> ParamStore<B> {
         Self::from_host(be, cfg, &init_host(cfg, seed)).expect("init_host covers every parameter")
     }
 
-    fn with_values(be: &B, specs: Vec<ParamSpec>, values: Vec<B::Buf>) -> Self {
-        let grads = specs.iter().map(|s| be.alloc(s.numel())).collect();
+    /// From f32 master weights (state buffers), with compute copies where
+    /// the backend keeps them.
+    fn with_values(be: &B, specs: Vec<ParamSpec>, masters: Vec<B::Buf>) -> Self {
+        let grads = specs.iter().map(|s| be.alloc_state(s.numel())).collect();
         let index = specs.iter().enumerate().map(|(i, s)| (s.name.clone(), i)).collect();
-        ParamStore { specs, values, grads, index }
+        let copies: Option<Vec<B::Buf>> = masters.iter().map(|m| be.compute_copy(m)).collect();
+        let (values, master) = match copies {
+            Some(copies) => (copies, Some(masters)),
+            None => (masters, None),
+        };
+        ParamStore { specs, values, master, grads, index }
+    }
+
+    /// The f32 master weights.
+    pub fn masters(&self) -> &[B::Buf] {
+        self.master.as_deref().unwrap_or(&self.values)
+    }
+
+    /// Copies the master weights into the compute copies (after an update).
+    pub fn refresh_compute_copies(&mut self, be: &B) {
+        if let Some(master) = &self.master {
+            for (m, v) in master.iter().zip(&mut self.values) {
+                be.copy(m, 0, v, 0, be.buf_len(m));
+            }
+        }
     }
 
     /// Index of a parameter by full name. Names come from `param_specs`, so a
@@ -63,7 +91,7 @@ impl<B: Backend> ParamStore<B> {
     }
 
     pub fn to_host(&self, be: &B) -> BTreeMap<String, Vec<f32>> {
-        self.specs.iter().zip(&self.values).map(|(s, v)| (s.name.clone(), be.download(v))).collect()
+        self.specs.iter().zip(self.masters()).map(|(s, v)| (s.name.clone(), be.download(v))).collect()
     }
 
     pub fn grads_to_host(&self, be: &B) -> BTreeMap<String, Vec<f32>> {

@@ -60,8 +60,8 @@ impl<B: Backend> LayerActs<B> {
     fn new(be: &B, rows: usize, c: &VisionConfig, attn: &AttnShape) -> Self {
         let (d, i) = (c.hidden_size, c.intermediate_size);
         LayerActs {
-            mean1: be.alloc(rows),
-            rstd1: be.alloc(rows),
+            mean1: be.alloc_state(rows),
+            rstd1: be.alloc_state(rows),
             h1: be.alloc(rows * d),
             q: be.alloc(rows * d),
             k: be.alloc(rows * d),
@@ -69,8 +69,8 @@ impl<B: Backend> LayerActs<B> {
             probs: be.alloc(attn.probs_len()),
             attn: be.alloc(rows * d),
             x1: be.alloc(rows * d),
-            mean2: be.alloc(rows),
-            rstd2: be.alloc(rows),
+            mean2: be.alloc_state(rows),
+            rstd2: be.alloc_state(rows),
             h2: be.alloc(rows * d),
             f: be.alloc(rows * i),
             g: be.alloc(rows * i),

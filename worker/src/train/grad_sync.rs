@@ -180,7 +180,8 @@ where
 
     fn send_next(&mut self, grads: &[B::Buf]) -> Result<()> {
         let b = self.sent;
-        let mut bucket = self.be.alloc(self.bucket_len[b]);
+        // Gradients are f32 state, and so are their buckets.
+        let mut bucket = self.be.alloc_state(self.bucket_len[b]);
         let mut off = 0;
         for &i in &self.buckets[b] {
             let n = self.be.buf_len(&grads[i]);

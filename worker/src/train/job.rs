@@ -40,8 +40,9 @@ pub struct TrainSection {
     /// Fraction of the steps spent warming up (VILA: 0.03).
     #[serde(default)]
     pub warmup_ratio: f64,
-    /// How a GPU's GEMMs compute: "tf32" (default), "bf16" or "f32"; the
-    /// CPU ignores it. Storage is f32 in every mode.
+    /// How a GPU computes: "tf32" (default: f32 storage, TF32 GEMMs),
+    /// "bf16" (mixed precision: bf16 activations and weight copies, f32
+    /// masters, gradients and optimizer state) or "f32"; the CPU ignores it.
     #[serde(default)]
     pub precision: crate::engine::device::Precision,
 }

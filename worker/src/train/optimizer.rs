@@ -90,7 +90,7 @@ impl<B: Backend> Optimizer<B> {
         let trainable = cfg.trainable();
         // Frozen parameters get no optimizer state at all.
         let state = |be: &B| -> Vec<B::Buf> {
-            params.specs.iter().map(|s| be.alloc(if trainable.get(s.module) { s.numel() } else { 0 })).collect()
+            params.specs.iter().map(|s| be.alloc_state(if trainable.get(s.module) { s.numel() } else { 0 })).collect()
         };
         Optimizer { m: state(be), v: state(be), cfg, step: 0 }
     }
@@ -142,7 +142,7 @@ impl<B: Backend> Optimizer<B> {
                         spec.numel()
                     );
                 }
-                *buf = be.upload(x);
+                *buf = be.upload_state(x);
             }
         }
         self.step = step;
@@ -168,6 +168,8 @@ impl<B: Backend> Optimizer<B> {
         let lr_scale = cosine_with_warmup(self.step, self.cfg.warmup_steps, self.cfg.total_steps);
         self.step += 1;
         let t = self.cfg.trainable();
+        // The f32 masters: the weights themselves, or behind compute copies.
+        let masters = params.master.as_mut().unwrap_or(&mut params.values);
         for (i, spec) in params.specs.iter().enumerate() {
             if !t.get(spec.module) {
                 continue;
@@ -181,8 +183,9 @@ impl<B: Backend> Optimizer<B> {
                 step: self.step,
                 grad_scale: clip as f32,
             };
-            be.adamw(&mut params.values[i], &params.grads[i], &mut self.m[i], &mut self.v[i], h);
+            be.adamw(&mut masters[i], &params.grads[i], &mut self.m[i], &mut self.v[i], h);
         }
+        params.refresh_compute_copies(be);
         StepInfo { step: self.step, grad_norm, lr_scale }
     }
 }

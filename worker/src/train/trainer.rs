@@ -151,6 +151,35 @@ mod tests {
         assert!(last < 0.1 * first, "loss went from {first} to {last}, less than a 90% drop");
     }
 
+    /// A backend with compute copies of the weights (a GPU storing bf16)
+    /// trains on the masters: the optimizer updates them and refreshes the
+    /// copies the model reads, and checkpoints read the masters. With exact
+    /// copies, training is bitwise the same as without; a missed refresh
+    /// would leave the model reading the first step's weights.
+    #[test]
+    fn compute_copies_of_the_weights_follow_the_masters() {
+        let cfg = ModelConfig::tiny();
+        let batch = Batch::synthetic(&cfg, 2, 10, 21);
+        let mut runs = Vec::new();
+        for be in [Cpu::<f32>::new(), Cpu::<f32>::with_compute_copies()] {
+            let mut model = Vlm::new(&cfg, ParamStore::init(&be, &cfg, 9), false);
+            assert_eq!(model.params.master.is_some(), be.compute_copy(&vec![0.0]).is_some());
+            let mut opt = Optimizer::new(&be, OptimConfig { total_steps: 10, ..OptimConfig::default() }, &model.params);
+            let losses: Vec<f64> = (0..4)
+                .map(|_| train_step(&be, &mut model, &mut opt, std::slice::from_ref(&batch)).unwrap().loss.mean())
+                .collect();
+            if let Some(master) = &model.params.master {
+                for (m, v) in master.iter().zip(&model.params.values) {
+                    assert!(m == v, "a compute copy differs from its master after a step");
+                }
+            }
+            runs.push((losses, model.params.to_host(&be)));
+        }
+        assert_eq!(runs[0].0, runs[1].0, "losses differ with compute copies");
+        assert!(runs[0].0[3] < runs[0].0[0], "{:?}", runs[0].0);
+        assert!(runs[0].1 == runs[1].1, "final weights differ with compute copies");
+    }
+
     #[test]
     fn frozen_vit_stays_bit_identical_while_projector_and_llm_move() {
         let (be, mut model, mut opt) = setup(true);

@@ -81,6 +81,10 @@ impl Real for f64 {
 /// The CPU backend computing in `T`. `Cpu::<f32>` trains; `Cpu::<f64>` checks.
 pub struct Cpu<T: Real = f32> {
     _t: PhantomData<T>,
+    /// Keep separate compute copies of the weights (`Backend::compute_copy`),
+    /// as a GPU storing bf16 does; here they are exact copies, so results
+    /// do not change, and tests run the optimizer's master/copy path.
+    compute_copies: bool,
 }
 
 impl<T: Real> Default for Cpu<T> {
@@ -91,7 +95,12 @@ impl<T: Real> Default for Cpu<T> {
 
 impl<T: Real> Cpu<T> {
     pub fn new() -> Self {
-        Cpu { _t: PhantomData }
+        Cpu { _t: PhantomData, compute_copies: false }
+    }
+
+    /// A backend whose weights' compute copies are separate buffers.
+    pub fn with_compute_copies() -> Self {
+        Cpu { _t: PhantomData, compute_copies: true }
     }
 }
 
@@ -141,6 +150,9 @@ impl<T: Real> Backend for Cpu<T> {
     }
     fn scale(&self, x: &mut Vec<T>, s: f32) {
         elementwise::scale(x, T::of(s as f64))
+    }
+    fn compute_copy(&self, master: &Vec<T>) -> Option<Vec<T>> {
+        self.compute_copies.then(|| master.clone())
     }
     fn sum_squares(&self, xs: &[&Vec<T>]) -> f64 {
         xs.iter().map(|x| elementwise::sum_squares(x)).sum()

@@ -23,12 +23,12 @@ fn check(op: &str, s: &AttnShape, tensors: &[&Buf], probs: &Buf) {
 /// heads `head_dim` apart, so one strided-batched GEMM covers them all.
 fn heads<'a>(buf: &'a Buf, s: &AttnShape, b: usize, trans: bool) -> Operand<'a> {
     let row = s.heads * s.head_dim;
-    Operand { buf: &buf.data, offset: b * s.seq * row, ld: row, stride: s.head_dim, trans }
+    Operand { buf, offset: b * s.seq * row, ld: row, stride: s.head_dim, trans }
 }
 
 fn heads_out<'a>(buf: &'a mut Buf, s: &AttnShape, b: usize) -> Output<'a> {
     let row = s.heads * s.head_dim;
-    Output { buf: &mut buf.data, offset: b * s.seq * row, ld: row, stride: s.head_dim }
+    Output { buf, offset: b * s.seq * row, ld: row, stride: s.head_dim }
 }
 
 pub(super) fn attention_fwd(cu: &Cuda, q: &Buf, k: &Buf, v: &Buf, out: &mut Buf, probs: &mut Buf, s: AttnShape) {
@@ -40,11 +40,12 @@ pub(super) fn attention_fwd(cu: &Cuda, q: &Buf, k: &Buf, v: &Buf, out: &mut Buf,
     let nn = n * n;
     if d == 0 {
         // Empty dot products: the scores are 0, as the CPU's k == 0 GEMM leaves them.
-        fill_range(cu, &mut probs.data, 0, s.probs_len(), 0.0);
+        let len = s.probs_len();
+        fill_range(cu, probs, 0, len, 0.0);
     } else {
         for b in 0..s.batch {
             // S = scale * Q K^T, the heads of sequence b at once.
-            let scores = Output { buf: &mut probs.data, offset: b * h * nn, ld: n, stride: nn };
+            let scores = Output { buf: &mut *probs, offset: b * h * nn, ld: n, stride: nn };
             gemm_strided(cu, h, n, n, d, s.scale, heads(q, &s, b, false), heads(k, &s, b, true), 0.0, scores);
         }
     }
@@ -55,7 +56,7 @@ pub(super) fn attention_fwd(cu: &Cuda, q: &Buf, k: &Buf, v: &Buf, out: &mut Buf,
     }
     for b in 0..s.batch {
         // out = P V, overwritten (beta 0).
-        let p = Operand { buf: &probs.data, offset: b * h * nn, ld: n, stride: nn, trans: false };
+        let p = Operand { buf: probs, offset: b * h * nn, ld: n, stride: nn, trans: false };
         gemm_strided(cu, h, n, d, n, 1.0, p, heads(v, &s, b, false), 0.0, heads_out(out, &s, b));
     }
 }
@@ -81,18 +82,18 @@ pub(super) fn attention_bwd(
     let nn = n * n;
     // dP, then dS in place, for the heads of one sequence; reused by every
     // sequence (one stream, so the GEMMs of b are done before b + 1 writes).
-    let mut ds = cu.zeros::<f32>(h * nn);
+    let mut ds = cu.buffer(h * nn, cu.storage);
     let (seq, scale) = (n as u64, s.scale);
     for b in 0..s.batch {
-        let p = |trans: bool| Operand { buf: &probs.data, offset: b * h * nn, ld: n, stride: nn, trans };
+        let p = |trans: bool| Operand { buf: probs, offset: b * h * nn, ld: n, stride: nn, trans };
         // dV += P^T dO
         gemm_strided(cu, h, n, d, n, 1.0, p(true), heads(dout, &s, b, false), 1.0, heads_out(dv, &s, b));
         // dP = dO V^T
         let dp = Output { buf: &mut ds, offset: 0, ld: n, stride: nn };
         gemm_strided(cu, h, n, n, d, 1.0, heads(dout, &s, b, false), heads(v, &s, b, true), 0.0, dp);
         // dS = P * (dP - rowsum(dP * P)) * scale, in place.
-        let p_b = probs.data.slice(b * h * nn..(b + 1) * h * nn);
-        launch!(cu, "softmax_bwd_rows_f32", cu.rows(h * n, THREADS), &p_b, &mut ds, &seq, &scale);
+        let p_b = probs.view(b * h * nn, h * nn);
+        launch!(cu, "softmax_bwd_rows_f32", cu.rows(h * n, THREADS), &p_b, &mut ds.data, &seq, &scale);
         let ds_op = |trans: bool| Operand { buf: &ds, offset: 0, ld: n, stride: nn, trans };
         // dQ += dS K
         gemm_strided(cu, h, n, d, n, 1.0, ds_op(false), heads(k, &s, b, false), 1.0, heads_out(dq, &s, b));

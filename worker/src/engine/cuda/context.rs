@@ -7,15 +7,15 @@
 //! first one is returned by `check()`, which the training loop calls at
 //! every step boundary. Kernel faults surface there too, at the next sync.
 
-use super::kernels;
+use super::kernels::{self, Storage};
 use anyhow::{anyhow, bail, Result};
 use cudarc::cublas::CudaBlas;
 use cudarc::driver::{CudaContext, CudaFunction, CudaSlice, CudaStream, LaunchConfig};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
-/// How GEMMs run. Buffers, weights and optimizer state are f32 in every
-/// mode; the mode is the cuBLAS compute type of each GEMM (matmul.rs).
+/// How the backend computes: the cuBLAS compute type of f32 GEMMs
+/// (matmul.rs), and in `Bf16` the storage type of activations too.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum MathMode {
     /// Full f32 (the reference for op parity at 1e-5).
@@ -23,7 +23,9 @@ pub enum MathMode {
     /// TF32 tensor-core GEMMs: 10-bit mantissa inputs, f32 accumulate.
     Tf32,
     /// bf16 tensor-core GEMMs: inputs rounded to bf16 (8-bit mantissa),
-    /// f32 accumulate and f32 output. Twice TF32's tensor-core rate.
+    /// f32 accumulate. Twice TF32's tensor-core rate. Activations and the
+    /// weights' compute copies are stored in bf16 too (half the memory
+    /// traffic); master weights, gradients and AdamW state stay f32.
     Bf16,
 }
 
@@ -44,7 +46,11 @@ pub struct Cuda {
     pub(super) stream: Arc<CudaStream>,
     pub(super) blas: CudaBlas,
     pub(super) math: MathMode,
-    funcs: HashMap<&'static str, CudaFunction>,
+    /// The storage type of activations (bf16 in `MathMode::Bf16`).
+    pub(super) storage: Storage,
+    /// Every kernel of the f32 build, and of the bf16 build when the
+    /// storage is bf16 (state buffers use the f32 build in any mode).
+    funcs: HashMap<(Storage, &'static str), CudaFunction>,
     first_error: Mutex<Option<String>>,
     /// RoPE's cos/sin tables, built once (rope.rs).
     pub(super) rope_tables: Mutex<super::rope::RopeTables>,
@@ -73,15 +79,21 @@ impl Cuda {
         // The handle stays in cuBLAS's default math: each GEMM names its
         // compute type (matmul.rs), so F32 mode is never silently TF32.
         let arch = arch_name(gpu.compute_capability)?;
+        let storage = if math == MathMode::Bf16 { Storage::Bf16 } else { Storage::F32 };
+        let builds: &[Storage] = if storage == Storage::F32 { &[Storage::F32] } else { &[Storage::F32, Storage::Bf16] };
         let mut funcs = HashMap::new();
-        for (name, src) in kernels::SOURCES {
-            let ptx = kernels::compile(name, src, arch, kernels::Storage::F32)?;
-            let module = ctx.load_module(ptx).map_err(|e| anyhow!("cuda:{ordinal}: cannot load {name}.cu: {e:?}"))?;
-            for entry in kernels::entry_points(src) {
-                let f = module
-                    .load_function(entry)
-                    .map_err(|e| anyhow!("cuda:{ordinal}: {name}.cu has no kernel {entry}: {e:?}"))?;
-                funcs.insert(entry, f);
+        for &build in builds {
+            for (name, src) in kernels::SOURCES {
+                let ptx = kernels::compile(name, src, arch, build)?;
+                let module = ctx
+                    .load_module(ptx)
+                    .map_err(|e| anyhow!("cuda:{ordinal}: cannot load {name}.cu ({build:?}): {e:?}"))?;
+                for entry in kernels::entry_points(src) {
+                    let f = module
+                        .load_function(entry)
+                        .map_err(|e| anyhow!("cuda:{ordinal}: {name}.cu has no kernel {entry}: {e:?}"))?;
+                    funcs.insert((build, entry), f);
+                }
             }
         }
         let sms = ctx
@@ -94,6 +106,7 @@ impl Cuda {
             stream,
             blas,
             math,
+            storage,
             funcs,
             first_error: Mutex::new(None),
             rope_tables: Mutex::new(Default::default()),
@@ -105,13 +118,15 @@ impl Cuda {
         &self.stream
     }
 
-    /// A loaded kernel by its `extern "C"` name.
-    pub(super) fn func(&self, name: &str) -> &CudaFunction {
-        match self.funcs.get(name) {
+    /// A loaded kernel by its `extern "C"` name, from the build whose act_t
+    /// is `storage`.
+    pub(super) fn func(&self, storage: Storage, name: &'static str) -> &CudaFunction {
+        match self.funcs.get(&(storage, name)) {
             Some(f) => f,
             // Every name used in the Rust code is checked against the .cu
-            // sources by a test, so this is a bug, not user input.
-            None => panic!("no CUDA kernel named {name} in kernels/*.cu"),
+            // sources by a test, and a bf16 buffer exists only when the bf16
+            // build is loaded, so this is a bug, not user input.
+            None => panic!("no CUDA kernel named {name} for {storage:?} storage in kernels/*.cu"),
         }
     }
 
@@ -251,18 +266,24 @@ fn arch_name(cc: (i32, i32)) -> Result<&'static str> {
 /// Launches `$name` on the backend's stream with the given arguments; a
 /// failed launch is recorded for `check()`. Every argument must be a
 /// reference to a value that outlives the call (bind scalars to locals):
-/// the launch keeps pointers to them until it is submitted.
+/// the launch keeps pointers to them until it is submitted. The kernel
+/// comes from the build of the backend's storage type, or of `storage =
+/// S` when given (elementwise ops on f32 state buffers in a bf16 backend).
 macro_rules! launch {
-    ($cu:expr, $name:expr, $cfg:expr, $($arg:expr),+ $(,)?) => {{
+    ($cu:expr, storage = $storage:expr, $name:expr, $cfg:expr, $($arg:expr),+ $(,)?) => {{
         use cudarc::driver::PushKernelArg;
         let cu: &$crate::engine::cuda::Cuda = $cu;
-        let mut builder = cu.stream.launch_builder(cu.func($name));
+        let mut builder = cu.stream.launch_builder(cu.func($storage, $name));
         $( builder.arg($arg); )+
         // SAFETY: the kernel's parameter list matches these arguments (each
         // launcher sits beside its kernel's signature in the .cu file and
         // the device-check op tests run every one).
         let launched = unsafe { builder.launch($cfg) };
         cu.record($name, launched);
+    }};
+    ($cu:expr, $name:expr, $cfg:expr, $($arg:expr),+ $(,)?) => {{
+        let cu: &$crate::engine::cuda::Cuda = $cu;
+        launch!(cu, storage = cu.storage, $name, $cfg, $($arg),+)
     }};
 }
 pub(crate) use launch;

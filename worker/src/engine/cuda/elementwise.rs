@@ -3,50 +3,72 @@
 
 use super::backend::Buf;
 use super::context::{launch, Cuda, THREADS};
-use cudarc::driver::{CudaSlice, LaunchConfig};
+use super::kernels::Storage;
+use cudarc::driver::LaunchConfig;
 
 /// Blocks of the first sum-of-squares pass: fixed, so the reduction
 /// order, and with it the result, never depends on the GPU.
 const PARTIALS: usize = 256;
 
+// Fill, copy, axpy, scale and the sum of squares serve activations and
+// f32 state alike: each runs the kernel build of its buffer's storage.
+
 pub(super) fn fill(cu: &Cuda, buf: &mut Buf, value: f32) {
     let n = buf.len;
-    fill_range(cu, &mut buf.data, 0, n, value)
+    fill_range(cu, buf, 0, n, value)
 }
 
 /// Fills `len` values from `offset`.
-pub(super) fn fill_range(cu: &Cuda, data: &mut CudaSlice<f32>, offset: usize, len: usize, value: f32) {
+pub(super) fn fill_range(cu: &Cuda, buf: &mut Buf, offset: usize, len: usize, value: f32) {
     if len == 0 {
         return;
     }
-    let n = len as u64;
-    let mut view = data.slice_mut(offset..offset + len);
-    launch!(cu, "fill_f32", cu.elems(len), &mut view, &value, &n);
+    let (n, storage) = (len as u64, buf.storage);
+    let mut view = buf.view_mut(offset, len);
+    launch!(cu, storage = storage, "fill_f32", cu.elems(len), &mut view, &value, &n);
 }
 
+/// Copies values; between storage types it converts (a master weight into
+/// its bf16 compute copy rounds to nearest even).
 pub(super) fn copy(cu: &Cuda, src: &Buf, src_off: usize, dst: &mut Buf, dst_off: usize, len: usize) {
     assert!(src_off + len <= src.len, "copy: source range {src_off}+{len} past {}", src.len);
     assert!(dst_off + len <= dst.len, "copy: destination range {dst_off}+{len} past {}", dst.len);
     if len == 0 {
         return;
     }
-    let copied =
-        cu.stream.memcpy_dtod(&src.data.slice(src_off..src_off + len), &mut dst.data.slice_mut(dst_off..dst_off + len));
-    cu.record("device copy", copied);
+    let (from, to) = (src.storage, dst.storage);
+    let from_view = src.view(src_off, len);
+    let mut to_view = dst.view_mut(dst_off, len);
+    let n = len as u64;
+    match (from, to) {
+        (a, b) if a == b => {
+            let copied = cu.stream.memcpy_dtod(&from_view, &mut to_view);
+            cu.record("device copy", copied);
+        }
+        // The bf16 build's conversions (act_t = bf16).
+        (Storage::F32, _) => {
+            launch!(cu, storage = to, "act_from_f32", cu.elems(len), &from_view, &mut to_view, &n);
+        }
+        (_, Storage::F32) => {
+            launch!(cu, storage = from, "f32_from_act", cu.elems(len), &from_view, &mut to_view, &n);
+        }
+        (a, b) => panic!("copy: no conversion from {a:?} to {b:?}"),
+    }
 }
 
 pub(super) fn axpy(cu: &Cuda, alpha: f32, x: &Buf, y: &mut Buf) {
     assert_eq!(x.len, y.len, "axpy length mismatch");
+    assert_eq!(x.storage, y.storage, "axpy: x and y in different storage types");
     let n = x.len as u64;
     if n > 0 {
-        launch!(cu, "axpy_f32", cu.elems(x.len), &alpha, &x.data, &mut y.data, &n);
+        launch!(cu, storage = x.storage, "axpy_f32", cu.elems(x.len), &alpha, &x.data, &mut y.data, &n);
     }
 }
 
 pub(super) fn scale(cu: &Cuda, x: &mut Buf, s: f32) {
     let n = x.len as u64;
     if n > 0 {
-        launch!(cu, "scale_f32", cu.elems(x.len), &mut x.data, &s, &n);
+        launch!(cu, storage = x.storage, "scale_f32", cu.elems(x.len), &mut x.data, &s, &n);
     }
 }
 
@@ -62,7 +84,7 @@ pub(super) fn sum_squares(cu: &Cuda, xs: &[&Buf]) -> f64 {
     let grid = LaunchConfig { grid_dim: (PARTIALS as u32, 1, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: 0 };
     for x in xs.iter().filter(|x| x.len > 0) {
         let n = x.len as u64;
-        launch!(cu, "sum_squares_partial_f32", grid, &x.data, &mut partial, &n);
+        launch!(cu, storage = x.storage, "sum_squares_partial_f32", grid, &x.data, &mut partial, &n);
     }
     launch!(cu, "sum_partials_f64", cu.rows(1, 32), &partial, &mut total, &parts);
     let host = cu.stream.clone_dtoh(&total);

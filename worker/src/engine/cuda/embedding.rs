@@ -9,6 +9,7 @@
 
 use super::backend::{Buf, Idx};
 use super::context::{launch, Cuda};
+use super::kernels::Storage;
 use cudarc::driver::LaunchConfig;
 
 /// Threads per block of `scatter_rows_f32`, the size of its id tile
@@ -53,7 +54,13 @@ fn scatter(cu: &Cuda, src: &Buf, ids: &Idx, dst: &mut Buf, n: usize, dim: usize,
     let cfg =
         LaunchConfig { grid_dim: (tasks as u32, col_blocks as u32, 1), block_dim: (TILE, 1, 1), shared_mem_bytes: 0 };
     let (n64, d, rows, per64, acc) = (n as u64, dim as u64, table_rows as u64, per as u64, i32::from(add));
-    launch!(cu, "scatter_rows_f32", cfg, &src.data, &ids.buf, &mut dst.data, &n64, &d, &rows, &per64, &acc);
+    // An f32 table is the embedding's gradient (state); an activation
+    // table has the backend's storage.
+    if dst.storage == Storage::F32 {
+        launch!(cu, "scatter_rows_into_f32", cfg, &src.data, &ids.buf, &mut dst.data, &n64, &d, &rows, &per64, &acc);
+    } else {
+        launch!(cu, "scatter_rows_f32", cfg, &src.data, &ids.buf, &mut dst.data, &n64, &d, &rows, &per64, &acc);
+    }
 }
 
 /// `out[i, :] = table[ids[i], :]`; rows with a negative id are left as they are.

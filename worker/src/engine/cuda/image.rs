@@ -17,7 +17,8 @@ pub(super) fn resize_bicubic(cu: &Cuda, src: &Buf, src_shape: ImageShape, dst: &
     assert!(s > 0, "resize_bicubic: empty source image");
     if d == s {
         // Bit for bit, as on the CPU.
-        let copied = cu.stream.memcpy_dtod(&src.data.slice(..src.len), &mut dst.data.slice_mut(..dst.len));
+        let n = dst.len;
+        let copied = cu.stream.memcpy_dtod(&src.view(0, n), &mut dst.view_mut(0, n));
         cu.record("resize_bicubic (same-size copy)", copied);
         return;
     }
@@ -47,7 +48,7 @@ pub(super) fn tile_split(cu: &Cuda, src: &Buf, src_shape: ImageShape, n: usize, 
         return;
     }
     // Only the tiles written: the rest of dst stays as it is.
-    let mut out = dst.data.slice_mut(start..start + len);
+    let mut out = dst.view_mut(start, len);
     let (b64, c64, size64, n64, len64) = (batch as u64, channels as u64, size as u64, n as u64, len as u64);
     launch!(cu, "tile_split_f32", cu.elems(len), &src.data, &mut out, &b64, &c64, &size64, &n64, &len64);
 }

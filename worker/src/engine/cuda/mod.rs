@@ -9,6 +9,7 @@ use anyhow::{anyhow, bail, Result};
 mod activation;
 mod attention;
 mod backend;
+mod buffer;
 mod columns;
 mod context;
 mod elementwise;
@@ -24,6 +25,7 @@ mod s2;
 
 pub use backend::{Buf, Idx};
 pub use context::{Cuda, MathMode};
+pub use kernels::Storage;
 
 /// What `--device cuda:K` found.
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -20,7 +20,7 @@ pub(super) fn tile_merge_fwd(
         return;
     }
     let start = src_tile_offset * tile_len;
-    let tiles = src.data.slice(start..start + split.count() * batch * tile_len);
+    let tiles = src.view(start, split.count() * batch * tile_len);
     let [b, r, c, ch, th, tw, sc] = [batch, rows, cols, channels, th, tw, split.cols].map(|v| v as u64);
     launch!(cu, "tile_merge_fwd_f32", cu.elems(out.len), &tiles, &mut out.data, &b, &r, &c, &ch, &th, &tw, &sc);
 }
@@ -41,7 +41,7 @@ pub(super) fn tile_merge_bwd(
         return;
     }
     // Only the merged tiles get gradient; the rest of dsrc stays as it is.
-    let mut tiles = dsrc.data.slice_mut(start..start + len);
+    let mut tiles = dsrc.view_mut(start, len);
     let [b, r, c, ch, th, tw, sc, n] = [batch, rows, cols, channels, th, tw, split.cols, len].map(|v| v as u64);
     launch!(cu, "tile_merge_bwd_f32", cu.elems(len), &dout.data, &mut tiles, &b, &r, &c, &ch, &th, &tw, &sc, &n);
 }

@@ -12,6 +12,17 @@ extern "C" __global__ void fill_f32(act_t* x, float value, unsigned long long n)
     GRID_STRIDE(i, n) { x[i] = value; }
 }
 
+// Storage conversions for `copy` between buffers of different types: a
+// master weight into its compute copy, and back. With f32 storage both are
+// plain copies (and unused: equal types copy with cuMemcpy).
+extern "C" __global__ void act_from_f32(const float* src, act_t* dst, unsigned long long n) {
+    GRID_STRIDE(i, n) { dst[i] = src[i]; }
+}
+
+extern "C" __global__ void f32_from_act(const act_t* src, float* dst, unsigned long long n) {
+    GRID_STRIDE(i, n) { dst[i] = src[i]; }
+}
+
 // y += alpha * x
 extern "C" __global__ void axpy_f32(float alpha, const act_t* x, act_t* y, unsigned long long n) {
     GRID_STRIDE(i, n) { y[i] += alpha * x[i]; }

@@ -31,9 +31,11 @@ extern "C" __global__ void gather_rows_f32(const act_t* table, const int* ids, a
 // Every value thus sees its updates in index order, as in a sequential loop
 // (repeated adds sum in order, the last of repeated writes wins), whatever
 // the grid. The ids are staged through shared memory, TILE at a time.
-extern "C" __global__ void scatter_rows_f32(const act_t* src, const int* ids, act_t* dst, unsigned long long n,
-                                            unsigned long long dim, unsigned long long table_rows,
-                                            unsigned long long rows_per_task, int accumulate) {
+// D is the table's type: act_t (image-token splicing) or float (the
+// embedding's gradient, f32 whatever the storage).
+template <typename D>
+__device__ void scatter_rows(const act_t* src, const int* ids, D* dst, unsigned long long n, unsigned long long dim,
+                             unsigned long long table_rows, unsigned long long rows_per_task, int accumulate) {
     __shared__ int tile[TILE];
     const unsigned long long c = blockIdx.y * (unsigned long long)TILE + threadIdx.x;
     const unsigned long long r0 = blockIdx.x * rows_per_task;
@@ -50,7 +52,7 @@ extern "C" __global__ void scatter_rows_f32(const act_t* src, const int* ids, ac
                 const int t = tile[j];
                 if (t >= 0 && (unsigned long long)t >= r0 && (unsigned long long)t < r1) {
                     const float v = src[(base + j) * dim + c];
-                    act_t* d = dst + (unsigned long long)t * dim + c;
+                    D* d = dst + (unsigned long long)t * dim + c;
                     if (accumulate) *d += v;
                     else *d = v;
                 }
@@ -58,4 +60,17 @@ extern "C" __global__ void scatter_rows_f32(const act_t* src, const int* ids, ac
         }
         __syncthreads();  // the tile is overwritten next round
     }
+}
+
+extern "C" __global__ void scatter_rows_f32(const act_t* src, const int* ids, act_t* dst, unsigned long long n,
+                                            unsigned long long dim, unsigned long long table_rows,
+                                            unsigned long long rows_per_task, int accumulate) {
+    scatter_rows(src, ids, dst, n, dim, table_rows, rows_per_task, accumulate);
+}
+
+// The same into an f32 table: the embedding's gradient.
+extern "C" __global__ void scatter_rows_into_f32(const act_t* src, const int* ids, float* dst, unsigned long long n,
+                                                 unsigned long long dim, unsigned long long table_rows,
+                                                 unsigned long long rows_per_task, int accumulate) {
+    scatter_rows(src, ids, dst, n, dim, table_rows, rows_per_task, accumulate);
 }
