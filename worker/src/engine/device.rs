@@ -119,6 +119,21 @@ impl Precision {
     }
 }
 
+/// What a job asking for `precision` on the CPU is told: the CPU computes
+/// f32 whatever the precision, which matters only for "bf16" (the f32 and
+/// TF32 defaults say nothing new).
+pub fn cpu_precision_note(precision: Precision) -> Option<&'static str> {
+    (precision == Precision::Bf16)
+        .then_some("precision = \"bf16\" applies to GPUs: the CPU backend stores and computes in f32")
+}
+
+/// Logs [`cpu_precision_note`], where there is one.
+pub fn note_cpu_precision(precision: Precision) {
+    if let Some(note) = cpu_precision_note(precision) {
+        tracing::info!("{note}");
+    }
+}
+
 /// Runs `$body` with `$be` bound to the backend of `$device` (the CPU
 /// backend, or the CUDA backend on GPU K with `$precision`), so one generic
 /// function serves both. The caller returns `anyhow::Result`.
@@ -128,6 +143,7 @@ macro_rules! on_device {
     ($device:expr, $precision:expr, |$be:ident| $body:expr) => {
         match $device {
             $crate::engine::device::Device::Cpu => {
+                $crate::engine::device::note_cpu_precision($precision);
                 let $be = &$crate::engine::cpu::Cpu::<f32>::new();
                 $body
             }
@@ -145,7 +161,7 @@ macro_rules! on_device {
     ($device:expr, $precision:expr, |$be:ident| $body:expr) => {
         match $device {
             $crate::engine::device::Device::Cpu => {
-                let _ = $precision;
+                $crate::engine::device::note_cpu_precision($precision);
                 let $be = &$crate::engine::cpu::Cpu::<f32>::new();
                 $body
             }
@@ -169,6 +185,15 @@ mod tests {
             let e = DeviceSpec::parse(bad).unwrap_err().to_string();
             assert!(e.contains(&format!("{bad:?}")) && e.contains("cpu, cuda:K"), "{e}");
         }
+    }
+
+    /// A job asking for bf16 on the CPU is told it computes in f32; the
+    /// defaults say nothing.
+    #[test]
+    fn the_cpu_says_when_bf16_does_not_apply() {
+        assert!(cpu_precision_note(Precision::Bf16).is_some_and(|n| n.contains("f32")));
+        assert_eq!(cpu_precision_note(Precision::Tf32), None);
+        assert_eq!(cpu_precision_note(Precision::F32), None);
     }
 
     /// On a machine with no usable GPU (CI), `auto` is the CPU and `cuda:0`
