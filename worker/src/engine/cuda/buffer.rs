@@ -10,7 +10,9 @@
 
 use super::context::Cuda;
 use super::kernels::Storage;
+use crate::model::weights::{self, SaveDtype};
 use cudarc::driver::{CudaEvent, CudaSlice, CudaView, CudaViewMut};
+use safetensors::tensor::Dtype;
 
 impl Storage {
     /// Bytes per value.
@@ -57,22 +59,23 @@ pub struct Idx {
 }
 
 /// Host values in a storage type's bytes: f32 as is, bf16 rounded to
-/// nearest even (as the kernels round).
+/// nearest even (as the kernels round). These are a safetensors tensor's
+/// bytes, so the weights' (parallel) encoder and decoder serve.
 pub(super) fn encode(values: &[f32], storage: Storage) -> Vec<u8> {
-    match storage {
-        Storage::F32 => values.iter().flat_map(|v| v.to_le_bytes()).collect(),
-        Storage::Bf16 => values.iter().flat_map(|&v| half::bf16::from_f32(v).to_bits().to_le_bytes()).collect(),
-    }
+    let dtype = match storage {
+        Storage::F32 => SaveDtype::F32,
+        Storage::Bf16 => SaveDtype::Bf16,
+    };
+    weights::encode(values, dtype)
 }
 
 /// The inverse of [`encode`].
 pub(super) fn decode(bytes: &[u8], storage: Storage) -> Vec<f32> {
-    match storage {
-        Storage::F32 => bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect(),
-        Storage::Bf16 => {
-            bytes.chunks_exact(2).map(|b| half::bf16::from_bits(u16::from_le_bytes([b[0], b[1]])).to_f32()).collect()
-        }
-    }
+    let dtype = match storage {
+        Storage::F32 => Dtype::F32,
+        Storage::Bf16 => Dtype::BF16,
+    };
+    weights::decode(bytes, dtype)
 }
 
 impl Cuda {
