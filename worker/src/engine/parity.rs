@@ -63,6 +63,30 @@ impl OpResult {
     }
 }
 
+/// What a test buffer holds: activations (the backend's storage type) or
+/// f32 state (gradients of parameters, statistics, optimizer state).
+#[derive(Clone, Copy)]
+enum Kind {
+    Activation,
+    State,
+}
+
+impl Kind {
+    fn upload<B: Backend>(self, be: &B, host: &[f32]) -> B::Buf {
+        match self {
+            Kind::Activation => be.upload(host),
+            Kind::State => be.upload_state(host),
+        }
+    }
+
+    fn alloc<B: Backend>(self, be: &B, n: usize) -> B::Buf {
+        match self {
+            Kind::Activation => be.alloc(n),
+            Kind::State => be.alloc_state(n),
+        }
+    }
+}
+
 struct Harness<'a, R: Backend, T: Backend> {
     r: &'a R,
     t: &'a T,
@@ -79,9 +103,21 @@ impl<'a, R: Backend, T: Backend> Harness<'a, R, T> {
     /// The same values on both backends: the reference gets what the
     /// tested backend holds (rounded to its storage type), so only the op
     /// itself is compared.
+    fn both_as(&self, kind: Kind, host: &[f32]) -> (R::Buf, T::Buf) {
+        let t = kind.upload(self.t, host);
+        (kind.upload(self.r, &self.t.download(&t)), t)
+    }
+
+    /// An output the op overwrites: zeros on the reference, NaN on the
+    /// tested backend.
+    fn out_as(&self, kind: Kind, n: usize) -> (R::Buf, T::Buf) {
+        let mut t = kind.alloc(self.t, n);
+        self.t.fill(&mut t, f32::NAN);
+        (kind.alloc(self.r, n), t)
+    }
+
     fn both(&self, host: &[f32]) -> (R::Buf, T::Buf) {
-        let t = self.t.upload(host);
-        (self.r.upload(&self.t.download(&t)), t)
+        self.both_as(Kind::Activation, host)
     }
 
     fn rand_both(&mut self, n: usize) -> (R::Buf, T::Buf) {
@@ -89,19 +125,12 @@ impl<'a, R: Backend, T: Backend> Harness<'a, R, T> {
         self.both(&h)
     }
 
-    /// An output the op overwrites: zeros on the reference, NaN on the
-    /// tested backend.
     fn out(&self, n: usize) -> (R::Buf, T::Buf) {
-        let mut t = self.t.alloc(n);
-        self.t.fill(&mut t, f32::NAN);
-        (self.r.alloc(n), t)
+        self.out_as(Kind::Activation, n)
     }
 
-    /// As `both`, in state buffers (f32 whatever the backend stores):
-    /// gradients of parameters, statistics, optimizer state.
     fn state_both(&self, host: &[f32]) -> (R::Buf, T::Buf) {
-        let t = self.t.upload_state(host);
-        (self.r.upload_state(&self.t.download(&t)), t)
+        self.both_as(Kind::State, host)
     }
 
     fn state_rand(&mut self, n: usize) -> (R::Buf, T::Buf) {
@@ -109,36 +138,39 @@ impl<'a, R: Backend, T: Backend> Harness<'a, R, T> {
         self.state_both(&h)
     }
 
-    /// As `out`, a state buffer.
     fn state_out(&self, n: usize) -> (R::Buf, T::Buf) {
-        let mut t = self.t.alloc_state(n);
-        self.t.fill(&mut t, f32::NAN);
-        (self.r.alloc_state(n), t)
+        self.out_as(Kind::State, n)
     }
 
     fn idx(&self, ids: &[i32]) -> (R::Idx, T::Idx) {
         (self.r.upload_idx(ids), self.t.upload_idx(ids))
     }
 
-    fn compare(&mut self, op: &str, r: &R::Buf, t: &T::Buf, gemm: bool) {
+    fn buf_error(&self, r: &R::Buf, t: &T::Buf) -> f64 {
         let (rv, tv) = (self.r.download_f64(r), self.t.download_f64(t));
-        let rel = if rv.len() != tv.len() { f64::INFINITY } else { rel_error(&rv, &tv) };
-        self.push(op, rel, gemm);
+        if rv.len() != tv.len() {
+            f64::INFINITY
+        } else {
+            rel_error(&rv, &tv)
+        }
+    }
+
+    fn compare(&mut self, op: &str, r: &R::Buf, t: &T::Buf, gemm: bool) {
+        let rel = self.buf_error(r, t);
+        self.push(op, rel, if gemm { self.tol.gemm } else { self.tol.plain });
     }
 
     /// An f32 state output (see `Tolerance::state`).
     fn compare_state(&mut self, op: &str, r: &R::Buf, t: &T::Buf) {
-        let (rv, tv) = (self.r.download_f64(r), self.t.download_f64(t));
-        let rel = if rv.len() != tv.len() { f64::INFINITY } else { rel_error(&rv, &tv) };
-        self.results.push(OpResult { op: op.to_string(), rel_error: rel, tolerance: self.tol.state });
+        let rel = self.buf_error(r, t);
+        self.push(op, rel, self.tol.state);
     }
 
     fn compare_scalar(&mut self, op: &str, r: f64, t: f64, gemm: bool) {
-        self.push(op, rel_error(&[r], &[t]), gemm);
+        self.push(op, rel_error(&[r], &[t]), if gemm { self.tol.gemm } else { self.tol.plain });
     }
 
-    fn push(&mut self, op: &str, rel_error: f64, gemm: bool) {
-        let tolerance = if gemm { self.tol.gemm } else { self.tol.plain };
+    fn push(&mut self, op: &str, rel_error: f64, tolerance: f64) {
         self.results.push(OpResult { op: op.to_string(), rel_error, tolerance });
     }
 }
