@@ -2,15 +2,15 @@
 """Reference token ids and label masks for worker/src/data/template.rs.
 
 Loads the word-level tokenizer.json that the Rust test suite writes
-(worker/tests/fixtures/data/word_tokenizer.json; regenerate it with
-`TESSERA_WRITE_TEMPLATE_FIXTURES=1 cargo test -p tessera-worker --lib data::template`)
+(job/tests/fixtures/data/word_tokenizer.json; regenerate it with
+`TESSERA_WRITE_TEMPLATE_FIXTURES=1 cargo test -p tessera-job --lib data::template`)
 and applies LLaVA's own code to a few samples: `conv_vicuna_v1.get_prompt()`,
 `tokenizer_image_token`, `preprocess_v1` (the label length arithmetic) and
 `preprocess_plain`, re-typed here from LLaVA 1.5 (llava/train/train.py,
 llava/mm_utils.py, llava/conversation.py) so that no LLaVA install is needed.
 It also records what Python `tokenizers` gives for one string.
 
-Writes worker/tests/fixtures/data/template_reference.json, which the Rust
+Writes job/tests/fixtures/data/template_reference.json, which the Rust
 test `template::tests::matches_llava_reference` compares against. No network.
 
 Usage: python3 tools/make_template_fixtures.py
@@ -23,7 +23,7 @@ from tokenizers import Tokenizer
 from transformers import PreTrainedTokenizerFast
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-FIXTURES = os.path.join(ROOT, "worker", "tests", "fixtures", "data")
+FIXTURES = os.path.join(ROOT, "job", "tests", "fixtures", "data")
 
 IGNORE_INDEX = -100
 IMAGE_TOKEN_INDEX = -200

@@ -3,9 +3,9 @@
 
 use anyhow::{Context, Result};
 use std::path::{Path, PathBuf};
+use tessera_job::config::model_config;
+use tessera_job::config::TrainJob;
 use tessera_proto::v1::JobSpec;
-use tessera_worker::train::job::TrainJob;
-use tessera_worker::train::run::model_config;
 
 /// Reads and validates the job config. Relative paths in it are taken from
 /// the coordinator's working directory and sent to workers as absolute

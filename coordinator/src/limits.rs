@@ -9,7 +9,7 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
-use tessera_worker::auth::JobToken;
+use tessera_proto::auth::JobToken;
 use tonic::{Request, Status};
 
 /// A token bucket per peer: `rate` requests a second on average, bursts of

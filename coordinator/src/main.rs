@@ -45,7 +45,7 @@ enum Command {
         #[arg(long)]
         url: String,
         #[command(flatten)]
-        client: tessera_worker::client::ClientArgs,
+        client: tessera_proto::client::ClientArgs,
     },
 }
 
@@ -94,7 +94,7 @@ struct RunArgs {
 }
 
 fn main() -> ExitCode {
-    tessera_worker::logging::init();
+    tessera_job::logging::init();
     let cli = Cli::parse();
     match cli.command {
         Some(Command::Status { url, client }) => show_status(&url, client),
@@ -103,7 +103,7 @@ fn main() -> ExitCode {
 }
 
 /// `coordinator status`: prints the job, or one line saying why it cannot.
-fn show_status(url: &str, client: tessera_worker::client::ClientArgs) -> ExitCode {
+fn show_status(url: &str, client: tessera_proto::client::ClientArgs) -> ExitCode {
     let shown = client.resolve().and_then(|(token, tls)| status::query(url, token.as_ref(), tls.as_ref()));
     match shown {
         Ok(s) => {
@@ -126,7 +126,7 @@ fn run_job(cli: RunArgs) -> ExitCode {
     let out = cli.out.clone().unwrap_or_else(|| {
         PathBuf::from("runs").join(config.file_stem().map(|s| s.to_owned()).unwrap_or_else(|| "job".into()))
     });
-    let token = match tessera_worker::auth::JobToken::load(cli.token_file.as_deref()) {
+    let token = match tessera_proto::auth::JobToken::load(cli.token_file.as_deref()) {
         Ok(t) => t,
         Err(e) => {
             eprintln!("coordinator: {e:#}");
@@ -142,7 +142,7 @@ fn run_job(cli: RunArgs) -> ExitCode {
         rate_limit: cli.rate_limit,
         max_message_bytes: cli.max_message_bytes,
         tls: match (cli.tls_cert, cli.tls_key) {
-            (Some(cert), Some(key)) => Some(tessera_worker::tls::ServerTls { cert, key, client_ca: cli.tls_client_ca }),
+            (Some(cert), Some(key)) => Some(tessera_proto::tls::ServerTls { cert, key, client_ca: cli.tls_client_ca }),
             _ => None,
         },
         metrics_listen: cli.metrics_listen,

@@ -185,7 +185,7 @@ impl Membership {
             }
         }
         let id = self.next_id();
-        let secret = tessera_worker::auth::new_session_secret();
+        let secret = tessera_proto::auth::new_session_secret();
         self.members[rank as usize] = Some(Member { info, last_seen: now, left: false, generation, id, secret });
         Ok(rank)
     }
@@ -200,7 +200,7 @@ impl Membership {
     /// Whether `secret` is the session of the worker that holds `rank`.
     pub fn authorize(&self, rank: u32, secret: &str) -> bool {
         match self.members.get(rank as usize) {
-            Some(Some(m)) => tessera_worker::auth::same_bytes(m.secret.as_bytes(), secret.as_bytes()),
+            Some(Some(m)) => tessera_proto::auth::same_bytes(m.secret.as_bytes(), secret.as_bytes()),
             _ => false,
         }
     }

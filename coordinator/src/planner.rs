@@ -3,12 +3,13 @@
 //! from the dataset index (image headers and token counts, no decoding), and
 //! the split from `plan`. Plans are cached for the few steps in flight.
 
-use crate::plan::{plan, CostModel, Plan};
+use crate::plan::{plan, Plan};
 use anyhow::Result;
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
-use tessera_worker::data::loader::Dataset;
-use tessera_worker::model::ModelConfig;
+use tessera_job::cost::CostModel;
+use tessera_job::data::DatasetIndex;
+use tessera_job::model::ModelConfig;
 
 /// One step's samples (stream order) and their split.
 #[derive(Clone, Debug)]
@@ -18,7 +19,7 @@ pub struct StepPlan {
 }
 
 pub struct Planner {
-    dataset: Arc<Dataset>,
+    dataset: Arc<DatasetIndex>,
     model: ModelConfig,
     costs: CostModel,
     seed: u64,
@@ -34,7 +35,7 @@ pub struct Planner {
 const CACHED_PLANS: usize = 256;
 
 impl Planner {
-    pub fn new(dataset: Arc<Dataset>, model: ModelConfig, seed: u64, global_batch: usize) -> Self {
+    pub fn new(dataset: Arc<DatasetIndex>, model: ModelConfig, seed: u64, global_batch: usize) -> Self {
         let costs = CostModel::of(&model);
         Planner {
             dataset,

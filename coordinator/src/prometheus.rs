@@ -22,7 +22,7 @@ use prometheus_client::registry::{Registry, Unit};
 use std::future::Future;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
-use tessera_worker::auth::JobToken;
+use tessera_proto::auth::JobToken;
 
 type FloatGauge = Gauge<f64, AtomicU64>;
 

@@ -16,11 +16,11 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use tessera_worker::auth::JobToken;
-use tessera_worker::data::loader::Dataset;
-use tessera_worker::tls::ServerTls;
-use tessera_worker::train::checkpoint;
-use tessera_worker::train::run::model_config;
+use tessera_job::checkpoint;
+use tessera_job::config::model_config;
+use tessera_job::data::DatasetIndex;
+use tessera_proto::auth::JobToken;
+use tessera_proto::tls::ServerTls;
 
 /// How long the gRPC server may take to finish its calls once the job has
 /// ended (a Rendezvous answers within 10 s) before connections are closed.
@@ -57,7 +57,7 @@ pub fn run(opts: &RunOptions) -> Result<RunReport> {
     let cfg = model_config(&job)?;
     let data_cfg = job.data.clone().context("job config: [data] is missing")?;
     let t0 = Instant::now();
-    let dataset = Arc::new(Dataset::open(&data_cfg, &cfg)?);
+    let dataset = Arc::new(DatasetIndex::open(&data_cfg, &cfg)?);
     tracing::info!(
         samples_per_epoch = dataset.epoch_len(),
         bad_records = dataset.bad_records.len(),

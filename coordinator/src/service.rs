@@ -11,13 +11,13 @@ use std::path::PathBuf;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
+use tessera_job::checkpoint::{self, FileEntry};
+use tessera_proto::auth::SESSION_KEY;
 use tessera_proto::v1::{
     Action, Assignment, AssignmentRequest, CheckpointAck, CheckpointPart, HeartbeatReply, HeartbeatRequest, JobStatus,
     JoinReply, JoinRequest, LeaveReply, LeaveRequest, RendezvousReply, RendezvousRequest, SampleRef, StatusRequest,
     StepAck, StepReport,
 };
-use tessera_worker::auth::SESSION_KEY;
-use tessera_worker::train::checkpoint::{self, FileEntry};
 use tokio::sync::Notify;
 use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status, Streaming};

@@ -15,8 +15,8 @@ use crate::membership::{JoinError, JoinInfo, Membership};
 use crate::progress::{StepBook, StepSummary};
 use crate::store::StoredJob;
 use std::collections::BTreeMap;
+use tessera_job::checkpoint::FileEntry;
 use tessera_proto::v1::{Action, EvalResult, JobSpec, StepReport};
-use tessera_worker::train::checkpoint::FileEntry;
 
 /// How the job ended.
 #[derive(Clone, Debug, PartialEq)]

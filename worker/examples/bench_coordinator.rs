@@ -47,9 +47,9 @@ use std::process::Command;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+use tessera_proto::auth::SESSION_KEY;
 use tessera_proto::v1::{AssignmentRequest, JoinRequest, LeaveRequest, RendezvousRequest, StepReport, Timings};
 use tessera_proto::CoordinatorClient;
-use tessera_worker::auth::SESSION_KEY;
 use tonic::metadata::AsciiMetadataValue;
 use tonic::transport::Channel;
 

@@ -74,9 +74,9 @@ use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+use tessera_proto::auth::{SESSION_KEY, TOKEN_ENV};
 use tessera_proto::v1::{Action, HeartbeatReply, HeartbeatRequest, JoinRequest};
 use tessera_proto::CoordinatorClient;
-use tessera_worker::auth::{SESSION_KEY, TOKEN_ENV};
 use tonic::metadata::AsciiMetadataValue;
 use tonic::transport::Channel;
 
@@ -536,7 +536,7 @@ async fn run_one(
     )
     .with_context(|| format!("cannot write {}", config.display()))?;
     // A fresh job token per run, as scripts/slurm/train.sbatch makes one per job.
-    let token = tessera_worker::auth::new_session_secret();
+    let token = tessera_proto::auth::new_session_secret();
     let auth: AsciiMetadataValue =
         format!("Bearer {token}").parse().map_err(|_| anyhow!("the job token cannot travel in a header"))?;
 

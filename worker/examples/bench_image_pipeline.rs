@@ -38,10 +38,9 @@ use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
 use std::time::Instant;
-use tessera_worker::data::image::{
-    compare_normalized, decode_rgb8, load_image, preprocess_rgb8, resize_rgb8, ImageConfig,
-};
-use tessera_worker::model::config::ModelConfig;
+use tessera_job::image::ImageConfig;
+use tessera_job::model::ModelConfig;
+use tessera_worker::data::image::{compare_normalized, decode_rgb8, load_image, preprocess_rgb8, resize_rgb8};
 
 #[derive(Parser, Debug)]
 #[command(about = "Image pipeline images/s: Tessera load_image vs PIL + numpy on the same JPEGs")]

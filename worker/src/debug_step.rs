@@ -6,10 +6,11 @@
 use crate::engine::device::{DeviceSpec, Precision};
 use crate::engine::{Backend, TileGrid};
 use crate::model::weights::{decode, read_file};
-use crate::model::{hf_config, weights, Batch, ModelConfig, ParamStore, Trainable, Vlm};
+use crate::model::{weights, Batch, ModelConfig, ParamStore, Trainable, Vlm};
 use anyhow::{bail, Context, Result};
 use safetensors::tensor::{Dtype, SafeTensors, TensorView};
 use std::path::Path;
+use tessera_job::hf_config;
 
 /// Reads a `debug-step` batch file: `pixel_values` f32 `[B,3,S,S]`,
 /// `input_ids` and `labels` i64 `[B,T]`. Dynamic S2 (our extension of the

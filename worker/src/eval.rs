@@ -2,11 +2,11 @@
 //! loss on an evaluation split.
 
 use crate::data::loader::Dataset;
-use crate::data::BadSample;
 use crate::engine::Backend;
-use crate::model::config::IGNORE_INDEX;
 use crate::model::{Batch, Vlm};
 use anyhow::Result;
+use tessera_job::data::BadSample;
+use tessera_job::model::IGNORE_INDEX;
 
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct EvalReport {

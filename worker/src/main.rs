@@ -4,6 +4,9 @@ use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
 use std::process::ExitCode;
+use tessera_job::config::TrainJob;
+use tessera_job::data::DatasetIndex;
+use tessera_job::hf_config;
 use tessera_worker::data::demo::{make_demo_data, DemoSpec};
 use tessera_worker::data::loader::Dataset;
 use tessera_worker::engine::cpu::Cpu;
@@ -14,9 +17,8 @@ use tessera_worker::eval::evaluate;
 use tessera_worker::launch::{resolve, LaunchFlags};
 use tessera_worker::model::flops::train_step_flops;
 use tessera_worker::model::weights::{save_model_dir, SaveDtype};
-use tessera_worker::model::{hf_config, store, Batch, ModelConfig, ParamStore, Vlm};
+use tessera_worker::model::{store, Batch, ModelConfig, ParamStore, Vlm};
 use tessera_worker::train::distributed::{run_worker, WorkerOptions};
-use tessera_worker::train::job::TrainJob;
 use tessera_worker::train::run::run_job;
 use tessera_worker::train::{train_step, OptimConfig, Optimizer};
 
@@ -55,7 +57,7 @@ struct RunArgs {
     #[arg(long)]
     advertise_host: Option<String>,
     #[command(flatten)]
-    client: tessera_worker::client::ClientArgs,
+    client: tessera_proto::client::ClientArgs,
 }
 
 #[derive(Subcommand)]
@@ -256,7 +258,7 @@ fn run(cli: Cli) -> Result<()> {
             let mut vlm = Vlm::new(&cfg, params, false);
             let data_cfg = match (data, config) {
                 // The model's config.json says how its images were prepared.
-                (Some(dir), _) => Dataset::demo_config(&dir).with_model_image_preprocessing(&model)?,
+                (Some(dir), _) => DatasetIndex::demo_config(&dir).with_model_image_preprocessing(&model)?,
                 (None, Some(job)) => {
                     let job = TrainJob::from_file(&job)?;
                     let d = job.data.context("the job config has no [data] section")?;
@@ -404,7 +406,7 @@ fn train(
 }
 
 fn main() -> ExitCode {
-    tessera_worker::logging::init();
+    tessera_job::logging::init();
     match run(Cli::parse()) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

@@ -12,12 +12,12 @@
 //! Generation is a pure function of the seed (ChaCha8, integer pixel
 //! arithmetic, lossless PNG), so every machine writes identical files.
 
-use super::template::{build_word_tokenizer, template_words};
 use anyhow::{Context, Result};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use std::io::Write;
 use std::path::Path;
+use tessera_job::data::template::{build_word_tokenizer, template_words};
 
 pub const COLORS: [(&str, [u8; 3]); 4] =
     [("red", [230, 40, 40]), ("green", [40, 200, 60]), ("blue", [50, 80, 235]), ("yellow", [235, 220, 40])];

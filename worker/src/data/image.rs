@@ -1,5 +1,5 @@
 //! Image decoding and preprocessing, exactly as VILA 1.5 prepares an image
-//! for its S2 vision tower (DESIGN.md sections 1-2).
+//! for its S2 vision tower (docs/DESIGN.md, the model and S2).
 //!
 //! VILA opens the file with PIL, converts it to RGB, optionally pads it to a
 //! square (`image_aspect_ratio = "pad"`), resizes it to the largest S2 scale
@@ -7,10 +7,10 @@
 //! rescales by 1/255 and normalizes with mean = std = 0.5. This module does
 //! the same steps:
 //!
-//! 1. Read the header only ([`read_header`]) and refuse an image with more
+//! 1. Read the header only ([`tessera_job::image::read_header`]) and refuse an image with more
 //!    than [`ImageConfig::max_pixels`] pixels before decoding anything (PIL's
 //!    decompression-bomb limit by default). The S2 tile count, and so the
-//!    sample's cost, is known at this point ([`tiles_for`], [`header_tiles`]).
+//!    sample's cost, is known at this point ([`tessera_job::image::tiles_for`], [`tessera_job::image::header_tiles`]).
 //! 2. Decode JPEG, PNG or WebP (the format is sniffed from the content; the
 //!    extension is only a fallback), with the decoder's own allocation limit
 //!    set to [`ImageConfig::max_decode_bytes`]. A JPEG without its
@@ -55,200 +55,19 @@
 //! grid at the largest scale) resizes the decoded image once per scale and
 //! hands the model its tiles ([`load_image_dynamic_s2`]); the grid, and so
 //! the tile count and the cost, also come from the header alone
-//! ([`tiles_for`]).
+//! ([`tessera_job::image::tiles_for`]).
 
-use super::BadSample;
 use crate::engine::TileGrid;
-use crate::model::config::S2Config;
 use image::{DynamicImage, ImageDecoder, ImageFormat, ImageReader, Limits};
 use rayon::prelude::*;
-use serde::{Deserialize, Serialize};
 use std::io::{BufRead, Cursor, Seek};
 use std::ops::Range;
-use std::path::{Path, PathBuf};
-
-/// PIL's decompression-bomb error threshold (`2 * Image.MAX_IMAGE_PIXELS`).
-pub const PIL_MAX_PIXELS: u64 = 178_956_970;
-/// Default decoder allocation limit: enough for a 16-bit RGBA image at
-/// [`PIL_MAX_PIXELS`] (8 bytes a pixel).
-pub const DEFAULT_MAX_DECODE_BYTES: u64 = 1_500_000_000;
-/// SigLIP's image mean and std (the same for every channel).
-pub const SIGLIP_MEAN: f32 = 0.5;
-pub const SIGLIP_STD: f32 = 0.5;
-/// `expand2square`'s background: `int(0.5 * 255)` per channel.
-pub const PAD_BACKGROUND: u8 = 127;
-
-/// How a non-square image becomes square (VILA's `image_aspect_ratio`).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum AspectMode {
-    /// Stretch to `size x size` (VILA 1.5 S2 models use this).
-    #[default]
-    Resize,
-    /// Pad to a square with the mean colour, then resize (`expand2square`).
-    Pad,
-    /// NVILA's dynamic S2: every smaller scale is a square cut into `n x n`
-    /// tiles, and the largest is resized to the `rows x cols` tile grid whose
-    /// aspect ratio is closest to the image's ([`dynamic_s2_grid`], between
-    /// `(largest / tile)^2` and [`ImageConfig::max_tiles`] tiles). The tiles
-    /// go to the model as they are ([`load_image_dynamic_s2`]).
-    DynamicS2,
-}
-
-/// Which Pillow release's bicubic resize to reproduce. 8-bit bicubic output
-/// differs between them only in the order of the two passes (the uint8
-/// intermediate rounds differently), by a level or a few on some pixels.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum PillowOrder {
-    /// Pillow 13 and later: the vertical pass first when the height shrinks
-    /// by more than twice as many pixels as the width (`h - out_h > 0` and
-    /// `h - out_h > 2 * (w - out_w)`, e.g. a portrait photo resized to a
-    /// square), otherwise the horizontal pass first.
-    #[default]
-    Pillow13,
-    /// Pillow 12 and earlier (what VILA 1.5 was trained with): always the
-    /// horizontal pass first.
-    Legacy,
-}
-
-impl PillowOrder {
-    /// Whether Pillow runs the horizontal pass first for this resize.
-    pub fn horizontal_first(self, w: usize, h: usize, out_w: usize, out_h: usize) -> bool {
-        match self {
-            PillowOrder::Legacy => true,
-            PillowOrder::Pillow13 => {
-                let dy = h as i64 - out_h as i64;
-                let dx = w as i64 - out_w as i64;
-                !(dy > 0 && dy > dx * 2)
-            }
-        }
-    }
-}
-
-/// Image preprocessing settings of a job.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ImageConfig {
-    /// Output side: the largest S2 scale (768 for VILA-3B-S2).
-    pub size: usize,
-    #[serde(default)]
-    pub mode: AspectMode,
-    /// Images with more pixels (per the header) are refused before decoding.
-    #[serde(default = "default_max_pixels")]
-    pub max_pixels: u64,
-    /// The most the decoder, and separately the resize, may allocate for one
-    /// image; both are checked against what the header implies, before
-    /// anything is allocated.
-    #[serde(default = "default_max_decode_bytes")]
-    pub max_decode_bytes: u64,
-    /// Dynamic S2: the most tiles the largest scale may be cut into (NVILA: 12).
-    #[serde(default = "default_max_tiles")]
-    pub max_tiles: usize,
-    /// Dynamic S2: the tile side (the first S2 scale, `max_split_size`); 0
-    /// means `size`.
-    #[serde(default)]
-    pub tile_size: usize,
-    /// The Pillow release whose resize is reproduced bit for bit.
-    #[serde(default)]
-    pub pillow: PillowOrder,
-}
-
-fn default_max_pixels() -> u64 {
-    PIL_MAX_PIXELS
-}
-
-fn default_max_decode_bytes() -> u64 {
-    DEFAULT_MAX_DECODE_BYTES
-}
-
-fn default_max_tiles() -> usize {
-    12
-}
-
-impl ImageConfig {
-    /// Mode `resize`, static S2 and the default limits.
-    pub fn new(size: usize) -> Self {
-        ImageConfig {
-            size,
-            mode: AspectMode::Resize,
-            max_pixels: PIL_MAX_PIXELS,
-            max_decode_bytes: DEFAULT_MAX_DECODE_BYTES,
-            max_tiles: default_max_tiles(),
-            tile_size: 0,
-            pillow: PillowOrder::Pillow13,
-        }
-    }
-
-    /// Dynamic S2's tile side.
-    pub fn tile(&self) -> usize {
-        if self.tile_size == 0 {
-            self.size
-        } else {
-            self.tile_size
-        }
-    }
-
-    /// Dynamic S2: the largest scale's tile grid for a `w x h` image, with at
-    /// least the `(size / tile)^2` tiles of the static grid.
-    pub fn dynamic_grid(&self, w: u32, h: u32) -> TileGrid {
-        let n = self.size / self.tile().max(1);
-        let (cols, rows) = dynamic_s2_grid(w, h, self.tile(), n * n, self.max_tiles);
-        TileGrid { rows, cols }
-    }
-
-    /// `(width, height)` of the largest resize of a `w x h` image: the square
-    /// `size x size`, or the dynamic S2 grid's `cols * tile x rows * tile`.
-    pub fn resize_output(&self, w: u32, h: u32) -> (usize, usize) {
-        match self.mode {
-            AspectMode::Resize | AspectMode::Pad => (self.size, self.size),
-            AspectMode::DynamicS2 => {
-                let g = self.dynamic_grid(w, h);
-                (g.cols * self.tile(), g.rows * self.tile())
-            }
-        }
-    }
-}
-
-/// Why an image could not be used. Every message is one line that names the
-/// file and the problem.
-#[derive(Debug, thiserror::Error)]
-pub enum ImageError {
-    #[error("image {}: file not found", path.display())]
-    Missing { path: PathBuf },
-    #[error("image {}: empty file (0 bytes)", path.display())]
-    Empty { path: PathBuf },
-    #[error("image {}: {width} x {height} pixels: {reason}", path.display())]
-    TooLarge { path: PathBuf, width: u32, height: u32, reason: String },
-    #[error("image {}: corrupt or truncated: {reason}", path.display())]
-    Corrupt { path: PathBuf, reason: String },
-    #[error("image {}: unsupported: {reason}", path.display())]
-    Unsupported { path: PathBuf, reason: String },
-    #[error("image {}: cannot read: {reason}", path.display())]
-    Io { path: PathBuf, reason: String },
-    #[error("image config: {0}")]
-    Config(String),
-}
-
-impl ImageError {
-    /// The sample-level report for the loader's skip/fail policy.
-    pub fn to_bad_sample(&self, id: &str) -> BadSample {
-        BadSample::new(id, self.to_string())
-    }
-}
-
-fn one_line(s: impl std::fmt::Display) -> String {
-    s.to_string().replace(['\n', '\r'], " ")
-}
-
-fn io_error(path: &Path, e: &std::io::Error) -> ImageError {
-    let path = path.to_path_buf();
-    match e.kind() {
-        std::io::ErrorKind::NotFound => ImageError::Missing { path },
-        std::io::ErrorKind::UnexpectedEof => ImageError::Corrupt { path, reason: one_line(e) },
-        _ => ImageError::Io { path, reason: one_line(e) },
-    }
-}
+use std::path::Path;
+use tessera_job::image::{
+    check_file, check_pixels, io_error, one_line, resize_work_bytes, AspectMode, ImageConfig, ImageError, PillowOrder,
+    PAD_BACKGROUND, SIGLIP_MEAN, SIGLIP_STD,
+};
+use tessera_job::model::S2Config;
 
 /// Maps a decoder error; `dims` is the header size when known.
 fn decode_error(path: &Path, dims: (u32, u32), e: image::ImageError) -> ImageError {
@@ -264,35 +83,6 @@ fn decode_error(path: &Path, dims: (u32, u32), e: image::ImageError) -> ImageErr
         image::ImageError::Unsupported(u) => ImageError::Unsupported { path, reason: one_line(u) },
         other => ImageError::Corrupt { path, reason: one_line(other) },
     }
-}
-
-fn check_pixels(path: &Path, width: u32, height: u32, max_pixels: u64) -> Result<(), ImageError> {
-    let pixels = width as u64 * height as u64;
-    if pixels > max_pixels {
-        return Err(ImageError::TooLarge {
-            path: path.to_path_buf(),
-            width,
-            height,
-            reason: format!("{pixels} pixels is over the limit of {max_pixels} (max_pixels); refused before decoding"),
-        });
-    }
-    if pixels == 0 {
-        return Err(ImageError::Corrupt { path: path.to_path_buf(), reason: format!("{width} x {height} image") });
-    }
-    Ok(())
-}
-
-/// Checks the file before any reading: it exists, is a file, is not empty.
-/// Returns its size.
-fn check_file(path: &Path) -> Result<u64, ImageError> {
-    let meta = std::fs::metadata(path).map_err(|e| io_error(path, &e))?;
-    if meta.is_dir() {
-        return Err(ImageError::Io { path: path.to_path_buf(), reason: "is a directory".into() });
-    }
-    if meta.len() == 0 {
-        return Err(ImageError::Empty { path: path.to_path_buf() });
-    }
-    Ok(meta.len())
 }
 
 /// Opens a decoder: reads the header (and for PNG the chunks before the
@@ -340,21 +130,8 @@ fn no_panic<T>(path: &Path, f: impl FnOnce() -> Result<T, ImageError>) -> Result
     })
 }
 
-/// The image's `(width, height)` from its header, without decoding it (only
-/// the first bytes of the file are read). Refuses with
-/// [`ImageError::TooLarge`] an image over `cfg.max_pixels`, or one whose
-/// resize to `cfg.size` would need more than `cfg.max_decode_bytes`
-/// ([`resize_work_bytes`]).
-pub fn read_header(path: &Path, cfg: &ImageConfig) -> Result<(u32, u32), ImageError> {
-    no_panic(path, || {
-        check_file(path)?;
-        let reader = ImageReader::open(path).map_err(|e| io_error(path, &e))?;
-        open_decoder(reader, path, cfg).map(|(_, dims, _)| dims)
-    })
-}
-
 /// Decodes an image file to RGB8 (HWC), with the header checks of
-/// [`read_header`] first. Returns `(pixels, width, height)`.
+/// [`tessera_job::image::read_header`] first. Returns `(pixels, width, height)`.
 pub fn decode_rgb8(path: &Path, cfg: &ImageConfig) -> Result<(Vec<u8>, usize, usize), ImageError> {
     no_panic(path, || {
         let len = check_file(path)?;
@@ -606,37 +383,6 @@ fn normalize_chw(hwc: &[u8], size: usize) -> Vec<f32> {
     // the rows it is given (a panic in there would never get here).
     unsafe { out.set_len(3 * plane) };
     out
-}
-
-/// About how many bytes [`resize_rgb8`] allocates for a `w x h` image: the
-/// intermediate image of the first pass, the output and the fixed-point
-/// coefficient tables (Pillow's and the fast kernels' fixed-width copy: up to
-/// `8 * (4 * in + out)` bytes an axis when shrinking).
-/// Ordinary photos need a few MB; an extreme aspect ratio needs far more
-/// (mode `pad` on a 1 x 1,000,000 image: a 1,000,000-row intermediate),
-/// which is why [`read_header`] refuses images over
-/// [`ImageConfig::max_decode_bytes`] by this measure too. (Pillow would build
-/// a 10^12-pixel square there.)
-pub fn resize_work_bytes(w: usize, h: usize, cfg: &ImageConfig) -> u64 {
-    if cfg.size == 0 || w == 0 || h == 0 {
-        return 0;
-    }
-    let (ow, oh) = cfg.resize_output(w.min(u32::MAX as usize) as u32, h.min(u32::MAX as usize) as u32);
-    let (w, h, ow, oh, c) = (w as u64, h as u64, ow as u64, oh as u64, 3u64);
-    let (cw, ch) = match cfg.mode {
-        AspectMode::Pad => (w.max(h), w.max(h)),
-        AspectMode::Resize | AspectMode::DynamicS2 => (w, h),
-    };
-    let coeffs = |n: u64, out: u64| {
-        let support = 2.0 * (n as f64 / out.max(1) as f64).max(1.0);
-        let ksize = support.ceil() as u64 * 2 + 1;
-        out.saturating_mul(ksize).saturating_mul(8)
-    };
-    let horizontal_first = cfg.pillow.horizontal_first(cw as usize, ch as usize, ow as usize, oh as usize);
-    let tmp = if horizontal_first { ch.saturating_mul(ow) } else { cw.saturating_mul(oh) }.saturating_mul(c);
-    tmp.saturating_add(ow.saturating_mul(oh).saturating_mul(c))
-        .saturating_add(coeffs(cw, ow))
-        .saturating_add(coeffs(ch, oh))
 }
 
 // ---------------------------------------------------------------------------
@@ -1149,57 +895,6 @@ pub fn resize_bicubic_pil_with(
     resample(&source, out_w, out_h, order)
 }
 
-// ---------------------------------------------------------------------------
-// S2 tiles, and so the cost, from the header.
-
-/// NVILA's dynamic S2 grid `(cols, rows)` for a `w x h` image: among the
-/// grids with `min_tiles <= cols * rows <= max_tiles`, the one whose aspect
-/// ratio `cols / rows` is closest to `w / h`. On a tie the grid with more
-/// tiles wins if the image has more than half their pixels (`w * h > 0.5 *
-/// base^2 * cols * rows`), as InternVL's `find_closest_aspect_ratio` does
-/// (candidates in increasing tile count; between two grids of the same count,
-/// which Python visits in set order, the one with fewer columns comes first
-/// here). `(1, 1)` when no grid qualifies. NVILA uses `min_tiles = (last
-/// scale / first scale)^2` and `max_tiles = 12`.
-pub fn dynamic_s2_grid(w: u32, h: u32, base: usize, min_tiles: usize, max_tiles: usize) -> (usize, usize) {
-    let mut cands: Vec<(usize, usize)> = (1..=max_tiles)
-        .flat_map(|i| (1..=max_tiles).map(move |j| (i, j)))
-        .filter(|&(i, j)| i * j >= min_tiles && i * j <= max_tiles)
-        .collect();
-    cands.sort_by_key(|&(i, j)| (i * j, i));
-    let aspect = w as f64 / h.max(1) as f64;
-    let area = w as f64 * h as f64;
-    let mut best_diff = f64::INFINITY;
-    let mut best = (1, 1);
-    for (i, j) in cands {
-        let diff = (aspect - i as f64 / j as f64).abs();
-        if diff < best_diff {
-            best_diff = diff;
-            best = (i, j);
-        } else if diff == best_diff && area > 0.5 * (base * base) as f64 * (i * j) as f64 {
-            best = (i, j);
-        }
-    }
-    best
-}
-
-/// ViT tiles (passes at `max_split_size`) one image costs. Static S2:
-/// `sum over scales of (scale / split)^2` (5 for VILA-3B-S2). Dynamic S2:
-/// the square grids of every scale but the last, plus the dynamic grid of the
-/// last (1 + cols * rows for two scales).
-pub fn tiles_for(cfg: &ImageConfig, s2: &S2Config, w: u32, h: u32) -> usize {
-    match cfg.mode {
-        AspectMode::Resize | AspectMode::Pad => s2.tiles_per_image(),
-        AspectMode::DynamicS2 => s2.dynamic_tiles(cfg.dynamic_grid(w, h)),
-    }
-}
-
-/// [`tiles_for`] from the file's header, without decoding it.
-pub fn header_tiles(path: &Path, cfg: &ImageConfig, s2: &S2Config) -> Result<usize, ImageError> {
-    let (w, h) = read_header(path, cfg)?;
-    Ok(tiles_for(cfg, s2, w, h))
-}
-
 /// How far normalized pixels `got` are from `want` (parity checks against
 /// PIL): (max abs difference, mean abs difference, share of values off by at
 /// least one 8-bit level, i.e. by more than half a level after the x/127.5
@@ -1224,11 +919,12 @@ pub fn compare_normalized(got: &[f32], want: &[f32]) -> (f32, f64, f64) {
 mod tests {
     use super::*;
     use serde_json::Value;
+    use tessera_job::image::{dynamic_s2_grid, header_tiles, read_header, tiles_for};
 
     const S: usize = 40;
 
-    fn fixtures() -> PathBuf {
-        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/images")
+    fn fixtures() -> std::path::PathBuf {
+        std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/images")
     }
 
     fn manifest() -> Value {

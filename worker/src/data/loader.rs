@@ -1,113 +1,17 @@
-//! From dataset records to model batches: tokenize, load images, collate,
-//! and prefetch on background threads while the model computes.
-//!
-//! The content of step `s` is a pure function of (seed, s, batch size) and
-//! the datasets: position `p = s * batch + k` of the sample stream is sample
-//! `order(epoch = p / len)[p % len]`, where `order` is `dataset::mix` for
-//! that epoch. A resumed run asks for the same steps and sees the same samples.
+//! From indexed samples to model batches: tokenize, load images, collate,
+//! and prefetch on background threads while the model computes. Which
+//! sample a step holds is the index's (`tessera_job::data::index`), so a
+//! resumed run asks for the same steps and sees the same samples.
 
-use super::dataset::{contribution, mix, read_dataset, DatasetSpec};
-use super::image::{header_tiles, load_image, load_image_dynamic_s2, AspectMode, ImageConfig};
-use super::template::{tokenize, TemplateKind, Tokenized};
-use super::{BadSample, OnBadSample, Sample};
+use super::image::{load_image, load_image_dynamic_s2};
 use crate::engine::TileGrid;
-use crate::model::config::S2Config;
-use crate::model::{hf_config, Batch, ModelConfig};
+use crate::model::{Batch, ModelConfig};
 use anyhow::{bail, Context, Result};
-use serde::{Deserialize, Serialize};
 use std::collections::HashSet;
-use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
-
-/// The `[data]` section of a job config.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct DataConfig {
-    pub datasets: Vec<DatasetSpec>,
-    /// Held-out data scored after training (`worker eval` does the same).
-    #[serde(default)]
-    pub eval_datasets: Vec<DatasetSpec>,
-    /// A Hugging Face `tokenizer.json`.
-    pub tokenizer: PathBuf,
-    #[serde(default = "default_template")]
-    pub template: TemplateKind,
-    /// `resize` (VILA 1.5 S2 models), `pad`, or `dynamic_s2` (NVILA: the
-    /// largest S2 scale is cut into the tile grid closest to the image's
-    /// aspect ratio, at most `max_tiles` tiles).
-    #[serde(default)]
-    pub image_aspect_ratio: AspectMode,
-    /// `dynamic_s2` only: the most tiles of the largest scale (NVILA: 12).
-    #[serde(default = "default_max_tiles")]
-    pub max_tiles: usize,
-    /// Images whose header declares more pixels are refused before decoding.
-    #[serde(default = "default_max_pixels")]
-    pub max_pixels: u64,
-    /// Token limit per sample; defaults to the LLM's max_position_embeddings
-    /// less the image tokens.
-    #[serde(default)]
-    pub max_length: Option<usize>,
-    #[serde(default)]
-    pub on_bad_sample: OnBadSample,
-    /// Batches prepared ahead by background threads.
-    #[serde(default = "default_prefetch")]
-    pub prefetch: usize,
-}
-
-fn default_template() -> TemplateKind {
-    TemplateKind::VicunaV1
-}
-fn default_max_pixels() -> u64 {
-    ImageConfig::new(1).max_pixels
-}
-fn default_max_tiles() -> usize {
-    ImageConfig::new(1).max_tiles
-}
-fn default_prefetch() -> usize {
-    2
-}
-
-impl DataConfig {
-    /// Records in a model directory's `config.json` how its images were
-    /// prepared, as VILA and NVILA read it: `image_aspect_ratio` ("resize",
-    /// "pad" or "dynamic_s2"), and for dynamic S2 `dynamic_s2: true` and
-    /// `max_tiles`.
-    pub fn record_image_preprocessing(&self, model_dir: &Path) -> Result<()> {
-        let mode = serde_json::to_value(self.image_aspect_ratio)?;
-        let dynamic = self.image_aspect_ratio == AspectMode::DynamicS2;
-        let max_tiles = self.max_tiles;
-        hf_config::update_top_config(model_dir, |top| {
-            top.insert("image_aspect_ratio".into(), mode);
-            if dynamic {
-                top.insert("dynamic_s2".into(), true.into());
-                top.insert("max_tiles".into(), max_tiles.into());
-            } else {
-                top.remove("dynamic_s2");
-                top.remove("max_tiles");
-            }
-        })
-    }
-
-    /// Takes `image_aspect_ratio` and `max_tiles` from a model directory's
-    /// `config.json`, so a saved model is evaluated on images prepared the
-    /// way it was trained. Keys that are absent leave the setting as it is.
-    pub fn with_model_image_preprocessing(mut self, model_dir: &Path) -> Result<Self> {
-        let (path, top) = hf_config::read_top_config(model_dir)?;
-        if let Some(v) = top.get("image_aspect_ratio") {
-            self.image_aspect_ratio = serde_json::from_value(v.clone()).map_err(|_| {
-                anyhow::anyhow!(
-                    "{path}: image_aspect_ratio is {v}; Tessera prepares \"resize\", \"pad\" or \"dynamic_s2\""
-                )
-            })?;
-        }
-        if let Some(v) = top.get("max_tiles") {
-            self.max_tiles = v
-                .as_u64()
-                .and_then(|n| usize::try_from(n).ok())
-                .ok_or_else(|| anyhow::anyhow!("{path}: max_tiles is {v}; expected a positive integer"))?;
-        }
-        Ok(self)
-    }
-}
+use tessera_job::data::template::Tokenized;
+use tessera_job::data::{BadSample, DataConfig, DatasetIndex, OnBadSample};
+use tessera_job::image::AspectMode;
 
 /// One sample ready for the collator.
 #[derive(Clone, Debug)]
@@ -121,161 +25,38 @@ pub struct Example {
     pub grid: Option<TileGrid>,
 }
 
-/// What a sample costs to train on, known without decoding its image: the
-/// coordinator balances ranks by `tiles * vit_cost + tokens * llm_cost`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct SampleCost {
-    /// ViT passes (S2 tiles); 0 for a text-only sample.
-    pub tiles: usize,
-    /// LLM positions after the image tokens are spliced in.
-    pub tokens: usize,
-}
-
-/// The datasets of a job, read and indexed, with the tokenizer.
+/// The datasets of a job: the shared index (records, stream order, tokens,
+/// costs) and what the worker adds, loading images and collating batches.
 pub struct Dataset {
-    pub cfg: DataConfig,
-    pub image: ImageConfig,
-    /// The model's S2 scales the images are cut for.
-    s2: S2Config,
-    pub max_len: usize,
-    parts: Vec<(DatasetSpec, Vec<Sample>)>,
-    tokenizer: tokenizers::Tokenizer,
-    /// Records refused while reading the files.
-    pub bad_records: Vec<BadSample>,
+    index: DatasetIndex,
     /// Sample ids already logged as bad (each is logged once).
     logged: Mutex<HashSet<String>>,
-    epoch_order: Mutex<Option<CachedOrder>>,
 }
 
-/// (seed, epoch, order): the last epoch order computed.
-type CachedOrder = (u64, u64, Arc<Vec<(usize, usize)>>);
+impl std::ops::Deref for Dataset {
+    type Target = DatasetIndex;
+    fn deref(&self) -> &DatasetIndex {
+        &self.index
+    }
+}
 
 impl Dataset {
+    pub fn open(cfg: &DataConfig, model: &ModelConfig) -> Result<Self> {
+        Ok(Dataset { index: DatasetIndex::open(cfg, model)?, logged: Mutex::new(HashSet::new()) })
+    }
+
     /// The evaluation split of `cfg` (its `eval_datasets`) as a dataset.
     pub fn open_eval(cfg: &DataConfig, model: &ModelConfig) -> Result<Self> {
-        Self::open(&DataConfig { datasets: cfg.eval_datasets.clone(), eval_datasets: vec![], ..cfg.clone() }, model)
-    }
-
-    /// The demo layout `DIR/{train,eval}.jsonl`, `DIR/images`, `DIR/tokenizer.json`.
-    pub fn demo_config(dir: &std::path::Path) -> DataConfig {
-        let spec = |f: &str| DatasetSpec { path: dir.join(f), image_folder: dir.join("images"), weight: 1.0 };
-        DataConfig {
-            datasets: vec![spec("train.jsonl")],
-            eval_datasets: vec![spec("eval.jsonl")],
-            tokenizer: dir.join("tokenizer.json"),
-            template: default_template(),
-            image_aspect_ratio: AspectMode::Resize,
-            max_tiles: default_max_tiles(),
-            max_pixels: default_max_pixels(),
-            max_length: None,
-            on_bad_sample: OnBadSample::Skip,
-            prefetch: default_prefetch(),
-        }
-    }
-
-    pub fn open(cfg: &DataConfig, model: &ModelConfig) -> Result<Self> {
-        if cfg.datasets.is_empty() {
-            bail!("data.datasets: at least one dataset is needed");
-        }
-        if cfg.prefetch == 0 {
-            bail!("data.prefetch: must be at least 1");
-        }
-        let tokenizer = tokenizers::Tokenizer::from_file(&cfg.tokenizer)
-            .map_err(|e| anyhow::anyhow!("data.tokenizer: cannot load {}: {e}", cfg.tokenizer.display()))?;
-        let vocab = tokenizer.get_vocab_size(true);
-        if vocab > model.llm.vocab_size {
-            bail!(
-                "data.tokenizer: {} has {vocab} tokens but the model's vocabulary is {}",
-                cfg.tokenizer.display(),
-                model.llm.vocab_size
-            );
-        }
-        let mut parts = Vec::new();
-        let mut bad_records = Vec::new();
-        for spec in &cfg.datasets {
-            let read = read_dataset(spec, cfg.on_bad_sample)?;
-            bad_records.extend(read.bad);
-            parts.push((spec.clone(), read.samples));
-        }
-        if parts.iter().all(|(_, s)| s.is_empty()) {
-            bail!("data.datasets: no usable sample in {} dataset(s)", parts.len());
-        }
-        let room = model.llm.max_position_embeddings.saturating_sub(model.image_tokens() - 1);
-        let max_len = cfg.max_length.unwrap_or(room).min(room);
-        let image = ImageConfig {
-            size: model.s2.max_scale(),
-            mode: cfg.image_aspect_ratio,
-            max_pixels: cfg.max_pixels,
-            max_tiles: cfg.max_tiles,
-            tile_size: model.s2.max_split_size,
-            ..ImageConfig::new(model.s2.max_scale())
-        };
-        if cfg.image_aspect_ratio == AspectMode::DynamicS2 {
-            let n = model.s2.splits().last().copied().unwrap_or(1);
-            if cfg.max_tiles < n * n {
-                bail!(
-                    "data.max_tiles: {} is fewer than the {} tiles of the largest S2 scale ({n} x {n} tiles of {} px); dynamic_s2 needs at least that many",
-                    cfg.max_tiles,
-                    n * n,
-                    model.s2.max_split_size
-                );
-            }
-        }
-        Ok(Dataset {
-            cfg: cfg.clone(),
-            image,
-            s2: model.s2.clone(),
-            max_len,
-            parts,
-            tokenizer,
-            bad_records,
-            logged: Mutex::new(HashSet::new()),
-            epoch_order: Mutex::new(None),
-        })
-    }
-
-    /// Every usable sample once, in file order (evaluation).
-    pub fn indices(&self) -> Vec<(usize, usize)> {
-        self.parts.iter().enumerate().flat_map(|(p, (_, s))| (0..s.len()).map(move |i| (p, i))).collect()
-    }
-
-    /// Samples in one epoch (after weighting); the same for every epoch and seed.
-    pub fn epoch_len(&self) -> usize {
-        self.parts.iter().map(|(spec, samples)| contribution(spec.weight, samples.len())).sum()
-    }
-
-    fn order(&self, seed: u64, epoch: u64) -> Arc<Vec<(usize, usize)>> {
-        let mut cache = self.epoch_order.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some((s, e, o)) = cache.as_ref() {
-            if (*s, *e) == (seed, epoch) {
-                return o.clone();
-            }
-        }
-        let o = Arc::new(mix(&self.parts, seed, epoch));
-        *cache = Some((seed, epoch, o.clone()));
-        o
-    }
-
-    /// The cost of a sample from its text and its image *header* only.
-    pub fn cost(&self, model: &ModelConfig, part: usize, index: usize) -> Result<SampleCost, BadSample> {
-        let s = &self.parts[part].1[index];
-        let tokens = tokenize(s, self.cfg.template, &self.tokenizer, self.max_len)?;
-        let n = tokens.input_ids.len();
-        match &s.image {
-            Some(p) => {
-                let tiles =
-                    header_tiles(p, &self.image, &model.s2).map_err(|e| BadSample::new(&s.id, e.to_string()))?;
-                Ok(SampleCost { tiles, tokens: n - 1 + model.image_tokens() })
-            }
-            None => Ok(SampleCost { tiles: 0, tokens: n }),
-        }
+        Ok(Dataset { index: DatasetIndex::open_eval(cfg, model)?, logged: Mutex::new(HashSet::new()) })
     }
 
     /// Tokenizes a sample and loads its image.
     pub fn example(&self, part: usize, index: usize) -> Result<Example, BadSample> {
-        let s = &self.parts[part].1[index];
-        let tokens = tokenize(s, self.cfg.template, &self.tokenizer, self.max_len)?;
-        let bad = |e: super::image::ImageError| BadSample::new(&s.id, e.to_string());
+        let s = self
+            .record(part, index)
+            .ok_or_else(|| BadSample::new(format!("({part}, {index})"), "no such sample in the job's datasets"))?;
+        let tokens = self.tokenize(part, index)?;
+        let bad = |e: tessera_job::image::ImageError| BadSample::new(&s.id, e.to_string());
         let (pixels, grid) = match (&s.image, self.image.mode) {
             (None, _) => (None, None),
             (Some(p), AspectMode::DynamicS2) => {
@@ -285,20 +66,6 @@ impl Dataset {
             (Some(p), AspectMode::Resize | AspectMode::Pad) => (Some(load_image(p, &self.image).map_err(bad)?), None),
         };
         Ok(Example { id: s.id.clone(), tokens, pixels, grid })
-    }
-
-    /// The sample at position `pos` of the stream: `order(pos / len)[pos % len]`.
-    pub fn sample_at(&self, seed: u64, pos: u64) -> Result<(usize, usize)> {
-        let len = self.epoch_len() as u64;
-        if len == 0 {
-            bail!("data.datasets: every dataset has weight 0, so an epoch holds no sample");
-        }
-        Ok(self.order(seed, pos / len)[(pos % len) as usize])
-    }
-
-    /// The samples at stream positions `first..first + count`.
-    pub fn samples_at(&self, seed: u64, first: u64, count: usize) -> Result<Vec<(usize, usize)>> {
-        (first..first + count as u64).map(|pos| self.sample_at(seed, pos)).collect()
     }
 
     /// The samples of step `step` (positions `step * batch_size ..`), loaded
@@ -315,7 +82,7 @@ impl Dataset {
         let mut examples = Vec::with_capacity(refs.len());
         let mut bad = Vec::new();
         for &(part, index) in refs {
-            if part >= self.parts.len() || index >= self.parts[part].1.len() {
+            if self.record(part, index).is_none() {
                 bail!("sample ({part}, {index}) does not exist: the job's datasets differ from the planner's");
             }
             match self.example(part, index) {
@@ -365,7 +132,7 @@ pub fn collate(examples: &[Example]) -> Batch {
         b.input_ids.extend(&e.tokens.input_ids);
         b.input_ids.extend(std::iter::repeat_n(0, t - n));
         b.labels.extend(&e.tokens.labels);
-        b.labels.extend(std::iter::repeat_n(crate::model::config::IGNORE_INDEX, t - n));
+        b.labels.extend(std::iter::repeat_n(tessera_job::model::IGNORE_INDEX, t - n));
         b.has_image.push(e.pixels.is_some());
         if let Some(p) = &e.pixels {
             b.pixel_values.extend(p);
@@ -448,6 +215,11 @@ impl<T: Send + 'static> Drop for Prefetcher<T> {
 mod tests {
     use super::*;
     use crate::data::demo::{make_demo_data, DemoSpec};
+    use std::path::Path;
+    use tessera_job::cost::SampleCost;
+    use tessera_job::data::dataset::DatasetSpec;
+    use tessera_job::data::template::TemplateKind;
+    use tessera_job::hf_config;
 
     fn demo(dir: &std::path::Path, train: usize) -> (DataConfig, ModelConfig) {
         make_demo_data(dir, &DemoSpec { size: 40, train, eval: 4, seed: 1 }).unwrap();
@@ -557,7 +329,7 @@ mod tests {
             (&"dynamic_s2".into(), &true.into(), &6.into())
         );
         assert_eq!(hf_config::read_model_config(&m).unwrap(), model, "the model config still reads");
-        let restored = Dataset::demo_config(dir.path()).with_model_image_preprocessing(&m).unwrap();
+        let restored = DatasetIndex::demo_config(dir.path()).with_model_image_preprocessing(&m).unwrap();
         assert_eq!((restored.image_aspect_ratio, restored.max_tiles), (AspectMode::DynamicS2, 6));
         // Back to static: the dynamic keys go.
         cfg.image_aspect_ratio = AspectMode::Pad;
@@ -570,7 +342,7 @@ mod tests {
             t.insert("image_aspect_ratio".into(), "anyres".into());
         })
         .unwrap();
-        let err = Dataset::demo_config(dir.path()).with_model_image_preprocessing(&m).unwrap_err().to_string();
+        let err = DatasetIndex::demo_config(dir.path()).with_model_image_preprocessing(&m).unwrap_err().to_string();
         assert!(err.contains("config.json") && err.contains("anyres"), "{err}");
     }
 

@@ -1,59 +1,8 @@
-//! The data pipeline: LLaVA/VILA-format datasets, the conversation template
-//! and tokenizer, image decoding and S2 preprocessing, the prefetching
-//! loader, and the synthetic demo dataset.
+//! The worker's data pipeline: image decoding and S2 preprocessing, the
+//! prefetching loader that turns indexed samples into batches, and the
+//! synthetic demo dataset. Records, templates, tokenization and sample costs
+//! are indexed by `tessera_job::data`, which the coordinator shares.
 
-pub mod dataset;
 pub mod demo;
 pub mod image;
 pub mod loader;
-pub mod template;
-
-use serde::{Deserialize, Serialize};
-use std::path::PathBuf;
-
-/// Who speaks a turn. LLaVA files say "human"/"gpt" (some use "user"/"assistant").
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub enum Role {
-    Human,
-    Gpt,
-}
-
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Turn {
-    pub role: Role,
-    pub value: String,
-}
-
-/// One record of a dataset, before tokenization and image loading.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Sample {
-    pub id: String,
-    /// Image path, already joined with the dataset's image folder.
-    pub image: Option<PathBuf>,
-    pub conversations: Vec<Turn>,
-}
-
-/// What to do with a sample that cannot be used.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Default, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum OnBadSample {
-    /// Skip it, log it once with its id and reason, and count it.
-    #[default]
-    Skip,
-    /// Stop the job with an error naming it.
-    Fail,
-}
-
-/// A sample that was refused, and why (reported, never dropped silently).
-#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
-#[error("sample `{id}`: {reason}")]
-pub struct BadSample {
-    pub id: String,
-    pub reason: String,
-}
-
-impl BadSample {
-    pub fn new(id: impl Into<String>, reason: impl Into<String>) -> Self {
-        BadSample { id: id.into(), reason: reason.into() }
-    }
-}

@@ -125,24 +125,7 @@ impl GridShape {
     }
 }
 
-/// `rows x cols` blocks: the tile grid of one S2 scale (`n x n` for static
-/// S2, aspect-ratio-aware at the largest scale of dynamic S2), or the window
-/// of an area pooling.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct TileGrid {
-    pub rows: usize,
-    pub cols: usize,
-}
-
-impl TileGrid {
-    pub fn square(n: usize) -> Self {
-        TileGrid { rows: n, cols: n }
-    }
-
-    pub fn count(&self) -> usize {
-        self.rows * self.cols
-    }
-}
+pub use tessera_job::model::TileGrid;
 
 /// One AdamW step's hyper-parameters (decoupled weight decay, bias correction).
 #[derive(Clone, Copy, Debug, PartialEq)]

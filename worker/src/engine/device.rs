@@ -80,42 +80,15 @@ fn cuda_available() -> bool {
     false
 }
 
-/// How a GPU computes (`[train] precision`); the CPU always computes f32.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Precision {
-    /// f32 everywhere, GEMMs included.
-    F32,
-    /// f32 storage, GEMMs on the tensor cores in TF32 (PyTorch's
-    /// `allow_tf32`): about 1e-3 relative per product, much faster.
-    #[default]
-    Tf32,
-    /// bf16 mixed precision: activations and the weights' compute copies
-    /// in bf16 (half the memory and traffic), GEMMs on the tensor cores in
-    /// bf16 with f32 accumulation (twice TF32's rate), the other ops in f32
-    /// arithmetic; f32 master weights, gradients and AdamW state.
-    Bf16,
-}
+pub use tessera_job::config::Precision;
 
-impl Precision {
-    pub fn parse(s: &str) -> Result<Precision> {
-        match s {
-            "f32" => Ok(Precision::F32),
-            "tf32" => Ok(Precision::Tf32),
-            "bf16" => Ok(Precision::Bf16),
-            _ => bail!("precision {s:?}: expected f32, tf32 or bf16"),
-        }
-    }
-}
-
+/// The CUDA backend's math mode for a job's precision.
 #[cfg(feature = "cuda")]
-impl Precision {
-    pub fn math_mode(self) -> Result<super::cuda::MathMode> {
-        match self {
-            Precision::F32 => Ok(super::cuda::MathMode::F32),
-            Precision::Tf32 => Ok(super::cuda::MathMode::Tf32),
-            Precision::Bf16 => Ok(super::cuda::MathMode::Bf16),
-        }
+pub fn math_mode(precision: Precision) -> Result<super::cuda::MathMode> {
+    match precision {
+        Precision::F32 => Ok(super::cuda::MathMode::F32),
+        Precision::Tf32 => Ok(super::cuda::MathMode::Tf32),
+        Precision::Bf16 => Ok(super::cuda::MathMode::Bf16),
     }
 }
 
@@ -148,7 +121,7 @@ macro_rules! on_device {
                 $body
             }
             $crate::engine::device::Device::Cuda(k) => {
-                let $be = &$crate::engine::cuda::Cuda::new(k, $precision.math_mode()?)?;
+                let $be = &$crate::engine::cuda::Cuda::new(k, $crate::engine::device::math_mode($precision)?)?;
                 $body
             }
         }

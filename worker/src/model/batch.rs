@@ -1,9 +1,9 @@
 //! A training batch as `debug-step` and the trainer receive it, and its
 //! validation into the flat layout the model runs on.
 
-use super::config::{ModelConfig, IGNORE_INDEX, IMAGE_TOKEN_INDEX};
 use crate::engine::TileGrid;
 use anyhow::{bail, Result};
+use tessera_job::model::{ModelConfig, IGNORE_INDEX, IMAGE_TOKEN_INDEX};
 
 /// Host-side batch (DESIGN.md section 4): `input_ids` and `labels` `[B, T]`,
 /// and normalized pixels `[N, C, S_max, S_max]` for the N samples that have

@@ -1,10 +1,10 @@
 //! LLaMA decoder (Hugging Face `LlamaForCausalLM`) on input embeddings, with
 //! the shifted next-token cross-entropy and its backward.
 
-use super::config::LlmConfig;
 use super::linear::{self, Dims};
 use super::store::{GradReady, ParamStore};
 use crate::engine::{AttnShape, Backend, RopeShape};
+use tessera_job::model::LlmConfig;
 
 struct LayerParams {
     ln1: usize,

@@ -1,9 +1,7 @@
 //! The S2 vision-language model: config, parameters, and the modules.
 
 pub mod batch;
-pub mod config;
 pub mod flops;
-pub mod hf_config;
 pub mod linear;
 pub mod llama;
 pub mod params;
@@ -15,7 +13,7 @@ pub mod vlm;
 pub mod weights;
 
 pub use batch::Batch;
-pub use config::ModelConfig;
 pub use params::{param_specs, Module, ParamSpec};
 pub use store::{GradReady, ParamStore};
+pub use tessera_job::model::ModelConfig;
 pub use vlm::{LossSum, Trainable, Vlm};

@@ -4,29 +4,9 @@
 //! prefix (`vision_tower.`, `mm_projector.`, `llm.`), the same names
 //! `debug-step` writes gradients under.
 
-use super::config::ModelConfig;
-use serde::{Deserialize, Serialize};
+use tessera_job::model::ModelConfig;
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Module {
-    VisionTower,
-    Projector,
-    Llm,
-}
-
-impl Module {
-    pub const ALL: [Module; 3] = [Module::VisionTower, Module::Projector, Module::Llm];
-
-    /// The model-directory folder (and name prefix) of this module.
-    pub fn folder(self) -> &'static str {
-        match self {
-            Module::VisionTower => "vision_tower",
-            Module::Projector => "mm_projector",
-            Module::Llm => "llm",
-        }
-    }
-}
+pub use tessera_job::model::Module;
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ParamSpec {

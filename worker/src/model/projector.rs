@@ -1,11 +1,11 @@
 //! VILA's `mlp_downsample` projector: DownSampleBlock (2x2 token merge with
 //! zero padding), LayerNorm, Linear, exact GELU, Linear.
 
-use super::config::ModelConfig;
 use super::linear::{self, Dims};
 use super::store::ParamStore;
 use super::vit::two_mut;
 use crate::engine::{Backend, GeluKind, GridShape};
+use tessera_job::model::ModelConfig;
 
 struct Workspace<B: Backend> {
     batch: usize,

@@ -13,11 +13,11 @@
 //! the base `g x g` grid, so the projector and the LLM see the same number of
 //! image tokens as with static S2, while the ViT's cost follows the image.
 
-use super::config::{ModelConfig, S2Config};
 use super::store::{GradReady, ParamStore};
 use super::vit::Vit;
 use crate::engine::{Backend, GridShape, ImageShape, TileGrid};
 use std::collections::BTreeMap;
+use tessera_job::model::{ModelConfig, S2Config};
 
 /// One scale of one image in a dynamic S2 batch: its tile grid and where
 /// its tiles start in the tile stack.

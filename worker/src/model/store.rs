@@ -1,6 +1,5 @@
 //! Parameter values and gradients on a backend, addressed by index.
 
-use super::config::ModelConfig;
 use super::params::{param_specs, Module, ParamSpec};
 use crate::engine::Backend;
 use anyhow::{bail, Result};
@@ -8,6 +7,7 @@ use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use rand_distr::{Distribution, Normal};
 use std::collections::{BTreeMap, HashMap};
+use tessera_job::model::ModelConfig;
 
 /// Told during backward which parameters' gradients are final (with all
 /// gradients, to read them), so their all-reduce can start while backward

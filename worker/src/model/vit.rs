@@ -5,10 +5,10 @@
 //! the layer is run again just before its backward: S2 multiplies ViT
 //! activations by the tile count, and this trades one extra forward for them.
 
-use super::config::VisionConfig;
 use super::linear::{self, Dims};
 use super::store::{GradReady, ParamStore};
 use crate::engine::{AttnShape, Backend, GeluKind, ImageShape};
+use tessera_job::model::VisionConfig;
 
 struct LayerParams {
     ln1_w: usize,

@@ -3,7 +3,6 @@
 //! through all of it, the ViT included.
 
 use super::batch::{Batch, Prepared};
-use super::config::{ModelConfig, IMAGE_TOKEN_INDEX};
 use super::llama::Llama;
 use super::params::Module;
 use super::projector::Projector;
@@ -11,26 +10,9 @@ use super::s2::S2;
 use super::store::{GradReady, ParamStore};
 use crate::engine::Backend;
 use anyhow::Result;
+use tessera_job::model::{ModelConfig, IMAGE_TOKEN_INDEX};
 
-/// Which modules receive gradients.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Trainable {
-    pub vision_tower: bool,
-    pub projector: bool,
-    pub llm: bool,
-}
-
-impl Trainable {
-    pub const ALL: Trainable = Trainable { vision_tower: true, projector: true, llm: true };
-
-    pub fn get(&self, m: Module) -> bool {
-        match m {
-            Module::VisionTower => self.vision_tower,
-            Module::Projector => self.projector,
-            Module::Llm => self.llm,
-        }
-    }
-}
+pub use tessera_job::model::Trainable;
 
 /// Loss of one forward pass: the sum over target tokens and their count.
 #[derive(Clone, Copy, Debug, PartialEq)]

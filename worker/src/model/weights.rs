@@ -8,8 +8,6 @@
 //! `model.safetensors.index.json` + shards) with the names inside the folder.
 //! Files may hold f32, bf16 or f16 tensors.
 
-use super::config::ModelConfig;
-use super::hf_config::{temp_path, write_atomic, write_model_config};
 use super::params::{param_specs, Module, ParamSpec};
 use anyhow::{anyhow, bail, Context, Result};
 use rayon::prelude::*;
@@ -17,6 +15,9 @@ use safetensors::tensor::{Dtype, SafeTensors, View};
 use std::borrow::Cow;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
+use tessera_job::fs::{temp_path, write_atomic};
+use tessera_job::hf_config::write_model_config;
+use tessera_job::model::ModelConfig;
 
 /// Parameter values by full prefixed name.
 pub type Weights = BTreeMap<String, Vec<f32>>;
@@ -425,8 +426,8 @@ pub fn save_model_dir(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::hf_config::read_model_config;
     use safetensors::tensor::TensorView;
+    use tessera_job::hf_config::read_model_config;
 
     /// Deterministic values of varied magnitude and sign.
     fn fake_weights(cfg: &ModelConfig, seed: u64) -> Weights {

@@ -3,30 +3,32 @@
 //! ring, then train the samples the coordinator assigns each step, with
 //! gradients all-reduced in buckets while backward runs.
 
-use super::checkpoint;
 use super::grad_sync::{BucketSizes, CommThread};
-use super::job::TrainJob;
 use super::optimizer::Optimizer;
-use super::run::{build_model, model_config, restore, stop_on_signal, write_checkpoint_part};
+use super::run::{build_model, restore, stop_on_signal, write_checkpoint_part};
 use super::trainer::{synced_params, train_step_dp};
-use crate::auth::JobToken;
-use crate::client::Client;
 use crate::collective::ring::RingCollective;
 use crate::collective::Collective;
-use crate::data::loader::{DataConfig, Dataset, LoadedBatch, Prefetcher};
+use crate::data::loader::{Dataset, LoadedBatch, Prefetcher};
 use crate::engine::device::Device;
 use crate::engine::Backend;
 use crate::eval::evaluate;
 use crate::launch::Launch;
 use crate::model::weights::{save_model_dir, SaveDtype};
 use crate::model::{ModelConfig, Vlm};
-use crate::tls::ClientTls;
 use anyhow::{anyhow, bail, Context, Result};
 use std::net::TcpListener;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+use tessera_job::checkpoint as manifest;
+use tessera_job::config::model_config;
+use tessera_job::config::TrainJob;
+use tessera_job::data::DataConfig;
+use tessera_proto::auth::JobToken;
+use tessera_proto::client::Client;
+use tessera_proto::tls::ClientTls;
 use tessera_proto::v1::{
     Action, AssignmentRequest, CheckpointFile, CheckpointPart, EvalResult, HeartbeatRequest, JobSpec, JoinReply,
     JoinRequest, LeaveRequest, RendezvousReply, RendezvousRequest, StepReport, Timings,
@@ -242,7 +244,7 @@ fn train(
         #[cfg(feature = "cuda")]
         Device::Cuda(k) => {
             use crate::collective::nccl::{new_unique_id, NcclCollective};
-            let cu = crate::engine::cuda::Cuda::new(k, job.train.precision.math_mode()?)?;
+            let cu = crate::engine::cuda::Cuda::new(k, crate::engine::device::math_mode(job.train.precision)?)?;
             let connect = |rdv: &RendezvousReply| -> Result<(NcclCollective, Aborter)> {
                 let (rank, world) = (rdv.rank as usize, rdv.world_size as usize);
                 if rdv.nccl_unique_id.is_empty() {
@@ -411,7 +413,7 @@ impl Process<'_> {
                 .as_ref()
                 .context("the coordinator resumes at a step, but the job has no checkpoint.dir")
                 .fatal()?;
-            let dir = root.join(checkpoint::step_dir_name(rdv.start_step));
+            let dir = root.join(manifest::step_dir_name(rdv.start_step));
             let done = restore(be, job, cfg, &mut vlm, &mut opt, &dir).fatal()?;
             tracing::info!(rank, step = done, checkpoint = %dir.display(), "resumed from the checkpoint");
         }

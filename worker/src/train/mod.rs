@@ -3,7 +3,6 @@
 pub mod checkpoint;
 pub mod distributed;
 pub mod grad_sync;
-pub mod job;
 pub mod optimizer;
 pub mod run;
 pub mod schedule;

@@ -3,69 +3,10 @@
 
 use super::schedule::cosine_with_warmup;
 use crate::engine::{AdamW, Backend};
-use crate::model::{Module, ParamStore, Trainable};
+use crate::model::ParamStore;
 use anyhow::{bail, Result};
-use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
-
-/// Per-module values (learning rates): vision tower, projector, LLM.
-#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
-pub struct PerModule<T> {
-    pub vision_tower: T,
-    pub projector: T,
-    pub llm: T,
-}
-
-impl<T: Copy> PerModule<T> {
-    pub fn all(v: T) -> Self {
-        PerModule { vision_tower: v, projector: v, llm: v }
-    }
-    pub fn get(&self, m: Module) -> T {
-        match m {
-            Module::VisionTower => self.vision_tower,
-            Module::Projector => self.projector,
-            Module::Llm => self.llm,
-        }
-    }
-}
-
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct OptimConfig {
-    pub lr: PerModule<f32>,
-    pub weight_decay: f32,
-    pub beta1: f32,
-    pub beta2: f32,
-    pub eps: f32,
-    pub warmup_steps: u64,
-    pub total_steps: u64,
-    /// Clip the global gradient norm to this value; 0 disables clipping.
-    pub max_grad_norm: f32,
-    pub freeze: PerModule<bool>,
-}
-
-impl Default for OptimConfig {
-    /// VILA 1.5 stage 3 (everything trainable, lr 1e-4, no weight decay).
-    fn default() -> Self {
-        OptimConfig {
-            lr: PerModule::all(1e-4),
-            weight_decay: 0.0,
-            beta1: 0.9,
-            beta2: 0.999,
-            eps: 1e-8,
-            warmup_steps: 0,
-            total_steps: 1,
-            max_grad_norm: 1.0,
-            freeze: PerModule::all(false),
-        }
-    }
-}
-
-impl OptimConfig {
-    pub fn trainable(&self) -> Trainable {
-        Trainable { vision_tower: !self.freeze.vision_tower, projector: !self.freeze.projector, llm: !self.freeze.llm }
-    }
-}
+pub use tessera_job::config::{OptimConfig, PerModule};
 
 /// What one optimizer step did.
 #[derive(Clone, Copy, Debug, PartialEq)]

@@ -2,7 +2,6 @@
 //! synthetic), the step loop with logging, evaluation and saving.
 
 use super::checkpoint;
-use super::job::TrainJob;
 use super::schedule::warmup_steps;
 use super::{train_step, OptimConfig, Optimizer};
 use crate::data::loader::{Dataset, Prefetcher};
@@ -10,11 +9,14 @@ use crate::engine::device::Device;
 use crate::engine::Backend;
 use crate::eval::{evaluate, EvalReport};
 use crate::model::weights::{load_weights, save_model_dir, SaveDtype};
-use crate::model::{hf_config, Batch, ModelConfig, ParamStore, Vlm};
+use crate::model::{Batch, ModelConfig, ParamStore, Vlm};
 use anyhow::{bail, Context, Result};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use tessera_job::checkpoint as manifest;
+use tessera_job::config::model_config;
+use tessera_job::config::TrainJob;
 
 /// One line of the step metrics (JSONL).
 #[derive(Clone, Debug, serde::Serialize)]
@@ -41,22 +43,6 @@ pub struct JobReport {
     pub bad_samples: usize,
     pub eval: Option<EvalReport>,
     pub seconds: f64,
-}
-
-pub fn model_config(job: &TrainJob) -> Result<ModelConfig> {
-    let mut cfg = match (&job.model.dir, &job.model.preset) {
-        (Some(dir), _) => hf_config::read_model_config(dir)?,
-        (None, Some(name)) => ModelConfig::named_preset(name).context("model.preset")?,
-        (None, None) => bail!("model: set `preset` or `dir`"),
-    };
-    if let Some(scales) = &job.model.s2_scales {
-        if job.model.dir.is_some() {
-            bail!("model.s2_scales: only a preset's scales can be overridden; a model directory fixes its own");
-        }
-        cfg.s2.scales = scales.clone();
-        cfg.validate().context("model.s2_scales")?;
-    }
-    Ok(cfg)
 }
 
 /// The job's model (loaded from its directory, or initialized from the job
@@ -96,7 +82,7 @@ fn run_job_on<B: Backend>(
 ) -> Result<JobReport> {
     let ck = &job.checkpoint;
     let resume_from = match &ck.dir {
-        Some(root) => checkpoint::latest_intact(root, &mut |w| log(&w))?,
+        Some(root) => manifest::latest_intact(root, &mut |w| log(&w))?,
         None => None,
     };
     let mut metrics_file = match metrics {
@@ -228,7 +214,7 @@ fn run_job_on<B: Backend>(
     Ok(report)
 }
 
-/// Loads the checkpoint in `dir`, which `checkpoint::latest_intact` has
+/// Loads the checkpoint in `dir`, which `manifest::latest_intact` has
 /// verified (here or on the coordinator), into the model and optimizer;
 /// returns the steps it had done. The checkpoint must come from this job:
 /// the same seed, accumulation and model.
@@ -279,8 +265,8 @@ fn checkpoint_due(job: &TrainJob, done: u64, force: bool) -> Option<&Path> {
     (force || done.is_multiple_of(ck.every) || done == job.train.steps).then_some(root)
 }
 
-fn run_state<B: Backend>(job: &TrainJob, opt: &Optimizer<B>, done: u64) -> checkpoint::RunState {
-    checkpoint::RunState {
+fn run_state<B: Backend>(job: &TrainJob, opt: &Optimizer<B>, done: u64) -> manifest::RunState {
+    manifest::RunState {
         step: done,
         optimizer_step: opt.step,
         micro_batches: done * job.train.grad_accum as u64,
@@ -323,7 +309,7 @@ pub(crate) fn save_checkpoint<B: Backend>(
     let weights = vlm.params.to_host(be);
     let dir =
         checkpoint::save(root, &checkpoint::Parts { state: &state, m: &m, v: &v }, model_writer(job, cfg, &weights))?;
-    checkpoint::prune(root, job.checkpoint.keep, None)?;
+    manifest::prune(root, job.checkpoint.keep, None)?;
     log(&format!("checkpoint {} committed", dir.display()));
     Ok(Some(dir))
 }
@@ -332,7 +318,7 @@ pub(crate) fn save_checkpoint<B: Backend>(
 /// `checkpoint_due`): rank `rank` of `world` writes its part into the
 /// staging directory of `generation` (rank 0 also the model and the run
 /// state). Returns that directory and the files written, for the
-/// coordinator's `checkpoint::commit`.
+/// coordinator's `manifest::commit`.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn write_checkpoint_part<B: Backend>(
     be: &B,
@@ -345,13 +331,13 @@ pub(crate) fn write_checkpoint_part<B: Backend>(
     rank: usize,
     world: usize,
     generation: u64,
-) -> Result<Option<(PathBuf, Vec<checkpoint::FileEntry>)>> {
+) -> Result<Option<(PathBuf, Vec<manifest::FileEntry>)>> {
     let Some(root) = checkpoint_due(job, done, force) else { return Ok(None) };
     // Every rank holds every moment after the all-reduced update; the
     // optimizer downloads them all, and `write_part` writes this rank's share.
     let (m, v) = opt.moments_to_host(be, &vlm.params);
     let state = run_state(job, opt, done);
-    let staging = checkpoint::staging_dir(root, done, generation);
+    let staging = manifest::staging_dir(root, done, generation);
     let weights = (rank == 0).then(|| vlm.params.to_host(be));
     let part = checkpoint::RankPart { rank, world, state: &state, m: &m, v: &v };
     let files = checkpoint::write_part(&staging, &part, weights.as_ref().map(|w| model_writer(job, cfg, w)))?;
@@ -395,9 +381,9 @@ mod tests {
             let (dir, f) = part(4, rank).unwrap();
             (staging, files) = (dir, [files, f].concat());
         }
-        assert_eq!(staging, checkpoint::staging_dir(root.path(), 4, 1));
-        let dir = checkpoint::commit(root.path(), &staging, 4, files).unwrap();
-        checkpoint::verify(&dir).unwrap();
+        assert_eq!(staging, manifest::staging_dir(root.path(), 4, 1));
+        let dir = manifest::commit(root.path(), &staging, 4, files).unwrap();
+        manifest::verify(&dir).unwrap();
 
         let (mut vlm2, mut opt2) = build_model(&be, &job, &cfg).unwrap();
         assert_eq!(restore(&be, &job, &cfg, &mut vlm2, &mut opt2, &dir).unwrap(), 4);

@@ -12,10 +12,11 @@
 //!
 //! Every error names the file and the key.
 
-use super::config::{ConfigError, LlmConfig, ModelConfig, ProjectorConfig, S2Config, VisionConfig};
+use crate::fs::write_atomic;
+use crate::model::{ConfigError, LlmConfig, ModelConfig, ProjectorConfig, S2Config, VisionConfig};
 use anyhow::{anyhow, bail, Context, Result};
 use serde_json::{json, Map, Value};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 /// The projector's LayerNorm eps when `mm_projector/config.json` does not say
 /// (VILA's `mlp_downsample` uses `nn.LayerNorm`'s default).
@@ -401,29 +402,6 @@ fn read_llm(sec: &Section) -> Result<LlmConfig> {
 fn f32_json(x: f32) -> Value {
     let shortest: f64 = x.to_string().parse().unwrap_or(x as f64);
     json!(shortest)
-}
-
-/// Writes `bytes` to `path` through a temporary file in the same folder.
-pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let tmp = temp_path(path);
-    let res = (|| -> std::io::Result<()> {
-        use std::io::Write;
-        let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(bytes)?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, path)
-    })();
-    if let Err(e) = res {
-        let _ = std::fs::remove_file(&tmp);
-        bail!("{}: cannot write: {e}", path.display());
-    }
-    Ok(())
-}
-
-/// A temporary name beside `path`, unique to this process.
-pub(crate) fn temp_path(path: &Path) -> PathBuf {
-    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-    path.with_file_name(format!(".{name}.tmp-{}", std::process::id()))
 }
 
 fn write_json(dir: &Path, rel: &str, value: &Value) -> Result<()> {

@@ -1,9 +1,10 @@
 //! The training job config (TOML), e.g. `configs/tiny.toml`: one schema for
-//! `worker train` (one process) and the coordinator (many workers).
+//! `worker train` (one process) and the coordinator (many workers), with its
+//! validation and the model shape it names.
 
-use super::optimizer::OptimConfig;
-use crate::data::loader::DataConfig;
-use crate::model::ModelConfig;
+use crate::data::DataConfig;
+use crate::hf_config;
+use crate::model::{ModelConfig, Module, Trainable};
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
@@ -44,7 +45,7 @@ pub struct TrainSection {
     /// "bf16" (mixed precision: bf16 activations and weight copies, f32
     /// masters, gradients and optimizer state) or "f32"; the CPU ignores it.
     #[serde(default)]
-    pub precision: crate::engine::device::Precision,
+    pub precision: Precision,
 }
 
 fn one() -> usize {
@@ -266,6 +267,109 @@ impl TrainJob {
     }
 }
 
+/// How a GPU computes (`[train] precision`); the CPU always computes f32.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Precision {
+    /// f32 everywhere, GEMMs included.
+    F32,
+    /// f32 storage, GEMMs on the tensor cores in TF32 (PyTorch's
+    /// `allow_tf32`): about 1e-3 relative per product, much faster.
+    #[default]
+    Tf32,
+    /// bf16 mixed precision: activations and the weights' compute copies
+    /// in bf16 (half the memory and traffic), GEMMs on the tensor cores in
+    /// bf16 with f32 accumulation (twice TF32's rate), the other ops in f32
+    /// arithmetic; f32 master weights, gradients and AdamW state.
+    Bf16,
+}
+
+impl Precision {
+    pub fn parse(s: &str) -> Result<Precision> {
+        match s {
+            "f32" => Ok(Precision::F32),
+            "tf32" => Ok(Precision::Tf32),
+            "bf16" => Ok(Precision::Bf16),
+            _ => bail!("precision {s:?}: expected f32, tf32 or bf16"),
+        }
+    }
+}
+
+/// Per-module values (learning rates): vision tower, projector, LLM.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct PerModule<T> {
+    pub vision_tower: T,
+    pub projector: T,
+    pub llm: T,
+}
+
+impl<T: Copy> PerModule<T> {
+    pub fn all(v: T) -> Self {
+        PerModule { vision_tower: v, projector: v, llm: v }
+    }
+    pub fn get(&self, m: Module) -> T {
+        match m {
+            Module::VisionTower => self.vision_tower,
+            Module::Projector => self.projector,
+            Module::Llm => self.llm,
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct OptimConfig {
+    pub lr: PerModule<f32>,
+    pub weight_decay: f32,
+    pub beta1: f32,
+    pub beta2: f32,
+    pub eps: f32,
+    pub warmup_steps: u64,
+    pub total_steps: u64,
+    /// Clip the global gradient norm to this value; 0 disables clipping.
+    pub max_grad_norm: f32,
+    pub freeze: PerModule<bool>,
+}
+
+impl Default for OptimConfig {
+    /// VILA 1.5 stage 3 (everything trainable, lr 1e-4, no weight decay).
+    fn default() -> Self {
+        OptimConfig {
+            lr: PerModule::all(1e-4),
+            weight_decay: 0.0,
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            warmup_steps: 0,
+            total_steps: 1,
+            max_grad_norm: 1.0,
+            freeze: PerModule::all(false),
+        }
+    }
+}
+
+impl OptimConfig {
+    pub fn trainable(&self) -> Trainable {
+        Trainable { vision_tower: !self.freeze.vision_tower, projector: !self.freeze.projector, llm: !self.freeze.llm }
+    }
+}
+
+pub fn model_config(job: &TrainJob) -> Result<ModelConfig> {
+    let mut cfg = match (&job.model.dir, &job.model.preset) {
+        (Some(dir), _) => hf_config::read_model_config(dir)?,
+        (None, Some(name)) => ModelConfig::named_preset(name).context("model.preset")?,
+        (None, None) => bail!("model: set `preset` or `dir`"),
+    };
+    if let Some(scales) = &job.model.s2_scales {
+        if job.model.dir.is_some() {
+            bail!("model.s2_scales: only a preset's scales can be overridden; a model directory fixes its own");
+        }
+        cfg.s2.scales = scales.clone();
+        cfg.validate().context("model.s2_scales")?;
+    }
+    Ok(cfg)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -323,7 +427,6 @@ llm = true
     /// anything else refused by name.
     #[test]
     fn precision_is_tf32_unless_asked() {
-        use crate::engine::device::Precision;
         assert_eq!(TrainJob::parse(GOOD).unwrap().train.precision, Precision::Tf32);
         let f32_job = GOOD.replace("steps = 10", "steps = 10\nprecision = \"f32\"");
         assert_eq!(TrainJob::parse(&f32_job).unwrap().train.precision, Precision::F32);

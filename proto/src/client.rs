@@ -4,14 +4,14 @@
 
 use crate::auth::{JobToken, SESSION_KEY};
 use crate::tls::ClientTls;
-use anyhow::{anyhow, bail, Context, Result};
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
-use tessera_proto::v1::{
+use crate::v1::{
     Assignment, AssignmentRequest, CheckpointAck, CheckpointPart, HeartbeatReply, HeartbeatRequest, JoinReply,
     JoinRequest, LeaveRequest, RendezvousReply, RendezvousRequest, StepAck, StepReport,
 };
-use tessera_proto::CoordinatorClient;
+use crate::CoordinatorClient;
+use anyhow::{anyhow, bail, Context, Result};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::metadata::{AsciiMetadataValue, MetadataValue};
 use tonic::service::interceptor::InterceptedService;

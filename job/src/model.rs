@@ -1,11 +1,71 @@
 //! Model shapes: presets, derived sizes and validation.
 //!
 //! A config comes from a preset (`tiny`, `small`, `vila-3b-s2`) or from the
-//! Hugging Face config.json files of a model directory (see `hf_config.rs`).
+//! Hugging Face config.json files of a model directory (see [`crate::hf_config`]).
 //! Every config passes `validate` before a model is built from it.
 
-use crate::engine::TileGrid;
 use serde::{Deserialize, Serialize};
+
+/// `rows x cols` blocks: the tile grid of one S2 scale (`n x n` for static
+/// S2, aspect-ratio-aware at the largest scale of dynamic S2), or the window
+/// of an area pooling.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct TileGrid {
+    pub rows: usize,
+    pub cols: usize,
+}
+
+impl TileGrid {
+    pub fn square(n: usize) -> Self {
+        TileGrid { rows: n, cols: n }
+    }
+
+    pub fn count(&self) -> usize {
+        self.rows * self.cols
+    }
+}
+
+/// The three parts of the model, each a folder of the model directory.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Module {
+    VisionTower,
+    Projector,
+    Llm,
+}
+
+impl Module {
+    pub const ALL: [Module; 3] = [Module::VisionTower, Module::Projector, Module::Llm];
+
+    /// The model-directory folder (and name prefix) of this module.
+    pub fn folder(self) -> &'static str {
+        match self {
+            Module::VisionTower => "vision_tower",
+            Module::Projector => "mm_projector",
+            Module::Llm => "llm",
+        }
+    }
+}
+
+/// Which modules receive gradients.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Trainable {
+    pub vision_tower: bool,
+    pub projector: bool,
+    pub llm: bool,
+}
+
+impl Trainable {
+    pub const ALL: Trainable = Trainable { vision_tower: true, projector: true, llm: true };
+
+    pub fn get(&self, m: Module) -> bool {
+        match m {
+            Module::VisionTower => self.vision_tower,
+            Module::Projector => self.projector,
+            Module::Llm => self.llm,
+        }
+    }
+}
 
 /// SigLIP vision tower.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

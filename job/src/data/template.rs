@@ -55,7 +55,7 @@ use tokenizers::{AddedToken, OffsetReferential, OffsetType, PreTokenizedString, 
 /// The image placeholder in conversation text.
 pub const IMAGE_TAG: &str = "<image>";
 /// The image's input id and the ignored label are the model's own constants.
-pub use crate::model::config::{IGNORE_INDEX, IMAGE_TOKEN_INDEX};
+pub use crate::model::{IGNORE_INDEX, IMAGE_TOKEN_INDEX};
 /// Special tokens, as in the LLaMA tokenizer.
 pub const UNK_TOKEN: &str = "<unk>";
 pub const BOS_TOKEN: &str = "<s>";
