@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# GPU checks of the CUDA backend (issue 5), for a GPU machine with no Rust
+# GPU checks of the CUDA backend, for a GPU machine with no Rust
 # toolchain and no network: it takes a worker built elsewhere with
 #   cargo build --release -p tessera-worker --features cuda
 # and runs, in under 8 minutes on one H100:

@@ -1,4 +1,4 @@
-//! Checkpoints and resume of `worker train` (issue 6), with real processes
+//! Checkpoints and resume of `worker train`, with real processes
 //! and files: a run killed with SIGKILL after a checkpoint commits, and
 //! restarted, ends with the same bits as a run that was never interrupted,
 //! also when its newest checkpoint was damaged in between.

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Coordinator under heartbeat load (issue 7): a real 4-worker training job on
+# Coordinator under heartbeat load: a real 4-worker training job on
 # 127.0.0.1, alone (A), while 1024 simulated clients heartbeat its
 # coordinator at 10 Hz each (B), and while they heartbeat a decoy
 # coordinator with no workers instead (C), in the order A, B, C, A, C, B, A

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Image pipeline benchmark (issue 3): images per second through decode,
+# Image pipeline benchmark: images per second through decode,
 # resize to the largest S2 scale (768 for vila-3b-s2) and SigLIP normalize,
 # Tessera's `load_image` vs PIL + numpy on the same 200 JPEGs, in one run.
 # Prints a Markdown table and the ratios ours / PIL for 1 thread vs 1 process

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""The PIL + numpy side of the image pipeline benchmark (issue 3).
+"""The PIL + numpy side of the image pipeline benchmark.
 
 Driven by `worker/examples/bench_image_pipeline.rs` (see tools/bench_images.sh),
 which runs our `load_image` and this script on the same files in one run and

@@ -12,7 +12,7 @@ batch shape and step, written with PyTorch + Hugging Face transformers
     table printer computes MFU from one FLOP formula.
 
 Presets (ModelConfig::small() / ::vila_3b_s2(), worker/src/model/config.rs;
-DESIGN.md 1-2):
+docs/DESIGN.md 1-2):
                       small                        vila-3b-s2
   SiglipVisionModel   hidden 256, inter 1024,      hidden 1152, inter 4304,
                       7 layers, 4 heads,           27 layers, 16 heads,

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The S2 demo table (issue 3): `tiny` trained for the same steps on the demo
+# The S2 demo table: `tiny` trained for the same steps on the demo
 # data three ways (two S2 scales with the ViT unfrozen; one scale; two scales
 # with the ViT frozen), each evaluated on the held-out split, for the
 # training seeds in SEEDS (default "0 1 2": one seed can mislead, as

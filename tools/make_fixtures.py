@@ -3,7 +3,7 @@
 
 This is an independent reference written with PyTorch + Hugging Face
 transformers (no Tessera code involved). It builds a tiny model with the same
-structure as VILA 1.5 3B-S2 (see docs: /work/shared/DESIGN.md sections 1-4):
+structure as VILA 1.5 3B-S2 (see docs/DESIGN.md sections 1-4):
 
   SigLIP ViT (hidden 32, 3 layers, 5x5 patch grid)  --S2 [20, 40]-->
   mlp_downsample projector (DownSampleBlock, LN, Linear, GELU, Linear)  -->
@@ -11,8 +11,8 @@ structure as VILA 1.5 3B-S2 (see docs: /work/shared/DESIGN.md sections 1-4):
 
 and writes, under tests/fixtures/tiny/:
 
-  model/                        VILA layout (DESIGN.md section 3), f32 safetensors
-  batch.safetensors             worker debug-step input (DESIGN.md section 4)
+  model/                        VILA layout (docs/DESIGN.md section 3), f32 safetensors
+  batch.safetensors             worker debug-step input (docs/DESIGN.md section 4)
   expected_grads.safetensors    loss + one gradient per parameter (section 4)
   expected_forward.safetensors  intermediate activations for debugging
   batch_dynamic.safetensors     a dynamic S2 batch (NVILA's dynamic_s2): tiles
@@ -453,7 +453,7 @@ def check_downsample_formula():
             t = k * (Rp // 2) + q
             want[:, t] = torch.cat([grid[:, 2 * q, 2 * k], grid[:, 2 * q, 2 * k + 1],
                                     grid[:, 2 * q + 1, 2 * k], grid[:, 2 * q + 1, 2 * k + 1]], dim=-1)
-    assert got.shape == want.shape and torch.equal(got, want), "DownSampleBlock disagrees with DESIGN.md formula"
+    assert got.shape == want.shape and torch.equal(got, want), "DownSampleBlock disagrees with docs/DESIGN.md formula"
 
 
 def check_vit_hidden_states(vit, pixels):

@@ -3,7 +3,7 @@
 //! start) so tests drive it by hand; the gRPC handlers in `service.rs` only
 //! translate to and from it.
 //!
-//! Recovery (DESIGN.md section 5): a rank that dies or fails while its
+//! Recovery (docs/DESIGN.md section 5): a rank that dies or fails while its
 //! generation trains starts the next generation, up to
 //! `cluster.max_restarts`. Survivors hear ABORT on their next heartbeat,
 //! drop their collective and join again with their ranks; a replacement

@@ -1,4 +1,4 @@
-//! The coordinator's durable job state (DESIGN.md section 5): generation,
+//! The coordinator's durable job state (docs/DESIGN.md section 5): generation,
 //! restarts, committed checkpoints, progress. It lives in an embedded
 //! transactional store (redb) in the job's state directory, so a
 //! coordinator killed at any moment and started again on the same directory

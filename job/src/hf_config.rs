@@ -1,5 +1,5 @@
 //! Reading and writing the Hugging Face / VILA config.json files of a model
-//! directory (DESIGN.md section 3).
+//! directory (docs/DESIGN.md section 3).
 //!
 //! A model directory holds four config files:
 //! - `config.json`: VILA's top level (`s2_scales`, `s2_max_split_size`,

@@ -370,7 +370,7 @@ impl ModelConfig {
         }
     }
 
-    /// The real VILA-3B-S2 shape (DESIGN.md section 1).
+    /// The real VILA-3B-S2 shape (docs/DESIGN.md section 1).
     pub fn vila_3b_s2() -> Self {
         ModelConfig {
             vision: VisionConfig {

@@ -1,4 +1,4 @@
-//! Coordinator under heartbeat load (issue 7): a real 4-worker training job
+//! Coordinator under heartbeat load: a real 4-worker training job
 //! on 127.0.0.1 while N simulated clients (default 1024) heartbeat the
 //! coordinator at 10 Hz each. Does the load slow training, and what do the
 //! heartbeats cost the coordinator?

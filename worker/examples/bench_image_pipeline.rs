@@ -1,6 +1,6 @@
 //! Images per second through the image pipeline (decode, resize to the
 //! largest S2 scale, normalize), ours against PIL + numpy doing the same on
-//! the same JPEGs, in one run (issue 3).
+//! the same JPEGs, in one run.
 //!
 //! ```text
 //! cargo run --release -p tessera-worker --example bench_image_pipeline -- [--threads 2] [--reps 5]

@@ -1,4 +1,4 @@
-//! `worker debug-step` (DESIGN.md section 4): one forward and backward pass
+//! `worker debug-step` (docs/DESIGN.md section 4): one forward and backward pass
 //! with every module trainable and no optimizer step, gradients written as
 //! safetensors under their prefixed checkpoint names. This is how users and
 //! our tests compare Tessera with the PyTorch/transformers implementation.

@@ -65,7 +65,7 @@ enum Command {
     /// Joins a multi-worker job (the same as giving the flags without a subcommand).
     Run(RunArgs),
     /// One forward + backward pass with every module trainable; writes the
-    /// loss and all gradients (DESIGN.md section 4).
+    /// loss and all gradients (docs/DESIGN.md section 4).
     DebugStep {
         #[arg(long)]
         model: PathBuf,

@@ -1,7 +1,7 @@
 //! NCCL all-reduce for GPU workers (built with `--features cuda`).
 //!
 //! Rank 0 creates the unique id; the coordinator hands it to every rank
-//! with the generation (DESIGN.md section 5), and each rank joins the
+//! with the generation (docs/DESIGN.md section 5), and each rank joins the
 //! communicator with it. Reductions run on their own stream: the gradient
 //! bucket's copies were queued on the compute stream, and the compute
 //! thread recorded an event right after them (`Backend::mark_ready`), so

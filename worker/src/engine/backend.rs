@@ -432,7 +432,7 @@ pub trait Backend: Send + Sync + 'static {
         col_offset: usize,
     );
     /// VILA 1.5 DownSampleBlock: zero-pad an odd side, then merge each 2x2 block
-    /// into one token of 4x the channels, column pairs outer (see DESIGN.md 1).
+    /// into one token of 4x the channels, column pairs outer (see docs/DESIGN.md 1).
     /// `src` is a square `[batch, side*side, C]`, `dst` is `[batch, (ceil(side/2))^2, 4C]`.
     fn downsample2x2_fwd(&self, src: &Self::Buf, src_shape: GridShape, dst: &mut Self::Buf);
     fn downsample2x2_bwd(&self, ddst: &Self::Buf, src_shape: GridShape, dsrc: &mut Self::Buf);

@@ -30,11 +30,11 @@ pub struct Tolerance {
 }
 
 impl Tolerance {
-    /// f32 everywhere (issue 5: 1e-5).
+    /// f32 everywhere (limit 1e-5).
     pub const F32: Tolerance = Tolerance { plain: 1e-5, gemm: 1e-5, state: 1e-5 };
-    /// TF32 GEMMs (issue 5: 3e-4), everything else f32.
+    /// TF32 GEMMs (limit 3e-4), everything else f32.
     pub const TF32: Tolerance = Tolerance { plain: 1e-5, gemm: 3e-4, state: 1e-5 };
-    /// bf16 storage of activations and bf16 GEMMs (issue 5: 1e-2): every
+    /// bf16 storage of activations and bf16 GEMMs (limit 1e-2): every
     /// output that is an activation is rounded to bf16.
     pub const BF16: Tolerance = Tolerance { plain: 1e-2, gemm: 1e-2, state: 1e-5 };
 

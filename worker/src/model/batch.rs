@@ -5,7 +5,7 @@ use crate::engine::TileGrid;
 use anyhow::{bail, Result};
 use tessera_job::model::{ModelConfig, IGNORE_INDEX, IMAGE_TOKEN_INDEX};
 
-/// Host-side batch (DESIGN.md section 4): `input_ids` and `labels` `[B, T]`,
+/// Host-side batch (docs/DESIGN.md section 4): `input_ids` and `labels` `[B, T]`,
 /// and normalized pixels `[N, C, S_max, S_max]` for the N samples that have
 /// an image, in sample order. A sample with an image has exactly one -200
 /// token; a text-only sample has none. Samples may be right-padded (labels

@@ -1,6 +1,6 @@
 //! The parameter list of the model: checkpoint names, shapes and modules.
 //!
-//! Names are the checkpoint names of DESIGN.md section 3 with their folder as
+//! Names are the checkpoint names of docs/DESIGN.md section 3 with their folder as
 //! prefix (`vision_tower.`, `mm_projector.`, `llm.`), the same names
 //! `debug-step` writes gradients under.
 

@@ -1,5 +1,5 @@
 //! Loading and saving the safetensors weights of a VILA-layout model
-//! directory (DESIGN.md section 3).
+//! directory (docs/DESIGN.md section 3).
 //!
 //! In memory the weights are a map from the full prefixed parameter name of
 //! `param_specs` (`vision_tower.vision_model...`, `mm_projector.layers.1.weight`,

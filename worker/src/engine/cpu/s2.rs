@@ -158,7 +158,7 @@ pub fn concat_cols_bwd<T: Real>(
     });
 }
 
-/// VILA 1.5 `DownSampleBlock` (DESIGN.md 1): pad an odd side with a zero row and
+/// VILA 1.5 `DownSampleBlock` (docs/DESIGN.md 1): pad an odd side with a zero row and
 /// column at the end (`R = side` rounded up to even, `h = R / 2`), then output
 /// token `k * h + q` (column pair `k` outer, row pair `q` inner: the grid comes
 /// out transposed) holds `x[2q][2k], x[2q][2k+1], x[2q+1][2k], x[2q+1][2k+1]`

@@ -1,4 +1,4 @@
-//! The CUDA side of the engine (issue 5), built with `--features cuda`.
+//! The CUDA side of the engine, built with `--features cuda`.
 //! cudarc opens the CUDA libraries at run time (`dynamic-loading`), so
 //! building needs no toolkit; here every library the backend needs is
 //! probed before first use, so that a machine without one gets an error
