@@ -3,9 +3,10 @@
 //! safetensors under their prefixed checkpoint names. This is how users and
 //! our tests compare Tessera with the PyTorch/transformers implementation.
 
+use crate::codec::decode;
 use crate::engine::device::{DeviceSpec, Precision};
 use crate::engine::{Backend, TileGrid};
-use crate::model::weights::{decode, read_file};
+use crate::model::weights::read_file;
 use crate::model::{weights, Batch, ModelConfig, ParamStore, Trainable, Vlm};
 use anyhow::{bail, Context, Result};
 use safetensors::tensor::{Dtype, SafeTensors, TensorView};

@@ -36,7 +36,8 @@
 //! only after a newer one is in place. [`load`] merges the optimizer parts
 //! by name, so a run may resume with another world size.
 
-use crate::model::weights::{decode, encode, read_file, SaveDtype};
+use crate::codec::{decode, encode, SaveDtype};
+use crate::model::weights::read_file;
 use anyhow::{bail, Context, Result};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};

@@ -4,11 +4,12 @@
 use super::checkpoint;
 use super::schedule::warmup_steps;
 use super::{train_step, OptimConfig, Optimizer};
+use crate::codec::SaveDtype;
 use crate::data::loader::{Dataset, Prefetcher};
 use crate::engine::device::Device;
 use crate::engine::Backend;
 use crate::eval::{evaluate, EvalReport};
-use crate::model::weights::{load_weights, save_model_dir, SaveDtype};
+use crate::model::weights::{load_weights, save_model_dir};
 use crate::model::{Batch, ModelConfig, ParamStore, Vlm};
 use anyhow::{bail, Context, Result};
 use std::collections::BTreeMap;

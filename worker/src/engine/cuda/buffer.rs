@@ -10,7 +10,7 @@
 
 use super::context::Cuda;
 use super::kernels::Storage;
-use crate::model::weights::{self, SaveDtype};
+use crate::codec::{self, SaveDtype};
 use cudarc::driver::{CudaEvent, CudaSlice, CudaView, CudaViewMut};
 use safetensors::tensor::Dtype;
 
@@ -66,7 +66,7 @@ pub(super) fn encode(values: &[f32], storage: Storage) -> Vec<u8> {
         Storage::F32 => SaveDtype::F32,
         Storage::Bf16 => SaveDtype::Bf16,
     };
-    weights::encode(values, dtype)
+    codec::encode(values, dtype)
 }
 
 /// The inverse of [`encode`].
@@ -75,7 +75,7 @@ pub(super) fn decode(bytes: &[u8], storage: Storage) -> Vec<f32> {
         Storage::F32 => Dtype::F32,
         Storage::Bf16 => Dtype::BF16,
     };
-    weights::decode(bytes, dtype)
+    codec::decode(bytes, dtype)
 }
 
 impl Cuda {
