@@ -1,5 +1,6 @@
 //! Tessera worker library: the compute engine, the S2 vision-language model,
-//! training and the command-line tools built on them.
+//! training, the worker process that runs it (`node`) and the command-line
+//! tools built on them.
 
 pub mod codec;
 pub mod collective;
@@ -9,4 +10,5 @@ pub mod engine;
 pub mod eval;
 pub mod launch;
 pub mod model;
+pub mod node;
 pub mod train;

@@ -19,8 +19,8 @@ use tessera_worker::launch::{resolve, LaunchFlags};
 use tessera_worker::model::flops::train_step_flops;
 use tessera_worker::model::weights::save_model_dir;
 use tessera_worker::model::{store, Batch, ModelConfig, ParamStore, Vlm};
-use tessera_worker::train::distributed::{run_worker, WorkerOptions};
-use tessera_worker::train::run::run_job;
+use tessera_worker::node::single::run_job;
+use tessera_worker::node::{run_worker, WorkerOptions};
 use tessera_worker::train::{train_step, OptimConfig, Optimizer};
 
 #[derive(Parser)]

@@ -1,10 +1,10 @@
-//! Training: optimizer, schedule and the step loop.
+//! Training: the step, optimizer, schedule, gradient sync and checkpoint IO.
 
 pub mod checkpoint;
-pub mod distributed;
 pub mod grad_sync;
+pub mod job_checkpoint;
 pub mod optimizer;
-pub mod run;
+pub mod setup;
 pub mod schedule;
 pub mod trainer;
 
