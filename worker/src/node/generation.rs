@@ -6,22 +6,23 @@
 use super::heartbeat::{Aborter, Heartbeat};
 use super::process::Process;
 use super::rejoin::{Classify, Failure};
+use crate::codec::SaveDtype;
 use crate::collective::Collective;
 use crate::data::loader::{Dataset, LoadedBatch, Prefetcher};
 use crate::engine::Backend;
 use crate::eval::evaluate;
-use crate::model::weights::{save_model_dir, SaveDtype};
+use crate::model::weights::save_model_dir;
 use crate::model::{Batch, Vlm};
-use crate::train::checkpoint;
 use crate::train::grad_sync::{BucketSizes, CommThread};
 use crate::train::job_checkpoint::{restore, write_checkpoint_part};
 use crate::train::optimizer::Optimizer;
-use crate::train::run::build_model;
+use crate::train::setup::build_model;
 use crate::train::trainer::{synced_params, train_step_dp};
 use anyhow::{anyhow, Context, Result};
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
+use tessera_job::checkpoint as manifest;
 use tessera_proto::v1::{
     AssignmentRequest, CheckpointFile, CheckpointPart, EvalResult, JoinReply, RendezvousReply, RendezvousRequest,
     StepReport, Timings,
@@ -164,7 +165,7 @@ impl Round<'_, '_> {
                 .as_ref()
                 .context("the coordinator resumes at a step, but the job has no checkpoint.dir")
                 .fatal()?;
-            let dir = root.join(checkpoint::step_dir_name(start_step));
+            let dir = root.join(manifest::step_dir_name(start_step));
             let done = restore(be, job, cfg, &mut vlm, &mut opt, &dir).fatal()?;
             tracing::info!(rank = self.gen.rank, step = done, checkpoint = %dir.display(), "resumed from the checkpoint");
         }

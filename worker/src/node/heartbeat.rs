@@ -4,12 +4,12 @@
 //! training checks; a verdict also releases a blocked collective.
 
 use super::rejoin::Failure;
-use crate::client::Client;
 use anyhow::anyhow;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
+use tessera_proto::client::Client;
 use tessera_proto::v1::{Action, HeartbeatRequest};
 
 /// Releases a blocked collective from another thread (on a shutdown).

@@ -11,16 +11,16 @@ mod rejoin;
 mod signal;
 pub mod single;
 
-use crate::auth::JobToken;
-use crate::client::Client;
 use crate::engine::device::Device;
 use crate::launch::Launch;
-use crate::tls::ClientTls;
 use anyhow::{anyhow, bail, Context, Result};
 use generation::Generation;
 use rejoin::Rejoin;
 use std::net::TcpListener;
 use std::time::Duration;
+use tessera_proto::auth::JobToken;
+use tessera_proto::client::Client;
+use tessera_proto::tls::ClientTls;
 use tessera_proto::v1::{JoinRequest, LeaveRequest};
 
 /// How the worker process reaches its job: the launch (rank, device,

@@ -6,21 +6,22 @@ use super::generation::{Finished, Generation};
 use super::heartbeat::Aborter;
 use super::rejoin::{Failure, Rejoin};
 use super::signal::stop_on_signal;
-use crate::auth::JobToken;
-use crate::client::Client;
 use crate::collective::ring::RingCollective;
 use crate::collective::Collective;
-use crate::data::loader::{DataConfig, Dataset};
+use crate::data::loader::Dataset;
 use crate::engine::device::Device;
 use crate::engine::Backend;
 use crate::model::ModelConfig;
-use crate::train::job::TrainJob;
-use crate::train::run::model_config;
 use anyhow::{bail, Context, Result};
 use std::net::TcpListener;
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::Duration;
+use tessera_job::config::model_config;
+use tessera_job::config::TrainJob;
+use tessera_job::data::DataConfig;
+use tessera_proto::auth::JobToken;
+use tessera_proto::client::Client;
 use tessera_proto::v1::{JobSpec, RendezvousReply};
 
 /// Trains on the device's backend with its collective: the TCP ring on the
@@ -68,7 +69,7 @@ pub(super) fn train(
         #[cfg(feature = "cuda")]
         Device::Cuda(k) => {
             use crate::collective::nccl::{new_unique_id, NcclCollective};
-            let cu = crate::engine::cuda::Cuda::new(k, job.train.precision.math_mode()?)?;
+            let cu = crate::engine::cuda::Cuda::new(k, crate::engine::device::math_mode(job.train.precision)?)?;
             let connect = |rdv: &RendezvousReply| -> Result<(NcclCollective, Aborter)> {
                 let (rank, world) = (rdv.rank as usize, rdv.world_size as usize);
                 if rdv.nccl_unique_id.is_empty() {

@@ -3,9 +3,9 @@
 //! (join the next generation), and the rejoin itself.
 
 use super::generation::Generation;
-use crate::client::Client;
 use anyhow::{bail, Context, Result};
 use std::time::Duration;
+use tessera_proto::client::Client;
 use tessera_proto::v1::{JoinRequest, LeaveRequest};
 
 /// How a generation ended, when it did not finish the job.

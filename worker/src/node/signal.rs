@@ -1,9 +1,9 @@
 //! The stop signal of a job with checkpoints: SIGTERM and SIGINT ask the
 //! run to stop at a step boundary, with a checkpoint, instead of killing it.
 
-use crate::train::job::TrainJob;
 use anyhow::{Context, Result};
 use std::sync::Arc;
+use tessera_job::config::TrainJob;
 
 /// With checkpoints on, SIGTERM (a scheduler's preemption or time limit)
 /// and SIGINT no longer kill the run at once: they set a flag, and the run

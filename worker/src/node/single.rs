@@ -2,20 +2,22 @@
 //! synthetic), the step loop with logging, evaluation and saving.
 
 use super::signal::stop_on_signal;
+use crate::codec::SaveDtype;
 use crate::data::loader::{Dataset, Prefetcher};
 use crate::engine::device::Device;
 use crate::engine::Backend;
 use crate::eval::{evaluate, EvalReport};
-use crate::model::weights::{save_model_dir, SaveDtype};
+use crate::model::weights::save_model_dir;
 use crate::model::Batch;
-use crate::train::checkpoint;
-use crate::train::job::TrainJob;
 use crate::train::job_checkpoint::{restore, save_checkpoint};
-use crate::train::run::{build_model, model_config};
+use crate::train::setup::build_model;
 use crate::train::train_step;
 use anyhow::{bail, Context, Result};
 use std::path::Path;
 use std::sync::Arc;
+use tessera_job::checkpoint as manifest;
+use tessera_job::config::model_config;
+use tessera_job::config::TrainJob;
 
 /// One line of the step metrics (JSONL).
 #[derive(Clone, Debug, serde::Serialize)]
@@ -66,7 +68,7 @@ fn run_job_on<B: Backend>(
 ) -> Result<JobReport> {
     let ck = &job.checkpoint;
     let resume_from = match &ck.dir {
-        Some(root) => checkpoint::latest_intact(root, &mut |w| log(&w))?,
+        Some(root) => manifest::latest_intact(root, &mut |w| log(&w))?,
         None => None,
     };
     let mut metrics_file = match metrics {

@@ -3,16 +3,18 @@
 //! multi-worker one) and restoring a run from it.
 
 use super::checkpoint;
-use super::job::TrainJob;
 use super::Optimizer;
+use crate::codec::SaveDtype;
 use crate::engine::Backend;
-use crate::model::weights::{load_weights, save_model_dir, SaveDtype};
+use crate::model::weights::{load_weights, save_model_dir};
 use crate::model::{ModelConfig, ParamStore, Vlm};
 use anyhow::{bail, Context, Result};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use tessera_job::checkpoint as manifest;
+use tessera_job::config::TrainJob;
 
-/// Loads the checkpoint in `dir`, which `checkpoint::latest_intact` has
+/// Loads the checkpoint in `dir`, which `manifest::latest_intact` has
 /// verified (here or on the coordinator), into the model and optimizer;
 /// returns the steps it had done. The checkpoint must come from this job:
 /// the same seed, accumulation and model.
@@ -46,8 +48,8 @@ fn checkpoint_due(job: &TrainJob, done: u64, force: bool) -> Option<&Path> {
     (force || done.is_multiple_of(ck.every) || done == job.train.steps).then_some(root)
 }
 
-fn run_state<B: Backend>(job: &TrainJob, opt: &Optimizer<B>, done: u64) -> checkpoint::RunState {
-    checkpoint::RunState {
+fn run_state<B: Backend>(job: &TrainJob, opt: &Optimizer<B>, done: u64) -> manifest::RunState {
+    manifest::RunState {
         step: done,
         optimizer_step: opt.step,
         micro_batches: done * job.train.grad_accum as u64,
@@ -90,7 +92,7 @@ pub(crate) fn save_checkpoint<B: Backend>(
     let weights = vlm.params.to_host(be);
     let dir =
         checkpoint::save(root, &checkpoint::Parts { state: &state, m: &m, v: &v }, model_writer(job, cfg, &weights))?;
-    checkpoint::prune(root, job.checkpoint.keep, None)?;
+    manifest::prune(root, job.checkpoint.keep, None)?;
     log(&format!("checkpoint {} committed", dir.display()));
     Ok(Some(dir))
 }
@@ -99,7 +101,7 @@ pub(crate) fn save_checkpoint<B: Backend>(
 /// `checkpoint_due`): rank `rank` of `world` writes its part into the
 /// staging directory of `generation` (rank 0 also the model and the run
 /// state). Returns that directory and the files written, for the
-/// coordinator's `checkpoint::commit`.
+/// coordinator's `manifest::commit`.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn write_checkpoint_part<B: Backend>(
     be: &B,
@@ -112,13 +114,13 @@ pub(crate) fn write_checkpoint_part<B: Backend>(
     rank: usize,
     world: usize,
     generation: u64,
-) -> Result<Option<(PathBuf, Vec<checkpoint::FileEntry>)>> {
+) -> Result<Option<(PathBuf, Vec<manifest::FileEntry>)>> {
     let Some(root) = checkpoint_due(job, done, force) else { return Ok(None) };
     // Every rank holds every moment after the all-reduced update; the
     // optimizer downloads them all, and `write_part` writes this rank's share.
     let (m, v) = opt.moments_to_host(be, &vlm.params);
     let state = run_state(job, opt, done);
-    let staging = checkpoint::staging_dir(root, done, generation);
+    let staging = manifest::staging_dir(root, done, generation);
     let weights = (rank == 0).then(|| vlm.params.to_host(be));
     let part = checkpoint::RankPart { rank, world, state: &state, m: &m, v: &v };
     let files = checkpoint::write_part(&staging, &part, weights.as_ref().map(|w| model_writer(job, cfg, w)))?;
@@ -129,7 +131,8 @@ pub(crate) fn write_checkpoint_part<B: Backend>(
 mod tests {
     use super::*;
     use crate::engine::cpu::Cpu;
-    use crate::train::run::{build_model, model_config};
+    use crate::train::setup::build_model;
+    use tessera_job::config::model_config;
 
     /// Three ranks write their parts of a tiny model's checkpoint, in any
     /// order; the commit joins them and a restore gets the step, weights
@@ -163,9 +166,9 @@ mod tests {
             let (dir, f) = part(4, rank).unwrap();
             (staging, files) = (dir, [files, f].concat());
         }
-        assert_eq!(staging, checkpoint::staging_dir(root.path(), 4, 1));
-        let dir = checkpoint::commit(root.path(), &staging, 4, files).unwrap();
-        checkpoint::verify(&dir).unwrap();
+        assert_eq!(staging, manifest::staging_dir(root.path(), 4, 1));
+        let dir = manifest::commit(root.path(), &staging, 4, files).unwrap();
+        manifest::verify(&dir).unwrap();
 
         let (mut vlm2, mut opt2) = build_model(&be, &job, &cfg).unwrap();
         assert_eq!(restore(&be, &job, &cfg, &mut vlm2, &mut opt2, &dir).unwrap(), 4);

@@ -4,8 +4,8 @@ pub mod checkpoint;
 pub mod grad_sync;
 pub mod job_checkpoint;
 pub mod optimizer;
-pub mod setup;
 pub mod schedule;
+pub mod setup;
 pub mod trainer;
 
 pub use optimizer::{OptimConfig, Optimizer, PerModule, StepInfo};
