@@ -583,4 +583,25 @@ mod tests {
         assert!(matches!(read_header(&txt, &cfg), Err(ImageError::Unsupported { .. })));
         assert!(matches!(read_header(&dir.path().join("none.png"), &cfg), Err(ImageError::Missing { .. })));
     }
+
+    #[test]
+    fn config_serde_defaults() {
+        let c: ImageConfig = serde_json::from_str(r#"{"size": 768}"#).unwrap();
+        assert_eq!(c, ImageConfig::new(768));
+        assert_eq!(c.max_pixels, 178_956_970);
+        let c: ImageConfig = serde_json::from_str(
+            r#"{"size": 768, "mode": "dynamic_s2", "max_pixels": 5, "max_tiles": 6, "tile_size": 384}"#,
+        )
+        .unwrap();
+        assert_eq!(c.mode, AspectMode::DynamicS2);
+        assert_eq!((c.max_tiles, c.tile()), (6, 384));
+        assert_eq!(ImageConfig::new(768).tile(), 768, "tile_size 0 means one tile of `size`");
+        assert_eq!(c.pillow, PillowOrder::Pillow13);
+        let legacy: ImageConfig = serde_json::from_str(r#"{"size": 8, "pillow": "legacy"}"#).unwrap();
+        assert_eq!(legacy.pillow, PillowOrder::Legacy);
+        assert!(serde_json::from_str::<ImageConfig>(r#"{"size": 8, "mode": "crop"}"#).is_err());
+        assert!(serde_json::from_str::<ImageConfig>(r#"{"size": 8, "colour": 1}"#).is_err());
+        let back: ImageConfig = serde_json::from_str(&serde_json::to_string(&c).unwrap()).unwrap();
+        assert_eq!(back, c);
+    }
 }
