@@ -3,7 +3,7 @@
 # 127.0.0.1, alone (A), while 1024 simulated clients heartbeat its
 # coordinator at 10 Hz each (B), and while they heartbeat a decoy
 # coordinator with no workers instead (C), in the order A, B, C, A, C, B, A
-# (worker/examples/bench_heartbeat_load.rs). Prints the machine, then a table
+# (worker/examples/bench_heartbeat_load/). Prints the machine, then a table
 # with the mean step time of each run against the mean of the A runs, the
 # heartbeats' latency and outcomes, the job coordinator's latency to a probe,
 # and the CPU use of the coordinator, the workers, the simulated clients and

@@ -62,23 +62,25 @@
 //! ```
 //! or `tools/bench_heartbeat_load.sh`, which builds and prints the machine.
 
+#[path = "../bench_util/mod.rs"]
 mod bench_util;
+mod clients;
+mod measure;
 
 use anyhow::{anyhow, bail, Context, Result};
 use bench_util::{cpu_s, delta, log_tail, quantile, LocalCoordinator, Reaper};
 use clap::Parser;
+use clients::{heartbeat_loop, Beat, ClientStats, Member};
+use measure::{machine_cpu_s, step_seconds, LineCounter};
 use std::collections::BTreeMap;
-use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tessera_proto::auth::{SESSION_KEY, TOKEN_ENV};
-use tessera_proto::v1::{Action, HeartbeatReply, HeartbeatRequest, JoinRequest};
+use tessera_proto::auth::TOKEN_ENV;
 use tessera_proto::CoordinatorClient;
 use tonic::metadata::AsciiMetadataValue;
-use tonic::transport::Channel;
 
 #[derive(Parser)]
 #[command(about = "A real training job while N simulated clients heartbeat the coordinator")]
@@ -340,166 +342,6 @@ async fn start_coordinator(
     cmd.arg("--config").arg(config).args(["--rate-limit", &args.rate_limit.to_string(), "--out"]).arg(out);
     cmd.env(TOKEN_ENV, token);
     bench_util::start_coordinator(cmd, log, args.call_timeout_s).await
-}
-
-/// Counts kept by each simulated client.
-#[derive(Default)]
-struct ClientStats {
-    /// Per beat: sent (ms after the run's origin), latency (us).
-    calls: Vec<(u32, u32)>,
-    /// Beats by answer ("Continue", "Abort", ...) or, for a stream that
-    /// failed, by status code.
-    outcomes: BTreeMap<String, u64>,
-}
-
-/// What every simulated client shares.
-#[derive(Clone)]
-struct Beat {
-    /// `authorization` metadata with the job token.
-    auth: AsciiMetadataValue,
-    /// Call times are kept relative to this.
-    origin: Instant,
-    period: Duration,
-    stop: Arc<AtomicBool>,
-    /// Beats answered so far, all clients.
-    done: Arc<AtomicU64>,
-}
-
-/// Whom a simulated client's beats speak for.
-struct Member {
-    rank: u32,
-    generation: u64,
-    /// The session a Join gave (None: a claim without one, refused).
-    session: Option<AsciiMetadataValue>,
-}
-
-impl Member {
-    /// Claims `rank` without joining: every beat is answered ABORT.
-    fn claim(rank: u32) -> Self {
-        Member { rank, generation: 0, session: None }
-    }
-
-    /// Joins as `rank`, as a worker does: its beats are a member's.
-    async fn join(client: &mut CoordinatorClient<Channel>, rank: u32, auth: &AsciiMetadataValue) -> Result<Self> {
-        let mut req = tonic::Request::new(JoinRequest {
-            protocol_version: tessera_proto::PROTOCOL_VERSION,
-            rank: Some(rank),
-            host: "simulated".into(),
-            device: "cpu".into(),
-            collective_addr: "127.0.0.1:1".into(),
-            pid: rank + 1,
-        });
-        req.metadata_mut().insert("authorization", auth.clone());
-        let r = client.join(req).await.map_err(|s| anyhow!("simulated member {rank} cannot join: {s}"))?.into_inner();
-        let session = r.session_secret.parse().map_err(|_| anyhow!("a session secret that is not a header value"))?;
-        Ok(Member { rank, generation: r.generation, session: Some(session) })
-    }
-}
-
-/// Heartbeats from one simulated client until `stop`, as a worker sends
-/// them: one stream, a beat every `period` from `first`, each answered
-/// before the next. A stream that fails is counted by its status and
-/// opened again at the next beat.
-async fn heartbeat_loop(
-    mut client: CoordinatorClient<Channel>,
-    member: Member,
-    first: tokio::time::Instant,
-    b: Beat,
-) -> ClientStats {
-    let mut stats = ClientStats::default();
-    let mut tick = tokio::time::interval_at(first, b.period);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut open: Option<(tokio::sync::mpsc::Sender<HeartbeatRequest>, tonic::Streaming<HeartbeatReply>)> = None;
-    loop {
-        tick.tick().await;
-        if b.stop.load(Ordering::Relaxed) {
-            return stats;
-        }
-        let t = Instant::now();
-        let answer = async {
-            let (beats, mut replies) = match open.take() {
-                Some(o) => o,
-                None => {
-                    let (tx, rx) = tokio::sync::mpsc::channel(1);
-                    let mut req = tonic::Request::new(tokio_stream::wrappers::ReceiverStream::new(rx));
-                    req.metadata_mut().insert("authorization", b.auth.clone());
-                    if let Some(s) = &member.session {
-                        req.metadata_mut().insert(SESSION_KEY, s.clone());
-                    }
-                    (tx, client.heartbeats(req).await?.into_inner())
-                }
-            };
-            let beat = HeartbeatRequest { rank: member.rank, generation: member.generation, step: 0 };
-            beats.send(beat).await.map_err(|_| tonic::Status::unavailable("the stream is closed"))?;
-            let reply = replies.message().await?.ok_or_else(|| tonic::Status::unavailable("the stream ended"))?;
-            open = Some((beats, replies));
-            Ok::<_, tonic::Status>(reply)
-        }
-        .await;
-        let sent_ms = (t - b.origin).as_millis().min(u32::MAX as u128) as u32;
-        stats.calls.push((sent_ms, t.elapsed().as_micros().min(u32::MAX as u128) as u32));
-        let outcome = match answer {
-            Ok(r) => format!("{:?}", Action::try_from(r.action).unwrap_or(Action::Continue)),
-            Err(s) => format!("{:?}", s.code()),
-        };
-        *stats.outcomes.entry(outcome).or_default() += 1;
-        b.done.fetch_add(1, Ordering::Relaxed);
-    }
-}
-
-/// Counts the complete lines of a file as it grows, reading only new bytes.
-struct LineCounter {
-    path: PathBuf,
-    offset: u64,
-    lines: u64,
-}
-
-impl LineCounter {
-    fn poll(&mut self) -> Result<u64> {
-        let mut f = match std::fs::File::open(&self.path) {
-            Ok(f) => f,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
-            Err(e) => return Err(e).with_context(|| format!("cannot open {}", self.path.display())),
-        };
-        let len = f.metadata().with_context(|| format!("cannot stat {}", self.path.display()))?.len();
-        if len < self.offset {
-            // Rewritten (a recovery cut it back): count again.
-            self.offset = 0;
-            self.lines = 0;
-        }
-        f.seek(SeekFrom::Start(self.offset)).with_context(|| format!("cannot seek {}", self.path.display()))?;
-        let mut buf = Vec::new();
-        f.read_to_end(&mut buf).with_context(|| format!("cannot read {}", self.path.display()))?;
-        // Only complete lines: a line being written is counted next time.
-        if let Some(last) = buf.iter().rposition(|&b| b == b'\n') {
-            self.lines += buf[..=last].iter().filter(|&&b| b == b'\n').count() as u64;
-            self.offset += last as u64 + 1;
-        }
-        Ok(self.lines)
-    }
-}
-
-/// Step number and `seconds` of every line of a metrics.jsonl.
-fn step_seconds(path: &Path) -> Result<Vec<(u64, f64)>> {
-    let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
-    let mut out = Vec::new();
-    for (i, line) in text.lines().enumerate() {
-        let v: serde_json::Value =
-            serde_json::from_str(line).with_context(|| format!("{} line {}: not JSON", path.display(), i + 1))?;
-        let step = v["step"].as_u64().with_context(|| format!("{} line {}: no step", path.display(), i + 1))?;
-        let s = v["seconds"].as_f64().with_context(|| format!("{} line {}: no seconds", path.display(), i + 1))?;
-        out.push((step, s));
-    }
-    Ok(out)
-}
-
-/// CPU seconds every process on the machine has used, all cores (/proc/stat:
-/// user, nice, system, irq, softirq, steal).
-fn machine_cpu_s() -> Option<f64> {
-    let s = std::fs::read_to_string("/proc/stat").ok()?;
-    let f: Vec<u64> = s.lines().next()?.split_whitespace().skip(1).map(|v| v.parse().ok()).collect::<Option<_>>()?;
-    let busy = f.first()? + f.get(1)? + f.get(2)? + f.get(5)? + f.get(6)? + f.get(7)?;
-    Some(busy as f64 / 100.0)
 }
 
 /// Clocks read at the start and the end of the measured window.
