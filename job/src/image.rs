@@ -200,7 +200,7 @@ pub fn io_error(path: &Path, e: &std::io::Error) -> ImageError {
     }
 }
 
-pub fn check_pixels(path: &Path, width: u32, height: u32, max_pixels: u64) -> Result<(), ImageError> {
+fn check_pixels(path: &Path, width: u32, height: u32, max_pixels: u64) -> Result<(), ImageError> {
     let pixels = width as u64 * height as u64;
     if pixels > max_pixels {
         return Err(ImageError::TooLarge {
@@ -212,6 +212,29 @@ pub fn check_pixels(path: &Path, width: u32, height: u32, max_pixels: u64) -> Re
     }
     if pixels == 0 {
         return Err(ImageError::Corrupt { path: path.to_path_buf(), reason: format!("{width} x {height} image") });
+    }
+    Ok(())
+}
+
+/// The checks on a header's `width x height` before anything is decoded:
+/// the pixel limit, and the bytes the resize would need ([`resize_work_bytes`]
+/// against `cfg.max_decode_bytes`). The header reader here and the worker's
+/// decoder both apply them.
+pub fn check_dims(path: &Path, width: u32, height: u32, cfg: &ImageConfig) -> Result<(), ImageError> {
+    check_pixels(path, width, height, cfg.max_pixels)?;
+    let work = resize_work_bytes(width as usize, height as usize, cfg);
+    if work > cfg.max_decode_bytes {
+        let (ow, oh) = cfg.resize_output(width, height);
+        return Err(ImageError::TooLarge {
+            path: path.to_path_buf(),
+            width,
+            height,
+            reason: format!(
+                "resizing it to {ow} x {oh} ({:?}) needs about {work} bytes, over the limit of {} \
+                 (max_decode_bytes); refused before decoding",
+                cfg.mode, cfg.max_decode_bytes,
+            ),
+        });
     }
     Ok(())
 }
@@ -267,37 +290,38 @@ pub fn resize_work_bytes(w: usize, h: usize, cfg: &ImageConfig) -> u64 {
 /// ([`resize_work_bytes`]).
 pub fn read_header(path: &Path, cfg: &ImageConfig) -> Result<(u32, u32), ImageError> {
     check_file(path)?;
-    let mut head = Vec::with_capacity(HEADER_READ);
-    std::fs::File::open(path)
-        .and_then(|f| f.take(HEADER_READ as u64).read_to_end(&mut head))
-        .map_err(|e| io_error(path, &e))?;
-    let (w, h) = match sniff_format(&head).or_else(|| format_from_extension(path)) {
-        Some(format) => {
-            header_dims(&head, format).map_err(|reason| ImageError::Corrupt { path: path.to_path_buf(), reason })?
-        }
-        None => {
+    let (w, h) = read_dims(path)?;
+    check_dims(path, w, h, cfg)?;
+    Ok((w, h))
+}
+
+/// `(width, height)` from the first bytes of the file. Reads
+/// [`HEADER_FIRST_READ`] bytes, and more (four times as many each time, up to
+/// [`HEADER_MAX_READ`]) only while the header is cut short: a JPEG's frame
+/// header can sit behind large metadata segments, but most headers are in
+/// the first few bytes, and the planner reads one per sample. The parsers
+/// read a prefix only, so the answer is that of the longest read.
+fn read_dims(path: &Path) -> Result<(u32, u32), ImageError> {
+    let mut file = std::fs::File::open(path).map_err(|e| io_error(path, &e))?;
+    let mut head = Vec::new();
+    let mut want = HEADER_FIRST_READ;
+    loop {
+        (&mut file).take((want - head.len()) as u64).read_to_end(&mut head).map_err(|e| io_error(path, &e))?;
+        let Some(format) = sniff_format(&head).or_else(|| format_from_extension(path)) else {
             return Err(ImageError::Unsupported {
                 path: path.to_path_buf(),
                 reason: "the image format could not be determined (Tessera reads JPEG, PNG and WebP)".into(),
-            })
+            });
+        };
+        match header_dims(&head, format) {
+            Ok(dims) => return Ok(dims),
+            // The whole file, or as much as a header may take, was read.
+            Err(reason) if head.len() < want || want >= HEADER_MAX_READ => {
+                return Err(ImageError::Corrupt { path: path.to_path_buf(), reason })
+            }
+            Err(_) => want = (want * 4).min(HEADER_MAX_READ),
         }
-    };
-    check_pixels(path, w, h, cfg.max_pixels)?;
-    let work = resize_work_bytes(w as usize, h as usize, cfg);
-    if work > cfg.max_decode_bytes {
-        let (ow, oh) = cfg.resize_output(w, h);
-        return Err(ImageError::TooLarge {
-            path: path.to_path_buf(),
-            width: w,
-            height: h,
-            reason: format!(
-                "resizing it to {ow} x {oh} ({:?}) needs about {work} bytes, over the limit of {} \
-                 (max_decode_bytes); refused before decoding",
-                cfg.mode, cfg.max_decode_bytes,
-            ),
-        });
     }
-    Ok((w, h))
 }
 
 /// [`tiles_for`] from the file's header, without decoding it.
@@ -306,10 +330,12 @@ pub fn header_tiles(path: &Path, cfg: &ImageConfig, s2: &S2Config) -> Result<usi
     Ok(tiles_for(cfg, s2, w, h))
 }
 
-/// How much of a file [`read_header`] reads: a JPEG's frame header comes
-/// after its metadata segments (EXIF thumbnails, ICC profiles), which can
-/// be large.
-const HEADER_READ: usize = 1 << 20;
+/// What [`read_header`] reads first: PNG and WebP sizes are in the first 30
+/// bytes, a plain JPEG's within its first segments.
+const HEADER_FIRST_READ: usize = 4 << 10;
+/// The most [`read_header`] reads: a JPEG's frame header comes after its
+/// metadata segments (EXIF thumbnails, ICC profiles), which can be large.
+const HEADER_MAX_READ: usize = 1 << 20;
 
 /// The formats the worker decodes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -515,13 +541,6 @@ mod tests {
         b
     }
 
-    fn w_of(f: HeaderFormat) -> u32 {
-        match f {
-            HeaderFormat::Png => 3,
-            _ => 5,
-        }
-    }
-
     #[test]
     fn dimensions_of_each_format_from_the_first_bytes() {
         assert_eq!(header_dims(&png(37, 23), HeaderFormat::Png), Ok((37, 23)));
@@ -546,8 +565,10 @@ mod tests {
     #[test]
     fn cut_or_damaged_headers_give_a_reason() {
         // The dimensions end at byte 24 of a PNG and 18 of this JPEG.
-        for (b, f, needed) in [(png(3, 4), HeaderFormat::Png, 24), (jpeg(5, 6), HeaderFormat::Jpeg, 18)] {
-            assert_eq!(header_dims(&b[..needed], f).map(|(w, _)| w), Ok(w_of(f)));
+        for (b, f, needed, dims) in
+            [(png(3, 4), HeaderFormat::Png, 24, (3, 4)), (jpeg(5, 6), HeaderFormat::Jpeg, 18, (5, 6))]
+        {
+            assert_eq!(header_dims(&b[..needed], f), Ok(dims));
             for cut in 0..needed {
                 assert!(header_dims(&b[..cut], f).is_err(), "{f:?} cut at {cut}");
             }
@@ -582,6 +603,28 @@ mod tests {
         std::fs::write(&txt, b"not an image").unwrap();
         assert!(matches!(read_header(&txt, &cfg), Err(ImageError::Unsupported { .. })));
         assert!(matches!(read_header(&dir.path().join("none.png"), &cfg), Err(ImageError::Missing { .. })));
+    }
+
+    /// A JPEG frame header behind large metadata segments is found by
+    /// reading on past the first bytes, up to the most a header may take.
+    #[test]
+    fn a_frame_header_behind_large_metadata_is_read_on_to() {
+        let jpeg_behind = |segments: usize| {
+            let mut b = vec![0xFF, 0xD8];
+            for _ in 0..segments {
+                b.extend_from_slice(&[0xFF, 0xE1, 0xEA, 0x60]); // APP1, 60000 bytes with its length
+                b.resize(b.len() + 59_998, 0x2A);
+            }
+            b.extend_from_slice(&jpeg(50, 33)[2..]);
+            b
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("exif.jpg");
+        std::fs::write(&path, jpeg_behind(5)).unwrap();
+        assert_eq!(read_header(&path, &ImageConfig::new(384)).unwrap(), (50, 33), "300 kB in");
+        std::fs::write(&path, jpeg_behind(20)).unwrap();
+        let e = read_header(&path, &ImageConfig::new(384)).unwrap_err();
+        assert!(matches!(e, ImageError::Corrupt { .. }) && e.to_string().contains("truncated"), "1.2 MB in: {e}");
     }
 
     #[test]

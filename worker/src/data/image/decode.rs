@@ -8,7 +8,7 @@ use image::{DynamicImage, ImageDecoder, ImageFormat, ImageReader, Limits};
 use std::io::{BufRead, Cursor, Seek};
 use std::path::Path;
 use tessera_job::image::ImageConfig;
-use tessera_job::image::{check_file, check_pixels, io_error, one_line, resize_work_bytes, ImageError};
+use tessera_job::image::{check_dims, check_file, io_error, one_line, ImageError};
 
 /// Maps a decoder error; `dims` is the header size when known.
 fn decode_error(path: &Path, dims: (u32, u32), e: image::ImageError) -> ImageError {
@@ -45,21 +45,7 @@ fn open_decoder<'a, R: BufRead + Seek + 'a>(
     reader.limits(limits);
     let decoder = reader.into_decoder().map_err(|e| decode_error(path, (0, 0), e))?;
     let dims = decoder.dimensions();
-    check_pixels(path, dims.0, dims.1, cfg.max_pixels)?;
-    let work = resize_work_bytes(dims.0 as usize, dims.1 as usize, cfg);
-    if work > cfg.max_decode_bytes {
-        let (ow, oh) = cfg.resize_output(dims.0, dims.1);
-        return Err(ImageError::TooLarge {
-            path: path.to_path_buf(),
-            width: dims.0,
-            height: dims.1,
-            reason: format!(
-                "resizing it to {ow} x {oh} ({:?}) needs about {work} bytes, over the limit of {} \
-                 (max_decode_bytes); refused before decoding",
-                cfg.mode, cfg.max_decode_bytes,
-            ),
-        });
-    }
+    check_dims(path, dims.0, dims.1, cfg)?;
     Ok((decoder, dims, format))
 }
 
@@ -193,7 +179,9 @@ mod tests {
     use crate::data::image::load_image;
     use crate::data::image::test_util::{fixtures, pad, S};
     use crate::engine::TileGrid;
-    use tessera_job::image::{dynamic_s2_grid, header_tiles, read_header, tiles_for, AspectMode, PillowOrder};
+    use tessera_job::image::{
+        dynamic_s2_grid, header_tiles, read_header, resize_work_bytes, tiles_for, AspectMode, PillowOrder,
+    };
     use tessera_job::model::S2Config;
 
     fn crc32(bytes: &[u8]) -> u32 {
