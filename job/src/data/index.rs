@@ -237,8 +237,7 @@ impl DatasetIndex {
     /// The cost of a sample from its text and its image *header* only.
     pub fn cost(&self, model: &ModelConfig, part: usize, index: usize) -> Result<SampleCost, BadSample> {
         let s = &self.parts[part].1[index];
-        let tokens = tokenize(s, self.cfg.template, &self.tokenizer, self.max_len)?;
-        let n = tokens.input_ids.len();
+        let n = self.tokenize(part, index)?.input_ids.len();
         match &s.image {
             Some(p) => {
                 let tiles =

@@ -40,14 +40,20 @@ impl std::ops::Deref for Dataset {
     }
 }
 
+impl From<DatasetIndex> for Dataset {
+    fn from(index: DatasetIndex) -> Self {
+        Dataset { index, logged: Mutex::new(HashSet::new()) }
+    }
+}
+
 impl Dataset {
     pub fn open(cfg: &DataConfig, model: &ModelConfig) -> Result<Self> {
-        Ok(Dataset { index: DatasetIndex::open(cfg, model)?, logged: Mutex::new(HashSet::new()) })
+        DatasetIndex::open(cfg, model).map(Dataset::from)
     }
 
     /// The evaluation split of `cfg` (its `eval_datasets`) as a dataset.
     pub fn open_eval(cfg: &DataConfig, model: &ModelConfig) -> Result<Self> {
-        Ok(Dataset { index: DatasetIndex::open_eval(cfg, model)?, logged: Mutex::new(HashSet::new()) })
+        DatasetIndex::open_eval(cfg, model).map(Dataset::from)
     }
 
     /// Tokenizes a sample and loads its image.
