@@ -17,6 +17,7 @@
 use super::Collective;
 use crate::engine::cuda::{Buf, Cuda, Storage};
 use anyhow::{anyhow, bail, Context, Result};
+use crate::engine::cuda::Event;
 use cudarc::driver::{CudaStream, DevicePtrMut};
 use cudarc::nccl::{result as nccl, sys};
 use std::sync::{Arc, Mutex};
@@ -102,7 +103,10 @@ impl NcclCollective {
         for (d, &s) in internal.iter_mut().zip(unique_id) {
             *d = s as std::ffi::c_char;
         }
-        let compute = cu.stream().clone();
+        let Some(gpu) = cu.gpu() else {
+            bail!("NCCL needs a real GPU: the emulated CUDA device runs jobs of one rank only (NCCL is not emulated)");
+        };
+        let compute = gpu.stream().clone();
         let stream = compute.context().new_stream().map_err(|e| anyhow!("cannot create the NCCL stream: {e:?}"))?;
         let ctx = compute.context().clone();
         let (done, joined) = std::sync::mpsc::channel();
@@ -173,7 +177,8 @@ impl NcclCollective {
             self.stream.wait(e).map_err(|e| anyhow!("the NCCL stream cannot wait for compute: {e:?}"))
         };
         match &buf.ready {
-            Some(ready) => wait(ready),
+            Some(Event::Gpu(ready)) => wait(ready),
+            Some(Event::Host) => bail!("a buffer of the emulated device was handed to NCCL"),
             None => wait(&self.compute.record_event(None).map_err(|e| anyhow!("cannot record a CUDA event: {e:?}"))?),
         }
     }
@@ -195,14 +200,12 @@ impl Collective for NcclCollective {
             return Ok(());
         }
         self.after_compute(buf)?;
-        let stream = self.stream.clone();
         // Gradient buckets are f32 state; a bf16 buffer sums in bf16.
         let ty = match buf.storage {
             Storage::F32 => sys::ncclDataType_t::ncclFloat32,
             Storage::Bf16 => sys::ncclDataType_t::ncclBfloat16,
         };
-        let (ptr, _sync) = buf.data.device_ptr_mut(&stream);
-        let summed = self.sum_in_place(ptr, buf.len, ty);
+        let summed = self.sum_in_place(buf.data.addr(), buf.len, ty);
         if summed.is_err() {
             // The caller drops the bucket on an error, which frees it on the
             // compute stream: NCCL must be done with it first.

@@ -1,4 +1,6 @@
-//! Which device a worker computes on: `--device cpu`, `cuda:K` or `auto`.
+//! Which device a worker computes on: `--device cpu`, `cuda:K`, `auto`, or
+//! `cuda-emu`, the emulated CUDA device (a test device: the CUDA backend's
+//! kernels run on the CPU; never chosen by `auto`).
 //!
 //! `auto` takes the GPU of the worker's local rank (LOCAL_RANK or
 //! SLURM_LOCALID, else 0) when the CUDA backend can run here, and the CPU
@@ -13,6 +15,7 @@ use anyhow::{bail, Result};
 pub enum DeviceSpec {
     Cpu,
     Cuda(usize),
+    CudaEmu,
     Auto,
 }
 
@@ -21,6 +24,7 @@ pub enum DeviceSpec {
 pub enum Device {
     Cpu,
     Cuda(usize),
+    CudaEmu,
 }
 
 impl std::fmt::Display for Device {
@@ -28,6 +32,7 @@ impl std::fmt::Display for Device {
         match self {
             Device::Cpu => write!(f, "cpu"),
             Device::Cuda(k) => write!(f, "cuda:{k}"),
+            Device::CudaEmu => write!(f, "cuda-emu"),
         }
     }
 }
@@ -37,9 +42,10 @@ impl DeviceSpec {
         match s {
             "cpu" => Ok(DeviceSpec::Cpu),
             "auto" => Ok(DeviceSpec::Auto),
+            "cuda-emu" => Ok(DeviceSpec::CudaEmu),
             _ => match s.strip_prefix("cuda:").map(str::parse::<usize>) {
                 Some(Ok(k)) => Ok(DeviceSpec::Cuda(k)),
-                _ => bail!("--device {s:?}: expected cpu, cuda:K (K = 0, 1, ...) or auto"),
+                _ => bail!("--device {s:?}: expected cpu, cuda:K (K = 0, 1, ...), auto or cuda-emu (the emulated GPU)"),
             },
         }
     }
@@ -52,6 +58,11 @@ impl DeviceSpec {
                 cuda_probe(k)?;
                 Ok(Device::Cuda(k))
             }
+            DeviceSpec::CudaEmu if cfg!(feature = "cuda-emu") => Ok(Device::CudaEmu),
+            DeviceSpec::CudaEmu => bail!(
+                "--device cuda-emu: this worker was built without the emulated CUDA device; rebuild it with \
+                 `cargo build --release -p tessera-worker --features cuda-emu` (needs a C++ compiler)"
+            ),
             DeviceSpec::Auto if cuda_available() => Ok(Device::Cuda(local_rank.unwrap_or(0))),
             DeviceSpec::Auto => Ok(Device::Cpu),
         }
@@ -92,6 +103,18 @@ pub fn math_mode(precision: Precision) -> Result<super::cuda::MathMode> {
     }
 }
 
+/// The emulated CUDA device in the math mode of `precision`.
+#[cfg(feature = "cuda-emu")]
+pub fn emulated_cuda(precision: Precision) -> Result<super::cuda::Cuda> {
+    super::cuda::Cuda::emulated(math_mode(precision)?)
+}
+
+/// Never called: `resolve` refuses `cuda-emu` in a build without it.
+#[cfg(all(feature = "cuda", not(feature = "cuda-emu")))]
+pub fn emulated_cuda(_precision: Precision) -> Result<super::cuda::Cuda> {
+    bail!("cuda-emu: this worker was built without the emulated CUDA device; rebuild it with `--features cuda-emu`")
+}
+
 /// What a job asking for `precision` on the CPU is told: the CPU computes
 /// f32 whatever the precision, which matters only for "bf16" (the f32 and
 /// TF32 defaults say nothing new).
@@ -124,6 +147,10 @@ macro_rules! on_device {
                 let $be = &$crate::engine::cuda::Cuda::new(k, $crate::engine::device::math_mode($precision)?)?;
                 $body
             }
+            $crate::engine::device::Device::CudaEmu => {
+                let $be = &$crate::engine::device::emulated_cuda($precision)?;
+                $body
+            }
         }
     };
 }
@@ -141,6 +168,9 @@ macro_rules! on_device {
             $crate::engine::device::Device::Cuda(k) => {
                 anyhow::bail!("cuda:{k}: this worker was built without CUDA support; rebuild it with `cargo build --release -p tessera-worker --features cuda`")
             }
+            $crate::engine::device::Device::CudaEmu => {
+                anyhow::bail!("cuda-emu: this worker was built without the emulated CUDA device; rebuild it with `cargo build --release -p tessera-worker --features cuda-emu`")
+            }
         }
     };
 }
@@ -154,7 +184,8 @@ mod tests {
         assert_eq!(DeviceSpec::parse("cpu").unwrap(), DeviceSpec::Cpu);
         assert_eq!(DeviceSpec::parse("auto").unwrap(), DeviceSpec::Auto);
         assert_eq!(DeviceSpec::parse("cuda:3").unwrap(), DeviceSpec::Cuda(3));
-        for bad in ["gpu", "cuda", "cuda:", "cuda:-1", "cuda:x", "CPU"] {
+        assert_eq!(DeviceSpec::parse("cuda-emu").unwrap(), DeviceSpec::CudaEmu);
+        for bad in ["gpu", "cuda", "cuda:", "cuda:-1", "cuda:x", "CPU", "cuda-emulated"] {
             let e = DeviceSpec::parse(bad).unwrap_err().to_string();
             assert!(e.contains(&format!("{bad:?}")) && e.contains("cpu, cuda:K"), "{e}");
         }

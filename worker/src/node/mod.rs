@@ -54,6 +54,10 @@ pub fn run_worker(opts: &WorkerOptions) -> Result<()> {
     let listener = match device {
         Device::Cpu => Some(TcpListener::bind("0.0.0.0:0").context("cannot open the ring listener")?),
         Device::Cuda(_) => None,
+        Device::CudaEmu => bail!(
+            "--device cuda-emu is a test device for single-process commands (train, check-ops, debug-step, \
+             bench-step): NCCL is not emulated, so it cannot join a multi-worker job; use --device cpu or cuda:K"
+        ),
     };
     let collective_addr = match &listener {
         Some(l) => format!("{host}:{}", l.local_addr().context("ring listener address")?.port()),

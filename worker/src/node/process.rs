@@ -86,6 +86,8 @@ pub(super) fn train(
         }
         #[cfg(not(feature = "cuda"))]
         Device::Cuda(k) => bail!("cuda:{k}: this worker was built without CUDA support"),
+        // run_worker refuses it before joining: NCCL is not emulated.
+        Device::CudaEmu => bail!("--device cuda-emu cannot join a multi-worker job"),
     }
 }
 

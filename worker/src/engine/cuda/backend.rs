@@ -12,9 +12,9 @@ pub use super::buffer::{Buf, Idx};
 
 impl Cuda {
     fn upload_as(&self, data: &[f32], storage: Storage) -> Buf {
-        let mut buf = self.buffer(data.len(), storage);
+        let buf = self.buffer(data.len(), storage);
         if !data.is_empty() {
-            let copied = self.stream.memcpy_htod(&encode(data, storage), &mut buf.data);
+            let copied = self.driver.htod(&encode(data, storage), buf.data.addr());
             self.record("upload", copied);
         }
         buf
@@ -26,7 +26,7 @@ impl Backend for Cuda {
     type Idx = Idx;
 
     fn name(&self) -> String {
-        format!("cuda:{}-{}", self.ordinal, self.math.name())
+        format!("{}-{}", self.device, self.math.name())
     }
 
     fn alloc(&self, len: usize) -> Buf {
@@ -55,10 +55,8 @@ impl Backend for Cuda {
     fn download(&self, buf: &Buf) -> Vec<f32> {
         let mut bytes = vec![0u8; buf.len * buf.storage.size()];
         if !bytes.is_empty() {
-            let copied = self.stream.memcpy_dtoh(&buf.view(0, buf.len), &mut bytes);
+            let copied = self.driver.dtoh(buf.data.addr(), &mut bytes);
             self.record("download", copied);
-            let synced = self.stream.synchronize();
-            self.record("download (synchronize)", synced);
         }
         decode(&bytes, buf.storage)
     }
@@ -66,9 +64,10 @@ impl Backend for Cuda {
         self.download(buf).into_iter().map(f64::from).collect()
     }
     fn upload_idx(&self, data: &[i32]) -> Idx {
-        let mut buf = self.zeros::<i32>(data.len());
+        let buf = self.zeros::<i32>(data.len());
         if !data.is_empty() {
-            let copied = self.stream.memcpy_htod(data, &mut buf);
+            let bytes: Vec<u8> = data.iter().flat_map(|v| v.to_le_bytes()).collect();
+            let copied = self.driver.htod(&bytes, buf.addr());
             self.record("upload of indices", copied);
         }
         Idx { buf, len: data.len() }
@@ -80,11 +79,10 @@ impl Backend for Cuda {
         Cuda::check(self)
     }
     fn peak_memory_bytes(&self) -> Option<u64> {
-        self.pool_used_high()
+        self.driver.peak_bytes()
     }
     fn mark_ready(&self, buf: &mut Buf) {
-        let flags = Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DISABLE_TIMING);
-        buf.ready = self.record("recording a ready event", self.stream.record_event(flags));
+        buf.ready = self.record("recording a ready event", self.driver.record_event());
     }
 
     fn fill(&self, buf: &mut Buf, value: f32) {

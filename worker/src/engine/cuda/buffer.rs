@@ -11,7 +11,7 @@
 use super::context::Cuda;
 use super::kernels::Storage;
 use crate::codec::{self, SaveDtype};
-use cudarc::driver::{CudaEvent, CudaSlice, CudaView, CudaViewMut};
+use super::driver::{DevMem, DevSlice, Event};
 use safetensors::tensor::Dtype;
 
 impl Storage {
@@ -29,32 +29,32 @@ impl Storage {
 /// asked for is kept beside the allocation.
 pub struct Buf {
     /// The values' bytes, `storage.size()` per value.
-    pub(crate) data: CudaSlice<u8>,
+    pub(crate) data: DevMem,
     pub(crate) len: usize,
     pub(crate) storage: Storage,
     /// Set by `mark_ready`: recorded on the compute stream once the ops
     /// writing this buffer were queued (a gradient bucket's copies), for
     /// the NCCL stream to wait on.
-    pub(crate) ready: Option<CudaEvent>,
+    pub(crate) ready: Option<Event>,
 }
 
 impl Buf {
-    /// Values `start..start + len` (bounds checked by cudarc).
-    pub(crate) fn view(&self, start: usize, len: usize) -> CudaView<'_, u8> {
+    /// Values `start..start + len` (bounds checked).
+    pub(crate) fn view(&self, start: usize, len: usize) -> DevSlice<'_> {
         let s = self.storage.size();
-        self.data.slice(start * s..(start + len) * s)
+        self.data.slice(start * s, len * s)
     }
 
-    /// Values `start..start + len`, to write.
-    pub(crate) fn view_mut(&mut self, start: usize, len: usize) -> CudaViewMut<'_, u8> {
-        let s = self.storage.size();
-        self.data.slice_mut(start * s..(start + len) * s)
+    /// Values `start..start + len`, to write (a `&mut` borrow, so no other
+    /// view of the buffer is alive meanwhile).
+    pub(crate) fn view_mut(&mut self, start: usize, len: usize) -> DevSlice<'_> {
+        self.view(start, len)
     }
 }
 
 /// A device buffer of i32 indices.
 pub struct Idx {
-    pub(crate) buf: CudaSlice<i32>,
+    pub(crate) buf: DevMem,
     pub(crate) len: usize,
 }
 

@@ -5,7 +5,7 @@
 
 use super::backend::Buf;
 use super::context::{launch, Cuda, THREADS};
-use cudarc::driver::{CudaSlice, LaunchConfig};
+use super::driver::{DevMem, LaunchConfig};
 
 /// At most this many row chunks for column-sum partials.
 pub(super) const MAX_CHUNKS: usize = 256;
@@ -37,7 +37,7 @@ pub(super) fn partial_grid(chunks: usize, cols: usize, strided: bool) -> LaunchC
 }
 
 /// `out[c] += sum over chunks of part[chunk, c]`, in chunk order.
-pub(super) fn reduce_partials(cu: &Cuda, part: &CudaSlice<f64>, out: &mut Buf, chunks: usize, cols: usize) {
+pub(super) fn reduce_partials(cu: &Cuda, part: &DevMem, out: &mut Buf, chunks: usize, cols: usize) {
     let (k, c) = (chunks as u64, cols as u64);
     launch!(cu, "column_partials_reduce_f32", cu.elems(cols), part, &mut out.data, &k, &c);
 }
@@ -50,9 +50,9 @@ pub(super) fn col_sums_into(cu: &Cuda, x: &Buf, out: &mut Buf, rows: usize, cols
     }
     let per = chunk_rows(rows);
     let chunks = rows.div_ceil(per);
-    let mut part = cu.zeros::<f64>(chunks * cols);
+    let part = cu.zeros::<f64>(chunks * cols);
     let (r, c, p) = (rows as u64, cols as u64, per as u64);
-    launch!(cu, "col_sums_partial_f32", partial_grid(chunks, cols, true), &x.data, &mut part, &r, &c, &p);
+    launch!(cu, "col_sums_partial_f32", partial_grid(chunks, cols, true), &x.data, &part, &r, &c, &p);
     reduce_partials(cu, &part, out, chunks, cols);
 }
 

@@ -4,7 +4,7 @@
 use super::backend::Buf;
 use super::context::{launch, Cuda, THREADS};
 use super::kernels::Storage;
-use cudarc::driver::LaunchConfig;
+use super::driver::LaunchConfig;
 
 /// Blocks of the first sum-of-squares pass: fixed, so the reduction
 /// order, and with it the result, never depends on the GPU.
@@ -42,7 +42,7 @@ pub(super) fn copy(cu: &Cuda, src: &Buf, src_off: usize, dst: &mut Buf, dst_off:
     let n = len as u64;
     match (from, to) {
         (a, b) if a == b => {
-            let copied = cu.stream.memcpy_dtod(&from_view, &mut to_view);
+            let copied = cu.driver.dtod(from_view.addr, to_view.addr, from_view.bytes);
             cu.record("device copy", copied);
         }
         // The bf16 build's conversions (act_t = bf16).
@@ -78,17 +78,16 @@ pub(super) fn sum_squares(cu: &Cuda, xs: &[&Buf]) -> f64 {
     if xs.iter().all(|x| x.len == 0) {
         return 0.0;
     }
-    let mut partial = cu.zeros::<f64>(PARTIALS);
-    let mut total = cu.zeros::<f64>(1);
+    let partial = cu.zeros::<f64>(PARTIALS);
+    let total = cu.zeros::<f64>(1);
     let parts = PARTIALS as u64;
     let grid = LaunchConfig { grid_dim: (PARTIALS as u32, 1, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: 0 };
     for x in xs.iter().filter(|x| x.len > 0) {
         let n = x.len as u64;
-        launch!(cu, storage = x.storage, "sum_squares_partial_f32", grid, &x.data, &mut partial, &n);
+        launch!(cu, storage = x.storage, "sum_squares_partial_f32", grid, &x.data, &partial, &n);
     }
-    launch!(cu, "sum_partials_f64", cu.rows(1, 32), &partial, &mut total, &parts);
-    let host = cu.stream.clone_dtoh(&total);
-    cu.record("sum of squares (download)", host).map_or(f64::NAN, |v| v[0])
+    launch!(cu, "sum_partials_f64", cu.rows(1, 32), &partial, &total, &parts);
+    cu.read::<f64>("sum of squares (download)", &total, 0, 1).map_or(f64::NAN, |v| v[0])
 }
 
 /// `y[r, :] += bias` for `rows` rows of width `cols`.

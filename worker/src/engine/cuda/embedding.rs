@@ -10,7 +10,7 @@
 use super::backend::{Buf, Idx};
 use super::context::{launch, Cuda};
 use super::kernels::Storage;
-use cudarc::driver::LaunchConfig;
+use super::driver::LaunchConfig;
 
 /// Threads per block of `scatter_rows_f32`, the size of its id tile
 /// (`#define TILE` in kernels/embedding.cu, checked by a test below).

@@ -30,14 +30,14 @@ pub(super) fn cross_entropy(
     if n == 0 {
         return 0.0;
     }
-    let mut row_loss = cu.zeros::<f64>(n);
+    let row_loss = cu.zeros::<f64>(n);
     // n - (first row with a target past the vocab), 0 when there is none.
-    let mut bad = cu.zeros::<u64>(1);
-    let mut total = cu.zeros::<f64>(1);
+    let bad = cu.zeros::<u64>(1);
+    let total = cu.zeros::<f64>(1);
     let (n64, v64) = (n as u64, vocab as u64);
     let cfg = cu.rows(n, CE_THREADS);
     match dlogits {
-        None => launch!(cu, "cross_entropy_f32", cfg, &logits.data, &targets.buf, &mut row_loss, &mut bad, &n64, &v64),
+        None => launch!(cu, "cross_entropy_f32", cfg, &logits.data, &targets.buf, &row_loss, &bad, &n64, &v64),
         Some(d) => launch!(
             cu,
             "cross_entropy_grad_f32",
@@ -45,24 +45,22 @@ pub(super) fn cross_entropy(
             &logits.data,
             &targets.buf,
             &mut d.data,
-            &mut row_loss,
-            &mut bad,
+            &row_loss,
+            &bad,
             &n64,
             &v64,
             &grad_scale
         ),
     }
-    launch!(cu, "sum_rows_f64", cu.rows(1, CE_THREADS), &row_loss, &mut total, &n64);
-    let host = cu.stream.clone_dtoh(&total);
-    let loss = cu.record("cross entropy (download)", host).map_or(f64::NAN, |v| v[0]);
+    launch!(cu, "sum_rows_f64", cu.rows(1, CE_THREADS), &row_loss, &total, &n64);
+    let loss = cu.read::<f64>("cross entropy (download)", &total, 0, 1).map_or(f64::NAN, |v| v[0]);
     if loss.is_nan() {
         // A bad target makes its row NaN; NaN logits can too, and are returned.
-        let flag = cu.stream.clone_dtoh(&bad);
-        if let Some(&b) = cu.record("cross entropy (download)", flag).as_ref().and_then(|v| v.first()) {
+        let flag = cu.read::<u64>("cross entropy (download)", &bad, 0, 1);
+        if let Some(&b) = flag.as_ref().and_then(|v| v.first()) {
             if b > 0 {
                 let row = n - b as usize;
-                let t = cu.stream.clone_dtoh(&targets.buf.slice(row..row + 1));
-                let t = cu.record("cross entropy (download)", t).map_or(i32::MIN, |v| v[0]);
+                let t = cu.read::<i32>("cross entropy (download)", &targets.buf, row, 1).map_or(i32::MIN, |v| v[0]);
                 panic!("cross_entropy: target {t} at row {row} is out of range for vocab {vocab}");
             }
         }

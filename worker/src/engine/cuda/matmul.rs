@@ -9,15 +9,9 @@
 
 use super::backend::Buf;
 use super::context::{Cuda, MathMode};
+use super::driver::{Compute, GemmDesc, GemmMatrix};
 use super::kernels::Storage;
 use crate::engine::backend::Gemm;
-use cudarc::cublas::sys::cublasComputeType_t::{
-    CUBLAS_COMPUTE_32F, CUBLAS_COMPUTE_32F_FAST_16BF, CUBLAS_COMPUTE_32F_FAST_TF32,
-};
-use cudarc::cublas::sys::cublasGemmAlgo_t::CUBLAS_GEMM_DFALT as CUBLAS_GEMM_DEFAULT;
-use cudarc::cublas::sys::cublasOperation_t::{CUBLAS_OP_N, CUBLAS_OP_T};
-use cudarc::cublas::sys::cudaDataType_t::{self, CUDA_R_16BF, CUDA_R_32F};
-use cudarc::driver::{DevicePtr, DevicePtrMut};
 
 /// One operand of a strided-batched GEMM: a row-major matrix at `offset`
 /// (in values) in `buf` with row length `ld`, matrix `b` of the batch at
@@ -37,13 +31,6 @@ pub(super) struct Output<'a> {
     pub offset: usize,
     pub ld: usize,
     pub stride: usize,
-}
-
-fn data_type(s: Storage) -> cudaDataType_t {
-    match s {
-        Storage::F32 => CUDA_R_32F,
-        Storage::Bf16 => CUDA_R_16BF,
-    }
 }
 
 /// `C[b] = alpha * op(A[b]) @ op(B[b]) + beta * C[b]` for `b` in
@@ -71,51 +58,35 @@ pub(super) fn gemm_strided(
         a.buf.storage, b.buf.storage,
         "GEMM operands in different storage types (a state buffer passed as an activation?)"
     );
-    let op = |t: bool| if t { CUBLAS_OP_T } else { CUBLAS_OP_N };
     let compute = match (a.buf.storage, cu.math) {
-        (Storage::Bf16, _) => CUBLAS_COMPUTE_32F,
-        (Storage::F32, MathMode::F32) => CUBLAS_COMPUTE_32F,
-        (Storage::F32, MathMode::Tf32) => CUBLAS_COMPUTE_32F_FAST_TF32,
-        (Storage::F32, MathMode::Bf16) => CUBLAS_COMPUTE_32F_FAST_16BF,
+        (Storage::Bf16, _) => Compute::F32,
+        (Storage::F32, MathMode::F32) => Compute::F32,
+        (Storage::F32, MathMode::Tf32) => Compute::FastTf32,
+        (Storage::F32, MathMode::Bf16) => Compute::Fast16Bf,
     };
-    let (ab, cb) = (data_type(a.buf.storage), data_type(c.buf.storage));
-    let (av, bv) = (a.buf.view(a.offset, a.buf.len - a.offset), b.buf.view(b.offset, b.buf.len - b.offset));
-    let c_len = c.buf.len - c.offset;
-    let mut cv = c.buf.view_mut(c.offset, c_len);
-    let (a_ptr, _a_use) = av.device_ptr(&cu.stream);
-    let (b_ptr, _b_use) = bv.device_ptr(&cu.stream);
-    let (c_ptr, _c_use) = cv.device_ptr_mut(&cu.stream);
-    // SAFETY: the callers size every operand for `batch` matrices of the
-    // given shapes (checked in `matmul` and by the attention shapes); the
-    // pointers hold values of the data types given; alpha and beta are
-    // host f32, as CUBLAS_COMPUTE_32F* takes them, alive for the call.
-    let done = unsafe {
-        cudarc::cublas::result::gemm_strided_batched_ex(
-            *cu.blas.handle(),
-            op(b.trans),
-            op(a.trans),
-            n as i32,
-            m as i32,
-            k as i32,
-            (&alpha as *const f32).cast(),
-            b_ptr as *const _,
-            ab,
-            b.ld as i32,
-            b.stride as i64,
-            a_ptr as *const _,
-            ab,
-            a.ld as i32,
-            a.stride as i64,
-            (&beta as *const f32).cast(),
-            c_ptr as *mut _,
-            cb,
-            c.ld as i32,
-            c.stride as i64,
-            batch as i32,
-            compute,
-            CUBLAS_GEMM_DEFAULT,
-        )
+    let matrix = |buf: &Buf, offset: usize, ld: usize, stride: usize| GemmMatrix {
+        addr: buf.view(offset, buf.len - offset).addr,
+        storage: buf.storage,
+        ld,
+        stride,
     };
+    // Row-major C = op(A) op(B) is column-major C^T = op(B)^T op(A)^T:
+    // cuBLAS's first operand is B.
+    let desc = GemmDesc {
+        trans_a: b.trans,
+        trans_b: a.trans,
+        m: n,
+        n: m,
+        k,
+        alpha,
+        a: matrix(b.buf, b.offset, b.ld, b.stride),
+        b: matrix(a.buf, a.offset, a.ld, a.stride),
+        beta,
+        c: matrix(c.buf, c.offset, c.ld, c.stride),
+        batch,
+        compute,
+    };
+    let done = cu.driver.gemm(&desc);
     cu.record("cuBLAS GEMM", done);
 }
 

@@ -12,6 +12,7 @@ mod backend;
 mod buffer;
 mod columns;
 mod context;
+pub(crate) mod driver;
 mod elementwise;
 mod embedding;
 mod image;
@@ -25,6 +26,7 @@ mod s2;
 
 pub use backend::{Buf, Idx};
 pub use context::{Cuda, MathMode};
+pub use driver::{DevMem, Event};
 pub use kernels::Storage;
 
 /// What `--device cuda:K` found.

@@ -8,15 +8,15 @@
 use super::backend::Buf;
 use super::context::{launch, Cuda};
 use crate::engine::backend::RopeShape;
-use cudarc::driver::CudaSlice;
+use super::driver::DevMem;
 use std::sync::Arc;
 
 /// The kept tables: per (head_dim, theta's bits), the positions covered and
 /// the table.
-pub(super) type RopeTables = std::collections::HashMap<(usize, u32), (usize, Arc<CudaSlice<f32>>)>;
+pub(super) type RopeTables = std::collections::HashMap<(usize, u32), (usize, Arc<DevMem>)>;
 
 /// The cos/sin table for at least `seq` positions, and how many it holds.
-fn table(cu: &Cuda, s: RopeShape) -> Option<(usize, Arc<CudaSlice<f32>>)> {
+fn table(cu: &Cuda, s: RopeShape) -> Option<(usize, Arc<DevMem>)> {
     let (d, half) = (s.head_dim, s.head_dim / 2);
     let key = (d, s.theta.to_bits());
     let mut tables = cu.rope_tables.lock().unwrap_or_else(|p| p.into_inner());
@@ -27,10 +27,12 @@ fn table(cu: &Cuda, s: RopeShape) -> Option<(usize, Arc<CudaSlice<f32>>)> {
     }
     // inv_freq in f64 with the CPU's expression, so both use the same angles.
     let inv_freq: Vec<f64> = (0..half).map(|i| 1.0 / (s.theta as f64).powf((2 * i) as f64 / d as f64)).collect();
-    let inv_freq = cu.record("rope (upload of inv_freq)", cu.stream.clone_htod(&inv_freq))?;
-    let mut table = cu.zeros::<f32>(2 * s.seq * half);
+    let inv_freq_dev = cu.zeros::<f64>(half);
+    let bytes: Vec<u8> = inv_freq.iter().flat_map(|v| v.to_le_bytes()).collect();
+    cu.record("rope (upload of inv_freq)", cu.driver.htod(&bytes, inv_freq_dev.addr()))?;
+    let table = cu.zeros::<f32>(2 * s.seq * half);
     let (seq, half64) = (s.seq as u64, half as u64);
-    launch!(cu, "rope_table_f32", cu.elems(s.seq * half), &inv_freq, &mut table, &seq, &half64);
+    launch!(cu, "rope_table_f32", cu.elems(s.seq * half), &inv_freq_dev, &table, &seq, &half64);
     let kept = (s.seq, Arc::new(table));
     tables.insert(key, kept.clone());
     Some(kept)
@@ -58,7 +60,7 @@ pub(super) fn rotate(cu: &Cuda, x: &mut Buf, s: RopeShape, inverse: bool) {
     };
     let (table_seq, seq, heads, half64) = (table_seq as u64, s.seq as u64, s.heads as u64, half as u64);
     let (pairs, inv) = ((numel / 2) as u64, i32::from(inverse));
-    let t: &CudaSlice<f32> = &table;
+    let t: &DevMem = &table;
     launch!(
         cu,
         "rope_rotate_f32",
