@@ -15,9 +15,9 @@
 //! NCCL waiting forever, and `ncclCommAbort` is the one way to release it.
 
 use super::Collective;
+use crate::engine::cuda::Event;
 use crate::engine::cuda::{Buf, Cuda, Storage};
 use anyhow::{anyhow, bail, Context, Result};
-use crate::engine::cuda::Event;
 use cudarc::driver::{CudaStream, DevicePtrMut};
 use cudarc::nccl::{result as nccl, sys};
 use std::sync::{Arc, Mutex};

@@ -315,7 +315,9 @@ pub trait Backend: Send + Sync + 'static {
     );
 
     // ---- attention ----
-    /// Softmax attention; saves the probabilities `[batch, heads, seq, seq]`.
+    /// Softmax attention; saves the probabilities `[batch, heads, seq, seq]`
+    /// in `probs`, a state buffer (`alloc_state`): scores, softmax and
+    /// their gradients stay f32 whatever the activations' storage.
     #[allow(clippy::too_many_arguments)]
     fn attention_fwd(
         &self,

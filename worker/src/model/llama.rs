@@ -105,6 +105,9 @@ impl<B: Backend> Llama<B> {
     /// before `forward` (allocated for this shape on first use).
     pub fn input(&mut self, be: &B, batch: usize, seq: usize) -> &mut B::Buf {
         if self.ws.as_ref().is_none_or(|w| w.batch != batch || w.seq != seq) {
+            // The old workspace goes before the new one is allocated: a shape
+            // change must not hold both (on a GPU, twice the activations).
+            self.ws = None;
             let c = &self.cfg;
             let rows = batch * seq;
             let (h, im, v) = (c.hidden_size, c.intermediate_size, c.vocab_size);
@@ -115,7 +118,7 @@ impl<B: Backend> Llama<B> {
                 q: be.alloc(rows * h),
                 k: be.alloc(rows * h),
                 v: be.alloc(rows * h),
-                probs: be.alloc(a.probs_len()),
+                probs: be.alloc_state(a.probs_len()),
                 attn: be.alloc(rows * h),
                 x1: be.alloc(rows * h),
                 rstd2: be.alloc_state(rows),

@@ -59,6 +59,9 @@ impl<B: Backend> Projector<B> {
         let c = &self.cfg;
         let (rows, pin, h) = (batch * c.image_tokens(), c.projector_in(), c.llm.hidden_size);
         if self.ws.as_ref().is_none_or(|w| w.batch != batch) {
+            // The old workspace goes before the new one is allocated: a shape
+            // change must not hold both (on a GPU, twice the activations).
+            self.ws = None;
             self.ws = Some(Workspace {
                 batch,
                 merged: be.alloc(rows * pin),

@@ -97,6 +97,9 @@ impl<B: Backend> S2<B> {
         if self.ws.as_ref().is_some_and(|w| w.batch == batch && w.grids == grids) {
             return;
         }
+        // The old workspace goes before the new one is allocated: a shape
+        // change must not hold both (on a GPU, twice the activations).
+        self.ws = None;
         let c = &self.cfg;
         let (g, d, ch, base) = (c.vision.grid(), c.vision.hidden_size, c.vision.num_channels, c.vision.image_size);
         let splits = c.s2.splits();

@@ -66,7 +66,7 @@ impl<B: Backend> LayerActs<B> {
             q: be.alloc(rows * d),
             k: be.alloc(rows * d),
             v: be.alloc(rows * d),
-            probs: be.alloc(attn.probs_len()),
+            probs: be.alloc_state(attn.probs_len()),
             attn: be.alloc(rows * d),
             x1: be.alloc(rows * d),
             mean2: be.alloc_state(rows),
@@ -144,6 +144,9 @@ impl<B: Backend> Vit<B> {
 
     fn workspace(&mut self, be: &B, tiles: usize) -> &mut Workspace<B> {
         if self.ws.as_ref().is_none_or(|w| w.tiles != tiles) {
+            // The old workspace goes before the new one is allocated: a shape
+            // change must not hold both (on a GPU, twice the activations).
+            self.ws = None;
             let c = &self.cfg;
             let rows = tiles * c.num_patches();
             let (d, i) = (c.hidden_size, c.intermediate_size);

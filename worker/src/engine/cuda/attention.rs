@@ -1,9 +1,15 @@
 //! Softmax attention (kernels/attention.cu): the four products are cuBLAS
-//! GEMMs over the heads of one sequence, the softmax and its backward are row kernels.
+//! GEMMs over the heads of one sequence, the softmax and its backward are
+//! row kernels. Scores, probabilities, dP and dS are f32 in every mode (the
+//! probabilities are a state buffer): with bf16 activations the GEMMs
+//! write their f32 outputs from bf16 operands, and only the operands that
+//! enter a GEMM beside a bf16 tensor (P for PV and dV, dS for dQ and dK)
+//! get a bf16 copy, as the tensor cores take them.
 
 use super::backend::Buf;
 use super::context::{launch, Cuda, THREADS};
-use super::elementwise::fill_range;
+use super::elementwise::{copy, fill_range};
+use super::kernels::Storage;
 use super::matmul::{gemm_strided, Operand, Output};
 use crate::engine::backend::AttnShape;
 
@@ -31,6 +37,29 @@ fn heads_out<'a>(buf: &'a mut Buf, s: &AttnShape, b: usize) -> Output<'a> {
     Output { buf, offset: b * s.seq * row, ld: row, stride: s.head_dim }
 }
 
+/// `[heads, seq, seq]` score matrices starting at `offset` of `buf`.
+fn scores(buf: &Buf, offset: usize, n: usize, trans: bool) -> Operand<'_> {
+    Operand { buf, offset, ld: n, stride: n * n, trans }
+}
+
+/// The f32 score matrices `src[offset..offset + len]` as a GEMM operand
+/// beside bf16 tensors: a bf16 copy in `staging` (rounded to nearest even),
+/// or `src` itself when activations are f32.
+fn as_operand<'a>(
+    cu: &Cuda,
+    src: &'a Buf,
+    offset: usize,
+    len: usize,
+    staging: &'a mut Option<Buf>,
+) -> (&'a Buf, usize) {
+    if cu.storage == Storage::F32 {
+        return (src, offset);
+    }
+    let dst = staging.get_or_insert_with(|| cu.buffer(len, cu.storage));
+    copy(cu, src, offset, dst, 0, len);
+    (dst, 0)
+}
+
 pub(super) fn attention_fwd(cu: &Cuda, q: &Buf, k: &Buf, v: &Buf, out: &mut Buf, probs: &mut Buf, s: AttnShape) {
     check("attention_fwd", &s, &[q, k, v, out], probs);
     let (n, d, h) = (s.seq, s.head_dim, s.heads);
@@ -44,20 +73,22 @@ pub(super) fn attention_fwd(cu: &Cuda, q: &Buf, k: &Buf, v: &Buf, out: &mut Buf,
         fill_range(cu, probs, 0, len, 0.0);
     } else {
         for b in 0..s.batch {
-            // S = scale * Q K^T, the heads of sequence b at once.
-            let scores = Output { buf: &mut *probs, offset: b * h * nn, ld: n, stride: nn };
-            gemm_strided(cu, h, n, n, d, s.scale, heads(q, &s, b, false), heads(k, &s, b, true), 0.0, scores);
+            // S = scale * Q K^T, the heads of sequence b at once, into f32.
+            let out_s = Output { buf: &mut *probs, offset: b * h * nn, ld: n, stride: nn };
+            gemm_strided(cu, h, n, n, d, s.scale, heads(q, &s, b, false), heads(k, &s, b, true), 0.0, out_s);
         }
     }
     let (seq, causal) = (n as u64, i32::from(s.causal));
-    launch!(cu, "softmax_rows_f32", cu.rows(s.batch * h * n, THREADS), &mut probs.data, &seq, &causal);
+    let rows = cu.rows(s.batch * h * n, THREADS);
+    launch!(cu, storage = Storage::F32, "softmax_rows_f32", rows, &probs.data, &seq, &causal);
     if d == 0 {
         return;
     }
+    let mut staging = None;
     for b in 0..s.batch {
         // out = P V, overwritten (beta 0).
-        let p = Operand { buf: probs, offset: b * h * nn, ld: n, stride: nn, trans: false };
-        gemm_strided(cu, h, n, d, n, 1.0, p, heads(v, &s, b, false), 0.0, heads_out(out, &s, b));
+        let (p, off) = as_operand(cu, probs, b * h * nn, h * nn, &mut staging);
+        gemm_strided(cu, h, n, d, n, 1.0, scores(p, off, n, false), heads(v, &s, b, false), 0.0, heads_out(out, &s, b));
     }
 }
 
@@ -80,24 +111,40 @@ pub(super) fn attention_bwd(
         return;
     }
     let nn = n * n;
-    // dP, then dS in place, for the heads of one sequence; reused by every
-    // sequence (one stream, so the GEMMs of b are done before b + 1 writes).
-    let mut ds = cu.buffer(h * nn, cu.storage);
+    // dP, then dS in place (f32), for the heads of one sequence; reused by
+    // every sequence (one stream, so the GEMMs of b are done before b + 1
+    // writes).
+    let mut ds = cu.buffer(h * nn, Storage::F32);
+    let (mut p_staging, mut ds_staging) = (None, None);
     let (seq, scale) = (n as u64, s.scale);
     for b in 0..s.batch {
-        let p = |trans: bool| Operand { buf: probs, offset: b * h * nn, ld: n, stride: nn, trans };
         // dV += P^T dO
-        gemm_strided(cu, h, n, d, n, 1.0, p(true), heads(dout, &s, b, false), 1.0, heads_out(dv, &s, b));
+        let (p, off) = as_operand(cu, probs, b * h * nn, h * nn, &mut p_staging);
+        gemm_strided(
+            cu,
+            h,
+            n,
+            d,
+            n,
+            1.0,
+            scores(p, off, n, true),
+            heads(dout, &s, b, false),
+            1.0,
+            heads_out(dv, &s, b),
+        );
         // dP = dO V^T
         let dp = Output { buf: &mut ds, offset: 0, ld: n, stride: nn };
         gemm_strided(cu, h, n, n, d, 1.0, heads(dout, &s, b, false), heads(v, &s, b, true), 0.0, dp);
-        // dS = P * (dP - rowsum(dP * P)) * scale, in place.
+        // dS = P * (dP - rowsum(dP * P)) * scale, in place, f32.
         let p_b = probs.view(b * h * nn, h * nn);
-        launch!(cu, "softmax_bwd_rows_f32", cu.rows(h * n, THREADS), &p_b, &mut ds.data, &seq, &scale);
-        let ds_op = |trans: bool| Operand { buf: &ds, offset: 0, ld: n, stride: nn, trans };
+        let rows = cu.rows(h * n, THREADS);
+        launch!(cu, storage = Storage::F32, "softmax_bwd_rows_f32", rows, &p_b, &ds.data, &seq, &scale);
+        let (ds_op, ds_off) = as_operand(cu, &ds, 0, h * nn, &mut ds_staging);
         // dQ += dS K
-        gemm_strided(cu, h, n, d, n, 1.0, ds_op(false), heads(k, &s, b, false), 1.0, heads_out(dq, &s, b));
+        let dsk = scores(ds_op, ds_off, n, false);
+        gemm_strided(cu, h, n, d, n, 1.0, dsk, heads(k, &s, b, false), 1.0, heads_out(dq, &s, b));
         // dK += dS^T Q
-        gemm_strided(cu, h, n, d, n, 1.0, ds_op(true), heads(q, &s, b, false), 1.0, heads_out(dk, &s, b));
+        let dsq = scores(ds_op, ds_off, n, true);
+        gemm_strided(cu, h, n, d, n, 1.0, dsq, heads(q, &s, b, false), 1.0, heads_out(dk, &s, b));
     }
 }

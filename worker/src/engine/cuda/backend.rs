@@ -209,7 +209,7 @@ impl Backend for Cuda {
     }
 
     fn attention_fwd(&self, q: &Buf, k: &Buf, v: &Buf, out: &mut Buf, probs: &mut Buf, s: AttnShape) {
-        self.roles("attention_fwd", &[q, k, v, &*out, &*probs], &[]);
+        self.roles("attention_fwd", &[q, k, v, &*out], &[&*probs]);
         attention::attention_fwd(self, q, k, v, out, probs, s)
     }
     fn attention_bwd(
@@ -224,7 +224,7 @@ impl Backend for Cuda {
         dv: &mut Buf,
         s: AttnShape,
     ) {
-        self.roles("attention_bwd", &[q, k, v, probs, dout, &*dq, &*dk, &*dv], &[]);
+        self.roles("attention_bwd", &[q, k, v, dout, &*dq, &*dk, &*dv], &[probs]);
         attention::attention_bwd(self, q, k, v, probs, dout, dq, dk, dv, s)
     }
     fn rope_fwd(&self, x: &mut Buf, s: RopeShape) {

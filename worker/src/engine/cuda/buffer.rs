@@ -9,9 +9,9 @@
 //! type.
 
 use super::context::Cuda;
+use super::driver::{DevMem, DevSlice, Event};
 use super::kernels::Storage;
 use crate::codec::{self, SaveDtype};
-use super::driver::{DevMem, DevSlice, Event};
 use safetensors::tensor::Dtype;
 
 impl Storage {

@@ -3,8 +3,8 @@
 
 use super::backend::Buf;
 use super::context::{launch, Cuda, THREADS};
-use super::kernels::Storage;
 use super::driver::LaunchConfig;
+use super::kernels::Storage;
 
 /// Blocks of the first sum-of-squares pass: fixed, so the reduction
 /// order, and with it the result, never depends on the GPU.

@@ -9,8 +9,8 @@
 
 use super::backend::{Buf, Idx};
 use super::context::{launch, Cuda};
-use super::kernels::Storage;
 use super::driver::LaunchConfig;
+use super::kernels::Storage;
 
 /// Threads per block of `scatter_rows_f32`, the size of its id tile
 /// (`#define TILE` in kernels/embedding.cu, checked by a test below).

@@ -7,8 +7,8 @@
 
 use super::backend::Buf;
 use super::context::{launch, Cuda};
-use crate::engine::backend::RopeShape;
 use super::driver::DevMem;
+use crate::engine::backend::RopeShape;
 use std::sync::Arc;
 
 /// The kept tables: per (head_dim, theta's bits), the positions covered and

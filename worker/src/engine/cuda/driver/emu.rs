@@ -13,6 +13,7 @@ use super::{Arg, Driver, Event, GemmDesc, LaunchConfig};
 use crate::engine::cuda::emu_ffi::{self, EmuArg, EmuBuild};
 use crate::engine::cuda::kernels::Storage;
 use anyhow::{bail, Result};
+use std::collections::HashMap;
 use std::sync::Mutex;
 
 /// Streaming multiprocessors the emulated device reports: few, so that
@@ -23,6 +24,16 @@ pub struct EmuDriver {
     builds: Vec<Storage>,
     /// One stream: ops from several host threads run one at a time.
     stream: Mutex<()>,
+    /// This device's allocations, so its peak is its own even when several
+    /// emulated devices share the process (tests).
+    memory: Mutex<Tracked>,
+}
+
+#[derive(Default)]
+struct Tracked {
+    sizes: HashMap<u64, usize>,
+    in_use: u64,
+    peak: u64,
 }
 
 impl EmuDriver {
@@ -32,7 +43,7 @@ impl EmuDriver {
                 bail!("cuda-emu: the {b:?} build of the kernels is missing from this binary");
             }
         }
-        Ok(EmuDriver { builds: builds.to_vec(), stream: Mutex::new(()) })
+        Ok(EmuDriver { builds: builds.to_vec(), stream: Mutex::new(()), memory: Mutex::default() })
     }
 
     fn in_order(&self) -> std::sync::MutexGuard<'_, ()> {
@@ -49,11 +60,20 @@ fn build(s: Storage) -> EmuBuild {
 
 impl Driver for EmuDriver {
     fn alloc_zeroed(&self, bytes: usize) -> Result<u64, String> {
-        emu_ffi::alloc(bytes).ok_or_else(|| format!("the host cannot map {bytes} bytes"))
+        let addr = emu_ffi::alloc(bytes).ok_or_else(|| format!("the host cannot map {bytes} bytes"))?;
+        let mut m = self.memory.lock().unwrap_or_else(|p| p.into_inner());
+        m.sizes.insert(addr, bytes);
+        m.in_use += bytes as u64;
+        m.peak = m.peak.max(m.in_use);
+        Ok(addr)
     }
 
     fn free(&self, addr: u64) {
         let _order = self.in_order();
+        let mut m = self.memory.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(bytes) = m.sizes.remove(&addr) {
+            m.in_use -= bytes as u64;
+        }
         // SAFETY: `addr` came from alloc_zeroed and is freed once (DevMem's drop).
         unsafe { emu_ffi::free(addr) }
     }
@@ -117,7 +137,7 @@ impl Driver for EmuDriver {
     }
 
     fn peak_bytes(&self) -> Option<u64> {
-        Some(emu_ffi::memory().1)
+        Some(self.memory.lock().unwrap_or_else(|p| p.into_inner()).peak)
     }
 
     fn mem_info(&self) -> Option<(usize, usize)> {

@@ -49,7 +49,10 @@ unsafe fn store(addr: u64, storage: Storage, i: usize, v: f32) {
 /// allocation and that `ld` is valid, as cuBLAS validates it.
 fn check(name: &str, x: &GemmMatrix, rows: usize, cols: usize, batch: usize) -> Result<(), String> {
     if x.ld < rows.max(1) {
-        return Err(format!("cuBLAS GEMM: ld{name} = {} is less than the {rows} rows of {name} (CUBLAS_STATUS_INVALID_VALUE)", x.ld));
+        return Err(format!(
+            "cuBLAS GEMM: ld{name} = {} is less than the {rows} rows of {name} (CUBLAS_STATUS_INVALID_VALUE)",
+            x.ld
+        ));
     }
     if rows == 0 || cols == 0 {
         return Ok(());
