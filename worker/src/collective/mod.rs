@@ -5,6 +5,8 @@
 
 #[cfg(feature = "cuda")]
 pub mod nccl;
+#[cfg(feature = "cuda")]
+mod nccl_lib;
 pub mod ring;
 #[cfg(target_os = "linux")]
 mod shm;

@@ -10,52 +10,101 @@
 //! compute thread) waits for the NCCL stream, so a returned bucket holds
 //! the sums.
 //!
-//! The communicator is held behind an `Arc` so that another thread (the
-//! heartbeat loop, on a shutdown) can abort it: a peer that died leaves
-//! NCCL waiting forever, and `ncclCommAbort` is the one way to release it.
+//! A job of one GPU opens no NCCL at all: its sums are the identity.
+//!
+//! Another thread (the heartbeat loop, on a shutdown or a dead peer) may
+//! abort the communicator: a peer that died leaves NCCL waiting forever,
+//! and `ncclCommAbort` is the one way to release it. So the communicator is
+//! non-blocking (`blocking = 0`): init and every call return at once and
+//! are polled with a deadline; the handle is used only under a lock that
+//! the abort takes too (never a handle another thread destroyed), and a
+//! reduction that was aborted is an error, never a half-summed bucket.
 
+use super::nccl_lib::{self, Comm, Config, Nccl, UniqueId, NCCL_IN_PROGRESS, NCCL_SUCCESS};
 use super::Collective;
-use crate::engine::cuda::Event;
-use crate::engine::cuda::{Buf, Cuda, Storage};
+use crate::engine::cuda::{Buf, Cuda, Event, Storage};
 use anyhow::{anyhow, bail, Context, Result};
-use cudarc::driver::{CudaStream, DevicePtrMut};
-use cudarc::nccl::{result as nccl, sys};
+use cudarc::driver::{CudaSlice, CudaStream, DevicePtr, DevicePtrMut};
+use std::ffi::c_int;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// Bytes in an NCCL unique id.
 pub const UNIQUE_ID_BYTES: usize = 128;
 
-/// Creates the id rank 0 sends to the coordinator.
-pub fn new_unique_id() -> Result<Vec<u8>> {
-    let id = nccl::get_uniqueid().map_err(|e| anyhow!("NCCL cannot create a unique id: {e:?}"))?;
+/// Creates the id rank 0 sends to the coordinator; a job of one GPU needs
+/// none (and so no NCCL).
+pub fn new_unique_id(world_size: usize) -> Result<Vec<u8>> {
+    if world_size <= 1 {
+        return Ok(Vec::new());
+    }
+    let nccl = nccl_lib::load().map_err(|e| anyhow!(e))?;
+    let mut id = UniqueId { internal: [0; UNIQUE_ID_BYTES] };
+    // SAFETY: `id` is a live ncclUniqueId.
+    let r = unsafe { (nccl.get_unique_id)(&mut id) };
+    if r != NCCL_SUCCESS {
+        bail!("NCCL ({}) cannot create a unique id: {}", nccl.path.display(), nccl.error(r));
+    }
     Ok(id.internal.iter().map(|&c| c as u8).collect())
 }
 
-/// The communicator; aborted exactly once, by `abort` or on drop.
+/// The communicator handle, taken out exactly once by `abort` or drop.
 struct Communicator {
+    nccl: &'static Nccl,
     raw: Mutex<Option<SendComm>>,
+    aborted: AtomicBool,
 }
 
-struct SendComm(sys::ncclComm_t);
+struct SendComm(Comm);
 // SAFETY: an NCCL communicator may be used from any thread; this program
-// issues collectives from one thread and may abort from another, which
-// NCCL documents as the way to tear down a hung communicator.
+// issues calls from one thread at a time (the mutex) and may abort from
+// another, which NCCL documents as the way to tear down a hung one.
 unsafe impl Send for SendComm {}
 
 impl Communicator {
-    fn get(&self) -> Result<sys::ncclComm_t> {
+    /// Runs `f` with the live handle, under the lock the abort takes.
+    fn with<T>(&self, f: impl FnOnce(Comm) -> T) -> Result<T> {
         match self.raw.lock().unwrap_or_else(|p| p.into_inner()).as_ref() {
-            Some(c) => Ok(c.0),
-            None => bail!("the NCCL communicator was aborted"),
+            Some(c) if !self.aborted.load(Ordering::SeqCst) => Ok(f(c.0)),
+            _ => bail!("the NCCL communicator was aborted (a shutdown, or a rank of the job failed)"),
+        }
+    }
+
+    /// The communicator's state: success, in progress, or its error.
+    fn state(&self) -> Result<c_int> {
+        let nccl = self.nccl;
+        self.with(|c| {
+            let mut state = NCCL_SUCCESS;
+            // SAFETY: `c` is live (held under the lock).
+            let r = unsafe { (nccl.comm_get_async_error)(c, &mut state) };
+            if r != NCCL_SUCCESS {
+                r
+            } else {
+                state
+            }
+        })
+    }
+
+    /// Polls until the last call finished, failed, was aborted or `deadline` passed.
+    fn settle(&self, what: &str, deadline: Instant) -> Result<()> {
+        loop {
+            match self.state()? {
+                NCCL_SUCCESS => return Ok(()),
+                NCCL_IN_PROGRESS if Instant::now() < deadline => std::thread::sleep(Duration::from_micros(200)),
+                NCCL_IN_PROGRESS => bail!("{what} did not finish in time"),
+                r => bail!("{what} failed: {}", self.nccl.error(r)),
+            }
         }
     }
 
     fn abort(&self) {
+        self.aborted.store(true, Ordering::SeqCst);
         if let Some(c) = self.raw.lock().unwrap_or_else(|p| p.into_inner()).take() {
-            // SAFETY: the handle came from ncclCommInitRank and is aborted once.
-            if let Err(e) = unsafe { nccl::comm_abort(c.0) } {
-                tracing::warn!(error = ?e, "ncclCommAbort failed");
+            // SAFETY: the handle came from ncclCommInitRankConfig and is aborted once.
+            let r = unsafe { (self.nccl.comm_abort)(c.0) };
+            if r != NCCL_SUCCESS {
+                tracing::warn!(error = %self.nccl.error(r), "ncclCommAbort failed");
             }
         }
     }
@@ -69,105 +118,126 @@ impl Drop for Communicator {
 
 /// Aborts the communicator from another thread (a shutdown or a dead peer).
 #[derive(Clone)]
-pub struct NcclAbortHandle(Arc<Communicator>);
+pub struct NcclAbortHandle(Option<Arc<Communicator>>);
 
 impl NcclAbortHandle {
     pub fn abort(&self) {
-        self.0.abort();
+        if let Some(c) = &self.0 {
+            c.abort();
+        }
     }
 }
 
-pub struct NcclCollective {
-    rank: usize,
-    world_size: usize,
+/// What a job of several GPUs holds: the communicator and NCCL's stream.
+struct Group {
     comm: Arc<Communicator>,
     /// The backend's compute stream, which produced the buffers.
     compute: Arc<CudaStream>,
     /// NCCL's own stream, so reductions overlap backward.
     stream: Arc<CudaStream>,
     /// A small device buffer for the step's counters.
-    counts: cudarc::driver::CudaSlice<u64>,
+    counts: CudaSlice<u64>,
+}
+
+pub struct NcclCollective {
+    rank: usize,
+    world_size: usize,
+    /// None for a job of one GPU.
+    group: Option<Group>,
 }
 
 impl NcclCollective {
     /// Joins the communicator of `world_size` ranks named by `unique_id`.
-    /// `ncclCommInitRank` blocks until every rank has joined; a rank that
-    /// never comes would hold this one forever, so the init runs on its own
-    /// thread and is given up after `timeout` (the worker then exits with
-    /// the reason, which also ends the stuck thread).
+    /// Init is non-blocking and given up after `timeout` (a rank that never
+    /// comes), with the communicator aborted, so nothing is left hanging.
     pub fn connect(cu: &Cuda, rank: usize, world_size: usize, unique_id: &[u8], timeout: Duration) -> Result<Self> {
+        if world_size <= 1 {
+            tracing::info!(rank, "one GPU: no NCCL communicator");
+            return Ok(NcclCollective { rank, world_size, group: None });
+        }
         if unique_id.len() != UNIQUE_ID_BYTES {
             bail!("the NCCL unique id from the coordinator has {} bytes, expected {UNIQUE_ID_BYTES}", unique_id.len());
-        }
-        let mut internal = [0 as std::ffi::c_char; UNIQUE_ID_BYTES];
-        for (d, &s) in internal.iter_mut().zip(unique_id) {
-            *d = s as std::ffi::c_char;
         }
         let Some(gpu) = cu.gpu() else {
             bail!("NCCL needs a real GPU: the emulated CUDA device runs jobs of one rank only (NCCL is not emulated)");
         };
+        let nccl = nccl_lib::load().map_err(|e| anyhow!(e))?;
+        let mut id = UniqueId { internal: [0; UNIQUE_ID_BYTES] };
+        for (d, &s) in id.internal.iter_mut().zip(unique_id) {
+            *d = s as std::ffi::c_char;
+        }
         let compute = gpu.stream().clone();
         let stream = compute.context().new_stream().map_err(|e| anyhow!("cannot create the NCCL stream: {e:?}"))?;
-        let ctx = compute.context().clone();
-        let (done, joined) = std::sync::mpsc::channel();
-        std::thread::Builder::new()
-            .name("nccl-init".into())
-            .spawn(move || {
-                let mut raw = std::mem::MaybeUninit::uninit();
-                let r =
-                    ctx.bind_to_thread().map_err(|e| format!("cannot bind the CUDA context: {e:?}")).and_then(|_| {
-                        // SAFETY: `raw` receives the communicator; the id is 128 bytes.
-                        unsafe {
-                            nccl::comm_init_rank(
-                                raw.as_mut_ptr(),
-                                world_size as i32,
-                                sys::ncclUniqueId { internal },
-                                rank as i32,
-                            )
-                        }
-                        .map_err(|e| format!("{e:?}"))
-                        // SAFETY: initialized by the successful call.
-                        .map(|_| SendComm(unsafe { raw.assume_init() }))
-                    });
-                let _ = done.send(r);
-            })
-            .context("cannot start the NCCL init thread")?;
-        let raw = match joined.recv_timeout(timeout) {
-            Ok(Ok(c)) => c,
-            Ok(Err(e)) => bail!("NCCL init of rank {rank} of {world_size} failed: {e}"),
-            Err(_) => bail!(
-                "NCCL init of rank {rank} of {world_size} did not finish within {:.0} s: a rank is missing or cannot be \
-                 reached (NCCL_SOCKET_IFNAME and NCCL_DEBUG=INFO help find out which)",
+        compute.context().bind_to_thread().map_err(|e| anyhow!("cannot bind the CUDA context: {e:?}"))?;
+        let mut raw: Comm = std::ptr::null_mut();
+        let mut config = Config::new(false);
+        // SAFETY: `raw` receives the communicator; the id is 128 bytes; the
+        // config is NCCL_CONFIG_INITIALIZER's layout with blocking = 0.
+        let r = unsafe { (nccl.comm_init_rank_config)(&mut raw, world_size as c_int, id, rank as c_int, &mut config) };
+        if (r != NCCL_SUCCESS && r != NCCL_IN_PROGRESS) || raw.is_null() {
+            bail!("NCCL init of rank {rank} of {world_size} failed: {}", nccl.error(r));
+        }
+        let comm =
+            Arc::new(Communicator { nccl, raw: Mutex::new(Some(SendComm(raw))), aborted: AtomicBool::new(false) });
+        if let Err(e) = comm.settle(&format!("NCCL init of rank {rank} of {world_size}"), Instant::now() + timeout) {
+            comm.abort();
+            return Err(e.context(format!(
+                "within {:.0} s: a rank is missing or cannot be reached (NCCL_SOCKET_IFNAME and NCCL_DEBUG=INFO help \
+                 find out which)",
                 timeout.as_secs_f64()
-            ),
-        };
-        let comm = Arc::new(Communicator { raw: Mutex::new(Some(raw)) });
+            )));
+        }
         let counts = stream.alloc_zeros::<u64>(16).map_err(|e| anyhow!("cannot allocate NCCL counters: {e:?}"))?;
-        tracing::info!(rank, world_size, "NCCL communicator ready");
-        Ok(NcclCollective { rank, world_size, comm, compute, stream, counts })
+        tracing::info!(rank, world_size, nccl = %nccl.path.display(), "NCCL communicator ready");
+        Ok(NcclCollective { rank, world_size, group: Some(Group { comm, compute, stream, counts }) })
     }
 
     pub fn abort_handle(&self) -> NcclAbortHandle {
-        NcclAbortHandle(self.comm.clone())
+        NcclAbortHandle(self.group.as_ref().map(|g| g.comm.clone()))
+    }
+}
+
+impl Group {
+    /// In-place sum of `len` values of type `ty` at `ptr` on the NCCL
+    /// stream; returns once the sums are there, or with an error when the
+    /// communicator failed or was aborted meanwhile (the buffer then holds
+    /// partial sums and must not be used).
+    fn sum_in_place(&self, ptr: u64, len: usize, ty: c_int) -> Result<()> {
+        let nccl = self.comm.nccl;
+        let s = self.stream.cu_stream();
+        let r = self.comm.with(|c| {
+            // SAFETY: `ptr` holds `len` values of `ty` on this communicator's
+            // GPU; `c` is live under the lock.
+            unsafe { (nccl.all_reduce)(ptr as *const _, ptr as *mut _, len, ty, nccl_lib::NCCL_SUM, c, s as *mut _) }
+        })?;
+        if r != NCCL_SUCCESS && r != NCCL_IN_PROGRESS {
+            bail!("NCCL all-reduce of {len} values failed: {}", nccl.error(r));
+        }
+        // Enqueued (a non-blocking call may still be queueing).
+        self.comm.settle(&format!("NCCL all-reduce of {len} values"), Instant::now() + Duration::from_secs(600))?;
+        self.wait_stream(len)
     }
 
-    /// In-place sum of `len` values of type `ty` at `ptr` on the NCCL stream.
-    fn sum_in_place(&self, ptr: cudarc::driver::sys::CUdeviceptr, len: usize, ty: sys::ncclDataType_t) -> Result<()> {
-        let comm = self.comm.get()?;
-        // SAFETY: `ptr` holds `len` values of `ty` on this communicator's GPU.
-        unsafe {
-            nccl::all_reduce(
-                ptr as *const _,
-                ptr as *mut _,
-                len,
-                ty,
-                sys::ncclRedOp_t::ncclSum,
-                comm,
-                self.stream.cu_stream() as _,
-            )
+    /// Waits for the NCCL stream, watching for an abort or a failed peer.
+    fn wait_stream(&self, len: usize) -> Result<()> {
+        loop {
+            // SAFETY: the stream is live (held by self).
+            let q = unsafe { cudarc::driver::sys::cuStreamQuery(self.stream.cu_stream()) };
+            match q {
+                cudarc::driver::sys::CUresult::CUDA_SUCCESS => break,
+                cudarc::driver::sys::CUresult::CUDA_ERROR_NOT_READY => {}
+                e => bail!("waiting for the NCCL all-reduce of {len} values failed: {e:?}"),
+            }
+            match self.comm.state()? {
+                NCCL_SUCCESS | NCCL_IN_PROGRESS => std::thread::sleep(Duration::from_micros(50)),
+                r => bail!("NCCL all-reduce of {len} values failed: {}", self.comm.nccl.error(r)),
+            }
         }
-        .map_err(|e| anyhow!("NCCL all-reduce of {len} values failed: {e:?}"))?;
-        self.stream.synchronize().map_err(|e| anyhow!("waiting for the NCCL all-reduce failed: {e:?}"))
+        // An abort racing the last poll: the sums may be partial.
+        if self.comm.aborted.load(Ordering::SeqCst) {
+            bail!("the NCCL all-reduce of {len} values was aborted; its buffer holds partial sums");
+        }
+        Ok(())
     }
 
     /// The NCCL stream waits for the ops that wrote `buf`: up to its ready
@@ -196,40 +266,43 @@ impl Collective for NcclCollective {
     }
 
     fn all_reduce_sum(&mut self, buf: &mut Buf) -> Result<()> {
+        let Some(g) = &self.group else { return Ok(()) };
         if buf.len == 0 {
             return Ok(());
         }
-        self.after_compute(buf)?;
+        g.after_compute(buf)?;
         // Gradient buckets are f32 state; a bf16 buffer sums in bf16.
         let ty = match buf.storage {
-            Storage::F32 => sys::ncclDataType_t::ncclFloat32,
-            Storage::Bf16 => sys::ncclDataType_t::ncclBfloat16,
+            Storage::F32 => nccl_lib::NCCL_FLOAT32,
+            Storage::Bf16 => nccl_lib::NCCL_BFLOAT16,
         };
-        let summed = self.sum_in_place(buf.data.addr(), buf.len, ty);
+        let summed = g.sum_in_place(buf.data.addr(), buf.len, ty);
         if summed.is_err() {
             // The caller drops the bucket on an error, which frees it on the
             // compute stream: NCCL must be done with it first.
-            let _ = self.stream.synchronize();
+            let _ = g.stream.synchronize();
         }
         summed
     }
 
     fn all_reduce_sum_u64(&mut self, values: &mut [u64]) -> Result<()> {
-        if values.len() > self.counts.len() {
-            self.counts = self.stream.alloc_zeros::<u64>(values.len()).context("NCCL counters")?;
+        let Some(g) = &mut self.group else { return Ok(()) };
+        if values.len() > g.counts.len() {
+            g.counts = g.stream.alloc_zeros::<u64>(values.len()).context("NCCL counters")?;
         }
-        let stream = self.stream.clone();
+        let stream = g.stream.clone();
         let ptr = {
-            let mut view = self.counts.slice_mut(..values.len());
+            let mut view = g.counts.slice_mut(..values.len());
             stream.memcpy_htod(values, &mut view).map_err(|e| anyhow!("uploading counters: {e:?}"))?;
             let (ptr, synced) = view.device_ptr_mut(&stream);
             drop(synced);
             ptr
         };
-        self.sum_in_place(ptr, values.len(), sys::ncclDataType_t::ncclUint64)?;
-        stream
-            .memcpy_dtoh(&self.counts.slice(..values.len()), values)
-            .map_err(|e| anyhow!("reading counters: {e:?}"))?;
+        g.sum_in_place(ptr, values.len(), nccl_lib::NCCL_UINT64)?;
+        let view = g.counts.slice(..values.len());
+        let (_, synced) = view.device_ptr(&stream);
+        drop(synced);
+        stream.memcpy_dtoh(&view, values).map_err(|e| anyhow!("reading counters: {e:?}"))?;
         stream.synchronize().map_err(|e| anyhow!("reading counters: {e:?}"))
     }
 }

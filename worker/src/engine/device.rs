@@ -10,6 +10,51 @@
 
 use anyhow::{bail, Result};
 
+/// A device error that leaves the GPU's context unusable ("sticky"): an
+/// illegal address, a trap, a hardware fault. Every later call on the
+/// context fails too, so the worker must exit (and be replaced) rather
+/// than rejoin the job with it.
+#[derive(Debug)]
+pub struct DeviceLost(pub String);
+
+impl std::fmt::Display for DeviceLost {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{}; the GPU's context cannot be used after this error, so this worker exits to be replaced \
+             (restart it, on another GPU if the error repeats)",
+            self.0
+        )
+    }
+}
+
+impl std::error::Error for DeviceLost {}
+
+/// The CUDA driver errors after which the context is unusable.
+const STICKY: [&str; 11] = [
+    "CUDA_ERROR_ILLEGAL_ADDRESS",
+    "CUDA_ERROR_LAUNCH_FAILED",
+    "CUDA_ERROR_ILLEGAL_INSTRUCTION",
+    "CUDA_ERROR_MISALIGNED_ADDRESS",
+    "CUDA_ERROR_INVALID_ADDRESS_SPACE",
+    "CUDA_ERROR_INVALID_PC",
+    "CUDA_ERROR_HARDWARE_STACK_ERROR",
+    "CUDA_ERROR_ASSERT",
+    "CUDA_ERROR_LAUNCH_TIMEOUT",
+    "CUDA_ERROR_ECC_UNCORRECTABLE",
+    "CUDA_ERROR_CONTEXT_IS_DESTROYED",
+];
+
+/// Whether a device error message names a sticky error.
+pub fn is_sticky(message: &str) -> bool {
+    STICKY.iter().any(|s| message.contains(s))
+}
+
+/// Whether `e` (or an error it wraps) is a [`DeviceLost`].
+pub fn device_lost(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| c.is::<DeviceLost>())
+}
+
 /// What the user asked for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum DeviceSpec {
@@ -189,6 +234,20 @@ mod tests {
             let e = DeviceSpec::parse(bad).unwrap_err().to_string();
             assert!(e.contains(&format!("{bad:?}")) && e.contains("cpu, cuda:K"), "{e}");
         }
+    }
+
+    /// Illegal addresses and traps are sticky, out of memory is not; a
+    /// DeviceLost is found under context added on the way up.
+    #[test]
+    fn sticky_errors_are_told_apart() {
+        assert!(is_sticky(
+            "cuda:0: a kernel failed: DriverError(CUDA_ERROR_ILLEGAL_ADDRESS, \"an illegal memory access\")"
+        ));
+        assert!(is_sticky("CUDA_ERROR_LAUNCH_FAILED (emulated): gather_rows_f32 called __trap()"));
+        assert!(!is_sticky("cuda:0: upload failed: DriverError(CUDA_ERROR_OUT_OF_MEMORY, \"out of memory\")"));
+        let e = anyhow::Error::new(DeviceLost("x".into())).context("step 3");
+        assert!(device_lost(&e) && e.root_cause().to_string().contains("exits to be replaced"));
+        assert!(!device_lost(&anyhow::anyhow!("a peer went away")));
     }
 
     /// A job asking for bf16 on the CPU is told it computes in f32; the

@@ -77,7 +77,7 @@ impl Process<'_> {
         &self,
         gen: &mut Generation,
         be: &B,
-        new_nccl_id: &impl Fn() -> Result<Vec<u8>>,
+        new_nccl_id: &impl Fn(usize) -> Result<Vec<u8>>,
         connect: &impl Fn(&RendezvousReply) -> Result<(C, Aborter)>,
     ) -> Result<Finished, Failure>
     where
@@ -110,9 +110,10 @@ impl Round<'_, '_> {
     /// generation is there. Rank 0 brings the NCCL id the others connect
     /// with; making it is about this machine (fatal), the coordinator's
     /// answers are about who is there (rejoin).
-    fn rendezvous(&self, new_nccl_id: &impl Fn() -> Result<Vec<u8>>) -> Result<RendezvousReply, Failure> {
+    fn rendezvous(&self, new_nccl_id: &impl Fn(usize) -> Result<Vec<u8>>) -> Result<RendezvousReply, Failure> {
         let generation = self.gen.generation;
-        let mut nccl_id = if self.gen.rank == 0 { new_nccl_id().fatal()? } else { Vec::new() };
+        // A job of one GPU needs no id (and no NCCL).
+        let mut nccl_id = if self.gen.rank == 0 { new_nccl_id(self.gen.world).fatal()? } else { Vec::new() };
         loop {
             if let Some(v) = self.heartbeat.verdict() {
                 return Err(v.into_failure("stopped while waiting for the other workers".into()));
@@ -126,7 +127,7 @@ impl Round<'_, '_> {
             let r = self.process.client.rendezvous(req).rejoin()?;
             if r.rank == 0 && nccl_id.is_empty() {
                 // Renumbered to rank 0 (an elastic shrink): the NCCL id is ours to make.
-                nccl_id = new_nccl_id().fatal()?;
+                nccl_id = new_nccl_id(self.gen.world).fatal()?;
             }
             if r.ready {
                 return Ok(r);
@@ -280,6 +281,10 @@ impl Round<'_, '_> {
     /// A failure in a step: the heartbeat's verdict, when it has one, is the
     /// news; otherwise a peer or the coordinator went away (rejoin).
     fn failed(&self, step: u64, e: anyhow::Error) -> Failure {
+        if crate::engine::device::device_lost(&e) {
+            // Rejoining would only fail again on the broken context.
+            return Failure::Fatal(e.context(format!("step {step}")));
+        }
         match self.heartbeat.verdict() {
             Some(v) => v.into_failure(format!("stopping at step {step}")),
             None => Failure::Rejoin(e.context(format!("step {step}"))),

@@ -101,6 +101,10 @@ pub fn run_worker(opts: &WorkerOptions) -> Result<()> {
                 rank: gen.rank,
                 generation: gen.generation,
                 error: format!("{e:#}"),
+                // A lost GPU is the rank's fault, not the job's: the job goes
+                // on in a new generation, as when a worker dies, and waits
+                // for a replacement of this rank.
+                will_rejoin: crate::engine::device::device_lost(e),
                 ..Default::default()
             };
             let _ = client.leave(leave);

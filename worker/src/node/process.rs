@@ -63,7 +63,7 @@ pub(super) fn train(
                 let h = ring.abort_handle();
                 Ok((ring, Box::new(move || h.abort())))
             };
-            let new_id = || Ok(Vec::new());
+            let new_id = |_world: usize| Ok(Vec::new());
             train_on(client, spec, &job, gen, rejoin, &crate::engine::cpu::Cpu::<f32>::new(), new_id, connect)
         }
         #[cfg(feature = "cuda")]
@@ -101,7 +101,7 @@ fn train_on<B: Backend, C: Collective<Buf = B::Buf> + 'static>(
     gen: &mut Generation,
     rejoin: &Rejoin,
     be: &B,
-    new_nccl_id: impl Fn() -> Result<Vec<u8>>,
+    new_nccl_id: impl Fn(usize) -> Result<Vec<u8>>,
     connect: impl Fn(&RendezvousReply) -> Result<(C, Aborter)>,
 ) -> Result<Finished>
 where

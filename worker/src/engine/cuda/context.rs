@@ -123,11 +123,14 @@ impl Cuda {
     }
 
     /// Waits for the stream and returns the first error since the last
-    /// check, naming the op.
+    /// check, naming the op; a sticky error is a `DeviceLost`.
     pub fn check(&self) -> Result<()> {
         let synced = self.driver.synchronize();
         self.record("a kernel (reported at stream synchronize)", synced);
         if let Some(e) = self.first_error.lock().unwrap_or_else(|p| p.into_inner()).take() {
+            if crate::engine::device::is_sticky(&e) {
+                return Err(crate::engine::device::DeviceLost(e).into());
+            }
             bail!(e);
         }
         Ok(())

@@ -38,8 +38,9 @@ pub struct GpuInfo {
     pub compute_capability: (i32, i32),
 }
 
-/// The CUDA libraries the backend uses, each with what it is for and
-/// whether it can be opened on this machine.
+/// The CUDA libraries the backend calls, each with what it is for and
+/// whether it can be opened on this machine. NCCL is not among them: only
+/// a job of several GPUs opens it (collective/nccl_lib.rs).
 pub fn libraries() -> Vec<(&'static str, &'static str, bool)> {
     // SAFETY: each probe only tries to dlopen the library by its usual
     // names and closes it again; nothing from it is called.
@@ -48,8 +49,6 @@ pub fn libraries() -> Vec<(&'static str, &'static str, bool)> {
             ("libcuda", "the NVIDIA driver", cudarc::driver::sys::is_culib_present()),
             ("libnvrtc", "the CUDA runtime compiler, for the kernels", cudarc::nvrtc::sys::is_culib_present()),
             ("libcublas", "cuBLAS, for the GEMMs", cudarc::cublas::sys::is_culib_present()),
-            ("libcublasLt", "cuBLASLt, for the GEMMs", cudarc::cublaslt::sys::is_culib_present()),
-            ("libnccl", "NCCL, for the gradient all-reduce", cudarc::nccl::sys::is_culib_present()),
         ]
     }
 }
@@ -70,7 +69,7 @@ pub fn probe(ordinal: usize) -> Result<GpuInfo> {
     if let Some(lib) = missing_library() {
         bail!(
             "--device cuda:{ordinal}: {lib} cannot be loaded on this machine; is this a GPU node with the NVIDIA \
-             driver, CUDA 13 and NCCL installed (and on LD_LIBRARY_PATH)? Use --device cpu to run on the CPU"
+             driver and the CUDA 13 libraries installed (and on LD_LIBRARY_PATH)? Use --device cpu to run on the CPU"
         );
     }
     let count = cudarc::driver::CudaContext::device_count()
@@ -97,7 +96,8 @@ mod tests {
     #[test]
     fn probe_names_the_missing_library_or_describes_the_gpu() {
         let libs = libraries();
-        assert_eq!(libs.len(), 5);
+        // A single-GPU job needs no NCCL: it is not a library the backend probes.
+        assert_eq!(libs.iter().map(|l| l.0).collect::<Vec<_>>(), ["libcuda", "libnvrtc", "libcublas"]);
         if !libs[0].2 {
             let err = probe(0).unwrap_err().to_string();
             assert!(err.contains("libcuda (the NVIDIA driver)") && err.contains("--device cpu"), "{err}");

@@ -43,6 +43,8 @@ impl GpuDriver {
         // The handle stays in cuBLAS's default math: each GEMM names its
         // compute type, so F32 mode is never silently TF32.
         let arch = arch_name(gpu.compute_capability)?;
+        let (driver_version, nvrtc_version) = read_versions(ordinal)?;
+        check_versions(driver_version, nvrtc_version).map_err(|e| anyhow!("cuda:{ordinal}: {e}"))?;
         let mut funcs = HashMap::new();
         for &build in builds {
             for (name, src) in kernels::SOURCES {
@@ -267,6 +269,41 @@ fn keep_freed_memory_cached(ctx: &CudaContext, ordinal: usize) -> Result<()> {
     }
 }
 
+/// The CUDA version the driver supports (1000 * major + 10 * minor) and
+/// NVRTC's (major, minor).
+fn read_versions(ordinal: usize) -> Result<(i32, (i32, i32))> {
+    let (mut driver, mut major, mut minor) = (0, 0, 0);
+    // SAFETY: the out-pointers are live locals; both libraries were probed.
+    unsafe {
+        cudarc::driver::sys::cuDriverGetVersion(&mut driver)
+            .result()
+            .map_err(|e| anyhow!("cuda:{ordinal}: cannot read the driver's CUDA version: {e:?}"))?;
+        let r = cudarc::nvrtc::sys::nvrtcVersion(&mut major, &mut minor);
+        if r != cudarc::nvrtc::sys::nvrtcResult::NVRTC_SUCCESS {
+            bail!("cuda:{ordinal}: cannot read NVRTC's version: {r:?}");
+        }
+    }
+    Ok((driver, (major, minor)))
+}
+
+/// PTX from NVRTC X.Y loads only on a driver for CUDA X.Y or newer; an
+/// older driver refuses every module with a bare
+/// `CUDA_ERROR_UNSUPPORTED_PTX_VERSION`. Checked before compiling, with
+/// what to change.
+pub(crate) fn check_versions(driver: i32, nvrtc: (i32, i32)) -> Result<(), String> {
+    let (dmaj, dmin) = (driver / 1000, (driver % 1000) / 10);
+    if (dmaj, dmin) >= nvrtc {
+        return Ok(());
+    }
+    let (nmaj, nmin) = nvrtc;
+    Err(format!(
+        "the NVIDIA driver supports CUDA {dmaj}.{dmin}, but the kernels are compiled by NVRTC {nmaj}.{nmin}, whose PTX \
+         this driver cannot load (CUDA_ERROR_UNSUPPORTED_PTX_VERSION). Update the driver to one for CUDA {nmaj}.{nmin} \
+         or newer (`nvidia-smi` shows the CUDA version it supports), or put an NVRTC no newer than {dmaj}.{dmin} \
+         first on LD_LIBRARY_PATH (pip: nvidia-cuda-nvrtc=={dmaj}.{dmin}.*)"
+    ))
+}
+
 /// The NVRTC virtual architecture for a compute capability.
 fn arch_name(cc: (i32, i32)) -> Result<&'static str> {
     Ok(match cc {
@@ -285,4 +322,22 @@ fn arch_name(cc: (i32, i32)) -> Result<&'static str> {
             bail!("compute capability {major}.{minor} is too old: Tessera's kernels need 8.0 (A100) or newer")
         }
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A driver older than NVRTC is refused with both versions and the
+    /// fix; the same or a newer driver passes.
+    #[test]
+    fn a_driver_older_than_nvrtc_is_named_with_the_fix() {
+        assert!(check_versions(13000, (13, 0)).is_ok());
+        assert!(check_versions(13020, (13, 0)).is_ok());
+        assert!(check_versions(14000, (13, 1)).is_ok());
+        let e = check_versions(12040, (13, 0)).unwrap_err();
+        assert!(e.contains("CUDA 12.4") && e.contains("NVRTC 13.0") && e.contains("Update the driver"), "{e}");
+        assert!(e.contains("nvidia-cuda-nvrtc==12.4.*"), "{e}");
+        assert!(check_versions(13000, (13, 1)).is_err());
+    }
 }
