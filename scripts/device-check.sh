@@ -41,6 +41,7 @@ OUT="${OUT:-$(mktemp -d)}"
 mkdir -p "$OUT"
 fixtures=tests/fixtures/tiny
 failed=()
+verdicts=()
 
 if [ ! -x "$worker" ]; then
     echo "error: no worker binary at $worker; build it with: cargo build --release -p tessera-worker --features cuda" >&2
@@ -72,7 +73,20 @@ step() {
     local rc=$?
     tail -n "${TAIL:-60}" "$OUT/$name.log"
     echo "-- $name: exit $rc after $((SECONDS - t0)) s"
-    [ $rc -eq 0 ] || failed+=("$name")
+    if [ $rc -eq 0 ]; then
+        verdicts+=("$(printf '%-22s PASS  %4d s' "$name" $((SECONDS - t0)))")
+    else
+        failed+=("$name")
+        verdicts+=("$(printf '%-22s FAIL  %4d s  exit %d, log %s' "$name" $((SECONDS - t0)) $rc "$OUT/$name.log")")
+    fi
+    return $rc
+}
+
+# row NAME: the JSON line a benchmark step printed, kept only when the step
+# succeeded, so one failed row never costs the table the others.
+row() {
+    grep '^{' "$OUT/$1.log" | tail -n 1 > "$OUT/$2.json"
+    [ -s "$OUT/$2.json" ]
 }
 
 # (a) op parity
@@ -92,22 +106,33 @@ step debug-step-dynamic 60 "$worker" debug-step --device "$DEVICE" --model "$fix
 shape=(--batch "$BATCH" --seq "$SEQ" --warmup "$WARMUP" --steps "$STEPS")
 rows=()
 for precision in $PRECISIONS; do
-    TAIL=3 step "step-tessera-$precision" 150 "$worker" bench-step --preset "$PRESET" --device "$DEVICE" \
-        --precision "$precision" --vit-layers "$VIT_LAYERS" --llm-layers "$LLM_LAYERS" "${shape[@]}"
-    grep '^{' "$OUT/step-tessera-$precision.log" | tail -n 1 > "$OUT/tessera-$precision.json"
-    rows+=("$OUT/tessera-$precision.json")
+    if TAIL=3 step "step-tessera-$precision" 150 "$worker" bench-step --preset "$PRESET" --device "$DEVICE" \
+        --precision "$precision" --vit-layers "$VIT_LAYERS" --llm-layers "$LLM_LAYERS" "${shape[@]}" &&
+        row "step-tessera-$precision" "tessera-$precision"; then
+        rows+=("$OUT/tessera-$precision.json")
+    fi
 done
 if [ "$TORCH" != skip ]; then
     torch_device=cuda
     [ "$DEVICE" = cpu ] && torch_device=cpu
-    TAIL=3 step step-pytorch 180 "$PYTHON" tools/bench_step_torch.py --preset "$PRESET" --device "$torch_device" \
-        --dtype bf16 --attn sdpa --vit-layers all --vit-layers-count "$VIT_LAYERS" --llm-layers "$LLM_LAYERS" "${shape[@]}"
-    grep '^{' "$OUT/step-pytorch.log" | tail -n 1 > "$OUT/pytorch.json"
-    rows+=(--pytorch "$OUT/pytorch.json")
+    if TAIL=3 step step-pytorch 180 "$PYTHON" tools/bench_step_torch.py --preset "$PRESET" \
+        --device "$torch_device" --dtype bf16 --attn sdpa --vit-layers all --vit-layers-count "$VIT_LAYERS" \
+        --llm-layers "$LLM_LAYERS" "${shape[@]}" && row step-pytorch pytorch; then
+        rows+=(--pytorch "$OUT/pytorch.json")
+    fi
 fi
 echo "== step table"
-"$PYTHON" tools/step_table.py --peak-tflops "$PEAK_TFLOPS" "${rows[@]}" | tee "$OUT/step_table.md" || failed+=(step-table)
+tessera_rows=0
+for r in "${rows[@]}"; do [[ "$r" == */tessera-*.json ]] && tessera_rows=$((tessera_rows + 1)); done
+if [ $tessera_rows -gt 0 ]; then
+    "$PYTHON" tools/step_table.py --peak-tflops "$PEAK_TFLOPS" "${rows[@]}" | tee "$OUT/step_table.md" ||
+        { failed+=(step-table); verdicts+=("$(printf '%-22s FAIL' step-table)"); }
+else
+    echo "no Tessera step succeeded: no table"
+fi
 
+echo "== verdict"
+printf '%s\n' "${verdicts[@]}" | tee "$OUT/verdict.txt"
 if [ ${#failed[@]} -gt 0 ]; then
     echo "device-check: FAILED: ${failed[*]} (logs in $OUT)"
     exit 1

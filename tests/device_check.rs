@@ -43,6 +43,8 @@ fn the_cpu_rehearsal_passes_every_check_and_prints_the_table() {
     assert!(stdout.contains("| tessera | cpu f32 |"), "{stdout}");
     let table = std::fs::read_to_string(dir.path().join("step_table.md")).unwrap();
     assert!(table.contains("LLM tokens/s") && table.contains("MFU"), "{table}");
+    let verdict = std::fs::read_to_string(dir.path().join("verdict.txt")).unwrap();
+    assert_eq!(verdict.lines().filter(|l| l.contains(" PASS ")).count(), 7, "{verdict}");
     let done = format!("device-check: all checks passed (logs in {})\n", dir.path().display());
     assert!(stdout.ends_with(&done), "{stdout}");
 }
@@ -64,5 +66,28 @@ fn failing_checks_fail_the_script_and_are_named() {
              step-tessera-tf32"
         ),
         "{last}"
+    );
+}
+
+/// One failing part costs only its own row: with a precision the worker
+/// refuses, that step fails while the other's row still makes the table,
+/// and the verdict has one line per part.
+#[test]
+fn a_failed_part_keeps_the_rows_that_succeeded() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = device_check(&[("PRECISIONS", "bf16 f16")], dir.path());
+    let stdout = String::from_utf8_lossy(&run.stdout);
+    assert!(!run.status.success(), "{stdout}");
+    let table = std::fs::read_to_string(dir.path().join("step_table.md")).unwrap();
+    assert!(table.contains("| tessera | cpu f32 |"), "{table}");
+    let verdict = std::fs::read_to_string(dir.path().join("verdict.txt")).unwrap();
+    let parts: Vec<&str> = verdict.lines().collect();
+    assert_eq!(parts.len(), 7, "{verdict}");
+    assert!(parts.iter().any(|l| l.starts_with("step-tessera-bf16") && l.contains("PASS")), "{verdict}");
+    assert!(parts.iter().any(|l| l.starts_with("step-tessera-f16") && l.contains("FAIL")), "{verdict}");
+    assert_eq!(parts.iter().filter(|l| l.contains("PASS")).count(), 6, "{verdict}");
+    assert!(
+        stdout.lines().last().unwrap_or_default().starts_with("device-check: FAILED: step-tessera-f16"),
+        "{stdout}"
     );
 }
