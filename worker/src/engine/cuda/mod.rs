@@ -15,6 +15,8 @@ mod context;
 pub(crate) mod driver;
 mod elementwise;
 mod embedding;
+#[cfg(feature = "cuda-emu")]
+pub(crate) mod emu_ffi;
 mod image;
 pub mod kernels;
 mod loss;
