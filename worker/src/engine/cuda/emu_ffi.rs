@@ -3,7 +3,9 @@
 //! CUDA thread (emu/*.cpp). This is its safe interface: guarded device
 //! memory (an access past a buffer's end faults at once, a write before its
 //! start is caught after the launch) and launches whose errors name the
-//! kernel, the block and the thread.
+//! kernel, the block and the thread. Launches are synchronous and, from any
+//! number of threads, serialized (one device, one stream); a launch's blocks
+//! run on the calling thread, or on TESSERA_EMU_THREADS OS threads.
 
 // Used by the backend's emulated driver layer, which is being written.
 #![allow(dead_code)]
@@ -29,6 +31,7 @@ extern "C" {
     fn tessera_emu_check_range(p: *const c_void, bytes: usize, err: *mut c_char, err_len: usize) -> c_int;
     fn tessera_emu_memory(in_use: *mut u64, peak: *mut u64);
     fn tessera_emu_reset_peak();
+    fn tessera_emu_set_threads(n: c_int);
     fn tessera_emu_kernel_count(storage: c_int) -> usize;
     fn tessera_emu_kernel_name(storage: c_int, i: usize) -> *const c_char;
 }
@@ -122,6 +125,14 @@ pub(crate) fn memory() -> (u64, u64) {
 pub(crate) fn reset_peak() {
     // SAFETY: no preconditions.
     unsafe { tessera_emu_reset_peak() }
+}
+
+/// How many OS threads run a launch's blocks (the launching one included),
+/// for the launches that follow; TESSERA_EMU_THREADS sets it at start
+/// (default 1). Results are the same for any count.
+pub(crate) fn set_threads(n: usize) {
+    // SAFETY: no preconditions; the runtime clamps n to 1..=64.
+    unsafe { tessera_emu_set_threads(n.min(64) as c_int) }
 }
 
 /// The kernels a build holds, by name.
@@ -605,6 +616,54 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// Blocks spread over several OS threads: bit-identical results, and
+    /// the same error (the earliest failing block's) as with one thread.
+    #[test]
+    fn blocks_on_several_os_threads_give_the_same_results_and_errors() {
+        let _s = serial();
+        let run = |threads: usize| {
+            set_threads(threads);
+            let mut out: Vec<Vec<u8>> = Vec::new();
+            let (rows, cols) = (64usize, 200usize);
+            let xs: Vec<f32> = (0..rows * cols).map(|i| ((i * 37) % 101) as f32 / 7.0 - 5.0).collect();
+            for build in BUILDS {
+                let p = act(build, &xs);
+                let launched = [rows as u32, 1, 1];
+                launch(build, "softmax_rows_f32", launched, [64, 1, 1], 0, &[p.ptr(), U64(cols as u64), I32(1)])
+                    .unwrap();
+                out.push(p.read::<u8>());
+                let w = act(build, &vec![1.25; cols]);
+                let b = act(build, &vec![-0.5; cols]);
+                let (x, y) = (act(build, &xs), act(build, &vec![0.0; rows * cols]));
+                let (mean, rstd) = (Dev::zeroed(rows * 4), Dev::zeroed(rows * 4));
+                let args = [x.ptr(), w.ptr(), b.ptr(), y.ptr(), mean.ptr(), rstd.ptr(), U64(cols as u64), F32(1e-5)];
+                launch(build, "layernorm_fwd_f32", launched, [256, 1, 1], 0, &args).unwrap();
+                out.extend([y.read::<u8>(), mean.read::<u8>(), rstd.read::<u8>()]);
+            }
+            let v: Vec<f32> = (0..256 * 40).map(|i| (i % 77) as f32).collect();
+            let (x, sums) = (Dev::from(&v), Dev::zeroed(40 * 8));
+            launch(EmuBuild::Test, "block_sum_f32", [40, 1, 1], [256, 1, 1], 0, &[x.ptr(), sums.ptr()]).unwrap();
+            out.push(sums.read::<u8>());
+            let n = 100_000u64;
+            let y = Dev::zeroed(n as usize * 4);
+            let e = launch(EmuBuild::Test, "oob_index_f32", [400, 1, 1], [256, 1, 1], 0, &[y.ptr(), U64(n)]);
+            let oob = e.unwrap_err().replace(&format!("{:#x}", y.addr + n * 4), "ADDR");
+            let ids: Vec<i32> = (0..400).map(|i| if i == 50 || i == 300 { 9 } else { i % 8 }).collect();
+            let (table, ids, rows_out) = (Dev::zeroed(8 * 64 * 4), Dev::from(&ids), Dev::zeroed(400 * 64 * 4));
+            let args = [table.ptr(), ids.ptr(), rows_out.ptr(), U64(64), U64(8), I32(0)];
+            let trap = launch(EmuBuild::F32, "gather_rows_f32", [400, 1, 1], [64, 1, 1], 0, &args).unwrap_err();
+            (out, oob, trap)
+        };
+        let one = run(1);
+        let three = run(3);
+        set_threads(1);
+        assert!(one.1.contains("block (390,0,0) thread (160,0,0)"), "{}", one.1);
+        assert!(one.2.contains("block (50,0,0)"), "{}", one.2);
+        assert_eq!(one.1, three.1);
+        assert_eq!(one.2, three.2);
+        assert!(one.0 == three.0, "results differ with 3 OS threads");
     }
 
     /// The emulator's speed, printed (`--nocapture`): a fiber switch (a

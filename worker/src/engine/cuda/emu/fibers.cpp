@@ -1,7 +1,7 @@
 // Emulated threads as fibers, and the block scheduler: a block's threads run
 // in thread order until each finishes or waits at a barrier; a barrier
-// releases when every thread still running waits at it. Launches are
-// serialized (launch.cpp), so the scheduler is one global object.
+// releases when every thread still running waits at it. Each OS thread that
+// runs blocks has a scheduler of its own (tls_sched).
 
 #include <stdarg.h>
 #include <stdio.h>
@@ -142,8 +142,10 @@ struct Warp {
     uint32_t tag[2][32];
 };
 
+}  // namespace
+
 struct Scheduler {
-    Launch* launch;
+    const Launch* launch;
     uint32_t n;
     Thread threads[kMaxThreads];
     Warp warps[kMaxThreads / 32];
@@ -160,11 +162,14 @@ struct Scheduler {
     std::vector<Fiber*> fibers, free_fibers;
 };
 
-Scheduler S;
+__thread Scheduler* tls_sched;
+
+namespace {
 
 void fiber_main();
 
 Fiber* take_fiber() {
+    Scheduler& S = *tls_sched;
     if (!S.free_fibers.empty()) {
         Fiber* f = S.free_fibers.back();
         S.free_fibers.pop_back();
@@ -191,11 +196,13 @@ Fiber* take_fiber() {
 }
 
 void push_ready(uint32_t t) {
+    Scheduler& S = *tls_sched;
     S.threads[t].state = kReady;
     S.ready[(S.ready_head + S.ready_count++) % kMaxThreads] = t;
 }
 
 void release_block() {
+    Scheduler& S = *tls_sched;
     for (uint32_t i = 0; i < S.block_waiting; ++i) push_ready(S.block_waiters[i]);
     S.block_waiting = 0;
 }
@@ -209,6 +216,7 @@ void release_warp(Warp& w) {
 // a new fiber for the next thread not yet started, else back to the
 // launcher. Returns when `from` is resumed.
 void run_next(Context* from) {
+    Scheduler& S = *tls_sched;
     if (S.ready_count) {
         const uint32_t t = S.ready[S.ready_head];
         S.ready_head = (S.ready_head + 1) % kMaxThreads;
@@ -231,6 +239,7 @@ void run_next(Context* from) {
 }
 
 void finish(uint32_t t) {
+    Scheduler& S = *tls_sched;
     S.threads[t].state = kDone;
     --S.alive;
     Warp& w = S.warps[t >> 5];
@@ -243,6 +252,7 @@ void finish(uint32_t t) {
 // Runs threads to completion one after another on this fiber's stack while
 // unstarted ones remain (no switch at all for kernels without barriers).
 void fiber_main() {
+    Scheduler& S = *tls_sched;
     Fiber* f = S.current;
     for (;;) {
         Thread& th = S.threads[f->thread];
@@ -264,6 +274,7 @@ void fiber_main() {
 }
 
 void format_thread(char* out, size_t len, uint32_t t) {
+    Scheduler& S = *tls_sched;
     const uint3& i = S.threads[t].idx;
     snprintf(out, len, "(%u,%u,%u)", i.x, i.y, i.z);
 }
@@ -281,6 +292,7 @@ bool same_site(const char* f1, int l1, const char* f2, int l2) { return l1 == l2
 }
 
 void warp_wait(uint32_t me, const char* file, int line) {
+    Scheduler& S = *tls_sched;
     Warp& w = S.warps[me >> 5];
     if (w.waiting + 1 == w.alive) {
         release_warp(w);
@@ -302,8 +314,9 @@ const char* base_name(const char* path) {
 }
 
 void fail(const char* fmt, ...) {
-    Launch& L = *S.launch;
-    int k = describe_kernel(L, L.msg, sizeof L.msg);
+    Scheduler& S = *tls_sched;
+    Runner& L = *tls_runner;
+    int k = describe_kernel(*S.launch, L.msg, sizeof L.msg);
     if (S.current && k >= 0 && (size_t)k < sizeof L.msg) {
         char t[40];
         format_thread(t, sizeof t, S.current->thread);
@@ -320,7 +333,11 @@ void fail(const char* fmt, ...) {
     siglongjmp(L.jmp, 1);
 }
 
-void sched_prepare(Launch& L) {
+Scheduler* sched_create() { return new Scheduler(); }
+
+void sched_bind(Scheduler* s, const Launch& L) {
+    tls_sched = s;
+    Scheduler& S = *s;
     S.launch = &L;
     S.n = L.threads;
     uint32_t t = 0;
@@ -331,6 +348,7 @@ void sched_prepare(Launch& L) {
 }
 
 bool sched_run_block() {
+    Scheduler& S = *tls_sched;
     for (uint32_t t = 0; t < S.n; ++t) {
         S.threads[t].state = kUnstarted;
         S.threads[t].shfl_seq = 0;
@@ -359,8 +377,8 @@ bool sched_run_block() {
             if (!n_warp++) at_warp = t;
         }
     }
-    Launch& L = *S.launch;
-    int k = describe_kernel(L, L.msg, sizeof L.msg);
+    Runner& L = *tls_runner;
+    int k = describe_kernel(*S.launch, L.msg, sizeof L.msg);
     const uint3& b = tls_block_idx;
     if (k >= 0 && (size_t)k < sizeof L.msg)
         k += snprintf(L.msg + k, sizeof L.msg - k,
@@ -382,14 +400,21 @@ bool sched_run_block() {
 }
 
 void sched_reset() {
+    if (!tls_sched) return;
+    Scheduler& S = *tls_sched;
     S.free_fibers.assign(S.fibers.begin(), S.fibers.end());
     S.current = nullptr;
     tls_thread_idx = nullptr;
 }
 
-uint32_t sched_current_thread() { return S.current ? S.current->thread : 0; }
+uint32_t sched_current_thread() {
+    const Scheduler* S = tls_sched;
+    return S && S->current ? S->current->thread : 0;
+}
 
 bool sched_stack_guard(uintptr_t addr) {
+    if (!tls_sched) return false;
+    Scheduler& S = *tls_sched;
     const size_t page = (size_t)sysconf(_SC_PAGESIZE);
     for (const Fiber* f : S.fibers) {
         const uintptr_t g = reinterpret_cast<uintptr_t>(f->guard);
@@ -403,6 +428,7 @@ bool sched_stack_guard(uintptr_t addr) {
 using namespace tessera_emu;
 
 extern "C" void tessera_emu_syncthreads(const char* file, int line) {
+    Scheduler& S = *tls_sched;
     const uint32_t me = S.current->thread;
     if (S.block_waiting == 0) {
         S.block_file = file;
@@ -423,6 +449,7 @@ extern "C" void tessera_emu_syncthreads(const char* file, int line) {
 }
 
 extern "C" void tessera_emu_syncwarp(unsigned mask, const char* file, int line) {
+    Scheduler& S = *tls_sched;
     if (mask != 0xffffffffu)
         fail("__syncwarp(0x%08x) at %s:%d: the emulator supports only the full mask 0xffffffff", mask,
              base_name(file), line);
@@ -431,6 +458,7 @@ extern "C" void tessera_emu_syncwarp(unsigned mask, const char* file, int line) 
 
 extern "C" unsigned long long tessera_emu_shuffle(unsigned mask, unsigned long long bits, int mode, int arg,
                                                   int width, const char* file, int line) {
+    Scheduler& S = *tls_sched;
     static const char* const names[4] = {"__shfl_sync", "__shfl_up_sync", "__shfl_down_sync", "__shfl_xor_sync"};
     const char* name = names[mode & 3];
     if (mask != 0xffffffffu)

@@ -26,7 +26,7 @@ struct Fault {
 };
 
 // The launch in progress. Launches are serialized (one device, one
-// stream), so there is one, guarded by the launch mutex.
+// stream); its blocks may run on several OS threads (TESSERA_EMU_THREADS).
 struct Launch {
     const KernelEntry* entry;
     int build;
@@ -34,23 +34,34 @@ struct Launch {
     uint3 grid;
     dim3 block;
     uint32_t threads;  // per block
-    sigjmp_buf jmp;    // errors inside the kernel (trap, faults, misuse) jump here
+};
+
+// One OS thread's share of a launch, and how it failed.
+struct Runner {
+    const Launch* launch;
+    sigjmp_buf jmp;  // errors inside the kernel (trap, faults, misuse) jump here
     volatile sig_atomic_t running;
+    unsigned long long block;   // the block being run (linear, x fastest)
+    unsigned long long failed;  // the block that failed, or ~0
     bool faulted;
     Fault fault;
     char msg[1024];
 };
 
 // Set while this OS thread runs a launch's blocks: the fault handler's test.
-extern __thread Launch* volatile tls_launch;
+extern __thread Runner* volatile tls_runner;
 
 // "kernel K (B build)".
 int describe_kernel(const Launch& L, char* out, size_t len);
 
-// Fibers and the block scheduler (fibers.cpp).
-void sched_prepare(Launch& L);
-// Runs the current block (tls_block_idx). Returns false with L.msg set when
-// threads wait at different barriers; other errors siglongjmp to L.jmp.
+// Fibers and the block scheduler (fibers.cpp), one per OS thread that runs
+// blocks; sched_bind makes it this thread's for the launch.
+struct Scheduler;
+Scheduler* sched_create();
+void sched_bind(Scheduler* s, const Launch& L);
+// Runs this thread's current block (tls_block_idx). Returns false with the
+// runner's msg set when threads wait at different barriers; other errors
+// siglongjmp to the runner's jmp.
 bool sched_run_block();
 // After a launch, normal or not: every fiber is free again.
 void sched_reset();

@@ -1,16 +1,20 @@
 // tessera_emu_launch: finds the kernel, checks the arguments and dimensions
 // as the driver would (and more: the parameter types), runs the grid's
-// blocks one after another, and turns faults next to an allocation, traps
-// and misuse inside the kernel into an error naming it.
+// blocks (one after another, or on TESSERA_EMU_THREADS OS threads), and turns
+// faults next to an allocation, traps and misuse inside the kernel into an
+// error naming it.
 
 #include <stdarg.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
 #include <ucontext.h>
 
 #include <atomic>
+#include <condition_variable>
 #include <mutex>
+#include <thread>
 #include <vector>
 
 #include "internal.h"
@@ -19,7 +23,7 @@ namespace tessera_emu {
 
 const char* const build_names[3] = {"f32", "bf16", "test"};
 
-__thread Launch* volatile tls_launch;
+__thread Runner* volatile tls_runner;
 
 int describe_kernel(const Launch& L, char* out, size_t len) {
     return snprintf(out, len, "kernel %s (%s build)", L.entry->name, build_names[L.build]);
@@ -74,7 +78,7 @@ int access_kind(void* ucv) {
 }
 
 void on_fault(int sig, siginfo_t* info, void* ucv) {
-    Launch* L = tls_launch;
+    Runner* L = tls_runner;
     if (L && L->running) {
         Fault f{};
         const uintptr_t addr = (uintptr_t)info->si_addr;
@@ -153,16 +157,13 @@ void ensure_altstack() {
     own.len = len;
 }
 
-std::mutex launch_mu;
-Launch the_launch;
-
-void format_fault(Launch& L) {
+void format_fault(Runner& L) {
     const Fault& f = L.fault;
-    int k = describe_kernel(L, L.msg, sizeof L.msg);
+    int k = describe_kernel(*L.launch, L.msg, sizeof L.msg);
     if (k < 0 || (size_t)k >= sizeof L.msg) return;
     const uint3& b = tls_block_idx;
     // The thread's index from its linear one (the fibers' state is gone).
-    const uint32_t bx = L.block.x, by = L.block.y;
+    const uint32_t bx = L.launch->block.x, by = L.launch->block.y;
     const uint32_t tx = f.thread % bx, ty = (f.thread / bx) % by, tz = f.thread / (bx * by);
     k += snprintf(L.msg + k, sizeof L.msg - k, ", block (%u,%u,%u) thread (%u,%u,%u): ", b.x, b.y, b.z, tx, ty, tz);
     if (k < 0 || (size_t)k >= sizeof L.msg) return;
@@ -182,6 +183,116 @@ void format_fault(Launch& L) {
                  (void*)f.addr, f.alloc_bytes, f.offset);
 }
 
+// A launch's blocks, handed out in order (x fastest) to the OS threads
+// that run them. A thread that fails stops the others from taking later
+// blocks; the error reported is the earliest block's, as when one thread
+// runs them all.
+struct Job {
+    const Launch* launch;
+    unsigned long long total;
+    std::atomic<unsigned long long> next{0};
+    std::atomic<unsigned long long> fail_at{~0ull};
+};
+
+void run_blocks(Job& job, Runner& r, Scheduler* sched) {
+    const Launch& L = *job.launch;
+    tls_block_dim = L.block;
+    tls_grid_dim = {L.grid.x, L.grid.y, L.grid.z};
+    sched_bind(sched, L);
+    r.launch = &L;
+    r.failed = ~0ull;
+    r.faulted = false;
+    r.msg[0] = 0;
+    tls_runner = &r;
+    // What lives across the jump is in r (memory), not in locals.
+    if (sigsetjmp(r.jmp, 0) == 0) {
+        r.running = 1;
+        for (;;) {
+            r.block = job.next.fetch_add(1);
+            if (r.block >= job.total || r.block >= job.fail_at.load()) break;
+            const unsigned long long b = r.block;
+            tls_block_idx = {(unsigned)(b % L.grid.x), (unsigned)(b / L.grid.x % L.grid.y),
+                             (unsigned)(b / ((unsigned long long)L.grid.x * L.grid.y))};
+            if (!sched_run_block()) {
+                r.failed = b;
+                break;
+            }
+        }
+        r.running = 0;
+    } else {
+        r.running = 0;
+        r.failed = r.block;
+        if (r.faulted) format_fault(r);
+    }
+    tls_runner = nullptr;
+    sched_reset();
+    if (r.failed != ~0ull) {
+        unsigned long long cur = job.fail_at.load();
+        while (r.failed < cur && !job.fail_at.compare_exchange_weak(cur, r.failed)) {
+        }
+    }
+}
+
+// TESSERA_EMU_THREADS (default 1): the OS threads that run a launch's
+// blocks, the launching one included.
+std::atomic<int> thread_count{0};
+
+int threads_wanted() {
+    int n = thread_count.load();
+    if (n == 0) {
+        const char* env = getenv("TESSERA_EMU_THREADS");
+        n = env ? atoi(env) : 1;
+        n = n < 1 ? 1 : n > 64 ? 64 : n;
+        int unset = 0;
+        thread_count.compare_exchange_strong(unset, n);
+        n = thread_count.load();
+    }
+    return n;
+}
+
+// Helper threads, started when first wanted and kept; never destroyed (at
+// exit they may still wait on the condition variable).
+struct Helper {
+    Runner runner;
+    Scheduler* sched;
+};
+
+struct Pool {
+    std::mutex mu;
+    std::condition_variable go, done;
+    unsigned long long generation = 0;
+    int active = 0;   // helpers taking part in this launch
+    int running = 0;  // of those, not done yet
+    Job* job = nullptr;
+    std::vector<Helper*> helpers;
+};
+
+Pool& pool() {
+    static Pool* p = new Pool();
+    return *p;
+}
+
+void helper_main(Pool* p, Helper* h, int index) {
+    ensure_altstack();
+    unsigned long long seen = 0;
+    for (;;) {
+        Job* job;
+        {
+            std::unique_lock<std::mutex> g(p->mu);
+            p->go.wait(g, [&] { return p->generation != seen && index < p->active; });
+            seen = p->generation;
+            job = p->job;
+        }
+        run_blocks(*job, h->runner, h->sched);
+        std::lock_guard<std::mutex> g(p->mu);
+        if (--p->running == 0) p->done.notify_all();
+    }
+}
+
+std::mutex launch_mu;
+Launch the_launch;
+Runner caller_runner;
+
 __attribute__((format(printf, 3, 4))) int refuse(char* err, size_t len, const char* fmt, ...) {
     if (len) {
         va_list ap;
@@ -196,6 +307,9 @@ __attribute__((format(printf, 3, 4))) int refuse(char* err, size_t len, const ch
 }  // namespace tessera_emu
 
 using namespace tessera_emu;
+
+// For tests: overrides TESSERA_EMU_THREADS for the launches that follow.
+extern "C" void tessera_emu_set_threads(int n) { thread_count.store(n < 1 ? 1 : n > 64 ? 64 : n); }
 
 extern "C" size_t tessera_emu_kernel_count(int storage) {
     return storage >= 0 && storage < 3 ? kernels(storage).size() : 0;
@@ -264,31 +378,42 @@ extern "C" int tessera_emu_launch(int storage, const char* kernel, const unsigne
     L.grid = {grid[0], grid[1], grid[2]};
     L.block = {block[0], block[1], block[2]};
     L.threads = (uint32_t)threads;
-    L.faulted = false;
-    L.msg[0] = 0;
-    tls_block_dim = L.block;
-    tls_grid_dim = {grid[0], grid[1], grid[2]};
-    sched_prepare(L);
-    bool ok = false;
-    tls_launch = &L;
-    // Variables live across the jump are globals (L, the TLS block index).
-    if (sigsetjmp(L.jmp, 0) == 0) {
-        L.running = 1;
-        ok = true;
-        for (uint32_t z = 0; ok && z < grid[2]; ++z)
-            for (uint32_t y = 0; ok && y < grid[1]; ++y)
-                for (uint32_t x = 0; ok && x < grid[0]; ++x) {
-                    tls_block_idx = {x, y, z};
-                    ok = sched_run_block();
-                }
-        L.running = 0;
-    } else {
-        L.running = 0;
-        ok = false;
-        if (L.faulted) format_fault(L);
+    Job job;
+    job.launch = &L;
+    job.total = (unsigned long long)grid[0] * grid[1] * grid[2];
+    // Helpers only where there is enough work to pay for waking them.
+    unsigned long long helpers = (unsigned long long)threads_wanted() - 1;
+    if (job.total * threads < 4096) helpers = 0;
+    if (helpers > job.total - 1) helpers = job.total - 1;
+    Pool& p = pool();
+    if (helpers > 0) {
+        std::lock_guard<std::mutex> pg(p.mu);
+        while (p.helpers.size() < helpers) {
+            Helper* h = new Helper();
+            h->sched = sched_create();
+            p.helpers.push_back(h);
+            std::thread(helper_main, &p, h, (int)p.helpers.size() - 1).detach();
+        }
+        p.job = &job;
+        p.active = p.running = (int)helpers;
+        ++p.generation;
+        p.go.notify_all();
     }
-    tls_launch = nullptr;
-    sched_reset();
+    static Scheduler* const caller_sched = sched_create();
+    run_blocks(job, caller_runner, caller_sched);
+    if (helpers > 0) {
+        std::unique_lock<std::mutex> pg(p.mu);
+        p.done.wait(pg, [&] { return p.running == 0; });
+        p.active = 0;
+    }
+    const Runner* failed = caller_runner.failed != ~0ull ? &caller_runner : nullptr;
+    for (unsigned long long i = 0; i < helpers; ++i) {
+        const Runner& r = p.helpers[i]->runner;
+        if (r.failed != ~0ull && (!failed || r.failed < failed->failed)) failed = &r;
+    }
+    bool ok = !failed;
+    char msg[1024];
+    snprintf(msg, sizeof msg, "%s", failed ? failed->msg : "");
     // Writes below a buffer's start land in its first page's slack, which
     // does not fault: the canaries catch them.
     char prefix[256];
@@ -296,10 +421,10 @@ extern "C" int tessera_emu_launch(int storage, const char* kernel, const unsigne
     strncat(prefix, " ", sizeof prefix - strlen(prefix) - 1);
     char damage[512];
     if (check_canaries(prefix, damage, sizeof damage)) {
-        if (ok) snprintf(L.msg, sizeof L.msg, "%s", damage);
+        if (ok) snprintf(msg, sizeof msg, "%s", damage);
         ok = false;
     }
     if (ok) return 0;
-    if (err_len) snprintf(err, err_len, "%s", L.msg);
+    if (err_len) snprintf(err, err_len, "%s", msg);
     return 1;
 }
