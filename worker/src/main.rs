@@ -47,7 +47,7 @@ struct RunArgs {
     /// The coordinator's URL, e.g. http://head-node:29500 (else MASTER_ADDR and MASTER_PORT).
     #[arg(long)]
     coordinator: Option<String>,
-    /// cpu, cuda:K or auto.
+    /// cpu, cuda:K or auto (cuda-emu, the emulated GPU, runs only the single-process commands).
     #[arg(long)]
     device: Option<String>,
     /// Seconds to keep retrying a coordinator that is not up yet.
@@ -96,7 +96,8 @@ enum Command {
     /// batches; configs/demo.toml: the demo data), and optionally saves the
     /// model. Multi-worker jobs run under the coordinator.
     Train {
-        /// cpu, cuda:K, or auto (the GPU of LOCAL_RANK when CUDA is there).
+        /// cpu, cuda:K, auto (the GPU of LOCAL_RANK when CUDA is there), or
+        /// cuda-emu (the emulated GPU, built with --features cuda-emu).
         #[arg(long, default_value = "auto")]
         device: String,
         #[arg(long, default_value = "configs/tiny.toml")]
@@ -144,7 +145,7 @@ enum Command {
     BenchStep {
         #[arg(long, default_value = "small")]
         preset: String,
-        /// cpu, cuda:K or auto.
+        /// cpu, cuda:K, auto, or cuda-emu (the emulated GPU: a test device).
         #[arg(long, default_value = "cpu")]
         device: String,
         /// GPU GEMM precision: f32, tf32 or bf16.
@@ -167,8 +168,9 @@ enum Command {
         steps: usize,
     },
     /// Runs every op of the backend on DEVICE and on the CPU in f64 with the
-    /// same random inputs, and compares (relative error 1e-5 in f32, 3e-4
-    /// for TF32 GEMMs, 1e-2 for bf16 mixed precision). Exits non-zero when an op fails.
+    /// same random inputs, and compares (relative error 1e-5 in f32; 3e-4 for
+    /// TF32 GEMMs and 1e-3 for two TF32 GEMMs in a row, as in attention; 1e-2
+    /// for bf16 mixed precision). Exits non-zero when an op fails.
     CheckOps {
         #[arg(long, default_value = "cuda:0")]
         device: String,

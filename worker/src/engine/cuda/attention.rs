@@ -8,6 +8,14 @@
 
 use super::backend::Buf;
 use super::context::{launch, Cuda, THREADS};
+
+/// Threads per softmax row of `seq` scores: whole warps (the kernels'
+/// reductions need a multiple of 32), no more than the row has values, at
+/// most THREADS. A short row (a ViT tile or a short text) leaves no warps
+/// idle.
+fn row_threads(seq: usize) -> u32 {
+    (seq.next_multiple_of(32)).clamp(32, THREADS as usize) as u32
+}
 use super::elementwise::{copy, fill_range};
 use super::kernels::Storage;
 use super::matmul::{gemm_strided, Operand, Output};
@@ -79,7 +87,7 @@ pub(super) fn attention_fwd(cu: &Cuda, q: &Buf, k: &Buf, v: &Buf, out: &mut Buf,
         }
     }
     let (seq, causal) = (n as u64, i32::from(s.causal));
-    let rows = cu.rows(s.batch * h * n, THREADS);
+    let rows = cu.rows(s.batch * h * n, row_threads(n));
     launch!(cu, storage = Storage::F32, "softmax_rows_f32", rows, &probs.data, &seq, &causal);
     if d == 0 {
         return;
@@ -137,7 +145,7 @@ pub(super) fn attention_bwd(
         gemm_strided(cu, h, n, n, d, 1.0, heads(dout, &s, b, false), heads(v, &s, b, true), 0.0, dp);
         // dS = P * (dP - rowsum(dP * P)) * scale, in place, f32.
         let p_b = probs.view(b * h * nn, h * nn);
-        let rows = cu.rows(h * n, THREADS);
+        let rows = cu.rows(h * n, row_threads(n));
         launch!(cu, storage = Storage::F32, "softmax_bwd_rows_f32", rows, &p_b, &ds.data, &seq, &scale);
         let (ds_op, ds_off) = as_operand(cu, &ds, 0, h * nn, &mut ds_staging);
         // dQ += dS K

@@ -81,13 +81,22 @@ pub(super) fn sum_squares(cu: &Cuda, xs: &[&Buf]) -> f64 {
     let partial = cu.zeros::<f64>(PARTIALS);
     let total = cu.zeros::<f64>(1);
     let parts = PARTIALS as u64;
-    let grid = LaunchConfig { grid_dim: (PARTIALS as u32, 1, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: 0 };
     for x in xs.iter().filter(|x| x.len > 0) {
         let n = x.len as u64;
+        let grid =
+            LaunchConfig { grid_dim: (partial_blocks(x.len), 1, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: 0 };
         launch!(cu, storage = x.storage, "sum_squares_partial_f32", grid, &x.data, &partial, &n);
     }
     launch!(cu, "sum_partials_f64", cu.rows(1, 32), &partial, &total, &parts);
     cu.read::<f64>("sum of squares (download)", &total, 0, 1).map_or(f64::NAN, |v| v[0])
+}
+
+/// Blocks of the first sum-of-squares pass over `n` values: a few values
+/// per thread, at most PARTIALS. It depends on `n` alone, so the order of
+/// the sum, and with it the result, is the same on every GPU; a small
+/// tensor (a bias) no longer launches 256 blocks that would sum nothing.
+fn partial_blocks(n: usize) -> u32 {
+    n.div_ceil(4 * THREADS as usize).clamp(1, PARTIALS) as u32
 }
 
 /// `y[r, :] += bias` for `rows` rows of width `cols`.

@@ -7,9 +7,6 @@
 //! number of threads, serialized (one device, one stream); a launch's blocks
 //! run on the calling thread, or on TESSERA_EMU_THREADS OS threads.
 
-// Used by the backend's emulated driver layer, which is being written.
-#![allow(dead_code)]
-
 use super::kernels::Storage;
 use std::ffi::{c_char, c_int, c_void, CStr, CString};
 
@@ -29,7 +26,9 @@ extern "C" {
     fn tessera_emu_alloc(bytes: usize) -> *mut c_void;
     fn tessera_emu_free(p: *mut c_void);
     fn tessera_emu_check_range(p: *const c_void, bytes: usize, err: *mut c_char, err_len: usize) -> c_int;
+    #[cfg(test)]
     fn tessera_emu_memory(in_use: *mut u64, peak: *mut u64);
+    #[cfg(test)]
     fn tessera_emu_reset_peak();
     fn tessera_emu_set_threads(n: c_int);
     fn tessera_emu_kernel_count(storage: c_int) -> usize;
@@ -42,6 +41,8 @@ extern "C" {
 pub(crate) enum EmuBuild {
     F32,
     Bf16,
+    /// emu/negative_control.cu, for the emulator's own tests.
+    #[cfg_attr(not(test), allow(dead_code))]
     Test,
 }
 
@@ -114,7 +115,9 @@ pub(crate) fn check_range(addr: u64, bytes: usize) -> Result<(), String> {
 }
 
 /// (bytes allocated now, the most allocated at once since the last
-/// `reset_peak`), in bytes requested.
+/// `reset_peak`), in bytes requested: the whole process's (each emulated
+/// device keeps its own count too, driver/emu.rs).
+#[cfg(test)]
 pub(crate) fn memory() -> (u64, u64) {
     let (mut in_use, mut peak) = (0u64, 0u64);
     // SAFETY: two valid out-pointers.
@@ -122,6 +125,7 @@ pub(crate) fn memory() -> (u64, u64) {
     (in_use, peak)
 }
 
+#[cfg(test)]
 pub(crate) fn reset_peak() {
     // SAFETY: no preconditions.
     unsafe { tessera_emu_reset_peak() }

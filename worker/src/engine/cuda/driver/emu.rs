@@ -43,6 +43,11 @@ impl EmuDriver {
                 bail!("cuda-emu: the {b:?} build of the kernels is missing from this binary");
             }
         }
+        // Blocks run on every core unless TESSERA_EMU_THREADS says otherwise;
+        // blocks are independent, so the results are the same for any count.
+        if std::env::var_os("TESSERA_EMU_THREADS").is_none() {
+            emu_ffi::set_threads(std::thread::available_parallelism().map_or(1, |n| n.get()).min(8));
+        }
         Ok(EmuDriver { builds: builds.to_vec(), stream: Mutex::new(()), memory: Mutex::default() })
     }
 
@@ -52,9 +57,20 @@ impl EmuDriver {
 }
 
 fn build(s: Storage) -> EmuBuild {
-    match s {
-        Storage::F32 => EmuBuild::F32,
-        Storage::Bf16 => EmuBuild::Bf16,
+    EmuBuild::from(s)
+}
+
+/// Names a kernel fault by the CUDA error a GPU raises for it, so that the
+/// backend treats it as it would on a GPU (both are sticky: the context is
+/// lost, device.rs).
+fn as_gpu_error(e: String) -> String {
+    let illegal = ["past the end of an allocation", "before the start of an allocation", "stack overflow"];
+    if e.contains("__trap()") {
+        format!("CUDA_ERROR_LAUNCH_FAILED (emulated): {e}")
+    } else if illegal.iter().any(|m| e.contains(m)) {
+        format!("CUDA_ERROR_ILLEGAL_ADDRESS (emulated): {e}")
+    } else {
+        e
     }
 }
 
@@ -121,6 +137,7 @@ impl Driver for EmuDriver {
         let (g, b) = (cfg.grid_dim, cfg.block_dim);
         let _order = self.in_order();
         emu_ffi::launch(build(storage), kernel, [g.0, g.1, g.2], [b.0, b.1, b.2], cfg.shared_mem_bytes, &args)
+            .map_err(as_gpu_error)
     }
 
     fn gemm(&self, g: &GemmDesc) -> Result<(), String> {
@@ -146,5 +163,39 @@ impl Driver for EmuDriver {
 
     fn sms(&self) -> u32 {
         EMULATED_SMS
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::device::is_sticky;
+
+    /// Traps and out-of-bounds accesses carry the GPU's error name (sticky);
+    /// a bad launch shape does not.
+    #[test]
+    fn kernel_faults_get_the_gpu_error_names() {
+        let trap = as_gpu_error("kernel gather_rows_f32 (f32 build): __trap() at embedding.cu:17".into());
+        assert!(trap.starts_with("CUDA_ERROR_LAUNCH_FAILED") && is_sticky(&trap), "{trap}");
+        let oob = as_gpu_error("kernel k: invalid write at 0x1, past the end of an allocation of 4 bytes".into());
+        assert!(oob.starts_with("CUDA_ERROR_ILLEGAL_ADDRESS") && is_sticky(&oob), "{oob}");
+        let shape = as_gpu_error("kernel k: a block of 2048 threads (at most 1024)".into());
+        assert!(!is_sticky(&shape), "{shape}");
+    }
+
+    /// Negative control through the driver: a test kernel that writes one
+    /// value past its buffer is stopped at the guard page and named.
+    #[test]
+    fn an_index_one_past_the_end_is_caught_and_named() {
+        let drv = EmuDriver::new(&[Storage::F32]).unwrap();
+        let n = 1000u64;
+        let addr = drv.alloc_zeroed(n as usize * 4).unwrap();
+        let args = [EmuArg::Ptr(addr), EmuArg::U64(n)];
+        let e = emu_ffi::launch(EmuBuild::Test, "oob_index_f32", [4, 1, 1], [256, 1, 1], 0, &args)
+            .map_err(as_gpu_error)
+            .unwrap_err();
+        assert!(e.contains("oob_index_f32") && e.contains("past the end of an allocation of 4000 bytes"), "{e}");
+        assert!(e.starts_with("CUDA_ERROR_ILLEGAL_ADDRESS"), "{e}");
+        drv.free(addr);
     }
 }
