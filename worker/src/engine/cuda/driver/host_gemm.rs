@@ -166,4 +166,59 @@ mod tests {
         assert_eq!(bf16(1.0 + 3.0 / 256.0), 1.0 + 4.0 / 256.0);
         assert!(tf32(f32::NAN).is_nan() && tf32(f32::INFINITY) == f32::INFINITY);
     }
+
+    fn matrix(addr: u64, ld: usize, stride: usize) -> GemmMatrix {
+        GemmMatrix { addr, storage: Storage::F32, ld, stride }
+    }
+
+    /// A 2x3 times 3x2 product as cuBLAS computes it (column-major), then
+    /// a descriptor whose leading dimension reaches past B's allocation and
+    /// one whose ld is smaller than the rows: errors naming the matrix, and
+    /// C untouched.
+    #[test]
+    fn computes_the_column_major_product_and_refuses_bad_descriptors() {
+        let put = |v: &[f32]| {
+            let addr = emu_ffi::alloc(v.len() * 4).unwrap();
+            // SAFETY: a fresh allocation of v.len() f32s.
+            unsafe { std::ptr::copy_nonoverlapping(v.as_ptr(), addr as *mut f32, v.len()) };
+            addr
+        };
+        // A = [[1, 2, 3], [4, 5, 6]] and B = [[1, 0], [0, 1], [1, 1]],
+        // stored column-major.
+        let a = put(&[1.0, 4.0, 2.0, 5.0, 3.0, 6.0]);
+        let b = put(&[1.0, 0.0, 1.0, 0.0, 1.0, 1.0]);
+        let c = put(&[9.0; 4]);
+        let mut g = GemmDesc {
+            trans_a: false,
+            trans_b: false,
+            m: 2,
+            n: 2,
+            k: 3,
+            alpha: 1.0,
+            a: matrix(a, 2, 6),
+            b: matrix(b, 3, 6),
+            beta: 0.0,
+            c: matrix(c, 2, 4),
+            batch: 1,
+            compute: Compute::F32,
+        };
+        gemm(&g).unwrap();
+        let read = || -> Vec<f32> {
+            // SAFETY: C holds 4 f32s.
+            unsafe { std::slice::from_raw_parts(c as *const f32, 4).to_vec() }
+        };
+        // A B = [[4, 5], [10, 11]], column-major.
+        assert_eq!(read(), [4.0, 10.0, 5.0, 11.0]);
+        g.b.ld = 4;
+        let e = gemm(&g).unwrap_err();
+        assert!(e.contains("matrix B (1 of [3, 2], ld 4") && e.contains("4 bytes past the end"), "{e}");
+        g.b.ld = 2;
+        let e = gemm(&g).unwrap_err();
+        assert!(e.contains("ldB = 2") && e.contains("INVALID_VALUE"), "{e}");
+        assert_eq!(read(), [4.0, 10.0, 5.0, 11.0]);
+        for addr in [a, b, c] {
+            // SAFETY: allocated above, freed once.
+            unsafe { emu_ffi::free(addr) };
+        }
+    }
 }
