@@ -172,3 +172,31 @@ fn a_new_workspace_shape_does_not_hold_the_old_one() {
     assert!(big > 0);
     assert_eq!(after, big, "the 6x48 workspace was allocated while the 8x64 one was still held");
 }
+
+/// scripts/device-check.sh as a GPU machine runs it, with the emulated
+/// device as the GPU (tiny shapes, no PyTorch): every part passes, the
+/// step rows carry the tracking allocator's peak memory, and the verdict
+/// has one line per part.
+#[test]
+fn the_device_check_passes_on_the_emulated_device() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cmd = Command::new(root().join("scripts/device-check.sh"));
+    cmd.current_dir(root()).arg(env!("CARGO_BIN_EXE_worker")).env("OUT", dir.path());
+    for (k, v) in [("DEVICE", "cuda-emu"), ("PRESET", "tiny"), ("TORCH", "skip"), ("BATCH", "2"), ("SEQ", "8")] {
+        cmd.env(k, v);
+    }
+    for (k, v) in [("VIT_LAYERS", "2"), ("LLM_LAYERS", "1"), ("WARMUP", "0"), ("STEPS", "1")] {
+        cmd.env(k, v);
+    }
+    let o = cmd.output().expect("run scripts/device-check.sh");
+    assert!(o.status.success(), "{}", text(&o));
+    let verdict = std::fs::read_to_string(dir.path().join("verdict.txt")).unwrap();
+    assert_eq!(verdict.lines().filter(|l| l.contains(" PASS ")).count(), 7, "{verdict}");
+    for precision in ["bf16", "tf32"] {
+        let row = std::fs::read_to_string(dir.path().join(format!("tessera-{precision}.json"))).unwrap();
+        let row: serde_json::Value = serde_json::from_str(&row).unwrap();
+        assert_eq!(row["device"], "cuda-emu", "{row}");
+        let peak = row["peak_mem_gib"].as_f64().unwrap_or(0.0);
+        assert!(peak > 0.0 && peak < 1.0, "{precision}: peak_mem_gib {peak}");
+    }
+}

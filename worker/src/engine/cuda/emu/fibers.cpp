@@ -291,6 +291,17 @@ bool same_site(const char* f1, int l1, const char* f2, int l2) { return l1 == l2
          bi.x, bi.y, bi.z, a, base_name(f1), l1, b, base_name(f2), l2);
 }
 
+// Parks thread `me` at a barrier (`state`, the call site), records it in
+// the barrier's waiter slot and runs the next runnable thread.
+void park(uint32_t me, uint8_t state, const char* file, int line, uint32_t& slot) {
+    Thread& th = tls_sched->threads[me];
+    th.state = state;
+    th.file = file;
+    th.line = line;
+    slot = me;
+    run_next(&th.fiber->ctx);
+}
+
 void warp_wait(uint32_t me, const char* file, int line) {
     Scheduler& S = *tls_sched;
     Warp& w = S.warps[me >> 5];
@@ -298,12 +309,7 @@ void warp_wait(uint32_t me, const char* file, int line) {
         release_warp(w);
         return;
     }
-    Thread& th = S.threads[me];
-    th.state = kWaitWarp;
-    th.file = file;
-    th.line = line;
-    w.waiters[w.waiting++] = me;
-    run_next(&th.fiber->ctx);
+    park(me, kWaitWarp, file, line, w.waiters[w.waiting++]);
 }
 
 }  // namespace
@@ -440,12 +446,7 @@ extern "C" void tessera_emu_syncthreads(const char* file, int line) {
         release_block();
         return;
     }
-    Thread& th = S.threads[me];
-    th.state = kWaitBlock;
-    th.file = file;
-    th.line = line;
-    S.block_waiters[S.block_waiting++] = me;
-    run_next(&th.fiber->ctx);
+    park(me, kWaitBlock, file, line, S.block_waiters[S.block_waiting++]);
 }
 
 extern "C" void tessera_emu_syncwarp(unsigned mask, const char* file, int line) {

@@ -54,6 +54,10 @@ extern __thread Runner* volatile tls_runner;
 // "kernel K (B build)".
 int describe_kernel(const Launch& L, char* out, size_t len);
 
+// Writes a message into an FFI error buffer of `len` bytes; returns 1, the
+// C API's error status.
+__attribute__((format(printf, 3, 4))) int say(char* err, size_t len, const char* fmt, ...);
+
 // Fibers and the block scheduler (fibers.cpp), one per OS thread that runs
 // blocks; sched_bind makes it this thread's for the launch.
 struct Scheduler;

@@ -293,16 +293,6 @@ std::mutex launch_mu;
 Launch the_launch;
 Runner caller_runner;
 
-__attribute__((format(printf, 3, 4))) int refuse(char* err, size_t len, const char* fmt, ...) {
-    if (len) {
-        va_list ap;
-        va_start(ap, fmt);
-        vsnprintf(err, len, fmt, ap);
-        va_end(ap);
-    }
-    return 1;
-}
-
 }  // namespace
 }  // namespace tessera_emu
 
@@ -324,7 +314,7 @@ extern "C" int tessera_emu_launch(int storage, const char* kernel, const unsigne
                                   unsigned dynamic_shared_bytes, void** args, const char* kinds, size_t nargs,
                                   char* err, size_t err_len) {
     if (storage < 0 || storage >= 3)
-        return refuse(err, err_len, "emulated launch of %s: no build %d (0 = f32, 1 = bf16, 2 = test)",
+        return say(err, err_len, "emulated launch of %s: no build %d (0 = f32, 1 = bf16, 2 = test)",
                       kernel ? kernel : "(null)", storage);
     const char* bn = build_names[storage];
     const KernelEntry* entry = nullptr;
@@ -332,38 +322,38 @@ extern "C" int tessera_emu_launch(int storage, const char* kernel, const unsigne
         for (const KernelEntry* e : kernels(storage))
             if (!strcmp(e->name, kernel)) entry = e;
     if (!entry)
-        return refuse(err, err_len, "emulated launch: no kernel named \"%s\" in the %s build (%zu kernels)",
+        return say(err, err_len, "emulated launch: no kernel named \"%s\" in the %s build (%zu kernels)",
                       kernel ? kernel : "(null)", bn, kernels(storage).size());
     const size_t arity = strlen(entry->kinds);
     if (nargs != arity)
-        return refuse(err, err_len, "kernel %s (%s build) takes %zu parameters, the launch passed %zu", kernel, bn,
+        return say(err, err_len, "kernel %s (%s build) takes %zu parameters, the launch passed %zu", kernel, bn,
                       arity, nargs);
     if (nargs && (!args || !kinds))
-        return refuse(err, err_len, "kernel %s (%s build): the launch passed no argument array", kernel, bn);
+        return say(err, err_len, "kernel %s (%s build): the launch passed no argument array", kernel, bn);
     for (size_t i = 0; i < nargs; ++i) {
         const char* passed = kind_name(kinds[i]);
         if (!passed)
-            return refuse(err, err_len, "kernel %s (%s build): argument %zu has the unknown kind '%c'", kernel, bn,
+            return say(err, err_len, "kernel %s (%s build): argument %zu has the unknown kind '%c'", kernel, bn,
                           i + 1, kinds[i]);
         if (kinds[i] != entry->kinds[i])
-            return refuse(err, err_len, "parameter %zu of %s (%s build) is %s, the launch passed %s", i + 1, kernel,
+            return say(err, err_len, "parameter %zu of %s (%s build) is %s, the launch passed %s", i + 1, kernel,
                           bn, kind_name(entry->kinds[i]), passed);
         if (!args[i])
-            return refuse(err, err_len, "kernel %s (%s build): argument %zu is a null pointer", kernel, bn, i + 1);
+            return say(err, err_len, "kernel %s (%s build): argument %zu is a null pointer", kernel, bn, i + 1);
     }
     const unsigned long long threads = (unsigned long long)block[0] * block[1] * block[2];
     if (threads == 0 || threads > 1024 || block[0] > 1024 || block[1] > 1024 || block[2] > 64)
-        return refuse(err, err_len,
+        return say(err, err_len,
                       "kernel %s (%s build): a block of %ux%ux%u = %llu threads; CUDA allows 1 to 1024 (x, y up to "
                       "1024, z up to 64)",
                       kernel, bn, block[0], block[1], block[2], threads);
     if (grid[0] == 0 || grid[0] >= (1u << 31) || grid[1] == 0 || grid[1] > 65535 || grid[2] == 0 || grid[2] > 65535)
-        return refuse(err, err_len,
+        return say(err, err_len,
                       "kernel %s (%s build): a grid of %ux%ux%u blocks; CUDA allows x from 1 to 2^31 - 1, y and z "
                       "from 1 to 65535",
                       kernel, bn, grid[0], grid[1], grid[2]);
     if (dynamic_shared_bytes)
-        return refuse(err, err_len,
+        return say(err, err_len,
                       "kernel %s (%s build): %u bytes of dynamic shared memory; the emulated device has none (only "
                       "static __shared__ arrays)",
                       kernel, bn, dynamic_shared_bytes);

@@ -57,7 +57,9 @@ const Alloc* containing(Memory& m, uintptr_t addr) {
 
 char* slack_start(const Alloc& a, size_t page) { return a.base + page; }
 
-__attribute__((format(printf, 3, 4))) int say(char* err, size_t len, const char* fmt, ...) {
+}  // namespace
+
+int say(char* err, size_t len, const char* fmt, ...) {
     if (len) {
         va_list ap;
         va_start(ap, fmt);
@@ -66,8 +68,6 @@ __attribute__((format(printf, 3, 4))) int say(char* err, size_t len, const char*
     }
     return 1;
 }
-
-}  // namespace
 
 bool find_guard(uintptr_t addr, Fault* out) {
     Memory& m = mem();
