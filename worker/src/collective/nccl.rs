@@ -26,6 +26,8 @@ use crate::engine::cuda::{Buf, Cuda, Event, Storage};
 use anyhow::{anyhow, bail, Context, Result};
 use cudarc::driver::{CudaSlice, CudaStream, DevicePtr, DevicePtrMut};
 use std::ffi::c_int;
+#[cfg(test)]
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -304,5 +306,131 @@ impl Collective for NcclCollective {
         drop(synced);
         stream.memcpy_dtoh(&view, values).map_err(|e| anyhow!("reading counters: {e:?}"))?;
         stream.synchronize().map_err(|e| anyhow!("reading counters: {e:?}"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::ffi::{c_char, c_void};
+    use std::sync::atomic::AtomicUsize;
+
+    // A stand-in NCCL whose communicators stay "in progress" (a peer that
+    // never answers). It remembers which handles (fake addresses, one per
+    // test) were aborted, and counts calls made on them after that.
+    static CALLS_AFTER_ABORT: AtomicUsize = AtomicUsize::new(0);
+    static ABORTED: Mutex<Vec<usize>> = Mutex::new(Vec::new());
+
+    fn aborted(c: Comm) -> bool {
+        ABORTED.lock().unwrap().contains(&(c as usize))
+    }
+
+    unsafe extern "C" fn unique_id(_: *mut UniqueId) -> c_int {
+        NCCL_SUCCESS
+    }
+    unsafe extern "C" fn init(_: *mut Comm, _: c_int, _: UniqueId, _: c_int, _: *mut Config) -> c_int {
+        NCCL_IN_PROGRESS
+    }
+    unsafe extern "C" fn all_reduce(
+        _: *const c_void,
+        _: *mut c_void,
+        _: usize,
+        _: c_int,
+        _: c_int,
+        _: Comm,
+        _: *mut c_void,
+    ) -> c_int {
+        NCCL_IN_PROGRESS
+    }
+    unsafe extern "C" fn async_error(c: Comm, state: *mut c_int) -> c_int {
+        if aborted(c) {
+            CALLS_AFTER_ABORT.fetch_add(1, Ordering::SeqCst);
+        }
+        *state = NCCL_IN_PROGRESS;
+        NCCL_SUCCESS
+    }
+    unsafe extern "C" fn abort(c: Comm) -> c_int {
+        ABORTED.lock().unwrap().push(c as usize);
+        NCCL_SUCCESS
+    }
+
+    fn communicator(handle: usize) -> Communicator {
+        Communicator {
+            nccl: &STAND_IN,
+            raw: Mutex::new(Some(SendComm(handle as Comm))),
+            aborted: AtomicBool::new(false),
+        }
+    }
+    unsafe extern "C" fn error_string(_: c_int) -> *const c_char {
+        c"stand-in error".as_ptr()
+    }
+
+    static STAND_IN: Nccl = Nccl {
+        path: PathBuf::new(),
+        get_unique_id: unique_id,
+        comm_init_rank_config: init,
+        all_reduce,
+        comm_get_async_error: async_error,
+        comm_abort: abort,
+        get_error_string: error_string,
+        _lib: None,
+    };
+
+    /// Another thread aborts while a call is still in progress: the call
+    /// returns an error (never "done" with partial sums), the handle is
+    /// never used once aborted, and later calls are refused.
+    #[test]
+    fn an_abort_during_a_call_is_an_error_and_the_handle_is_not_used_after() {
+        let comm = Arc::new(communicator(0x1000));
+        let aborter = NcclAbortHandle(Some(comm.clone()));
+        let t = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(50));
+            aborter.abort();
+        });
+        let started = Instant::now();
+        let e = comm.settle("all-reduce", started + Duration::from_secs(30)).unwrap_err().to_string();
+        t.join().unwrap();
+        assert!(e.contains("aborted"), "{e}");
+        assert!(started.elapsed() < Duration::from_secs(5), "the abort did not end the wait");
+        assert_eq!(CALLS_AFTER_ABORT.load(Ordering::SeqCst), 0, "the aborted handle was used");
+        assert!(comm.with(|_| ()).is_err());
+        comm.abort(); // a second abort is a no-op
+    }
+
+    /// Init that never completes is given up at its deadline.
+    #[test]
+    fn a_call_that_never_completes_fails_at_its_deadline() {
+        let comm = communicator(0x2000);
+        let e = comm.settle("NCCL init", Instant::now() + Duration::from_millis(30)).unwrap_err().to_string();
+        assert!(e.contains("did not finish in time"), "{e}");
+        // Dropping it aborts it.
+        drop(comm);
+        assert!(aborted(0x2000 as Comm));
+    }
+
+    /// A job of one GPU makes no unique id, so it never opens NCCL.
+    #[test]
+    fn one_gpu_needs_no_nccl() {
+        assert_eq!(new_unique_id(1).unwrap(), Vec::<u8>::new());
+        if nccl_lib::load().is_err() {
+            let e = new_unique_id(2).unwrap_err().to_string();
+            assert!(e.contains("libnccl.so.2") && e.contains("pip install"), "{e}");
+        }
+    }
+
+    /// On the emulated device a one-GPU collective needs nothing and sums
+    /// as the identity; more ranks are refused (NCCL is not emulated).
+    #[cfg(feature = "cuda-emu")]
+    #[test]
+    fn the_emulated_device_runs_one_rank_and_refuses_more() {
+        use crate::engine::backend::Backend;
+        let cu = Cuda::emulated(crate::engine::cuda::MathMode::F32).unwrap();
+        let mut one = NcclCollective::connect(&cu, 0, 1, &[], Duration::from_secs(1)).unwrap();
+        let mut b = cu.upload(&[1.0, 2.0]);
+        one.all_reduce_sum(&mut b).unwrap();
+        assert_eq!(cu.download(&b), [1.0, 2.0]);
+        one.abort_handle().abort();
+        let e = NcclCollective::connect(&cu, 0, 2, &[0; UNIQUE_ID_BYTES], Duration::from_secs(1)).err().unwrap();
+        assert!(e.to_string().contains("NCCL is not emulated"), "{e}");
     }
 }

@@ -70,8 +70,9 @@ pub struct Nccl {
     pub all_reduce: unsafe extern "C" fn(*const c_void, *mut c_void, usize, c_int, c_int, Comm, *mut c_void) -> c_int,
     pub comm_get_async_error: unsafe extern "C" fn(Comm, *mut c_int) -> c_int,
     pub comm_abort: unsafe extern "C" fn(Comm) -> c_int,
-    get_error_string: unsafe extern "C" fn(c_int) -> *const c_char,
-    _lib: libloading::Library,
+    pub(super) get_error_string: unsafe extern "C" fn(c_int) -> *const c_char,
+    /// The open library (None only for the tests' stand-in).
+    pub(super) _lib: Option<libloading::Library>,
 }
 
 impl Nccl {
@@ -181,7 +182,7 @@ fn symbols(lib: libloading::Library, path: &Path) -> Result<Nccl, String> {
             comm_get_async_error: sym!("ncclCommGetAsyncError"),
             comm_abort: sym!("ncclCommAbort"),
             get_error_string: sym!("ncclGetErrorString"),
-            _lib: lib,
+            _lib: Some(lib),
         })
     }
 }
