@@ -148,7 +148,7 @@ fn check_ops_on_the_cpu_passes() {
     let summary = stdout.lines().last().unwrap_or_default();
     let passed: Vec<usize> = summary.split_whitespace().filter_map(|w| w.parse().ok()).take(2).collect();
     assert!(passed.len() == 2 && passed[0] == passed[1] && passed[0] > 60, "{summary}");
-    assert!(stdout.contains("attention_bwd (causal true) dk") && stdout.contains("ok"), "{stdout}");
+    assert!(stdout.contains("attention_bwd (causal true, seq 300) dk") && stdout.contains("ok"), "{stdout}");
 }
 
 /// `bench-step` with fewer layers reports the shape, the model FLOPs of the
