@@ -1,6 +1,6 @@
 // CUDA's built-ins given a meaning on the host, so that kernels/*.cu compile
 // as C++ for the emulated device (build.rs). Each emulated thread runs as a
-// fiber on one OS thread (runtime.cpp); the index variables read that
+// fiber on one OS thread (fibers.cpp); the index variables read that
 // fiber's state, __shared__ is per OS thread (one block runs on an OS thread
 // at a time and fibers never migrate), and barriers and shuffles call into
 // the runtime's scheduler.
