@@ -45,26 +45,17 @@ pub trait KernelArg {
     fn kernel_arg(&self) -> Arg;
 }
 
-impl KernelArg for u64 {
-    fn kernel_arg(&self) -> Arg {
-        Arg::U64(*self)
-    }
+/// Scalars pass by value, each as the `Arg` of its type.
+macro_rules! scalar_arg {
+    ($($t:ty => $variant:ident),+) => {$(
+        impl KernelArg for $t {
+            fn kernel_arg(&self) -> Arg {
+                Arg::$variant(*self)
+            }
+        }
+    )+};
 }
-impl KernelArg for i32 {
-    fn kernel_arg(&self) -> Arg {
-        Arg::I32(*self)
-    }
-}
-impl KernelArg for f32 {
-    fn kernel_arg(&self) -> Arg {
-        Arg::F32(*self)
-    }
-}
-impl KernelArg for f64 {
-    fn kernel_arg(&self) -> Arg {
-        Arg::F64(*self)
-    }
-}
+scalar_arg!(u64 => U64, i32 => I32, f32 => F32, f64 => F64);
 
 /// How a GEMM's f32 operands enter the multiply (cuBLAS compute types).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
