@@ -24,7 +24,7 @@ use super::nccl_lib::{self, Comm, Config, Nccl, UniqueId, NCCL_IN_PROGRESS, NCCL
 use super::Collective;
 use crate::engine::cuda::{Buf, Cuda, Event, Storage};
 use anyhow::{anyhow, bail, Context, Result};
-use cudarc::driver::{CudaSlice, CudaStream, DevicePtr, DevicePtrMut};
+use cudarc::driver::{CudaSlice, CudaStream, DevicePtrMut};
 use std::ffi::c_int;
 #[cfg(test)]
 use std::path::PathBuf;
@@ -301,10 +301,7 @@ impl Collective for NcclCollective {
             ptr
         };
         g.sum_in_place(ptr, values.len(), nccl_lib::NCCL_UINT64)?;
-        let view = g.counts.slice(..values.len());
-        let (_, synced) = view.device_ptr(&stream);
-        drop(synced);
-        stream.memcpy_dtoh(&view, values).map_err(|e| anyhow!("reading counters: {e:?}"))?;
+        stream.memcpy_dtoh(&g.counts.slice(..values.len()), values).map_err(|e| anyhow!("reading counters: {e:?}"))?;
         stream.synchronize().map_err(|e| anyhow!("reading counters: {e:?}"))
     }
 }

@@ -55,6 +55,10 @@ pub fn device_lost(e: &anyhow::Error) -> bool {
     e.chain().any(|c| c.is::<DeviceLost>())
 }
 
+/// What a worker built without the emulated device says to `cuda-emu`.
+pub const NO_EMULATOR: &str = "--device cuda-emu: this worker was built without the emulated CUDA device; rebuild it \
+     with `cargo build --release -p tessera-worker --features cuda-emu` (needs a C++ compiler)";
+
 /// What the user asked for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum DeviceSpec {
@@ -104,10 +108,7 @@ impl DeviceSpec {
                 Ok(Device::Cuda(k))
             }
             DeviceSpec::CudaEmu if cfg!(feature = "cuda-emu") => Ok(Device::CudaEmu),
-            DeviceSpec::CudaEmu => bail!(
-                "--device cuda-emu: this worker was built without the emulated CUDA device; rebuild it with \
-                 `cargo build --release -p tessera-worker --features cuda-emu` (needs a C++ compiler)"
-            ),
+            DeviceSpec::CudaEmu => bail!(NO_EMULATOR),
             DeviceSpec::Auto if cuda_available() => Ok(Device::Cuda(local_rank.unwrap_or(0))),
             DeviceSpec::Auto => Ok(Device::Cpu),
         }
@@ -157,7 +158,7 @@ pub fn emulated_cuda(precision: Precision) -> Result<super::cuda::Cuda> {
 /// Never called: `resolve` refuses `cuda-emu` in a build without it.
 #[cfg(all(feature = "cuda", not(feature = "cuda-emu")))]
 pub fn emulated_cuda(_precision: Precision) -> Result<super::cuda::Cuda> {
-    bail!("cuda-emu: this worker was built without the emulated CUDA device; rebuild it with `--features cuda-emu`")
+    bail!(NO_EMULATOR)
 }
 
 /// What a job asking for `precision` on the CPU is told: the CPU computes
@@ -214,7 +215,7 @@ macro_rules! on_device {
                 anyhow::bail!("cuda:{k}: this worker was built without CUDA support; rebuild it with `cargo build --release -p tessera-worker --features cuda`")
             }
             $crate::engine::device::Device::CudaEmu => {
-                anyhow::bail!("cuda-emu: this worker was built without the emulated CUDA device; rebuild it with `cargo build --release -p tessera-worker --features cuda-emu`")
+                anyhow::bail!($crate::engine::device::NO_EMULATOR)
             }
         }
     };

@@ -170,16 +170,20 @@ impl<'a, R: Backend, T: Backend> Harness<'a, R, T> {
         self.push(op, rel, if gemm { self.tol.gemm } else { self.tol.plain });
     }
 
+    /// An output held to `limit` (one of the `Tolerance` fields).
+    fn compare_at(&mut self, op: &str, r: &R::Buf, t: &T::Buf, limit: f64) {
+        let rel = self.buf_error(r, t);
+        self.push(op, rel, limit);
+    }
+
     /// An output of two GEMMs in a row (see `Tolerance::chained`).
     fn compare_chained(&mut self, op: &str, r: &R::Buf, t: &T::Buf) {
-        let rel = self.buf_error(r, t);
-        self.push(op, rel, self.tol.chained);
+        self.compare_at(op, r, t, self.tol.chained);
     }
 
     /// An f32 state output (see `Tolerance::state`).
     fn compare_state(&mut self, op: &str, r: &R::Buf, t: &T::Buf) {
-        let rel = self.buf_error(r, t);
-        self.push(op, rel, self.tol.state);
+        self.compare_at(op, r, t, self.tol.state);
     }
 
     fn compare_scalar(&mut self, op: &str, r: f64, t: f64, gemm: bool) {
@@ -422,15 +426,14 @@ fn attention<R: Backend, T: Backend>(h: &mut Harness<R, T>) {
         h.compare_chained(&format!("attention_fwd (causal {causal}, seq {seq}) out"), &o, &ot);
         // The inputs are the tested backend's own values (rounded to its
         // storage), so the softmax's f32 precision shows here.
-        let rel = h.buf_error(&p, &pt);
         let limit = h.tol.scores;
-        h.push(&format!("attention_fwd (causal {causal}, seq {seq}) probs, f32 softmax"), rel, limit);
+        h.compare_at(&format!("attention_fwd (causal {causal}, seq {seq}) probs, f32 softmax"), &p, &pt, limit);
         let (dout, doutt) = h.rand_both(n);
         let (mut dq, mut dqt) = h.rand_both(n);
         let (mut dk, mut dkt) = h.rand_both(n);
         let (mut dv, mut dvt) = h.rand_both(n);
-        // The backward from the probabilities the tested backend holds
-        // (rounded to bf16 there), so only the backward is compared.
+        // The backward from the probabilities the tested backend holds (its
+        // f32 softmax), so only the backward is compared.
         let p = h.r.upload(&h.t.download(&pt));
         h.r.attention_bwd(&q, &k, &v, &p, &dout, &mut dq, &mut dk, &mut dv, s);
         h.t.attention_bwd(&qt, &kt, &vt, &pt, &doutt, &mut dqt, &mut dkt, &mut dvt, s);

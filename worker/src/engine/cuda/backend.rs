@@ -64,12 +64,8 @@ impl Backend for Cuda {
         self.download(buf).into_iter().map(f64::from).collect()
     }
     fn upload_idx(&self, data: &[i32]) -> Idx {
-        let buf = self.zeros::<i32>(data.len());
-        if !data.is_empty() {
-            let bytes: Vec<u8> = data.iter().flat_map(|v| v.to_le_bytes()).collect();
-            let copied = self.driver.htod(&bytes, buf.addr());
-            self.record("upload of indices", copied);
-        }
+        // A failed copy is recorded for check(); the indices are then zeros.
+        let buf = self.upload_values("upload of indices", data).unwrap_or_else(|| self.zeros::<i32>(data.len()));
         Idx { buf, len: data.len() }
     }
     fn buf_len(&self, buf: &Buf) -> usize {

@@ -164,6 +164,18 @@ impl Cuda {
         }
     }
 
+    /// Device memory holding `values` (None after a recorded failure, as
+    /// in `read`).
+    pub(super) fn upload_values<T: HostValue>(&self, what: &str, values: &[T]) -> Option<DevMem> {
+        let mem = self.zeros::<T>(values.len());
+        if !values.is_empty() {
+            let mut bytes = Vec::with_capacity(values.len() * T::SIZE);
+            values.iter().for_each(|v| v.put_bytes(&mut bytes));
+            self.record(what, self.driver.htod(&bytes, mem.addr()))?;
+        }
+        Some(mem)
+    }
+
     /// Values `start..start + count` of `T` from device memory (None after
     /// a recorded failure).
     pub(super) fn read<T: HostValue>(&self, what: &str, mem: &DevMem, start: usize, count: usize) -> Option<Vec<T>> {

@@ -7,6 +7,7 @@
 //! number of threads, serialized (one device, one stream); a launch's blocks
 //! run on the calling thread, or on TESSERA_EMU_THREADS OS threads.
 
+use super::driver::Arg;
 use super::kernels::Storage;
 use std::ffi::{c_char, c_int, c_void, CStr, CString};
 
@@ -63,17 +64,6 @@ impl From<Storage> for EmuBuild {
             Storage::Bf16 => EmuBuild::Bf16,
         }
     }
-}
-
-/// One kernel argument; its kind must match the kernel's C++ parameter
-/// (any pointer is a `Ptr`, a device address from `alloc`).
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub(crate) enum EmuArg {
-    Ptr(u64),
-    U64(u64),
-    I32(i32),
-    F32(f32),
-    F64(f64),
 }
 
 const ERR_LEN: usize = 1024;
@@ -160,18 +150,18 @@ pub(crate) fn launch(
     grid: [u32; 3],
     block: [u32; 3],
     dynamic_shared: u32,
-    args: &[EmuArg],
+    args: &[Arg],
 ) -> Result<(), String> {
     let name = CString::new(kernel).map_err(|_| format!("kernel name {kernel:?} holds a NUL byte"))?;
     let mut kinds = Vec::with_capacity(args.len());
     let mut ptrs: Vec<*mut c_void> = Vec::with_capacity(args.len());
     for a in args {
         let (kind, p): (u8, *const c_void) = match a {
-            EmuArg::Ptr(v) => (b'p', (v as *const u64).cast()),
-            EmuArg::U64(v) => (b'U', (v as *const u64).cast()),
-            EmuArg::I32(v) => (b'i', (v as *const i32).cast()),
-            EmuArg::F32(v) => (b'f', (v as *const f32).cast()),
-            EmuArg::F64(v) => (b'd', (v as *const f64).cast()),
+            Arg::Ptr(v) => (b'p', (v as *const u64).cast()),
+            Arg::U64(v) => (b'U', (v as *const u64).cast()),
+            Arg::I32(v) => (b'i', (v as *const i32).cast()),
+            Arg::F32(v) => (b'f', (v as *const f32).cast()),
+            Arg::F64(v) => (b'd', (v as *const f64).cast()),
         };
         kinds.push(kind);
         ptrs.push(p.cast_mut());
@@ -202,7 +192,7 @@ pub(crate) fn launch(
 
 #[cfg(test)]
 mod tests {
-    use super::EmuArg::{Ptr, F32, F64, I32, U64};
+    use super::Arg::{Ptr, F32, F64, I32, U64};
     use super::*;
     use half::bf16;
     use std::collections::BTreeSet;
@@ -242,7 +232,7 @@ mod tests {
             out
         }
 
-        fn ptr(&self) -> EmuArg {
+        fn ptr(&self) -> Arg {
             Ptr(self.addr)
         }
     }
@@ -421,7 +411,7 @@ mod tests {
     fn arguments_and_dimensions_are_checked_against_the_kernel() {
         let _s = serial();
         let x = Dev::zeroed(16);
-        let f = |args: &[EmuArg]| launch(EmuBuild::F32, "fill_f32", [1, 1, 1], [4, 1, 1], 0, args);
+        let f = |args: &[Arg]| launch(EmuBuild::F32, "fill_f32", [1, 1, 1], [4, 1, 1], 0, args);
         expect_err(
             f(&[x.ptr(), U64(1), U64(4)]),
             &["parameter 2 of fill_f32 (f32 build) is a float, the launch passed an unsigned long long"],

@@ -18,9 +18,7 @@ pub(super) fn resize_bicubic(cu: &Cuda, src: &Buf, src_shape: ImageShape, dst: &
     if d == s {
         // Bit for bit, as on the CPU.
         let n = dst.len;
-        let (from, to) = (src.view(0, n).addr, dst.view_mut(0, n).addr);
-        let copied = cu.driver.dtod(from, to, n * src.storage.size());
-        cu.record("resize_bicubic (same-size copy)", copied);
+        super::elementwise::copy(cu, src, 0, dst, 0, n);
         return;
     }
     // The source/destination ratio in f64 on the host, as the CPU computes it.

@@ -28,7 +28,7 @@ mod s2;
 
 pub use backend::{Buf, Idx};
 pub use context::{Cuda, MathMode};
-pub use driver::{DevMem, Event};
+pub use driver::Event;
 pub use kernels::Storage;
 
 /// What `--device cuda:K` found.

@@ -27,12 +27,10 @@ fn table(cu: &Cuda, s: RopeShape) -> Option<(usize, Arc<DevMem>)> {
     }
     // inv_freq in f64 with the CPU's expression, so both use the same angles.
     let inv_freq: Vec<f64> = (0..half).map(|i| 1.0 / (s.theta as f64).powf((2 * i) as f64 / d as f64)).collect();
-    let inv_freq_dev = cu.zeros::<f64>(half);
-    let bytes: Vec<u8> = inv_freq.iter().flat_map(|v| v.to_le_bytes()).collect();
-    cu.record("rope (upload of inv_freq)", cu.driver.htod(&bytes, inv_freq_dev.addr()))?;
+    let inv_freq = cu.upload_values("rope (upload of inv_freq)", &inv_freq)?;
     let table = cu.zeros::<f32>(2 * s.seq * half);
     let (seq, half64) = (s.seq as u64, half as u64);
-    launch!(cu, "rope_table_f32", cu.elems(s.seq * half), &inv_freq_dev, &table, &seq, &half64);
+    launch!(cu, "rope_table_f32", cu.elems(s.seq * half), &inv_freq, &table, &seq, &half64);
     let kept = (s.seq, Arc::new(table));
     tables.insert(key, kept.clone());
     Some(kept)

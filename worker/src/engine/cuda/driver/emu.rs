@@ -10,7 +10,7 @@
 //! and races between threads that a GPU would run at once.
 
 use super::{Arg, Driver, Event, GemmDesc, LaunchConfig};
-use crate::engine::cuda::emu_ffi::{self, EmuArg, EmuBuild};
+use crate::engine::cuda::emu_ffi::{self, EmuBuild};
 use crate::engine::cuda::kernels::Storage;
 use anyhow::{bail, Result};
 use std::collections::HashMap;
@@ -39,7 +39,7 @@ struct Tracked {
 impl EmuDriver {
     pub fn new(builds: &[Storage]) -> Result<Self> {
         for &b in builds {
-            if emu_ffi::kernel_names(build(b)).is_empty() {
+            if emu_ffi::kernel_names(EmuBuild::from(b)).is_empty() {
                 bail!("cuda-emu: the {b:?} build of the kernels is missing from this binary");
             }
         }
@@ -54,10 +54,6 @@ impl EmuDriver {
     fn in_order(&self) -> std::sync::MutexGuard<'_, ()> {
         self.stream.lock().unwrap_or_else(|p| p.into_inner())
     }
-}
-
-fn build(s: Storage) -> EmuBuild {
-    EmuBuild::from(s)
 }
 
 /// Names a kernel fault by the CUDA error a GPU raises for it, so that the
@@ -124,19 +120,9 @@ impl Driver for EmuDriver {
         if !self.builds.contains(&storage) {
             return Err(format!("no kernel {kernel} in the {storage:?} build (not loaded in this math mode)"));
         }
-        let args: Vec<EmuArg> = args
-            .iter()
-            .map(|a| match *a {
-                Arg::Ptr(p) => EmuArg::Ptr(p),
-                Arg::U64(v) => EmuArg::U64(v),
-                Arg::I32(v) => EmuArg::I32(v),
-                Arg::F32(v) => EmuArg::F32(v),
-                Arg::F64(v) => EmuArg::F64(v),
-            })
-            .collect();
         let (g, b) = (cfg.grid_dim, cfg.block_dim);
         let _order = self.in_order();
-        emu_ffi::launch(build(storage), kernel, [g.0, g.1, g.2], [b.0, b.1, b.2], cfg.shared_mem_bytes, &args)
+        emu_ffi::launch(EmuBuild::from(storage), kernel, [g.0, g.1, g.2], [b.0, b.1, b.2], cfg.shared_mem_bytes, args)
             .map_err(as_gpu_error)
     }
 
@@ -190,7 +176,7 @@ mod tests {
         let drv = EmuDriver::new(&[Storage::F32]).unwrap();
         let n = 1000u64;
         let addr = drv.alloc_zeroed(n as usize * 4).unwrap();
-        let args = [EmuArg::Ptr(addr), EmuArg::U64(n)];
+        let args = [Arg::Ptr(addr), Arg::U64(n)];
         let e = emu_ffi::launch(EmuBuild::Test, "oob_index_f32", [4, 1, 1], [256, 1, 1], 0, &args)
             .map_err(as_gpu_error)
             .unwrap_err();

@@ -72,10 +72,6 @@ impl GpuDriver {
         &self.stream
     }
 
-    pub fn ordinal(&self) -> usize {
-        self.ordinal
-    }
-
     fn bind(&self) -> Result<(), String> {
         self.ctx.bind_to_thread().map_err(|e| format!("binding the CUDA context: {e:?}"))
     }

@@ -149,10 +149,6 @@ impl DevMem {
         self.addr
     }
 
-    pub fn bytes(&self) -> usize {
-        self.bytes
-    }
-
     /// Bytes `start..start + len`, bounds checked.
     pub fn slice(&self, start: usize, len: usize) -> DevSlice<'_> {
         assert!(
@@ -191,10 +187,11 @@ impl KernelArg for DevSlice<'_> {
     }
 }
 
-/// Host values read back from device bytes (little-endian, as the devices are).
+/// Host values as device bytes and back (little-endian, as the devices are).
 pub trait HostValue: Copy {
     const SIZE: usize;
     fn from_bytes(b: &[u8]) -> Self;
+    fn put_bytes(self, out: &mut Vec<u8>);
 }
 
 macro_rules! host_value {
@@ -205,6 +202,9 @@ macro_rules! host_value {
                 let mut a = [0u8; std::mem::size_of::<$t>()];
                 a.copy_from_slice(b);
                 <$t>::from_le_bytes(a)
+            }
+            fn put_bytes(self, out: &mut Vec<u8>) {
+                out.extend_from_slice(&self.to_le_bytes());
             }
         }
     )+};
@@ -220,6 +220,10 @@ mod tests {
         assert_eq!(f64::from_bytes(&1.5f64.to_le_bytes()), 1.5);
         assert_eq!(u64::from_bytes(&7u64.to_le_bytes()), 7);
         assert_eq!(i32::from_bytes(&(-3i32).to_le_bytes()), -3);
+        let mut bytes = Vec::new();
+        (-3i32).put_bytes(&mut bytes);
+        2.5f64.put_bytes(&mut bytes);
+        assert_eq!((i32::from_bytes(&bytes[..4]), f64::from_bytes(&bytes[4..])), (-3, 2.5));
         assert_eq!(7u64.kernel_arg(), Arg::U64(7));
         assert_eq!(2.5f32.kernel_arg(), Arg::F32(2.5));
     }
