@@ -65,9 +65,9 @@ impl AttnShape {
     pub fn numel(&self) -> usize {
         self.batch * self.seq * self.heads * self.head_dim
     }
-    /// Size of the saved softmax probabilities `[batch, heads, seq, seq]`.
-    pub fn probs_len(&self) -> usize {
-        self.batch * self.heads * self.seq * self.seq
+    /// Size of the saved log-sum-exp `[batch, heads, seq]`.
+    pub fn lse_len(&self) -> usize {
+        self.batch * self.heads * self.seq
     }
 }
 
@@ -315,9 +315,12 @@ pub trait Backend: Send + Sync + 'static {
     );
 
     // ---- attention ----
-    /// Softmax attention; saves the probabilities `[batch, heads, seq, seq]`
-    /// in `probs`, a state buffer (`alloc_state`): scores, softmax and
-    /// their gradients stay f32 whatever the activations' storage.
+    /// Fused softmax attention, flash-attention style: keys are visited in
+    /// blocks with an online softmax (a running max and sum per query row,
+    /// in f32 whatever the activations' storage), so no `[seq, seq]` matrix
+    /// is ever held; with `causal`, key blocks wholly above the diagonal are
+    /// skipped. Saves only the log-sum-exp of each query row's scaled scores
+    /// in `lse` (`[batch, heads, seq]`, a state buffer: `alloc_state`).
     #[allow(clippy::too_many_arguments)]
     fn attention_fwd(
         &self,
@@ -325,16 +328,20 @@ pub trait Backend: Send + Sync + 'static {
         k: &Self::Buf,
         v: &Self::Buf,
         out: &mut Self::Buf,
-        probs: &mut Self::Buf,
+        lse: &mut Self::Buf,
         s: AttnShape,
     );
+    /// Backward of `attention_fwd`: the probabilities are recomputed block
+    /// by block from `lse`; `out` is the forward's output (each row's dot
+    /// with `dout` is the softmax backward's correction term).
     #[allow(clippy::too_many_arguments)]
     fn attention_bwd(
         &self,
         q: &Self::Buf,
         k: &Self::Buf,
         v: &Self::Buf,
-        probs: &Self::Buf,
+        out: &Self::Buf,
+        lse: &Self::Buf,
         dout: &Self::Buf,
         dq: &mut Self::Buf,
         dk: &mut Self::Buf,

@@ -420,23 +420,23 @@ fn attention<R: Backend, T: Backend>(h: &mut Harness<R, T>) {
         let (k, kt) = h.rand_both(n);
         let (v, vt) = h.rand_both(n);
         let (mut o, mut ot) = h.out(n);
-        let (mut p, mut pt) = h.state_out(s.probs_len());
-        h.r.attention_fwd(&q, &k, &v, &mut o, &mut p, s);
-        h.t.attention_fwd(&qt, &kt, &vt, &mut ot, &mut pt, s);
+        let (mut lse, mut lset) = h.state_out(s.lse_len());
+        h.r.attention_fwd(&q, &k, &v, &mut o, &mut lse, s);
+        h.t.attention_fwd(&qt, &kt, &vt, &mut ot, &mut lset, s);
         h.compare_chained(&format!("attention_fwd (causal {causal}, seq {seq}) out"), &o, &ot);
         // The inputs are the tested backend's own values (rounded to its
-        // storage), so the softmax's f32 precision shows here.
+        // storage), so the online softmax's f32 precision shows here.
         let limit = h.tol.scores;
-        h.compare_at(&format!("attention_fwd (causal {causal}, seq {seq}) probs, f32 softmax"), &p, &pt, limit);
+        h.compare_at(&format!("attention_fwd (causal {causal}, seq {seq}) lse, f32 softmax"), &lse, &lset, limit);
         let (dout, doutt) = h.rand_both(n);
         let (mut dq, mut dqt) = h.rand_both(n);
         let (mut dk, mut dkt) = h.rand_both(n);
         let (mut dv, mut dvt) = h.rand_both(n);
-        // The backward from the probabilities the tested backend holds (its
-        // f32 softmax), so only the backward is compared.
-        let p = h.r.upload(&h.t.download(&pt));
-        h.r.attention_bwd(&q, &k, &v, &p, &dout, &mut dq, &mut dk, &mut dv, s);
-        h.t.attention_bwd(&qt, &kt, &vt, &pt, &doutt, &mut dqt, &mut dkt, &mut dvt, s);
+        // The backward from the output and log-sum-exp the tested backend
+        // holds, so only the backward is compared.
+        let (o, lse) = (h.r.upload(&h.t.download(&ot)), h.r.upload(&h.t.download(&lset)));
+        h.r.attention_bwd(&q, &k, &v, &o, &lse, &dout, &mut dq, &mut dk, &mut dv, s);
+        h.t.attention_bwd(&qt, &kt, &vt, &ot, &lset, &doutt, &mut dqt, &mut dkt, &mut dvt, s);
         h.compare_chained(&format!("attention_bwd (causal {causal}, seq {seq}) dq"), &dq, &dqt);
         h.compare_chained(&format!("attention_bwd (causal {causal}, seq {seq}) dk"), &dk, &dkt);
         h.compare_chained(&format!("attention_bwd (causal {causal}, seq {seq}) dv"), &dv, &dvt);

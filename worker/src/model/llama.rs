@@ -25,7 +25,8 @@ struct LayerActs<B: Backend> {
     q: B::Buf,
     k: B::Buf,
     v: B::Buf,
-    probs: B::Buf,
+    /// Log-sum-exp of each attention row: all backward needs of the softmax.
+    lse: B::Buf,
     attn: B::Buf,
     x1: B::Buf,
     rstd2: B::Buf,
@@ -118,7 +119,7 @@ impl<B: Backend> Llama<B> {
                 q: be.alloc(rows * h),
                 k: be.alloc(rows * h),
                 v: be.alloc(rows * h),
-                probs: be.alloc_state(a.probs_len()),
+                lse: be.alloc_state(a.lse_len()),
                 attn: be.alloc(rows * h),
                 x1: be.alloc(rows * h),
                 rstd2: be.alloc_state(rows),
@@ -171,7 +172,7 @@ impl<B: Backend> Llama<B> {
             linear::forward(be, &s.h1, &w[lp.v], None, &mut s.v, dd);
             be.rope_fwd(&mut s.q, r);
             be.rope_fwd(&mut s.k, r);
-            be.attention_fwd(&s.q, &s.k, &s.v, &mut s.attn, &mut s.probs, a);
+            be.attention_fwd(&s.q, &s.k, &s.v, &mut s.attn, &mut s.lse, a);
             linear::forward(be, &s.attn, &w[lp.o], None, &mut s.x1, dd);
             be.axpy(1.0, x, &mut s.x1);
             be.rmsnorm_fwd(&s.x1, &w[lp.ln2], &mut s.h2, &mut s.rstd2, rows, h, c.rms_norm_eps);
@@ -301,7 +302,7 @@ impl<B: Backend> Llama<B> {
             be.fill(&mut ws.dq, 0.0);
             be.fill(&mut ws.dk, 0.0);
             be.fill(&mut ws.dv, 0.0);
-            be.attention_bwd(&s.q, &s.k, &s.v, &s.probs, &ws.dattn, &mut ws.dq, &mut ws.dk, &mut ws.dv, a);
+            be.attention_bwd(&s.q, &s.k, &s.v, &s.attn, &s.lse, &ws.dattn, &mut ws.dq, &mut ws.dk, &mut ws.dv, a);
             be.rope_bwd(&mut ws.dq, r);
             be.rope_bwd(&mut ws.dk, r);
             be.fill(&mut ws.dh, 0.0);

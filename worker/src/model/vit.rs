@@ -46,7 +46,8 @@ struct LayerActs<B: Backend> {
     q: B::Buf,
     k: B::Buf,
     v: B::Buf,
-    probs: B::Buf,
+    /// Log-sum-exp of each attention row: all backward needs of the softmax.
+    lse: B::Buf,
     attn: B::Buf,
     x1: B::Buf,
     mean2: B::Buf,
@@ -66,7 +67,7 @@ impl<B: Backend> LayerActs<B> {
             q: be.alloc(rows * d),
             k: be.alloc(rows * d),
             v: be.alloc(rows * d),
-            probs: be.alloc_state(attn.probs_len()),
+            lse: be.alloc_state(attn.lse_len()),
             attn: be.alloc(rows * d),
             x1: be.alloc(rows * d),
             mean2: be.alloc_state(rows),
@@ -276,7 +277,7 @@ fn layer_forward<B: Backend>(
     linear::forward(be, &s.h1, &w[lp.q_w], Some(&w[lp.q_b]), &mut s.q, dd);
     linear::forward(be, &s.h1, &w[lp.k_w], Some(&w[lp.k_b]), &mut s.k, dd);
     linear::forward(be, &s.h1, &w[lp.v_w], Some(&w[lp.v_b]), &mut s.v, dd);
-    be.attention_fwd(&s.q, &s.k, &s.v, &mut s.attn, &mut s.probs, *a);
+    be.attention_fwd(&s.q, &s.k, &s.v, &mut s.attn, &mut s.lse, *a);
     linear::forward(be, &s.attn, &w[lp.o_w], Some(&w[lp.o_b]), &mut s.x1, dd);
     // x1 += x, then layer_norm2 of x1, fused.
     be.add_layernorm_fwd(
@@ -351,7 +352,7 @@ fn layer_backward<B: Backend>(
     be.fill(&mut sc.dq, 0.0);
     be.fill(&mut sc.dk, 0.0);
     be.fill(&mut sc.dv, 0.0);
-    be.attention_bwd(&s.q, &s.k, &s.v, &s.probs, &sc.dattn, &mut sc.dq, &mut sc.dk, &mut sc.dv, *a);
+    be.attention_bwd(&s.q, &s.k, &s.v, &s.attn, &s.lse, &sc.dattn, &mut sc.dq, &mut sc.dk, &mut sc.dv, *a);
     be.fill(&mut sc.dh, 0.0);
     for (dproj, wi, bi) in [(&sc.dq, lp.q_w, lp.q_b), (&sc.dk, lp.k_w, lp.k_b), (&sc.dv, lp.v_w, lp.v_b)] {
         let (gw, gb) = two_mut(g, wi, bi);

@@ -260,22 +260,23 @@ impl<T: Real> Backend for Cpu<T> {
         activation::swiglu_bwd(gate, up, dout, dgate, dup)
     }
 
-    fn attention_fwd(&self, q: &Vec<T>, k: &Vec<T>, v: &Vec<T>, out: &mut Vec<T>, probs: &mut Vec<T>, s: AttnShape) {
-        attention::attention_fwd(q, k, v, out, probs, s)
+    fn attention_fwd(&self, q: &Vec<T>, k: &Vec<T>, v: &Vec<T>, out: &mut Vec<T>, lse: &mut Vec<T>, s: AttnShape) {
+        attention::attention_fwd(q, k, v, out, lse, s)
     }
     fn attention_bwd(
         &self,
         q: &Vec<T>,
         k: &Vec<T>,
         v: &Vec<T>,
-        probs: &Vec<T>,
+        out: &Vec<T>,
+        lse: &Vec<T>,
         dout: &Vec<T>,
         dq: &mut Vec<T>,
         dk: &mut Vec<T>,
         dv: &mut Vec<T>,
         s: AttnShape,
     ) {
-        attention::attention_bwd(q, k, v, probs, dout, dq, dk, dv, s)
+        attention::attention_bwd(q, k, v, out, lse, dout, dq, dk, dv, s)
     }
     fn rope_fwd(&self, x: &mut Vec<T>, s: RopeShape) {
         rope::rotate(x, s, false)
