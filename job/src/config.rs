@@ -16,9 +16,13 @@ pub struct ModelSource {
     pub preset: Option<String>,
     /// Or a model directory in the VILA layout.
     pub dir: Option<PathBuf>,
-    /// Recompute ViT activations during backward.
+    /// Which modules recompute their activations during backward instead
+    /// of keeping them from forward: "none", "vit", "llm" or "all".
     #[serde(default)]
-    pub recompute_vit: bool,
+    pub recompute: Recompute,
+    /// The old spelling of `recompute = "vit"`, refused with the new one.
+    #[serde(default, skip_serializing)]
+    pub recompute_vit: Option<bool>,
     /// Override the preset's S2 scales (e.g. `[20]` for a one-scale baseline).
     #[serde(default)]
     pub s2_scales: Option<Vec<usize>>,
@@ -207,6 +211,12 @@ impl TrainJob {
             }
             _ => {}
         }
+        if let Some(old) = self.model.recompute_vit {
+            let new = if old { "\"vit\"" } else { "\"none\"" };
+            bail!(
+                "model.recompute_vit: renamed; write `recompute = {new}` (one of \"none\", \"vit\", \"llm\", \"all\")"
+            );
+        }
         let t = &self.train;
         if t.steps == 0 {
             bail!("train.steps: must be positive");
@@ -264,6 +274,32 @@ impl TrainJob {
             }
         }
         Ok(())
+    }
+}
+
+/// Activation recomputation (`[model] recompute`): a module that
+/// recomputes keeps only each layer's input during forward and runs the
+/// layer again just before its backward. Gradients are the same bits
+/// either way; it costs about one more forward of that module.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Recompute {
+    #[default]
+    None,
+    /// The ViT (its activations scale with the S2 tile count).
+    Vit,
+    /// The LLM decoder.
+    Llm,
+    /// Both.
+    All,
+}
+
+impl Recompute {
+    pub fn vit(self) -> bool {
+        matches!(self, Recompute::Vit | Recompute::All)
+    }
+    pub fn llm(self) -> bool {
+        matches!(self, Recompute::Llm | Recompute::All)
     }
 }
 
@@ -434,6 +470,27 @@ llm = true
         assert_eq!(TrainJob::parse(&bf16_job).unwrap().train.precision, Precision::Bf16);
         let e = TrainJob::parse(&GOOD.replace("steps = 10", "steps = 10\nprecision = \"fp8\"")).unwrap_err();
         assert!(format!("{e:#}").contains("precision"), "{e:#}");
+    }
+
+    #[test]
+    fn recompute_names_the_modules_and_the_old_key_is_refused_with_the_new_one() {
+        assert_eq!(TrainJob::parse(GOOD).unwrap().model.recompute, Recompute::None);
+        for (word, want, vit, llm) in [
+            ("none", Recompute::None, false, false),
+            ("vit", Recompute::Vit, true, false),
+            ("llm", Recompute::Llm, false, true),
+            ("all", Recompute::All, true, true),
+        ] {
+            let job = GOOD.replace("preset = \"tiny\"", &format!("preset = \"tiny\"\nrecompute = \"{word}\""));
+            let r = TrainJob::parse(&job).unwrap().model.recompute;
+            assert_eq!((r, r.vit(), r.llm()), (want, vit, llm), "{word}");
+        }
+        let bad = GOOD.replace("preset = \"tiny\"", "preset = \"tiny\"\nrecompute = \"some\"");
+        let e = format!("{:#}", TrainJob::parse(&bad).unwrap_err());
+        assert!(e.contains("recompute") || e.contains("some"), "{e}");
+        let old = GOOD.replace("preset = \"tiny\"", "preset = \"tiny\"\nrecompute_vit = true");
+        let e = format!("{:#}", TrainJob::parse(&old).unwrap_err());
+        assert!(e.contains("recompute = \"vit\""), "{e}");
     }
 
     #[test]

@@ -7,7 +7,7 @@ use crate::codec::decode;
 use crate::engine::device::{DeviceSpec, Precision};
 use crate::engine::{Backend, TileGrid};
 use crate::model::weights::read_file;
-use crate::model::{weights, Batch, ModelConfig, ParamStore, Trainable, Vlm};
+use crate::model::{weights, Batch, ModelConfig, ParamStore, Recompute, Trainable, Vlm};
 use anyhow::{bail, Context, Result};
 use safetensors::tensor::{Dtype, SafeTensors, TensorView};
 use std::path::Path;
@@ -98,7 +98,7 @@ pub fn read_batch(path: &Path) -> Result<Batch> {
 pub fn run<B: Backend>(be: &B, model_dir: &Path, batch: &Batch) -> Result<(ModelConfig, f32, weights::Weights)> {
     let cfg = hf_config::read_model_config(model_dir)?;
     let params = ParamStore::from_dir(be, &cfg, model_dir)?;
-    let mut model = Vlm::new(&cfg, params, false);
+    let mut model = Vlm::new(&cfg, params, Recompute::None);
     model.trainable = Trainable::ALL;
     model.params.zero_grads(be);
     let loss = model.forward_backward(be, batch, None)?;

@@ -18,7 +18,7 @@ use tessera_worker::eval::evaluate;
 use tessera_worker::launch::{resolve, LaunchFlags};
 use tessera_worker::model::flops::train_step_flops;
 use tessera_worker::model::weights::save_model_dir;
-use tessera_worker::model::{store, Batch, ModelConfig, ParamStore, Vlm};
+use tessera_worker::model::{store, Batch, ModelConfig, ParamStore, Recompute, Vlm};
 use tessera_worker::node::single::run_job;
 use tessera_worker::node::{run_worker, WorkerOptions};
 use tessera_worker::train::{train_step, OptimConfig, Optimizer};
@@ -258,7 +258,7 @@ fn run(cli: Cli) -> Result<()> {
             let be = Cpu::<f32>::new();
             let cfg = hf_config::read_model_config(&model)?;
             let params = ParamStore::from_dir(&be, &cfg, &model)?;
-            let mut vlm = Vlm::new(&cfg, params, false);
+            let mut vlm = Vlm::new(&cfg, params, Recompute::None);
             let data_cfg = match (data, config) {
                 // The model's config.json says how its images were prepared.
                 (Some(dir), _) => DatasetIndex::demo_config(&dir).with_model_image_preprocessing(&model)?,
@@ -368,7 +368,7 @@ fn bench_step<B: Backend>(
     warmup: usize,
     steps: usize,
 ) -> Result<(Vec<f64>, Option<u64>)> {
-    let mut vlm = Vlm::new(cfg, ParamStore::init(be, cfg, 0), false);
+    let mut vlm = Vlm::new(cfg, ParamStore::init(be, cfg, 0), Recompute::None);
     let mut opt = Optimizer::new(be, OptimConfig { total_steps: 1000, ..OptimConfig::default() }, &vlm.params);
     let b = Batch::synthetic(cfg, batch, seq, 1);
     let mut times = Vec::new();

@@ -299,7 +299,11 @@ mod tests {
         // The tiny model trains on it: the loss drops on repeated steps.
         use crate::engine::Backend;
         let be = crate::engine::cpu::Cpu::<f32>::new();
-        let mut vlm = crate::model::Vlm::new(&model, crate::model::ParamStore::init(&be, &model, 1), false);
+        let mut vlm = crate::model::Vlm::new(
+            &model,
+            crate::model::ParamStore::init(&be, &model, 1),
+            crate::model::Recompute::None,
+        );
         let mut losses = Vec::new();
         for _ in 0..3 {
             vlm.params.zero_grads(&be);

@@ -365,7 +365,8 @@ pub trait Backend: Send + Sync + 'static {
     fn scatter_rows_bwd(&self, ddst: &Self::Buf, rows: &Self::Idx, dsrc: &mut Self::Buf, n: usize, dim: usize);
 
     // ---- loss ----
-    /// Cross-entropy over `[n, vocab]` logits with targets (negative = ignore).
+    /// Cross-entropy over `[n, vocab]` logits with targets (negative = ignore);
+    /// the buffers may be longer (a chunk buffer reused for a shorter last chunk).
     /// Returns the loss *sum* over non-ignored rows. When `dlogits` is given it
     /// receives `grad_scale * (softmax - onehot)` for non-ignored rows and zero
     /// for ignored rows (overwritten, not accumulated: the loss is the start of

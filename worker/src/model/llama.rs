@@ -1,10 +1,22 @@
 //! LLaMA decoder (Hugging Face `LlamaForCausalLM`) on input embeddings, with
 //! the shifted next-token cross-entropy and its backward.
+//!
+//! With `recompute` set, only each layer's input is kept during forward and
+//! the layer runs again just before its backward, so one layer's activations
+//! are alive at a time instead of all of them.
+//!
+//! The LM head and the loss run over chunks of rows: each chunk's logits,
+//! loss, logits gradient and head backward are done before the next chunk
+//! starts, so the `[tokens, vocab]` logits are never held whole.
 
 use super::linear::{self, Dims};
 use super::store::{GradReady, ParamStore};
-use crate::engine::{AttnShape, Backend, RopeShape};
+use crate::engine::{AttnShape, Backend, Gemm, RopeShape};
 use tessera_job::model::LlmConfig;
+
+/// Logits values per head chunk: 16M (64 MiB in f32), 524 rows of LLaMA's
+/// 32000-token vocabulary, a GEMM still large enough to fill a GPU.
+const LOGITS_CHUNK_VALUES: usize = 1 << 24;
 
 struct LayerParams {
     ln1: usize,
@@ -18,6 +30,13 @@ struct LayerParams {
     down: usize,
 }
 
+impl LayerParams {
+    fn ids(&self) -> [usize; 9] {
+        [self.ln1, self.q, self.k, self.v, self.o, self.ln2, self.gate, self.up, self.down]
+    }
+}
+
+/// Everything one layer's backward reads.
 struct LayerActs<B: Backend> {
     rstd1: B::Buf,
     h1: B::Buf,
@@ -36,16 +55,30 @@ struct LayerActs<B: Backend> {
     act: B::Buf,
 }
 
-struct Workspace<B: Backend> {
-    batch: usize,
-    seq: usize,
-    xs: Vec<B::Buf>,
-    layers: Vec<LayerActs<B>>,
-    final_rstd: B::Buf,
-    final_h: B::Buf,
-    logits: B::Buf,
-    dlogits: B::Buf,
-    // backward scratch
+impl<B: Backend> LayerActs<B> {
+    fn new(be: &B, c: &LlmConfig, rows: usize, a: &AttnShape) -> Self {
+        let (h, im) = (c.hidden_size, c.intermediate_size);
+        LayerActs {
+            rstd1: be.alloc_state(rows),
+            h1: be.alloc(rows * h),
+            q: be.alloc(rows * h),
+            k: be.alloc(rows * h),
+            v: be.alloc(rows * h),
+            lse: be.alloc_state(a.lse_len()),
+            attn: be.alloc(rows * h),
+            x1: be.alloc(rows * h),
+            rstd2: be.alloc_state(rows),
+            h2: be.alloc(rows * h),
+            gate: be.alloc(rows * im),
+            up: be.alloc(rows * im),
+            act: be.alloc(rows * im),
+        }
+    }
+}
+
+/// Backward scratch: gradients of one layer's activations. `dx` carries
+/// the gradient of the residual stream from layer to layer.
+struct Scratch<B: Backend> {
     dx: B::Buf,
     dx1: B::Buf,
     dh: B::Buf,
@@ -58,6 +91,30 @@ struct Workspace<B: Backend> {
     dup: B::Buf,
 }
 
+/// The LM head's buffers for one chunk of `rows` rows.
+struct HeadChunk<B: Backend> {
+    rows: usize,
+    h: B::Buf,
+    logits: B::Buf,
+    dlogits: B::Buf,
+    dh: B::Buf,
+}
+
+struct Workspace<B: Backend> {
+    batch: usize,
+    seq: usize,
+    /// Input of each layer, then the output of the last one.
+    xs: Vec<B::Buf>,
+    /// One per layer, or one reused by every layer with `recompute`.
+    layers: Vec<LayerActs<B>>,
+    final_rstd: B::Buf,
+    final_h: B::Buf,
+    /// Gradient of `final_h`, left by `loss` for `backward`.
+    dfinal_h: B::Buf,
+    head: HeadChunk<B>,
+    sc: Scratch<B>,
+}
+
 /// Attention and RoPE shapes of the decoder for `batch` sequences of `seq`.
 fn shapes(c: &LlmConfig, batch: usize, seq: usize) -> (AttnShape, RopeShape) {
     let (heads, head_dim) = (c.num_attention_heads, c.head_dim());
@@ -65,17 +122,26 @@ fn shapes(c: &LlmConfig, batch: usize, seq: usize) -> (AttnShape, RopeShape) {
     (a, RopeShape { batch, seq, heads, head_dim, theta: c.rope_theta })
 }
 
+/// Rows per LM-head chunk for `rows` rows of a `vocab`-wide head.
+pub fn head_chunk_rows(rows: usize, vocab: usize) -> usize {
+    (LOGITS_CHUNK_VALUES / vocab.max(1)).clamp(1, rows.max(1))
+}
+
 pub struct Llama<B: Backend> {
     pub cfg: LlmConfig,
     pub embed: usize,
+    /// Keep only layer inputs and recompute each layer before its backward.
+    pub recompute: bool,
     layers: Vec<LayerParams>,
     norm: usize,
     head: usize,
+    /// Rows per LM-head chunk, when a test wants other than `head_chunk_rows`.
+    head_rows: Option<usize>,
     ws: Option<Workspace<B>>,
 }
 
 impl<B: Backend> Llama<B> {
-    pub fn new(cfg: &LlmConfig, p: &ParamStore<B>) -> Self {
+    pub fn new(cfg: &LlmConfig, p: &ParamStore<B>, recompute: bool) -> Self {
         let layers = (0..cfg.num_hidden_layers)
             .map(|l| {
                 let i = |n: &str| p.idx(&format!("llm.model.layers.{l}.{n}"));
@@ -95,11 +161,20 @@ impl<B: Backend> Llama<B> {
         Llama {
             cfg: cfg.clone(),
             embed: p.idx("llm.model.embed_tokens.weight"),
+            recompute,
             layers,
             norm: p.idx("llm.model.norm.weight"),
             head: p.idx("llm.lm_head.weight"),
+            head_rows: None,
             ws: None,
         }
+    }
+
+    /// Runs the LM head over chunks of `rows` rows instead of the default.
+    #[cfg(test)]
+    pub(crate) fn set_head_chunk_rows(&mut self, rows: usize) {
+        self.head_rows = Some(rows.max(1));
+        self.ws = None;
     }
 
     /// The buffer the caller fills with input embeddings `[batch * seq, hidden]`
@@ -113,109 +188,119 @@ impl<B: Backend> Llama<B> {
             let rows = batch * seq;
             let (h, im, v) = (c.hidden_size, c.intermediate_size, c.vocab_size);
             let (a, _) = shapes(c, batch, seq);
-            let acts = |be: &B| LayerActs {
-                rstd1: be.alloc_state(rows),
-                h1: be.alloc(rows * h),
-                q: be.alloc(rows * h),
-                k: be.alloc(rows * h),
-                v: be.alloc(rows * h),
-                lse: be.alloc_state(a.lse_len()),
-                attn: be.alloc(rows * h),
-                x1: be.alloc(rows * h),
-                rstd2: be.alloc_state(rows),
-                h2: be.alloc(rows * h),
-                gate: be.alloc(rows * im),
-                up: be.alloc(rows * im),
-                act: be.alloc(rows * im),
-            };
+            let kept = if self.recompute { 1 } else { c.num_hidden_layers };
+            let chunk = self.head_rows.unwrap_or_else(|| head_chunk_rows(rows, v)).min(rows.max(1));
             self.ws = Some(Workspace {
                 batch,
                 seq,
                 xs: (0..=c.num_hidden_layers).map(|_| be.alloc(rows * h)).collect(),
-                layers: (0..c.num_hidden_layers).map(|_| acts(be)).collect(),
+                layers: (0..kept).map(|_| LayerActs::new(be, c, rows, &a)).collect(),
                 final_rstd: be.alloc_state(rows),
                 final_h: be.alloc(rows * h),
-                logits: be.alloc(rows * v),
-                dlogits: be.alloc(0),
-                dx: be.alloc(rows * h),
-                dx1: be.alloc(rows * h),
-                dh: be.alloc(rows * h),
-                dq: be.alloc(rows * h),
-                dk: be.alloc(rows * h),
-                dv: be.alloc(rows * h),
-                dattn: be.alloc(rows * h),
-                dact: be.alloc(rows * im),
-                dgate: be.alloc(rows * im),
-                dup: be.alloc(rows * im),
+                dfinal_h: be.alloc(rows * h),
+                head: HeadChunk {
+                    rows: chunk,
+                    h: be.alloc(chunk * h),
+                    logits: be.alloc(chunk * v),
+                    dlogits: be.alloc(chunk * v),
+                    dh: be.alloc(chunk * h),
+                },
+                sc: Scratch {
+                    dx: be.alloc(rows * h),
+                    dx1: be.alloc(rows * h),
+                    dh: be.alloc(rows * h),
+                    dq: be.alloc(rows * h),
+                    dk: be.alloc(rows * h),
+                    dv: be.alloc(rows * h),
+                    dattn: be.alloc(rows * h),
+                    dact: be.alloc(rows * im),
+                    dgate: be.alloc(rows * im),
+                    dup: be.alloc(rows * im),
+                },
             });
         }
         &mut self.ws.as_mut().expect("workspace exists").xs[0]
     }
 
-    /// Runs the decoder on the embeddings placed by `input` and returns the
-    /// logits `[batch * seq, vocab]`.
-    pub fn forward(&mut self, be: &B, p: &ParamStore<B>) -> &B::Buf {
+    /// Runs the decoder on the embeddings placed by `input`, up to the final
+    /// norm; `loss` or `logits_row` run the LM head.
+    pub fn forward(&mut self, be: &B, p: &ParamStore<B>) {
         let ws = self.ws.as_mut().expect("call Llama::input before forward");
-        let (batch, seq) = (ws.batch, ws.seq);
         let c = &self.cfg;
-        let (a, r) = shapes(c, batch, seq);
-        let rows = batch * seq;
-        let (h, im) = (c.hidden_size, c.intermediate_size);
-        let w = &p.values;
+        let (a, r) = shapes(c, ws.batch, ws.seq);
+        let rows = ws.batch * ws.seq;
         for (l, lp) in self.layers.iter().enumerate() {
+            let slot = if self.recompute { 0 } else { l };
             let (xs_in, xs_out) = ws.xs.split_at_mut(l + 1);
-            let (x, out, s) = (&xs_in[l], &mut xs_out[0], &mut ws.layers[l]);
-            be.rmsnorm_fwd(x, &w[lp.ln1], &mut s.h1, &mut s.rstd1, rows, h, c.rms_norm_eps);
-            let dd = Dims { rows, din: h, dout: h };
-            linear::forward(be, &s.h1, &w[lp.q], None, &mut s.q, dd);
-            linear::forward(be, &s.h1, &w[lp.k], None, &mut s.k, dd);
-            linear::forward(be, &s.h1, &w[lp.v], None, &mut s.v, dd);
-            be.rope_fwd(&mut s.q, r);
-            be.rope_fwd(&mut s.k, r);
-            be.attention_fwd(&s.q, &s.k, &s.v, &mut s.attn, &mut s.lse, a);
-            linear::forward(be, &s.attn, &w[lp.o], None, &mut s.x1, dd);
-            be.axpy(1.0, x, &mut s.x1);
-            be.rmsnorm_fwd(&s.x1, &w[lp.ln2], &mut s.h2, &mut s.rstd2, rows, h, c.rms_norm_eps);
-            let up = Dims { rows, din: h, dout: im };
-            linear::forward(be, &s.h2, &w[lp.gate], None, &mut s.gate, up);
-            linear::forward(be, &s.h2, &w[lp.up], None, &mut s.up, up);
-            be.swiglu_fwd(&s.gate, &s.up, &mut s.act);
-            linear::forward(be, &s.act, &w[lp.down], None, out, Dims { rows, din: im, dout: h });
-            be.axpy(1.0, &s.x1, out);
+            layer_forward(be, &p.values, c, lp, a, r, &xs_in[l], &mut ws.layers[slot], &mut xs_out[0]);
         }
         let last = &ws.xs[self.layers.len()];
-        be.rmsnorm_fwd(last, &w[self.norm], &mut ws.final_h, &mut ws.final_rstd, rows, h, c.rms_norm_eps);
+        be.rmsnorm_fwd(
+            last,
+            &p.values[self.norm],
+            &mut ws.final_h,
+            &mut ws.final_rstd,
+            rows,
+            c.hidden_size,
+            c.rms_norm_eps,
+        );
+    }
+
+    /// The logits `[vocab]` of row `row` of the last `forward`.
+    pub fn logits_row(&mut self, be: &B, p: &ParamStore<B>, row: usize) -> Vec<f32> {
+        let ws = self.ws.as_mut().expect("call forward before logits_row");
+        let (h, v) = (self.cfg.hidden_size, self.cfg.vocab_size);
+        be.copy(&ws.final_h, row * h, &mut ws.head.h, 0, h);
         linear::forward(
             be,
-            &ws.final_h,
-            &w[self.head],
+            &ws.head.h,
+            &p.values[self.head],
             None,
-            &mut ws.logits,
-            Dims { rows, din: h, dout: c.vocab_size },
+            &mut ws.head.logits,
+            Dims { rows: 1, din: h, dout: v },
         );
-        &ws.logits
+        let mut out = be.alloc(v);
+        be.copy(&ws.head.logits, 0, &mut out, 0, v);
+        be.download(&out)
     }
 
-    /// The logits of the last `forward`.
-    pub fn logits(&self) -> &B::Buf {
-        &self.ws.as_ref().expect("call forward before logits").logits
-    }
-
-    /// Loss sum over `targets` (already shifted; negative = ignored). With
-    /// `grad_scale` it also leaves the logits' gradient for `backward`.
-    pub fn loss(&mut self, be: &B, targets: &B::Idx, grad_scale: Option<f32>) -> f64 {
+    /// Loss sum over `targets` (already shifted, one per row; negative =
+    /// ignored), chunk by chunk through the LM head. With `grad_scale` it
+    /// also runs the head's backward: the gradient of the final hidden
+    /// state is left for `backward`, and with `param_grads` the head's
+    /// weight gradient is added.
+    pub fn loss(
+        &mut self,
+        be: &B,
+        p: &mut ParamStore<B>,
+        targets: &[i32],
+        grad_scale: Option<f32>,
+        param_grads: bool,
+    ) -> f64 {
         let ws = self.ws.as_mut().expect("call forward before loss");
         let rows = ws.batch * ws.seq;
-        let v = self.cfg.vocab_size;
-        match grad_scale {
-            Some(s) => {
-                if be.buf_len(&ws.dlogits) != rows * v {
-                    ws.dlogits = be.alloc(rows * v);
-                }
-                be.cross_entropy(&ws.logits, targets, Some(&mut ws.dlogits), rows, v, s)
-            }
-            None => be.cross_entropy(&ws.logits, targets, None, rows, v, 0.0),
+        assert_eq!(targets.len(), rows, "one target per row");
+        let (h, v) = (self.cfg.hidden_size, self.cfg.vocab_size);
+        let hc = &mut ws.head;
+        let mut sum = 0.0;
+        for r0 in (0..rows).step_by(hc.rows) {
+            let n = hc.rows.min(rows - r0);
+            let d = Dims { rows: n, din: h, dout: v };
+            be.copy(&ws.final_h, r0 * h, &mut hc.h, 0, n * h);
+            linear::forward(be, &hc.h, &p.values[self.head], None, &mut hc.logits, d);
+            let t = be.upload_idx(&targets[r0..r0 + n]);
+            let Some(scale) = grad_scale else {
+                sum += be.cross_entropy(&hc.logits, &t, None, n, v, 0.0);
+                continue;
+            };
+            sum += be.cross_entropy(&hc.logits, &t, Some(&mut hc.dlogits), n, v, scale);
+            // dh = dlogits W, overwritten: each row's gradient comes from its chunk alone.
+            be.matmul(&hc.dlogits, &p.values[self.head], &mut hc.dh, Gemm::new(n, h, v));
+            be.copy(&hc.dh, 0, &mut ws.dfinal_h, r0 * h, n * h);
+            let dw = param_grads.then_some(&mut p.grads[self.head]);
+            linear::backward(be, &hc.h, &p.values[self.head], &hc.dlogits, None, dw, None, d);
         }
+        sum
     }
 
     /// Backward from the gradient `loss` left; returns the gradient of the input
@@ -223,110 +308,127 @@ impl<B: Backend> Llama<B> {
     /// `ready` hears which parameters' gradients are final, layer by layer.
     pub fn backward(&mut self, be: &B, p: &mut ParamStore<B>, param_grads: bool, ready: GradReady<B>) -> &B::Buf {
         let ws = self.ws.as_mut().expect("call loss with a grad_scale before backward");
-        let (batch, seq) = (ws.batch, ws.seq);
         let c = &self.cfg;
-        let (a, r) = shapes(c, batch, seq);
-        let rows = batch * seq;
-        let (h, im) = (c.hidden_size, c.intermediate_size);
-        let (w, g) = (&p.values, &mut p.grads);
-        // lm_head and final norm
-        be.fill(&mut ws.dh, 0.0);
-        linear::backward(
-            be,
-            &ws.final_h,
-            &w[self.head],
-            &ws.dlogits,
-            Some(&mut ws.dh),
-            param_grads.then_some(&mut g[self.head]),
-            None,
-            Dims { rows, din: h, dout: c.vocab_size },
-        );
-        be.fill(&mut ws.dx, 0.0);
+        let (a, r) = shapes(c, ws.batch, ws.seq);
+        let rows = ws.batch * ws.seq;
+        let h = c.hidden_size;
+        be.fill(&mut ws.sc.dx, 0.0);
         let last = &ws.xs[self.layers.len()];
-        be.rmsnorm_bwd(last, &w[self.norm], &ws.final_rstd, &ws.dh, &mut ws.dx, &mut g[self.norm], rows, h);
+        let (w, g) = (&p.values, &mut p.grads);
+        be.rmsnorm_bwd(last, &w[self.norm], &ws.final_rstd, &ws.dfinal_h, &mut ws.sc.dx, &mut g[self.norm], rows, h);
         ready(&g[..], &[self.head, self.norm]);
         for (l, lp) in self.layers.iter().enumerate().rev() {
-            let (x, s) = (&ws.xs[l], &ws.layers[l]);
-            // MLP: out = x1 + down(silu(gate(h2)) * up(h2))
-            be.fill(&mut ws.dact, 0.0);
-            linear::backward(
-                be,
-                &s.act,
-                &w[lp.down],
-                &ws.dx,
-                Some(&mut ws.dact),
-                param_grads.then_some(&mut g[lp.down]),
-                None,
-                Dims { rows, din: im, dout: h },
-            );
-            be.fill(&mut ws.dgate, 0.0);
-            be.fill(&mut ws.dup, 0.0);
-            be.swiglu_bwd(&s.gate, &s.up, &ws.dact, &mut ws.dgate, &mut ws.dup);
-            be.fill(&mut ws.dh, 0.0);
-            let up = Dims { rows, din: h, dout: im };
-            linear::backward(
-                be,
-                &s.h2,
-                &w[lp.gate],
-                &ws.dgate,
-                Some(&mut ws.dh),
-                param_grads.then_some(&mut g[lp.gate]),
-                None,
-                up,
-            );
-            linear::backward(
-                be,
-                &s.h2,
-                &w[lp.up],
-                &ws.dup,
-                Some(&mut ws.dh),
-                param_grads.then_some(&mut g[lp.up]),
-                None,
-                up,
-            );
-            be.copy(&ws.dx, 0, &mut ws.dx1, 0, rows * h);
-            be.rmsnorm_bwd(&s.x1, &w[lp.ln2], &s.rstd2, &ws.dh, &mut ws.dx1, &mut g[lp.ln2], rows, h);
-            // Attention: x1 = x + o(attn(rope(q(h1)), rope(k(h1)), v(h1)))
-            let dd = Dims { rows, din: h, dout: h };
-            be.fill(&mut ws.dattn, 0.0);
-            linear::backward(
-                be,
-                &s.attn,
-                &w[lp.o],
-                &ws.dx1,
-                Some(&mut ws.dattn),
-                param_grads.then_some(&mut g[lp.o]),
-                None,
-                dd,
-            );
-            be.fill(&mut ws.dq, 0.0);
-            be.fill(&mut ws.dk, 0.0);
-            be.fill(&mut ws.dv, 0.0);
-            be.attention_bwd(&s.q, &s.k, &s.v, &s.attn, &s.lse, &ws.dattn, &mut ws.dq, &mut ws.dk, &mut ws.dv, a);
-            be.rope_bwd(&mut ws.dq, r);
-            be.rope_bwd(&mut ws.dk, r);
-            be.fill(&mut ws.dh, 0.0);
-            for (dproj, wi) in [(&ws.dq, lp.q), (&ws.dk, lp.k), (&ws.dv, lp.v)] {
-                linear::backward(
-                    be,
-                    &s.h1,
-                    &w[wi],
-                    dproj,
-                    Some(&mut ws.dh),
-                    param_grads.then_some(&mut g[wi]),
-                    None,
-                    dd,
-                );
-            }
-            be.copy(&ws.dx1, 0, &mut ws.dx, 0, rows * h);
-            be.rmsnorm_bwd(x, &w[lp.ln1], &s.rstd1, &ws.dh, &mut ws.dx, &mut g[lp.ln1], rows, h);
-            ready(&g[..], &[lp.ln1, lp.q, lp.k, lp.v, lp.o, lp.ln2, lp.gate, lp.up, lp.down]);
+            let slot = if self.recompute {
+                // This layer's activations again from its saved input; the
+                // output goes to the next input slot, which backward no longer
+                // needs (same ops, same bits as the first forward).
+                let (xs_in, xs_out) = ws.xs.split_at_mut(l + 1);
+                layer_forward(be, &p.values, c, lp, a, r, &xs_in[l], &mut ws.layers[0], &mut xs_out[0]);
+                0
+            } else {
+                l
+            };
+            let (w, g) = (&p.values, &mut p.grads);
+            layer_backward(be, w, g, param_grads, c, lp, a, r, &ws.xs[l], &ws.layers[slot], &mut ws.sc);
+            ready(&p.grads[..], &lp.ids());
         }
-        &ws.dx
+        &ws.sc.dx
     }
 
     /// Adds the input embeddings' gradient into the token embedding table.
     pub fn embed_backward(&self, be: &B, p: &mut ParamStore<B>, dembeds: &B::Buf, ids: &B::Idx, rows: usize) {
         be.embedding_bwd(dembeds, ids, &mut p.grads[self.embed], rows, self.cfg.hidden_size);
     }
+}
+
+/// One decoder layer: `x1 = x + o(attn(rope(q(h1)), rope(k(h1)), v(h1)))`
+/// with `h1 = norm1(x)`, then `out = x1 + down(silu(gate(h2)) * up(h2))`
+/// with `h2 = norm2(x1)`; what backward reads goes to `s`.
+#[allow(clippy::too_many_arguments)]
+fn layer_forward<B: Backend>(
+    be: &B,
+    w: &[B::Buf],
+    c: &LlmConfig,
+    lp: &LayerParams,
+    a: AttnShape,
+    r: RopeShape,
+    x: &B::Buf,
+    s: &mut LayerActs<B>,
+    out: &mut B::Buf,
+) {
+    let rows = a.batch * a.seq;
+    let (h, im) = (c.hidden_size, c.intermediate_size);
+    be.rmsnorm_fwd(x, &w[lp.ln1], &mut s.h1, &mut s.rstd1, rows, h, c.rms_norm_eps);
+    let dd = Dims { rows, din: h, dout: h };
+    linear::forward(be, &s.h1, &w[lp.q], None, &mut s.q, dd);
+    linear::forward(be, &s.h1, &w[lp.k], None, &mut s.k, dd);
+    linear::forward(be, &s.h1, &w[lp.v], None, &mut s.v, dd);
+    be.rope_fwd(&mut s.q, r);
+    be.rope_fwd(&mut s.k, r);
+    be.attention_fwd(&s.q, &s.k, &s.v, &mut s.attn, &mut s.lse, a);
+    linear::forward(be, &s.attn, &w[lp.o], None, &mut s.x1, dd);
+    be.axpy(1.0, x, &mut s.x1);
+    be.rmsnorm_fwd(&s.x1, &w[lp.ln2], &mut s.h2, &mut s.rstd2, rows, h, c.rms_norm_eps);
+    let up = Dims { rows, din: h, dout: im };
+    linear::forward(be, &s.h2, &w[lp.gate], None, &mut s.gate, up);
+    linear::forward(be, &s.h2, &w[lp.up], None, &mut s.up, up);
+    be.swiglu_fwd(&s.gate, &s.up, &mut s.act);
+    linear::forward(be, &s.act, &w[lp.down], None, out, Dims { rows, din: im, dout: h });
+    be.axpy(1.0, &s.x1, out);
+}
+
+/// Backward of `layer_forward`: `sc.dx` holds the gradient of the layer's
+/// output on entry and that of its input `x` on return. Weight gradients
+/// are added into `g` with `param_grads` (false: a frozen LLM); the norms'
+/// always are, as they always were (the optimizer skips frozen modules).
+#[allow(clippy::too_many_arguments)]
+fn layer_backward<B: Backend>(
+    be: &B,
+    w: &[B::Buf],
+    g: &mut [B::Buf],
+    param_grads: bool,
+    c: &LlmConfig,
+    lp: &LayerParams,
+    a: AttnShape,
+    r: RopeShape,
+    x: &B::Buf,
+    s: &LayerActs<B>,
+    sc: &mut Scratch<B>,
+) {
+    let rows = a.batch * a.seq;
+    let (h, im) = (c.hidden_size, c.intermediate_size);
+    // MLP: out = x1 + down(silu(gate(h2)) * up(h2))
+    be.fill(&mut sc.dact, 0.0);
+    let down = Dims { rows, din: im, dout: h };
+    let dw = param_grads.then_some(&mut g[lp.down]);
+    linear::backward(be, &s.act, &w[lp.down], &sc.dx, Some(&mut sc.dact), dw, None, down);
+    be.fill(&mut sc.dgate, 0.0);
+    be.fill(&mut sc.dup, 0.0);
+    be.swiglu_bwd(&s.gate, &s.up, &sc.dact, &mut sc.dgate, &mut sc.dup);
+    be.fill(&mut sc.dh, 0.0);
+    let up = Dims { rows, din: h, dout: im };
+    for (dy, wi) in [(&sc.dgate, lp.gate), (&sc.dup, lp.up)] {
+        let dw = param_grads.then_some(&mut g[wi]);
+        linear::backward(be, &s.h2, &w[wi], dy, Some(&mut sc.dh), dw, None, up);
+    }
+    be.copy(&sc.dx, 0, &mut sc.dx1, 0, rows * h);
+    be.rmsnorm_bwd(&s.x1, &w[lp.ln2], &s.rstd2, &sc.dh, &mut sc.dx1, &mut g[lp.ln2], rows, h);
+    // Attention: x1 = x + o(attn(rope(q(h1)), rope(k(h1)), v(h1)))
+    let dd = Dims { rows, din: h, dout: h };
+    be.fill(&mut sc.dattn, 0.0);
+    let dw = param_grads.then_some(&mut g[lp.o]);
+    linear::backward(be, &s.attn, &w[lp.o], &sc.dx1, Some(&mut sc.dattn), dw, None, dd);
+    be.fill(&mut sc.dq, 0.0);
+    be.fill(&mut sc.dk, 0.0);
+    be.fill(&mut sc.dv, 0.0);
+    be.attention_bwd(&s.q, &s.k, &s.v, &s.attn, &s.lse, &sc.dattn, &mut sc.dq, &mut sc.dk, &mut sc.dv, a);
+    be.rope_bwd(&mut sc.dq, r);
+    be.rope_bwd(&mut sc.dk, r);
+    be.fill(&mut sc.dh, 0.0);
+    for (dproj, wi) in [(&sc.dq, lp.q), (&sc.dk, lp.k), (&sc.dv, lp.v)] {
+        let dw = param_grads.then_some(&mut g[wi]);
+        linear::backward(be, &s.h1, &w[wi], dproj, Some(&mut sc.dh), dw, None, dd);
+    }
+    be.copy(&sc.dx1, 0, &mut sc.dx, 0, rows * h);
+    be.rmsnorm_bwd(x, &w[lp.ln1], &s.rstd1, &sc.dh, &mut sc.dx, &mut g[lp.ln1], rows, h);
 }

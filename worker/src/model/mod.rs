@@ -16,4 +16,4 @@ pub use batch::Batch;
 pub use params::{param_specs, Module, ParamSpec};
 pub use store::{GradReady, ParamStore};
 pub use tessera_job::model::ModelConfig;
-pub use vlm::{LossSum, Trainable, Vlm};
+pub use vlm::{LossSum, Recompute, Trainable, Vlm};

@@ -12,6 +12,8 @@ use crate::engine::Backend;
 use anyhow::Result;
 use tessera_job::model::{ModelConfig, IMAGE_TOKEN_INDEX};
 
+pub use tessera_job::config::Recompute;
+
 pub use tessera_job::model::Trainable;
 
 /// Loss of one forward pass: the sum over target tokens and their count.
@@ -40,12 +42,12 @@ pub struct Vlm<B: Backend> {
 }
 
 impl<B: Backend> Vlm<B> {
-    pub fn new(cfg: &ModelConfig, params: ParamStore<B>, recompute_vit: bool) -> Self {
+    pub fn new(cfg: &ModelConfig, params: ParamStore<B>, recompute: Recompute) -> Self {
         Vlm {
             cfg: cfg.clone(),
-            s2: S2::new(cfg, &params, recompute_vit),
+            s2: S2::new(cfg, &params, recompute.vit()),
             projector: Projector::new(cfg, &params),
-            llm: Llama::new(&cfg.llm, &params),
+            llm: Llama::new(&cfg.llm, &params, recompute.llm()),
             projector_ids: (0..params.specs.len()).filter(|&i| params.specs[i].module == Module::Projector).collect(),
             params,
             trainable: Trainable::ALL,
@@ -84,18 +86,14 @@ impl<B: Backend> Vlm<B> {
         let t = batch.seq;
         let has_image_before = batch.input_ids[sample * t..sample * t + pos].contains(&IMAGE_TOKEN_INDEX);
         let row = sample * prep.seq + pos + if has_image_before { self.cfg.image_tokens() - 1 } else { 0 };
-        let v = self.cfg.llm.vocab_size;
-        // Copy out the one row on the device rather than downloading all logits.
-        let mut out = be.alloc(v);
-        be.copy(self.llm.logits(), row * v, &mut out, 0, v);
-        Ok(be.download(&out))
+        Ok(self.llm.logits_row(be, &self.params, row))
     }
 
     /// Forward only: the loss sum and target count (evaluation).
     pub fn loss(&mut self, be: &B, batch: &Batch) -> Result<LossSum> {
         let (prep, _, _) = self.forward(be, batch, true)?;
-        let targets = be.upload_idx(&prep.targets);
-        Ok(LossSum { sum: self.llm.loss(be, &targets, None), tokens: prep.n_targets })
+        let sum = self.llm.loss(be, &mut self.params, &prep.targets, None, false);
+        Ok(LossSum { sum, tokens: prep.n_targets })
     }
 
     /// Forward and backward. Gradients of trainable parameters are *added*
@@ -118,10 +116,9 @@ impl<B: Backend> Vlm<B> {
         ready: GradReady<B>,
     ) -> Result<LossSum> {
         let (prep, ids, rows) = self.forward(be, batch, true)?;
-        let targets = be.upload_idx(&prep.targets);
         let denom = denominator.unwrap_or(prep.n_targets).max(1);
-        let sum = self.llm.loss(be, &targets, Some(1.0 / denom as f32));
         let t = self.trainable;
+        let sum = self.llm.loss(be, &mut self.params, &prep.targets, Some(1.0 / denom as f32), t.llm);
         let n_rows = prep.batch * prep.seq;
         let h = self.cfg.llm.hidden_size;
         let embed = self.llm.embed;
@@ -183,7 +180,7 @@ mod tests {
             .collect()
     }
 
-    fn model(cfg: &ModelConfig, host: &BTreeMap<String, Vec<f32>>, recompute: bool) -> Vlm<Cpu<f64>> {
+    fn model(cfg: &ModelConfig, host: &BTreeMap<String, Vec<f32>>, recompute: Recompute) -> Vlm<Cpu<f64>> {
         let be = Cpu::<f64>::new();
         Vlm::new(cfg, ParamStore::from_host(&be, cfg, host).unwrap(), recompute)
     }
@@ -198,7 +195,7 @@ mod tests {
         let be = Cpu::<f64>::new();
         let host = lively_weights(&cfg, 1);
         let batch = Batch::synthetic(&cfg, 2, 8, 3);
-        let mut m = model(&cfg, &host, false);
+        let mut m = model(&cfg, &host, Recompute::None);
         m.params.zero_grads(&be);
         let base = m.forward_backward(&be, &batch, None).unwrap();
         let grads: Vec<Vec<f64>> = m.params.grads.iter().map(|g| be.download_f64(g)).collect();
@@ -253,20 +250,41 @@ mod tests {
         assert!(base.sum.is_finite());
     }
 
+    /// Every recomputation choice gives the same loss and the same gradient
+    /// bits as keeping every activation, the LM head in one chunk or in
+    /// chunks of 7 rows (a partial last chunk) aside: chunks sum the head's
+    /// weight gradient in another order, so there only 1e-12 holds.
     #[test]
-    fn recomputing_vit_activations_gives_identical_gradients() {
+    fn recomputation_and_head_chunks_leave_gradients_unchanged() {
         let cfg = ModelConfig::tiny();
         let be = Cpu::<f64>::new();
         let host = lively_weights(&cfg, 2);
         let batch = Batch::synthetic(&cfg, 2, 8, 4);
-        let mut grads = Vec::new();
-        for recompute in [false, true] {
+        let run = |recompute: Recompute, chunk: Option<usize>| {
             let mut m = model(&cfg, &host, recompute);
+            if let Some(rows) = chunk {
+                m.llm.set_head_chunk_rows(rows);
+            }
             m.params.zero_grads(&be);
-            m.forward_backward(&be, &batch, None).unwrap();
-            grads.push(m.params.grads.iter().map(|g| be.download_f64(g)).collect::<Vec<_>>());
+            let loss = m.forward_backward(&be, &batch, None).unwrap();
+            (loss.sum, m.params.grads.iter().map(|g| be.download_f64(g)).collect::<Vec<_>>())
+        };
+        let (loss, grads) = run(Recompute::None, None);
+        for recompute in [Recompute::Vit, Recompute::Llm, Recompute::All] {
+            let (l, g) = run(recompute, None);
+            assert_eq!(l.to_bits(), loss.to_bits(), "{recompute:?}: loss");
+            assert!(g == grads, "{recompute:?}: gradients differ");
         }
-        assert_eq!(grads[0], grads[1]);
+        let rows = batch.batch * (batch.seq - 1 + cfg.image_tokens());
+        assert!(rows > 7 && !rows.is_multiple_of(7), "{rows} rows: the chunks must include a partial one");
+        for recompute in [Recompute::None, Recompute::All] {
+            let (l, g) = run(recompute, Some(7));
+            assert!((l - loss).abs() < 1e-12 * loss.abs(), "{recompute:?}, head chunks of 7: loss {l} vs {loss}");
+            for (k, (a, b)) in g.iter().zip(&grads).enumerate() {
+                let err = a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f64::max);
+                assert!(err < 1e-12, "{recompute:?}, head chunks of 7: parameter {k} differs by {err:e}");
+            }
+        }
     }
 
     /// A text-only sample padded next to an image sample contributes exactly
@@ -297,7 +315,7 @@ mod tests {
             labels: [text.labels.clone(), img.labels.clone()].concat(),
         };
         let run = |b: &Batch| {
-            let mut m = model(&cfg, &host, false);
+            let mut m = model(&cfg, &host, Recompute::None);
             m.params.zero_grads(&be);
             // One denominator for all three runs, so gradients add up.
             let l = m.forward_backward(&be, b, Some(10)).unwrap();
@@ -328,7 +346,7 @@ mod tests {
         let (n, t, sample) = (3, 9, 2);
         let base = Batch::synthetic(&cfg, n, t, 6);
         assert_eq!(base.input_ids[sample * t + 2], IMAGE_TOKEN_INDEX, "the image sits at text position 2");
-        let mut m = model(&cfg, &host, false);
+        let mut m = model(&cfg, &host, Recompute::None);
         for pos in [0usize, 3, 5, 7] {
             let mut b = base.clone();
             b.labels = vec![-100; n * t];

@@ -18,7 +18,7 @@ pub fn build_model<B: Backend>(be: &B, job: &TrainJob, cfg: &ModelConfig) -> Res
         Some(dir) => ParamStore::from_dir(be, cfg, dir)?,
         None => ParamStore::init(be, cfg, t.seed),
     };
-    let vlm = Vlm::new(cfg, params, job.model.recompute_vit);
+    let vlm = Vlm::new(cfg, params, job.model.recompute);
     let oc =
         OptimConfig { warmup_steps: warmup_steps(t.warmup_ratio, t.steps), total_steps: t.steps, ..job.optim.clone() };
     let opt = Optimizer::new(be, oc, &vlm.params);

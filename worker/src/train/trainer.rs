@@ -121,13 +121,13 @@ where
 mod tests {
     use super::*;
     use crate::engine::cpu::Cpu;
-    use crate::model::{ModelConfig, Module, ParamStore};
+    use crate::model::{ModelConfig, Module, ParamStore, Recompute};
     use crate::train::optimizer::{OptimConfig, PerModule};
 
     fn setup(freeze_vit: bool) -> (Cpu, Vlm<Cpu>, Optimizer<Cpu>) {
         let be = Cpu::<f32>::new();
         let cfg = ModelConfig::tiny();
-        let model = Vlm::new(&cfg, ParamStore::init(&be, &cfg, 7), false);
+        let model = Vlm::new(&cfg, ParamStore::init(&be, &cfg, 7), Recompute::None);
         let oc = OptimConfig {
             lr: PerModule::all(3e-3),
             warmup_steps: 5,
@@ -162,7 +162,7 @@ mod tests {
         let batch = Batch::synthetic(&cfg, 2, 10, 21);
         let mut runs = Vec::new();
         for be in [Cpu::<f32>::new(), Cpu::<f32>::with_compute_copies()] {
-            let mut model = Vlm::new(&cfg, ParamStore::init(&be, &cfg, 9), false);
+            let mut model = Vlm::new(&cfg, ParamStore::init(&be, &cfg, 9), Recompute::None);
             assert_eq!(model.params.master.is_some(), be.compute_copy(&vec![0.0]).is_some());
             let mut opt = Optimizer::new(&be, OptimConfig { total_steps: 10, ..OptimConfig::default() }, &model.params);
             let losses: Vec<f64> = (0..4)
@@ -217,7 +217,7 @@ mod tests {
         };
         let mut results = Vec::new();
         for parts in [vec![full.clone()], vec![half(0), half(2)]] {
-            let mut model = Vlm::new(&cfg, ParamStore::init(&be, &cfg, 3), false);
+            let mut model = Vlm::new(&cfg, ParamStore::init(&be, &cfg, 3), Recompute::None);
             let mut opt = Optimizer::new(&be, OptimConfig { total_steps: 10, ..OptimConfig::default() }, &model.params);
             let r = train_step(&be, &mut model, &mut opt, &parts).unwrap();
             results.push((r.loss.mean(), r.info.grad_norm, model.params.to_host(&be)));
@@ -240,7 +240,7 @@ mod tests {
         let batch = Batch::synthetic(&cfg, 2, 10, 21);
         let mut norms = Vec::new();
         for clip in [0.0, 1e-3] {
-            let mut model = Vlm::new(&cfg, ParamStore::init(&be, &cfg, 5), false);
+            let mut model = Vlm::new(&cfg, ParamStore::init(&be, &cfg, 5), Recompute::None);
             let oc = OptimConfig {
                 lr: PerModule::all(100.0),
                 eps: 100.0,
@@ -274,7 +274,7 @@ mod tests {
         let be = Cpu::<f64>::new();
         let cfg = ModelConfig::tiny();
         let batch = Batch::synthetic(&cfg, 2, 10, 21);
-        let mut model = Vlm::new(&cfg, ParamStore::init(&be, &cfg, 5), false);
+        let mut model = Vlm::new(&cfg, ParamStore::init(&be, &cfg, 5), Recompute::None);
         let oc = OptimConfig {
             lr: PerModule { vision_tower: 0.0, projector: 1e-3, llm: 1e-2 },
             total_steps: 10,

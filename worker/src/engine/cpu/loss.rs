@@ -44,7 +44,8 @@ pub fn cross_entropy<T: Real>(
     grad_scale: f64,
 ) -> f64 {
     assert!(vocab > 0, "cross_entropy: vocab is 0");
-    assert_eq!(logits.len(), n * vocab, "cross_entropy: logits length does not match [{n}, {vocab}]");
+    assert!(logits.len() >= n * vocab, "cross_entropy: {} logits, [{n}, {vocab}] needs more", logits.len());
+    let logits = &logits[..n * vocab];
     assert!(targets.len() >= n, "cross_entropy: {} targets for {n} rows", targets.len());
     let targets = &targets[..n];
     if let Some((i, &t)) = targets.iter().enumerate().find(|(_, &t)| t >= 0 && t as usize >= vocab) {
@@ -59,8 +60,9 @@ pub fn cross_entropy<T: Real>(
             .map(|(row, &t)| if t < 0 { 0.0 } else { row_loss::<T>(row, t as usize, None, grad_scale) })
             .collect(),
         Some(d) => {
-            assert_eq!(d.len(), n * vocab, "cross_entropy: dlogits length does not match [{n}, {vocab}]");
-            d.par_chunks_mut(vocab)
+            assert!(d.len() >= n * vocab, "cross_entropy: {} dlogits, [{n}, {vocab}] needs more", d.len());
+            d[..n * vocab]
+                .par_chunks_mut(vocab)
                 .zip(logits.par_chunks(vocab).zip(targets.par_iter()))
                 .with_min_len(min_len)
                 .map(|(drow, (row, &t))| {
