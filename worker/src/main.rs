@@ -17,6 +17,7 @@ use tessera_worker::engine::Backend;
 use tessera_worker::eval::evaluate;
 use tessera_worker::launch::{resolve, LaunchFlags};
 use tessera_worker::model::flops::train_step_flops;
+use tessera_worker::model::memory::MemoryJob;
 use tessera_worker::model::weights::save_model_dir;
 use tessera_worker::model::{store, Batch, ModelConfig, ParamStore, Recompute, Vlm};
 use tessera_worker::node::single::run_job;
@@ -166,6 +167,30 @@ enum Command {
         warmup: usize,
         #[arg(long, default_value_t = 3)]
         steps: usize,
+    },
+    /// Prints what one GPU of a job holds, part by part (weights, compute
+    /// copies, gradients, optimizer state, activations per module,
+    /// workspaces), the largest micro-batch that fits, and one JSON line
+    /// `{"fits", "max_micro_batch", "peak_gib"}`. Exits non-zero when the
+    /// job's micro-batch does not fit.
+    PlanMemory {
+        #[arg(long)]
+        config: PathBuf,
+        /// Ranks of the job (default: cluster.world_size); each gets its share of train.batch_size.
+        #[arg(long)]
+        world_size: Option<usize>,
+        /// Memory of one GPU in GiB.
+        #[arg(long, default_value_t = 80.0)]
+        gpu_gib: f64,
+        /// Samples per micro-batch on one rank (default: its share of train.batch_size).
+        #[arg(long)]
+        micro_batch: Option<usize>,
+        /// Override the text tokens per sample (data.max_length or train.text_tokens).
+        #[arg(long)]
+        text_tokens: Option<usize>,
+        /// Memory the GPU process needs besides its buffers (context, cuBLAS, NCCL, pool slack).
+        #[arg(long, default_value_t = 2.0)]
+        reserve_gib: f64,
     },
     /// Runs every op of the backend on DEVICE and on the CPU in f64 with the
     /// same random inputs, and compares (relative error 1e-5 in f32; 3e-4 for
@@ -322,6 +347,19 @@ fn run(cli: Cli) -> Result<()> {
                 })
             );
         }
+        Command::PlanMemory { config, world_size, gpu_gib, micro_batch, text_tokens, reserve_gib } => {
+            let job = TrainJob::from_file(&config)?;
+            let world = world_size.unwrap_or(job.cluster.world_size);
+            let mut plan = MemoryJob::from_job(&job, world)?;
+            plan.micro_batch = micro_batch.unwrap_or(plan.micro_batch);
+            plan.text_tokens = text_tokens.unwrap_or(plan.text_tokens);
+            plan.reserve_bytes = (reserve_gib.max(0.0) * GIB) as u64;
+            let budget = (gpu_gib.max(0.0) * GIB) as u64;
+            println!("{}", plan.report(budget));
+            if plan.plan().peak_bytes() > budget {
+                bail!("micro-batch {} does not fit {gpu_gib} GiB", plan.micro_batch);
+            }
+        }
         Command::CheckOps { device, precision, seed } => {
             let device = DeviceSpec::parse(&device)?.resolve(None)?;
             let precision = Precision::parse(&precision)?;
@@ -360,6 +398,8 @@ fn run(cli: Cli) -> Result<()> {
 
 /// Times `warmup + steps` training steps on one synthetic batch; returns
 /// the timed ones, sorted.
+const GIB: f64 = (1u64 << 30) as f64;
+
 fn bench_step<B: Backend>(
     be: &B,
     cfg: &ModelConfig,

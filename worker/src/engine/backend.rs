@@ -190,6 +190,12 @@ pub trait Backend: Send + Sync + 'static {
     fn peak_memory_bytes(&self) -> Option<u64> {
         None
     }
+    /// Total memory of the device, where a job's plan must fit it before
+    /// it starts (a GPU); None where the backend does not plan (the CPU,
+    /// the emulated device).
+    fn memory_capacity_bytes(&self) -> Option<u64> {
+        None
+    }
 
     // ---- elementwise ----
     fn fill(&self, buf: &mut Self::Buf, value: f32);

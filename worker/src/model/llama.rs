@@ -10,6 +10,7 @@
 //! starts, so the `[tokens, vocab]` logits are never held whole.
 
 use super::linear::{self, Dims};
+use super::memory::{ModuleValues, Values};
 use super::store::{GradReady, ParamStore};
 use crate::engine::{AttnShape, Backend, Gemm, RopeShape};
 use tessera_job::model::LlmConfig;
@@ -120,6 +121,21 @@ fn shapes(c: &LlmConfig, batch: usize, seq: usize) -> (AttnShape, RopeShape) {
     let (heads, head_dim) = (c.num_attention_heads, c.head_dim());
     let a = AttnShape { batch, seq, heads, head_dim, causal: true, scale: 1.0 / (head_dim as f32).sqrt() };
     (a, RopeShape { batch, seq, heads, head_dim, theta: c.rope_theta })
+}
+
+/// What `input` allocates for `batch` sequences of `seq`, for the memory
+/// planner: what forward keeps for backward, and backward's scratch with
+/// the LM head's chunk buffers.
+pub fn workspace_values(c: &LlmConfig, batch: usize, seq: usize, recompute: bool) -> ModuleValues {
+    let rows = batch * seq;
+    let (h, im, v) = (c.hidden_size, c.intermediate_size, c.vocab_size);
+    let (a, _) = shapes(c, batch, seq);
+    let kept = if recompute { 1 } else { c.num_hidden_layers };
+    let layer = Values { act: rows * (7 * h + 3 * im), state: 2 * rows + a.lse_len() };
+    let saved = Values { act: (c.num_hidden_layers + 1) * rows * h + rows * h, state: rows } + layer * kept;
+    let chunk = head_chunk_rows(rows, v);
+    let head = Values::act(2 * chunk * h + 2 * chunk * v);
+    ModuleValues { saved, scratch: Values::act(rows * h + rows * (7 * h + 3 * im)) + head }
 }
 
 /// Rows per LM-head chunk for `rows` rows of a `vocab`-wide head.

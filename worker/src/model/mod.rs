@@ -4,6 +4,7 @@ pub mod batch;
 pub mod flops;
 pub mod linear;
 pub mod llama;
+pub mod memory;
 pub mod params;
 pub mod projector;
 pub mod s2;

@@ -2,6 +2,7 @@
 //! zero padding), LayerNorm, Linear, exact GELU, Linear.
 
 use super::linear::{self, Dims};
+use super::memory::{ModuleValues, Values};
 use super::store::ParamStore;
 use super::vit::two_mut;
 use crate::engine::{Backend, GeluKind, GridShape};
@@ -22,6 +23,16 @@ struct Workspace<B: Backend> {
     dnormed: B::Buf,
     dmerged: B::Buf,
     dfeatures: B::Buf,
+}
+
+/// What the workspace allocates for `images` images, for the memory planner.
+pub fn workspace_values(c: &ModelConfig, images: usize) -> ModuleValues {
+    let (rows, pin, h) = (images * c.image_tokens(), c.projector_in(), c.llm.hidden_size);
+    let g = c.vision.grid();
+    ModuleValues {
+        saved: Values { act: rows * (2 * pin + 3 * h), state: 2 * rows },
+        scratch: Values::act(rows * (2 * pin + 2 * h) + images * g * g * c.mm_hidden()),
+    }
 }
 
 pub struct Projector<B: Backend> {

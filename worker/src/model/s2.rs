@@ -13,6 +13,7 @@
 //! the base `g x g` grid, so the projector and the LLM see the same number of
 //! image tokens as with static S2, while the ViT's cost follows the image.
 
+use super::memory::{ModuleValues, Values};
 use super::store::{GradReady, ParamStore};
 use super::vit::Vit;
 use crate::engine::{Backend, GridShape, ImageShape, TileGrid};
@@ -65,6 +66,18 @@ struct Workspace<B: Backend> {
     /// `[batch, g^2, D * scales]`
     features: B::Buf,
     dtiles: B::Buf,
+}
+
+/// What static S2's workspace allocates for `batch` images (the ViT's
+/// aside), for the memory planner.
+pub fn workspace_values(c: &ModelConfig, batch: usize) -> ModuleValues {
+    let (g, d, ch, base) = (c.vision.grid(), c.vision.hidden_size, c.vision.num_channels, c.vision.image_size);
+    let nt = batch * c.s2.tiles_per_image();
+    let resized: usize = c.s2.scales.iter().filter(|&&s| s != c.s2.max_scale()).map(|&s| batch * ch * s * s).sum();
+    let merged: usize = c.s2.splits().iter().map(|n| batch * n * n * g * g * d).sum();
+    let pooled = c.s2.scales.len() * batch * g * g * d;
+    let saved = resized + nt * ch * base * base + merged + pooled + batch * g * g * c.mm_hidden();
+    ModuleValues { saved: Values::act(saved), scratch: Values::act(nt * g * g * d) }
 }
 
 pub struct S2<B: Backend> {

@@ -6,6 +6,7 @@
 //! activations by the tile count, and this trades one extra forward for them.
 
 use super::linear::{self, Dims};
+use super::memory::{ModuleValues, Values};
 use super::store::{GradReady, ParamStore};
 use crate::engine::{AttnShape, Backend, GeluKind, ImageShape};
 use tessera_job::model::VisionConfig;
@@ -77,6 +78,18 @@ impl<B: Backend> LayerActs<B> {
             g: be.alloc(rows * i),
         }
     }
+}
+
+/// What `LayerActs::new` and the workspace allocate, for the memory planner.
+pub fn workspace_values(c: &VisionConfig, tiles: usize, recompute: bool) -> ModuleValues {
+    let rows = tiles * c.num_patches();
+    let (d, i) = (c.hidden_size, c.intermediate_size);
+    let layers = c.layers_used();
+    let kept = if recompute { 1 } else { layers };
+    let a = attn_shape(c, tiles);
+    let layer = Values { act: rows * (7 * d + 2 * i), state: 4 * rows + a.lse_len() };
+    let inputs = Values::act(rows * c.num_channels * c.patch_size * c.patch_size + (layers + 1) * rows * d);
+    ModuleValues { saved: inputs + layer * kept, scratch: Values::act(rows * (7 * d + 2 * i)) }
 }
 
 /// Activations for one tile count; reused while the tile count stays the same.

@@ -158,7 +158,7 @@ impl Round<'_, '_> {
     /// `start_step`). A failure here is about the job or this machine: fatal.
     fn load_or_resume<B: Backend>(&self, be: &B, start_step: u64) -> Result<(Vlm<B>, Optimizer<B>), Failure> {
         let (job, cfg) = (self.process.job, self.process.cfg);
-        let (mut vlm, mut opt) = build_model(be, job, cfg).fatal()?;
+        let (mut vlm, mut opt) = build_model(be, job, cfg, self.gen.world).fatal()?;
         if start_step > 0 {
             let root = job
                 .checkpoint

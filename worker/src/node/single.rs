@@ -90,7 +90,7 @@ fn run_job_on<B: Backend>(
     };
     let t = &job.train;
     let cfg = model_config(job)?;
-    let (mut vlm, mut opt) = build_model(be, job, &cfg)?;
+    let (mut vlm, mut opt) = build_model(be, job, &cfg, 1)?;
     let mut start = 0;
     if let Some(dir) = &resume_from {
         start = restore(be, job, &cfg, &mut vlm, &mut opt, dir)?;

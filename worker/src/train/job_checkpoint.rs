@@ -147,7 +147,7 @@ mod tests {
         let job = TrainJob::parse(&toml).unwrap();
         let be = Cpu::<f32>::new();
         let cfg = model_config(&job).unwrap();
-        let (vlm, mut opt) = build_model(&be, &job, &cfg).unwrap();
+        let (vlm, mut opt) = build_model(&be, &job, &cfg, 1).unwrap();
         // Distinct moments, so a part lost or swapped would show.
         let fill = |x: BTreeMap<String, Vec<f32>>, k: f32| -> BTreeMap<String, Vec<f32>> {
             x.into_iter()
@@ -170,7 +170,7 @@ mod tests {
         let dir = manifest::commit(root.path(), &staging, 4, files).unwrap();
         manifest::verify(&dir).unwrap();
 
-        let (mut vlm2, mut opt2) = build_model(&be, &job, &cfg).unwrap();
+        let (mut vlm2, mut opt2) = build_model(&be, &job, &cfg, 1).unwrap();
         assert_eq!(restore(&be, &job, &cfg, &mut vlm2, &mut opt2, &dir).unwrap(), 4);
         assert_eq!(opt2.step, 4);
         assert!(opt2.moments_to_host(&be, &vlm2.params) == (m, v));

@@ -5,14 +5,25 @@
 use super::schedule::warmup_steps;
 use super::{OptimConfig, Optimizer};
 use crate::engine::Backend;
+use crate::model::memory::MemoryJob;
 use crate::model::{ModelConfig, ParamStore, Vlm};
 use anyhow::Result;
 use tessera_job::config::TrainJob;
 
 /// The job's model (loaded from its directory, or initialized from the job
 /// seed, so every rank of a multi-worker job starts from the same weights)
-/// and its optimizer with the job's schedule.
-pub fn build_model<B: Backend>(be: &B, job: &TrainJob, cfg: &ModelConfig) -> Result<(Vlm<B>, Optimizer<B>)> {
+/// and its optimizer with the job's schedule. On a GPU, a job whose plan
+/// for one of `world_size` ranks does not fit the device is refused first,
+/// with the numbers, before anything is allocated.
+pub fn build_model<B: Backend>(
+    be: &B,
+    job: &TrainJob,
+    cfg: &ModelConfig,
+    world_size: usize,
+) -> Result<(Vlm<B>, Optimizer<B>)> {
+    if let Some(capacity) = be.memory_capacity_bytes() {
+        MemoryJob::from_job(job, world_size)?.check_fits(capacity)?;
+    }
     let t = &job.train;
     let params = match &job.model.dir {
         Some(dir) => ParamStore::from_dir(be, cfg, dir)?,

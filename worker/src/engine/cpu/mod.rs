@@ -15,6 +15,7 @@ mod s2;
 
 use super::backend::*;
 use std::marker::PhantomData;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 /// Scalar types the CPU backend computes in.
 pub trait Real:
@@ -85,6 +86,9 @@ pub struct Cpu<T: Real = f32> {
     /// as a GPU storing bf16 does; here they are exact copies, so results
     /// do not change, and tests run the optimizer's master/copy path.
     compute_copies: bool,
+    /// Values allocated so far (`alloc`, `alloc_state`), which the memory
+    /// planner's tests hold its size functions to.
+    allocated: AtomicUsize,
 }
 
 impl<T: Real> Default for Cpu<T> {
@@ -95,12 +99,17 @@ impl<T: Real> Default for Cpu<T> {
 
 impl<T: Real> Cpu<T> {
     pub fn new() -> Self {
-        Cpu { _t: PhantomData, compute_copies: false }
+        Cpu { _t: PhantomData, compute_copies: false, allocated: AtomicUsize::new(0) }
     }
 
     /// A backend whose weights' compute copies are separate buffers.
     pub fn with_compute_copies() -> Self {
-        Cpu { _t: PhantomData, compute_copies: true }
+        Cpu { _t: PhantomData, compute_copies: true, allocated: AtomicUsize::new(0) }
+    }
+
+    /// Values allocated through `alloc` and `alloc_state` since creation.
+    pub fn allocated_values(&self) -> usize {
+        self.allocated.load(Ordering::Relaxed)
     }
 }
 
@@ -118,6 +127,7 @@ impl<T: Real> Backend for Cpu<T> {
     }
 
     fn alloc(&self, len: usize) -> Vec<T> {
+        self.allocated.fetch_add(len, Ordering::Relaxed);
         vec![T::zero(); len]
     }
     fn upload(&self, data: &[f32]) -> Vec<T> {

@@ -77,6 +77,10 @@ impl Backend for Cuda {
     fn peak_memory_bytes(&self) -> Option<u64> {
         self.driver.peak_bytes()
     }
+    fn memory_capacity_bytes(&self) -> Option<u64> {
+        self.driver.gpu()?;
+        self.driver.mem_info().map(|(_, total)| total as u64)
+    }
     fn mark_ready(&self, buf: &mut Buf) {
         buf.ready = self.record("recording a ready event", self.driver.record_event());
     }
