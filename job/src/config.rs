@@ -295,6 +295,15 @@ pub enum Recompute {
 }
 
 impl Recompute {
+    pub fn parse(s: &str) -> Result<Recompute> {
+        match s {
+            "none" => Ok(Recompute::None),
+            "vit" => Ok(Recompute::Vit),
+            "llm" => Ok(Recompute::Llm),
+            "all" => Ok(Recompute::All),
+            _ => bail!("recompute {s:?}: expected none, vit, llm or all"),
+        }
+    }
     pub fn vit(self) -> bool {
         matches!(self, Recompute::Vit | Recompute::All)
     }

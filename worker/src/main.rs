@@ -167,6 +167,9 @@ enum Command {
         warmup: usize,
         #[arg(long, default_value_t = 3)]
         steps: usize,
+        /// none, vit, llm or all (as the job config's model.recompute).
+        #[arg(long, default_value = "none")]
+        recompute: String,
     },
     /// Prints what one GPU of a job holds, part by part (weights, compute
     /// copies, gradients, optimizer state, activations per module,
@@ -308,7 +311,19 @@ fn run(cli: Cli) -> Result<()> {
                 r.bad.len()
             );
         }
-        Command::BenchStep { preset: name, device, precision, vit_layers, llm_layers, batch, seq, warmup, steps } => {
+        Command::BenchStep {
+            preset: name,
+            device,
+            precision,
+            vit_layers,
+            llm_layers,
+            batch,
+            seq,
+            warmup,
+            steps,
+            recompute,
+        } => {
+            let recompute = Recompute::parse(&recompute)?;
             let mut cfg = ModelConfig::named_preset(&name)?;
             if let Some(n) = vit_layers {
                 cfg.vision.num_hidden_layers = n;
@@ -319,8 +334,9 @@ fn run(cli: Cli) -> Result<()> {
             cfg.validate().map_err(|e| anyhow::anyhow!("--vit-layers/--llm-layers: {e}"))?;
             let device = DeviceSpec::parse(&device)?.resolve(None)?;
             let precision = Precision::parse(&precision)?;
-            let (times, peak_bytes) =
-                tessera_worker::on_device!(device, precision, |be| bench_step(be, &cfg, batch, seq, warmup, steps))?;
+            let (times, peak_bytes) = tessera_worker::on_device!(device, precision, |be| bench_step(
+                be, &cfg, batch, seq, warmup, steps, recompute
+            ))?;
             let median = times[times.len() / 2];
             let flops = train_step_flops(&cfg, batch, seq);
             let llm_tokens = batch * (seq - 1 + cfg.image_tokens());
@@ -342,8 +358,11 @@ fn run(cli: Cli) -> Result<()> {
                     "threads": rayon::current_num_threads(),
                     "step_s_median": median,
                     "step_s_all": times,
+                    "recompute": format!("{recompute:?}").to_lowercase(),
                     // Same key as tools/bench_step_torch.py (GiB); null on the CPU.
-                    "peak_mem_gib": peak_bytes.map(|b| b as f64 / (1u64 << 30) as f64),
+                    "peak_mem_gib": peak_bytes.map(|b| b as f64 / GIB),
+                    // The process's peak resident memory (Linux), the CPU backend's peak.
+                    "peak_rss_gib": peak_rss_bytes().map(|b| b as f64 / GIB),
                 })
             );
         }
@@ -400,6 +419,15 @@ fn run(cli: Cli) -> Result<()> {
 /// the timed ones, sorted.
 const GIB: f64 = (1u64 << 30) as f64;
 
+/// The process's peak resident set (`VmHWM` in /proc/self/status); None
+/// where the kernel does not say.
+fn peak_rss_bytes() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
+}
+
 fn bench_step<B: Backend>(
     be: &B,
     cfg: &ModelConfig,
@@ -407,8 +435,9 @@ fn bench_step<B: Backend>(
     seq: usize,
     warmup: usize,
     steps: usize,
+    recompute: Recompute,
 ) -> Result<(Vec<f64>, Option<u64>)> {
-    let mut vlm = Vlm::new(cfg, ParamStore::init(be, cfg, 0), Recompute::None);
+    let mut vlm = Vlm::new(cfg, ParamStore::init(be, cfg, 0), recompute);
     let mut opt = Optimizer::new(be, OptimConfig { total_steps: 1000, ..OptimConfig::default() }, &vlm.params);
     let b = Batch::synthetic(cfg, batch, seq, 1);
     let mut times = Vec::new();

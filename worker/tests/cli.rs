@@ -171,3 +171,51 @@ fn bench_step_reports_flops_and_the_shape() {
         assert!(String::from_utf8_lossy(&out.stderr).contains("--features cuda"));
     }
 }
+
+/// `plan-memory` on a job config: a table, the largest micro-batch and one
+/// JSON line; a micro-batch over the budget exits non-zero with the JSON
+/// still printed; recomputing everything fits more samples.
+#[test]
+fn plan_memory_prints_the_plan_and_refuses_what_does_not_fit() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("job.toml");
+    let write = |recompute: &str| {
+        let toml = format!(
+            "[model]\npreset = \"small\"\nrecompute = \"{recompute}\"\n[train]\nsteps = 1\nbatch_size = 16\ntext_tokens = 256\nprecision = \"bf16\"\n"
+        );
+        std::fs::write(&config, toml).unwrap();
+    };
+    let json = |out: &std::process::Output| -> serde_json::Value {
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        serde_json::from_str(stdout.lines().last().unwrap_or("")).unwrap_or_else(|e| panic!("{e}: {stdout}"))
+    };
+    let plan = |gib: &str| {
+        worker(&["plan-memory", "--config", config.to_str().unwrap(), "--world-size", "2", "--gpu-gib", gib])
+    };
+    write("none");
+    let out = plan("80");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    for part in [
+        "micro-batch 8",
+        "AdamW m and v",
+        "compute copies",
+        "ViT, 40 tiles",
+        "LLM, 8 x 319 tokens",
+        "attention scratch",
+    ] {
+        assert!(stdout.contains(part), "no `{part}` in\n{stdout}");
+    }
+    let fits = json(&out);
+    assert_eq!(fits["fits"], true);
+    let (peak, max) = (fits["peak_gib"].as_f64().unwrap(), fits["max_micro_batch"].as_u64().unwrap());
+    assert!(peak > 0.5 && max > 8, "{fits}");
+    // A budget just under the plan's peak refuses the job.
+    let out = plan(&format!("{}", peak * 0.99));
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("does not fit"), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(json(&out)["fits"], false);
+    write("all");
+    let all = json(&plan("80"));
+    assert!(all["max_micro_batch"].as_u64().unwrap() > max, "recompute all: {all}, none: {fits}");
+}
