@@ -1,4 +1,6 @@
-//! NCCL all-reduce for GPU workers (built with `--features cuda`).
+//! NCCL collectives for GPU workers (built with `--features cuda`): the
+//! all-reduce, and the reduce-scatter and all-gather of a sharded optimizer,
+//! all three in place.
 //!
 //! Rank 0 creates the unique id; the coordinator hands it to every rank
 //! with the generation (docs/DESIGN.md section 5), and each rank joins the
@@ -6,11 +8,11 @@
 //! bucket's copies were queued on the compute stream, and the compute
 //! thread recorded an event right after them (`Backend::mark_ready`), so
 //! the NCCL stream waits for that event, not for the rest of backward, then
-//! sums in place; the calling thread (the all-reduce thread, never the
-//! compute thread) waits for the NCCL stream, so a returned bucket holds
-//! the sums.
+//! runs the collective in place; the calling thread (the all-reduce thread,
+//! never the compute thread) waits for the NCCL stream, so a returned
+//! bucket holds the results.
 //!
-//! A job of one GPU opens no NCCL at all: its sums are the identity.
+//! A job of one GPU opens no NCCL at all: its collectives are the identity.
 //!
 //! Another thread (the heartbeat loop, on a shutdown or a dead peer) may
 //! abort the communicator: a peer that died leaves NCCL waiting forever,
@@ -18,14 +20,14 @@
 //! non-blocking (`blocking = 0`): init and every call return at once and
 //! are polled with a deadline; the handle is used only under a lock that
 //! the abort takes too (never a handle another thread destroyed), and a
-//! reduction that was aborted is an error, never a half-summed bucket.
+//! collective that was aborted is an error, never a half-summed bucket.
 
 use super::nccl_lib::{self, Comm, Config, Nccl, UniqueId, NCCL_IN_PROGRESS, NCCL_SUCCESS};
-use super::Collective;
+use super::{check_shardable, shard_range, Collective};
 use crate::engine::cuda::{Buf, Cuda, Event, Storage};
 use anyhow::{anyhow, bail, Context, Result};
 use cudarc::driver::{CudaSlice, CudaStream, DevicePtrMut};
-use std::ffi::c_int;
+use std::ffi::{c_int, c_void};
 #[cfg(test)]
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -51,11 +53,43 @@ pub fn new_unique_id(world_size: usize) -> Result<Vec<u8>> {
     Ok(id.internal.iter().map(|&c| c as u8).collect())
 }
 
+/// The in-place collectives issued here.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Op {
+    AllReduce,
+    ReduceScatter,
+    AllGather,
+}
+
+impl Op {
+    fn name(self) -> &'static str {
+        match self {
+            Op::AllReduce => "all-reduce",
+            Op::ReduceScatter => "reduce-scatter",
+            Op::AllGather => "all-gather",
+        }
+    }
+}
+
+/// One in-place collective: `len` values of NCCL type `ty`, `size` bytes
+/// each, at device address `ptr`.
+#[derive(Clone, Copy)]
+struct InPlace {
+    op: Op,
+    ptr: u64,
+    len: usize,
+    ty: c_int,
+    size: usize,
+}
+
 /// The communicator handle, taken out exactly once by `abort` or drop.
 struct Communicator {
     nccl: &'static Nccl,
     raw: Mutex<Option<SendComm>>,
     aborted: AtomicBool,
+    /// This rank and the world size, which place its shard.
+    rank: usize,
+    world_size: usize,
 }
 
 struct SendComm(Comm);
@@ -98,6 +132,37 @@ impl Communicator {
                 r => bail!("{what} failed: {}", self.nccl.error(r)),
             }
         }
+    }
+
+    /// Issues `call` on `stream` under the abort lock, and waits until NCCL
+    /// has taken it (a non-blocking call may still be queueing). In place as
+    /// NCCL defines it: a reduce-scatter writes its result into this rank's
+    /// shard of the buffer (recvbuff = sendbuff + rank * recvcount), an
+    /// all-gather sends from it (sendbuff = recvbuff + rank * sendcount).
+    fn enqueue(&self, call: InPlace, stream: *mut c_void) -> Result<()> {
+        let InPlace { op, ptr, len, ty, size } = call;
+        let nccl = self.nccl;
+        let shard = shard_range(len, self.world_size, self.rank);
+        let own = ptr + (shard.start * size) as u64;
+        let (all, count) = (ptr as *mut c_void, shard.len());
+        let r = self.with(|c| {
+            // SAFETY: `ptr` holds `len` values of `ty` on this communicator's
+            // GPU, and `own` is this rank's shard inside them; `c` is live
+            // under the lock.
+            unsafe {
+                match op {
+                    Op::AllReduce => (nccl.all_reduce)(all, all, len, ty, nccl_lib::NCCL_SUM, c, stream),
+                    Op::ReduceScatter => {
+                        (nccl.reduce_scatter)(all, own as *mut _, count, ty, nccl_lib::NCCL_SUM, c, stream)
+                    }
+                    Op::AllGather => (nccl.all_gather)(own as *const _, all, count, ty, c, stream),
+                }
+            }
+        })?;
+        if r != NCCL_SUCCESS && r != NCCL_IN_PROGRESS {
+            bail!("NCCL {} of {len} values failed: {}", op.name(), nccl.error(r));
+        }
+        self.settle(&format!("NCCL {} of {len} values", op.name()), Instant::now() + Duration::from_secs(600))
     }
 
     fn abort(&self) {
@@ -179,8 +244,13 @@ impl NcclCollective {
         if (r != NCCL_SUCCESS && r != NCCL_IN_PROGRESS) || raw.is_null() {
             bail!("NCCL init of rank {rank} of {world_size} failed: {}", nccl.error(r));
         }
-        let comm =
-            Arc::new(Communicator { nccl, raw: Mutex::new(Some(SendComm(raw))), aborted: AtomicBool::new(false) });
+        let comm = Arc::new(Communicator {
+            nccl,
+            raw: Mutex::new(Some(SendComm(raw))),
+            aborted: AtomicBool::new(false),
+            rank,
+            world_size,
+        });
         if let Err(e) = comm.settle(&format!("NCCL init of rank {rank} of {world_size}"), Instant::now() + timeout) {
             comm.abort();
             return Err(e.context(format!(
@@ -200,44 +270,34 @@ impl NcclCollective {
 }
 
 impl Group {
-    /// In-place sum of `len` values of type `ty` at `ptr` on the NCCL
-    /// stream; returns once the sums are there, or with an error when the
-    /// communicator failed or was aborted meanwhile (the buffer then holds
-    /// partial sums and must not be used).
-    fn sum_in_place(&self, ptr: u64, len: usize, ty: c_int) -> Result<()> {
-        let nccl = self.comm.nccl;
-        let s = self.stream.cu_stream();
-        let r = self.comm.with(|c| {
-            // SAFETY: `ptr` holds `len` values of `ty` on this communicator's
-            // GPU; `c` is live under the lock.
-            unsafe { (nccl.all_reduce)(ptr as *const _, ptr as *mut _, len, ty, nccl_lib::NCCL_SUM, c, s as *mut _) }
-        })?;
-        if r != NCCL_SUCCESS && r != NCCL_IN_PROGRESS {
-            bail!("NCCL all-reduce of {len} values failed: {}", nccl.error(r));
-        }
-        // Enqueued (a non-blocking call may still be queueing).
-        self.comm.settle(&format!("NCCL all-reduce of {len} values"), Instant::now() + Duration::from_secs(600))?;
-        self.wait_stream(len)
+    /// Runs `call` on the NCCL stream; returns once its results are there,
+    /// or with an error when the communicator failed or was aborted
+    /// meanwhile (the buffer then holds partial results and must not be
+    /// used).
+    fn run(&self, call: InPlace) -> Result<()> {
+        self.comm.enqueue(call, self.stream.cu_stream() as *mut _)?;
+        self.wait_stream(call.op, call.len)
     }
 
     /// Waits for the NCCL stream, watching for an abort or a failed peer.
-    fn wait_stream(&self, len: usize) -> Result<()> {
+    fn wait_stream(&self, op: Op, len: usize) -> Result<()> {
+        let op = op.name();
         loop {
             // SAFETY: the stream is live (held by self).
             let q = unsafe { cudarc::driver::sys::cuStreamQuery(self.stream.cu_stream()) };
             match q {
                 cudarc::driver::sys::CUresult::CUDA_SUCCESS => break,
                 cudarc::driver::sys::CUresult::CUDA_ERROR_NOT_READY => {}
-                e => bail!("waiting for the NCCL all-reduce of {len} values failed: {e:?}"),
+                e => bail!("waiting for the NCCL {op} of {len} values failed: {e:?}"),
             }
             match self.comm.state()? {
                 NCCL_SUCCESS | NCCL_IN_PROGRESS => std::thread::sleep(Duration::from_micros(50)),
-                r => bail!("NCCL all-reduce of {len} values failed: {}", self.comm.nccl.error(r)),
+                r => bail!("NCCL {op} of {len} values failed: {}", self.comm.nccl.error(r)),
             }
         }
-        // An abort racing the last poll: the sums may be partial.
+        // An abort racing the last poll: the results may be partial.
         if self.comm.aborted.load(Ordering::SeqCst) {
-            bail!("the NCCL all-reduce of {len} values was aborted; its buffer holds partial sums");
+            bail!("the NCCL {op} of {len} values was aborted; its buffer holds partial results");
         }
         Ok(())
     }
@@ -268,23 +328,7 @@ impl Collective for NcclCollective {
     }
 
     fn all_reduce_sum(&mut self, buf: &mut Buf) -> Result<()> {
-        let Some(g) = &self.group else { return Ok(()) };
-        if buf.len == 0 {
-            return Ok(());
-        }
-        g.after_compute(buf)?;
-        // Gradient buckets are f32 state; a bf16 buffer sums in bf16.
-        let ty = match buf.storage {
-            Storage::F32 => nccl_lib::NCCL_FLOAT32,
-            Storage::Bf16 => nccl_lib::NCCL_BFLOAT16,
-        };
-        let summed = g.sum_in_place(buf.data.addr(), buf.len, ty);
-        if summed.is_err() {
-            // The caller drops the bucket on an error, which frees it on the
-            // compute stream: NCCL must be done with it first.
-            let _ = g.stream.synchronize();
-        }
-        summed
+        self.in_place(buf, Op::AllReduce)
     }
 
     fn all_reduce_sum_u64(&mut self, values: &mut [u64]) -> Result<()> {
@@ -300,26 +344,92 @@ impl Collective for NcclCollective {
             drop(synced);
             ptr
         };
-        g.sum_in_place(ptr, values.len(), nccl_lib::NCCL_UINT64)?;
+        g.run(InPlace { op: Op::AllReduce, ptr, len: values.len(), ty: nccl_lib::NCCL_UINT64, size: 8 })?;
         stream.memcpy_dtoh(&g.counts.slice(..values.len()), values).map_err(|e| anyhow!("reading counters: {e:?}"))?;
         stream.synchronize().map_err(|e| anyhow!("reading counters: {e:?}"))
+    }
+
+    fn reduce_scatter_sum(&mut self, buf: &mut Buf) -> Result<()> {
+        self.in_place(buf, Op::ReduceScatter)
+    }
+
+    fn all_gather(&mut self, buf: &mut Buf) -> Result<()> {
+        self.in_place(buf, Op::AllGather)
+    }
+}
+
+impl NcclCollective {
+    /// `op` on a device buffer: on NCCL's stream, after the compute ops
+    /// that wrote it. A length the shards do not tile is refused before
+    /// NCCL sees the call (so the communicator stays usable).
+    fn in_place(&mut self, buf: &mut Buf, op: Op) -> Result<()> {
+        if op != Op::AllReduce {
+            check_shardable(buf.len, self.world_size)
+                .with_context(|| format!("rank {} of {}: NCCL {}", self.rank, self.world_size, op.name()))?;
+        }
+        let Some(g) = &self.group else { return Ok(()) };
+        if buf.len == 0 {
+            return Ok(());
+        }
+        g.after_compute(buf)?;
+        // Gradient buckets are f32 state; a bf16 buffer sums in bf16.
+        let ty = match buf.storage {
+            Storage::F32 => nccl_lib::NCCL_FLOAT32,
+            Storage::Bf16 => nccl_lib::NCCL_BFLOAT16,
+        };
+        let done = g.run(InPlace { op, ptr: buf.data.addr(), len: buf.len, ty, size: buf.storage.size() });
+        if done.is_err() {
+            // The caller drops the bucket on an error, which frees it on the
+            // compute stream: NCCL must be done with it first.
+            let _ = g.stream.synchronize();
+        }
+        done.with_context(|| format!("rank {} of {}", self.rank, self.world_size))
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::ffi::{c_char, c_void};
+    use std::ffi::c_char;
     use std::sync::atomic::AtomicUsize;
 
     // A stand-in NCCL whose communicators stay "in progress" (a peer that
-    // never answers). It remembers which handles (fake addresses, one per
-    // test) were aborted, and counts calls made on them after that.
+    // never answers), except those on the list of completing ones. It
+    // remembers which handles (fake addresses, one per test) were aborted,
+    // counts calls made on them after that, and records each collective.
     static CALLS_AFTER_ABORT: AtomicUsize = AtomicUsize::new(0);
     static ABORTED: Mutex<Vec<usize>> = Mutex::new(Vec::new());
+    static COMPLETING: Mutex<Vec<usize>> = Mutex::new(Vec::new());
+    static ISSUED: Mutex<Vec<Issued>> = Mutex::new(Vec::new());
+
+    /// A collective as the stand-in saw it.
+    #[derive(Debug, PartialEq)]
+    struct Issued {
+        comm: usize,
+        name: &'static str,
+        send: usize,
+        recv: usize,
+        count: usize,
+    }
 
     fn aborted(c: Comm) -> bool {
         ABORTED.lock().unwrap().contains(&(c as usize))
+    }
+
+    fn issue(name: &'static str, send: *const c_void, recv: *mut c_void, count: usize, c: Comm) -> c_int {
+        if aborted(c) {
+            CALLS_AFTER_ABORT.fetch_add(1, Ordering::SeqCst);
+        }
+        let comm = c as usize;
+        ISSUED.lock().unwrap().push(Issued { comm, name, send: send as usize, recv: recv as usize, count });
+        NCCL_IN_PROGRESS
+    }
+
+    fn issued(comm: usize) -> Vec<Issued> {
+        let mut all = ISSUED.lock().unwrap();
+        let (mine, others) = std::mem::take(&mut *all).into_iter().partition(|i| i.comm == comm);
+        *all = others;
+        mine
     }
 
     unsafe extern "C" fn unique_id(_: *mut UniqueId) -> c_int {
@@ -329,21 +439,43 @@ mod tests {
         NCCL_IN_PROGRESS
     }
     unsafe extern "C" fn all_reduce(
-        _: *const c_void,
-        _: *mut c_void,
-        _: usize,
+        send: *const c_void,
+        recv: *mut c_void,
+        count: usize,
         _: c_int,
         _: c_int,
-        _: Comm,
+        c: Comm,
         _: *mut c_void,
     ) -> c_int {
-        NCCL_IN_PROGRESS
+        issue("all_reduce", send, recv, count, c)
+    }
+    unsafe extern "C" fn reduce_scatter(
+        send: *const c_void,
+        recv: *mut c_void,
+        count: usize,
+        _: c_int,
+        _: c_int,
+        c: Comm,
+        _: *mut c_void,
+    ) -> c_int {
+        issue("reduce_scatter", send, recv, count, c)
+    }
+    unsafe extern "C" fn all_gather(
+        send: *const c_void,
+        recv: *mut c_void,
+        count: usize,
+        _: c_int,
+        c: Comm,
+        _: *mut c_void,
+    ) -> c_int {
+        issue("all_gather", send, recv, count, c)
     }
     unsafe extern "C" fn async_error(c: Comm, state: *mut c_int) -> c_int {
         if aborted(c) {
             CALLS_AFTER_ABORT.fetch_add(1, Ordering::SeqCst);
         }
-        *state = NCCL_IN_PROGRESS;
+        let done = COMPLETING.lock().unwrap().contains(&(c as usize));
+        *state = if done { NCCL_SUCCESS } else { NCCL_IN_PROGRESS };
         NCCL_SUCCESS
     }
     unsafe extern "C" fn abort(c: Comm) -> c_int {
@@ -356,6 +488,8 @@ mod tests {
             nccl: &STAND_IN,
             raw: Mutex::new(Some(SendComm(handle as Comm))),
             aborted: AtomicBool::new(false),
+            rank: 2,
+            world_size: 3,
         }
     }
     unsafe extern "C" fn error_string(_: c_int) -> *const c_char {
@@ -367,6 +501,8 @@ mod tests {
         get_unique_id: unique_id,
         comm_init_rank_config: init,
         all_reduce,
+        reduce_scatter,
+        all_gather,
         comm_get_async_error: async_error,
         comm_abort: abort,
         get_error_string: error_string,
@@ -394,6 +530,57 @@ mod tests {
         comm.abort(); // a second abort is a no-op
     }
 
+    /// Each collective goes to its NCCL call in place, as NCCL defines it
+    /// (here for rank 2 of 3): the reduce-scatter receives into and the
+    /// all-gather sends from this rank's shard of the buffer.
+    #[test]
+    fn each_collective_is_issued_in_place() {
+        let comm = communicator(0x3000);
+        COMPLETING.lock().unwrap().push(0x3000);
+        let at = 0x10_0000;
+        for (op, size) in [(Op::AllReduce, 4), (Op::ReduceScatter, 4), (Op::AllGather, 4), (Op::ReduceScatter, 2)] {
+            let call = InPlace { op, ptr: at as u64, len: 12, ty: nccl_lib::NCCL_FLOAT32, size };
+            comm.enqueue(call, std::ptr::null_mut()).unwrap();
+        }
+        let i = |name, send, recv, count| Issued { comm: 0x3000, name, send, recv, count };
+        let shard = at + 2 * 4 * 4;
+        assert_eq!(
+            issued(0x3000),
+            [
+                i("all_reduce", at, at, 12),
+                i("reduce_scatter", at, shard, 4),
+                i("all_gather", shard, at, 4),
+                i("reduce_scatter", at, at + 2 * 4 * 2, 4),
+            ]
+        );
+    }
+
+    /// A reduce-scatter or all-gather in progress goes through the same
+    /// abort-safe path as the all-reduce: an abort from another thread ends
+    /// it with an error, and the aborted handle is never used again.
+    #[test]
+    fn an_abort_during_a_sharded_collective_is_an_error() {
+        for (k, op) in [Op::ReduceScatter, Op::AllGather].into_iter().enumerate() {
+            let handle = 0x4000 + k;
+            let comm = Arc::new(communicator(handle));
+            let aborter = NcclAbortHandle(Some(comm.clone()));
+            let t = std::thread::spawn(move || {
+                std::thread::sleep(Duration::from_millis(50));
+                aborter.abort();
+            });
+            let call = InPlace { op, ptr: 0x20_0000, len: 6, ty: nccl_lib::NCCL_BFLOAT16, size: 2 };
+            let started = Instant::now();
+            let e = comm.enqueue(call, std::ptr::null_mut()).unwrap_err().to_string();
+            t.join().unwrap();
+            assert!(e.contains("aborted"), "{op:?}: {e}");
+            assert!(started.elapsed() < Duration::from_secs(5), "{op:?}: the abort did not end the wait");
+            let e = comm.enqueue(call, std::ptr::null_mut()).unwrap_err().to_string();
+            assert!(e.contains("aborted"), "{op:?}: {e}");
+            assert_eq!(issued(handle).len(), 1, "{op:?}: issued again after the abort");
+            assert_eq!(CALLS_AFTER_ABORT.load(Ordering::SeqCst), 0, "{op:?}: the aborted handle was used");
+        }
+    }
+
     /// Init that never completes is given up at its deadline.
     #[test]
     fn a_call_that_never_completes_fails_at_its_deadline() {
@@ -415,8 +602,9 @@ mod tests {
         }
     }
 
-    /// On the emulated device a one-GPU collective needs nothing and sums
-    /// as the identity; more ranks are refused (NCCL is not emulated).
+    /// On the emulated device a one-GPU collective needs nothing and its
+    /// collectives are the identity; more ranks are refused (NCCL is not
+    /// emulated).
     #[cfg(feature = "cuda-emu")]
     #[test]
     fn the_emulated_device_runs_one_rank_and_refuses_more() {
@@ -425,6 +613,8 @@ mod tests {
         let mut one = NcclCollective::connect(&cu, 0, 1, &[], Duration::from_secs(1)).unwrap();
         let mut b = cu.upload(&[1.0, 2.0]);
         one.all_reduce_sum(&mut b).unwrap();
+        one.reduce_scatter_sum(&mut b).unwrap();
+        one.all_gather(&mut b).unwrap();
         assert_eq!(cu.download(&b), [1.0, 2.0]);
         one.abort_handle().abort();
         let e = NcclCollective::connect(&cu, 0, 2, &[0; UNIQUE_ID_BYTES], Duration::from_secs(1)).err().unwrap();

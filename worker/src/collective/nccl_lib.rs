@@ -67,7 +67,13 @@ pub struct Nccl {
     pub path: PathBuf,
     pub get_unique_id: unsafe extern "C" fn(*mut UniqueId) -> c_int,
     pub comm_init_rank_config: unsafe extern "C" fn(*mut Comm, c_int, UniqueId, c_int, *mut Config) -> c_int,
+    /// (sendbuff, recvbuff, count, datatype, op, comm, stream).
     pub all_reduce: unsafe extern "C" fn(*const c_void, *mut c_void, usize, c_int, c_int, Comm, *mut c_void) -> c_int,
+    /// (sendbuff, recvbuff, recvcount, datatype, op, comm, stream).
+    pub reduce_scatter:
+        unsafe extern "C" fn(*const c_void, *mut c_void, usize, c_int, c_int, Comm, *mut c_void) -> c_int,
+    /// (sendbuff, recvbuff, sendcount, datatype, comm, stream): no reduction op.
+    pub all_gather: unsafe extern "C" fn(*const c_void, *mut c_void, usize, c_int, Comm, *mut c_void) -> c_int,
     pub comm_get_async_error: unsafe extern "C" fn(Comm, *mut c_int) -> c_int,
     pub comm_abort: unsafe extern "C" fn(Comm) -> c_int,
     pub(super) get_error_string: unsafe extern "C" fn(c_int) -> *const c_char,
@@ -179,6 +185,8 @@ fn symbols(lib: libloading::Library, path: &Path) -> Result<Nccl, String> {
             get_unique_id: sym!("ncclGetUniqueId"),
             comm_init_rank_config: sym!("ncclCommInitRankConfig"),
             all_reduce: sym!("ncclAllReduce"),
+            reduce_scatter: sym!("ncclReduceScatter"),
+            all_gather: sym!("ncclAllGather"),
             comm_get_async_error: sym!("ncclCommGetAsyncError"),
             comm_abort: sym!("ncclCommAbort"),
             get_error_string: sym!("ncclGetErrorString"),

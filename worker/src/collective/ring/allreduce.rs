@@ -1,7 +1,9 @@
-//! The schedule of one all-reduce on a ring of n >= 2 ranks ([`run_ring`]):
-//! a reduce-scatter followed by an all-gather, 2(n-1) steps over n chunks of
-//! the buffer, each chunk travelling in segments so that a rank forwards the
-//! first segment of a chunk while the rest of it is still arriving.
+//! The ring schedule ([`run_ring`]) of the three collectives on n >= 2
+//! ranks: an all-reduce is a reduce-scatter followed by an all-gather,
+//! 2(n-1) steps over n chunks of the buffer; a reduce-scatter runs the
+//! first n-1 of those steps and an all-gather the last n-1 ([`Phase`]).
+//! Each chunk travels in segments, so that a rank forwards the first
+//! segment of a chunk while the rest of it is still arriving.
 //!
 //! A rank writes to its successor and reads from its predecessor at the same
 //! time: with blocking sockets and large messages, write-then-read would
@@ -11,22 +13,40 @@
 //! ownership (`&mut [E]` through channels), so no element is shared and no
 //! `unsafe` is needed.
 //!
-//! Reduction order: chunk `c` is summed as `((x[c] + x[c+1]) + ...) + x[c-1]`
-//! (rank indices mod n; chunk c starts at rank c and ends complete at rank
-//! c-1) in every call, and the all-gather copies the final
+//! Chunk c is `shard_range(len, n, c)`, and it ends complete at rank c: that
+//! is what makes chunk r the shard that a reduce-scatter leaves on rank r.
+//! Reduction order: chunk `c` is summed as `((x[c+1] + x[c+2]) + ...) + x[c]`
+//! (rank indices mod n; chunk c starts at rank c+1) in every call, be it an
+//! all-reduce or a reduce-scatter, so a reduce-scatter followed by an
+//! all-gather gives an all-reduce's bits. The all-gather copies the final
 //! bits to every rank, so results repeat bit for bit and agree on all ranks.
 //! The order does not depend on the segment size: the bytes on each link are
 //! the same whatever the segmentation, which may even differ between ranks.
 
 use super::link::{recv_add, Links};
-use super::wire::{kind_name, wire_bytes, wire_bytes_mut, CallHeader, Wire, CALL_BYTES};
+use super::wire::{kind_name, wire_bytes, wire_bytes_mut, CallHeader, Phase, Wire, CALL_BYTES};
+use crate::collective::shard_range;
 use anyhow::{anyhow, bail, Context, Result};
+use std::ops::Range;
 use std::sync::Mutex;
 
 /// Default segment size. Large enough that per-segment overhead (a channel
 /// hop, a syscall) is small against the copy, small enough that the pipeline
 /// fills quickly and both scratch buffers stay in L2/L3.
 pub const DEFAULT_SEGMENT_BYTES: usize = 512 * 1024;
+
+impl Phase {
+    /// The steps this phase runs, out of the all-reduce's `0..2(n-1)`: a
+    /// reduce-scatter the first n-1 (they add), an all-gather the last n-1
+    /// (they copy).
+    fn steps(self, n: usize) -> Range<usize> {
+        match self {
+            Phase::AllReduce => 0..2 * (n - 1),
+            Phase::ReduceScatter => 0..n - 1,
+            Phase::AllGather => n - 1..2 * (n - 1),
+        }
+    }
+}
 
 /// The parameters of one collective call.
 #[derive(Clone, Copy)]
@@ -35,11 +55,13 @@ pub(super) struct Step {
     pub(super) n: usize,
     pub(super) seq: u64,
     pub(super) seg_elems: usize,
+    pub(super) phase: Phase,
 }
 
-/// The buffer cut into n chunks (sizes differ by at most one element; the
-/// first `len % n` are longer) and each chunk into segments. Segment ids are
-/// global, chunk by chunk.
+/// The buffer cut into n chunks, chunk c being `shard_range(len, n, c)`
+/// (sizes differ by at most one element, and not at all when n divides the
+/// length), and each chunk into segments. Segment ids are global, chunk by
+/// chunk.
 struct Plan {
     /// Element offset of chunk c; n + 1 entries.
     chunk_start: Vec<usize>,
@@ -50,18 +72,16 @@ struct Plan {
 
 impl Plan {
     fn new(len: usize, n: usize, seg_elems: usize) -> Plan {
-        let (base, extra) = (len / n, len % n);
         let mut chunk_start = Vec::with_capacity(n + 1);
         let mut seg_first = Vec::with_capacity(n + 1);
-        let (mut at, mut seg) = (0, 0);
+        let mut seg = 0;
         for c in 0..n {
-            chunk_start.push(at);
+            let chunk = shard_range(len, n, c);
+            chunk_start.push(chunk.start);
             seg_first.push(seg);
-            let clen = base + usize::from(c < extra);
-            at += clen;
-            seg += clen.div_ceil(seg_elems);
+            seg += chunk.len().div_ceil(seg_elems);
         }
-        chunk_start.push(at);
+        chunk_start.push(len);
         seg_first.push(seg);
         Plan { chunk_start, seg_first, seg_elems }
     }
@@ -113,13 +133,17 @@ impl FirstError {
     }
 }
 
-/// One all-reduce on a ring of n >= 2 ranks.
+/// One collective (`step.phase`) on a ring of n >= 2 ranks. A reduce-scatter
+/// or an all-gather needs a length that n divides (the caller checks).
 ///
-/// Rank r's wire schedule: it first sends chunk r, then forwards every chunk
-/// it receives except the last: at step t (0 <= t < 2(n-1)) it receives
-/// chunk (r - 1 - t) mod n, adds it into its own copy during the first n-1
-/// steps (reduce-scatter) and overwrites its copy during the rest
-/// (all-gather), and sends the result on at step t+1.
+/// Rank r's wire schedule, for an all-reduce: it first sends chunk r-1, then
+/// forwards every chunk it receives except the last: at step t
+/// (0 <= t < 2(n-1)) it receives chunk (r - 2 - t) mod n, adds it into its
+/// own copy during the first n-1 steps (reduce-scatter: the last chunk it
+/// completes, at step n-2, is chunk r) and overwrites its copy during the
+/// rest (all-gather), and sends the result on at step t+1. The other phases
+/// run a part of these steps, starting with a send of the chunk that the
+/// step before their first would have received.
 pub(super) fn run_ring<E: Wire>(
     links: &Links,
     step: Step,
@@ -127,8 +151,11 @@ pub(super) fn run_ring<E: Wire>(
     recv_scratch: &mut Vec<u8>,
     send_scratch: &mut Vec<u8>,
 ) -> Result<()> {
-    let Step { rank: r, n, seq, seg_elems } = step;
+    let Step { rank: r, n, seq, seg_elems, phase } = step;
     let plan = Plan::new(buf.len(), n, seg_elems);
+    let steps = phase.steps(n);
+    // The chunk received at step t, (r - 2 - t) mod n, for t <= 2n - 2.
+    let chunk_at = |t: usize| (r + 2 * n - (t + 2)) % n;
     let seg_bytes = seg_elems.min(buf.len().div_ceil(n)).max(1) * E::BYTES;
     if recv_scratch.len() < seg_bytes {
         recv_scratch.resize(seg_bytes, 0);
@@ -136,10 +163,9 @@ pub(super) fn run_ring<E: Wire>(
     if !E::plain() && send_scratch.len() < seg_bytes {
         send_scratch.resize(seg_bytes, 0);
     }
-    let header = CallHeader { seq, kind: E::KIND, len: buf.len() as u64 };
+    let header = CallHeader { seq, op: phase, kind: E::KIND, len: buf.len() as u64 };
     let mut table = plan.split(buf);
     let first_error = FirstError(Mutex::new(None));
-    let steps = 2 * (n - 1);
 
     // The header goes first, from this thread: 24 bytes into a socket
     // buffer that the last call left empty, so it cannot block (a shared
@@ -191,8 +217,11 @@ pub(super) fn run_ring<E: Wire>(
         // The reader and reducer: this thread.
         let result = (|| -> Result<()> {
             let mut h = [0u8; CALL_BYTES];
-            // Queue our own chunk first so the sender starts while we wait.
-            for id in plan.segments(r) {
+            // Queue our first chunk so the sender starts while we wait: the one
+            // step `steps.start - 1` would have received (chunk_at repeats
+            // every n steps), r-1 for an all-reduce or a reduce-scatter, our
+            // own shard r for an all-gather.
+            for id in plan.segments(chunk_at(steps.start + n - 1)) {
                 let seg = table[id].take().ok_or_else(|| anyhow!("internal: segment {id} queued twice"))?;
                 job_tx.send((id, seg)).map_err(|_| anyhow!("the sending thread stopped"))?;
             }
@@ -202,18 +231,20 @@ pub(super) fn run_ring<E: Wire>(
             let theirs = CallHeader::decode(&h).with_context(|| format!("bad call header from {}", links.prev_name))?;
             if theirs != header {
                 bail!(
-                    "{} is in collective #{} over {} {} elements; this rank is in #{} over {} {} elements",
+                    "{} is in collective #{}, {} of {} {} elements; this rank is in #{}, {} of {} {} elements",
                     links.prev_name,
                     theirs.seq,
+                    theirs.op.name(),
                     theirs.len,
                     kind_name(theirs.kind),
                     header.seq,
+                    header.op.name(),
                     header.len,
                     kind_name(header.kind)
                 );
             }
-            for t in 0..steps {
-                let chunk = (r + 2 * n - 1 - t) % n;
+            for t in steps.clone() {
+                let chunk = chunk_at(t);
                 for id in plan.segments(chunk) {
                     let seg = match table[id].take() {
                         Some(seg) => seg,
@@ -242,7 +273,7 @@ pub(super) fn run_ring<E: Wire>(
                         links.recv_exact(bytes).with_context(what)?;
                         E::decode(bytes, seg);
                     }
-                    if t + 1 < steps {
+                    if t + 1 < steps.end {
                         job_tx.send((id, seg)).map_err(|_| anyhow!("the sending thread stopped"))?;
                     }
                 }
@@ -268,6 +299,7 @@ pub(super) fn run_ring<E: Wire>(
 
 #[cfg(test)]
 mod tests {
+    use super::super::link::Transport;
     use super::super::testkit::*;
     use super::super::RingCollective;
     use super::*;
@@ -330,26 +362,125 @@ mod tests {
         within(120, sums_are_right_and_repeat_bit_for_bit::<f64>);
     }
 
-    /// The summation order is the documented one: chunk c is
-    /// ((x[c] + x[c+1]) + ...) + x[c-1], ranks mod n.
+    /// The summation order is the documented one, for an all-reduce and a
+    /// reduce-scatter alike: chunk c is ((x[c+1] + x[c+2]) + ...) + x[c],
+    /// ranks mod n.
     #[test]
     fn reduction_order_is_the_documented_one() {
         within(60, || {
             let n = 4;
             let len = 4; // one element per chunk
             let out = on_all(ring::<f32>(n), |c| {
-                let mut v = input::<f32>(c.rank(), len);
-                c.all_reduce_sum(&mut v).unwrap();
-                v
+                let mut all = input::<f32>(c.rank(), len);
+                c.all_reduce_sum(&mut all).unwrap();
+                let mut scattered = input::<f32>(c.rank(), len);
+                c.reduce_scatter_sum(&mut scattered).unwrap();
+                (all, scattered[c.rank()])
             });
             for chunk in 0..n {
-                let mut acc = value(chunk, chunk) as f32;
-                for k in 1..n {
+                let mut acc = value((chunk + 1) % n, chunk) as f32;
+                for k in 2..=n {
                     acc += value((chunk + k) % n, chunk) as f32;
                 }
-                assert_eq!(out[0].1[chunk].to_bits(), acc.to_bits(), "chunk {chunk}");
+                assert_eq!(out[0].1 .0[chunk].to_bits(), acc.to_bits(), "all-reduce, chunk {chunk}");
+                assert_eq!(out[chunk].1 .1.to_bits(), acc.to_bits(), "reduce-scatter, chunk {chunk}");
             }
         });
+    }
+
+    /// Small integers: every partial sum is exact, in any order.
+    fn integer(rank: usize, i: usize) -> f64 {
+        ((rank * 37 + i * 11) % 201) as f64 - 100.0
+    }
+
+    /// What one rank saw for one length in `sharded_ops_agree_with_all_reduce`.
+    struct Sharded<T> {
+        /// Its shard after a reduce-scatter of `integer` inputs.
+        exact: Vec<T>,
+        /// Its shard after a reduce-scatter of `input`...
+        scattered: Vec<T>,
+        /// ...the whole buffer after an all-gather that followed...
+        gathered: Vec<T>,
+        /// ...and after an all-reduce of the same `input` instead.
+        all_reduced: Vec<T>,
+        /// An all-gather of `input` alone.
+        gathered_only: Vec<T>,
+    }
+
+    /// For 2 to 4 ranks over TCP and over shared memory, with lengths 0 and
+    /// multiples of the world size (segments that differ between ranks and
+    /// cut each shard into many): a reduce-scatter leaves the exact sums in
+    /// each rank's shard, and the bits of an all-reduce of the same inputs
+    /// there; an all-gather after it gives every rank the all-reduce's bits;
+    /// an all-gather alone gives every rank the owners' shards. A length
+    /// the world size does not divide is an error that breaks the ring.
+    fn sharded_ops_agree_with_all_reduce<T: Real>() {
+        for max in [Transport::Tcp, Transport::Shm] {
+            for n in 2..=4 {
+                let lengths = [0, n, 7 * n, 250 * n, 4099 * n];
+                let (rings, kind) = ring_over::<T>(n, max);
+                assert_eq!(kinds(&rings), vec![(kind, kind); n]);
+                let out = on_all(rings, |c| {
+                    c.set_segment_bytes(64 + 8 * c.rank());
+                    let r = c.rank();
+                    let seen: Vec<Sharded<T>> = lengths
+                        .iter()
+                        .map(|&len| {
+                            let own = shard_range(len, n, r);
+                            let mut exact: Vec<T> = (0..len).map(|i| T::of(integer(r, i))).collect();
+                            c.reduce_scatter_sum(&mut exact).unwrap();
+                            let mut gathered = input::<T>(r, len);
+                            c.reduce_scatter_sum(&mut gathered).unwrap();
+                            let scattered = gathered[own.clone()].to_vec();
+                            c.all_gather(&mut gathered).unwrap();
+                            let mut all_reduced = input::<T>(r, len);
+                            c.all_reduce_sum(&mut all_reduced).unwrap();
+                            let mut gathered_only = input::<T>(r, len);
+                            c.all_gather(&mut gathered_only).unwrap();
+                            Sharded { exact: exact[own].to_vec(), scattered, gathered, all_reduced, gathered_only }
+                        })
+                        .collect();
+                    let refused = c.reduce_scatter_sum(&mut vec![T::of(1.0); 3 * n + 1]).map_err(|e| format!("{e:#}"));
+                    let after = c.all_gather(&mut vec![T::of(1.0); n]).map_err(|e| format!("{e:#}"));
+                    (seen, refused, after)
+                });
+                for (li, &len) in lengths.iter().enumerate() {
+                    let what = format!("{max:?} n={n} len={len}");
+                    let owner = |i: usize| (0..n).find(|&q| shard_range(len, n, q).contains(&i)).unwrap();
+                    let concatenated: Vec<T> = (0..len).map(|i| T::of(value(owner(i), i))).collect();
+                    for (r, (_, (seen, _, _))) in out.iter().enumerate() {
+                        let s = &seen[li];
+                        let sums: Vec<T> =
+                            shard_range(len, n, r).map(|i| T::of((0..n).map(|q| integer(q, i)).sum())).collect();
+                        assert_eq!(bits(&s.exact), bits(&sums), "{what}: rank {r}'s exact sums");
+                        let own = shard_range(len, n, r);
+                        assert_eq!(bits(&s.scattered), bits(&s.all_reduced[own]), "{what}: rank {r}'s shard");
+                        assert_eq!(bits(&s.gathered), bits(&s.all_reduced), "{what}: rank {r}");
+                        assert_eq!(bits(&s.all_reduced), bits(&out[0].1 .0[li].all_reduced), "{what}: rank {r}");
+                        assert_eq!(bits(&s.gathered_only), bits(&concatenated), "{what}: rank {r}'s all-gather");
+                    }
+                }
+                let bad = 3 * n + 1;
+                for (r, (_, (_, refused, after))) in out.iter().enumerate() {
+                    let e = refused.as_ref().unwrap_err();
+                    let want = format!("rank {r} of {n}: reduce_scatter_sum #{}", 5 * lengths.len());
+                    assert!(e.contains(&want), "{e}");
+                    assert!(e.contains(&format!("length {bad} is not a multiple of the world size {n}")), "{e}");
+                    let e = after.as_ref().unwrap_err();
+                    assert!(e.contains("all_gather on a ring collective broken by an earlier error"), "{e}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn f32_sharded_ops_agree_with_all_reduce() {
+        within(120, sharded_ops_agree_with_all_reduce::<f32>);
+    }
+
+    #[test]
+    fn f64_sharded_ops_agree_with_all_reduce() {
+        within(120, sharded_ops_agree_with_all_reduce::<f64>);
     }
 
     #[test]
@@ -421,12 +552,24 @@ mod tests {
                 assert!(e.contains("elements"), "rank {}: {e}", c.rank());
             }
             let e = format!("{:#}", out[1].1.as_ref().unwrap_err());
-            assert!(e.contains("over 10 f32 elements; this rank is in #0 over 11 f32 elements"), "{e}");
+            assert!(e.contains("an all-reduce of 10 f32 elements; this rank is in #0, an all-reduce of 11"), "{e}");
             // The ring is broken for good afterwards.
             let out = on_all(out.into_iter().map(|(c, _)| c).collect(), |c| c.all_reduce_sum(&mut vec![1.0; 4]));
             for (_, r) in &out {
                 assert!(format!("{:#}", r.as_ref().unwrap_err()).contains("broken by an earlier error"));
             }
+            // Different operations on the same buffer.
+            let out = on_all(ring::<f32>(2), |c| {
+                let mut v = vec![1.0; 4];
+                if c.rank() == 0 {
+                    c.reduce_scatter_sum(&mut v)
+                } else {
+                    c.all_reduce_sum(&mut v)
+                }
+            });
+            let e = format!("{:#}", out[1].1.as_ref().unwrap_err());
+            assert!(e.contains("a reduce-scatter of 4 f32 elements; this rank is in #0, an all-reduce of 4"), "{e}");
+            assert!(out[0].1.is_err());
             // A skipped call: rank 0 sums counters first, rank 1 does not.
             let out = on_all(ring::<f32>(3), |c| {
                 if c.rank() == 0 {

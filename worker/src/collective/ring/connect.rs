@@ -141,6 +141,10 @@ mod tests {
             let mut u = [5u64, u64::MAX];
             c.all_reduce_sum_u64(&mut u).unwrap();
             assert_eq!(u, [5, u64::MAX]);
+            // The sharded operations too: rank 0 owns the whole buffer.
+            c.reduce_scatter_sum(&mut v).unwrap();
+            c.all_gather(&mut v).unwrap();
+            assert_eq!(v, [1.5, -2.0, 3.25]);
         });
     }
 

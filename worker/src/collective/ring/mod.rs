@@ -14,7 +14,9 @@
 //! - `auth`: step 4, the proof that both ends hold the job token;
 //! - `upgrade`: steps 5 and 6, the move of same-host links to a Unix socket
 //!   and of their data to shared memory;
-//! - `allreduce`: the schedule of one all-reduce, and its reduction order;
+//! - `allreduce`: the schedule of one all-reduce, reduce-scatter or
+//!   all-gather (one schedule, of which the latter two run a half), and its
+//!   reduction order;
 //! - `testkit` (tests only): rings of ranks on threads, for every file's tests.
 //!
 //! Ranks find each other and check each other's identity over TCP: a hello
@@ -38,7 +40,8 @@
 //! Every rank holds two connections: one it opened to its successor
 //! (`rank + 1`), on which it only writes, and one it accepted from its
 //! predecessor (`rank - 1`), on which it only reads; an all-reduce is a
-//! reduce-scatter followed by an all-gather over them (`allreduce`).
+//! reduce-scatter followed by an all-gather over them (`allreduce`), and
+//! each of those two is also a collective of its own.
 //!
 //! Failure: any error (a dead or aborted peer, a mismatched call) shuts down
 //! both sockets of the rank that saw it. Its neighbours then fail their next
@@ -61,7 +64,7 @@ mod wire;
 pub use allreduce::DEFAULT_SEGMENT_BYTES;
 pub use link::Transport;
 
-use super::Collective;
+use super::{check_shardable, Collective};
 use crate::engine::cpu::Real;
 use allreduce::{run_ring, Step};
 use anyhow::{bail, Context, Result};
@@ -70,7 +73,7 @@ use std::marker::PhantomData;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
-use wire::{kind_name, Wire};
+use wire::{kind_name, Phase, Wire};
 
 /// State shared with [`AbortHandle`]s, which other threads hold.
 struct Shared {
@@ -167,10 +170,14 @@ impl<T: Real> RingCollective<T> {
     /// [`Collective::all_reduce_sum`] on a slice (a bucket inside a larger
     /// buffer, say).
     pub fn all_reduce_sum_slice(&mut self, buf: &mut [T]) -> Result<()> {
-        self.reduce(buf, "all_reduce_sum")
+        self.run(buf, Phase::AllReduce, "all_reduce_sum")
     }
 
-    fn reduce<E: Wire>(&mut self, buf: &mut [E], op: &str) -> Result<()> {
+    /// Runs `phase` on `buf`; `op` names the call in errors. Any failure,
+    /// a length a sharded operation refuses included, breaks the ring: the
+    /// other ranks may already be in the call, and the shutdown releases
+    /// them.
+    fn run<E: Wire>(&mut self, buf: &mut [E], phase: Phase, op: &str) -> Result<()> {
         if self.shared.aborted.load(Ordering::SeqCst) {
             bail!("rank {}: {op} on a ring collective that was aborted (generation {})", self.rank, self.generation);
         }
@@ -183,13 +190,19 @@ impl<T: Real> RingCollective<T> {
             return Ok(());
         };
         let seg_elems = (self.segment_bytes / E::BYTES).max(1);
-        let result = run_ring(
-            links,
-            Step { rank: self.rank, n: self.world_size, seq, seg_elems },
-            buf,
-            &mut self.recv_scratch,
-            &mut self.send_scratch,
-        );
+        let shardable = match phase {
+            Phase::AllReduce => Ok(()),
+            Phase::ReduceScatter | Phase::AllGather => check_shardable(buf.len(), self.world_size),
+        };
+        let result = shardable.and_then(|()| {
+            run_ring(
+                links,
+                Step { rank: self.rank, n: self.world_size, seq, seg_elems, phase },
+                buf,
+                &mut self.recv_scratch,
+                &mut self.send_scratch,
+            )
+        });
         result.map_err(|e| {
             self.shared.shutdown();
             let e =
@@ -220,11 +233,19 @@ impl<T: Real> Collective for RingCollective<T> {
     }
 
     fn all_reduce_sum(&mut self, buf: &mut Vec<T>) -> Result<()> {
-        self.reduce(buf.as_mut_slice(), "all_reduce_sum")
+        self.run(buf.as_mut_slice(), Phase::AllReduce, "all_reduce_sum")
     }
 
     fn all_reduce_sum_u64(&mut self, values: &mut [u64]) -> Result<()> {
-        self.reduce(values, "all_reduce_sum_u64")
+        self.run(values, Phase::AllReduce, "all_reduce_sum_u64")
+    }
+
+    fn reduce_scatter_sum(&mut self, buf: &mut Vec<T>) -> Result<()> {
+        self.run(buf.as_mut_slice(), Phase::ReduceScatter, "reduce_scatter_sum")
+    }
+
+    fn all_gather(&mut self, buf: &mut Vec<T>) -> Result<()> {
+        self.run(buf.as_mut_slice(), Phase::AllGather, "all_gather")
     }
 }
 
@@ -302,6 +323,72 @@ mod tests {
             let mut idle = idle;
             let e = format!("{:#}", idle.all_reduce_sum(&mut vec![1.0]).unwrap_err());
             assert!(e.contains("aborted"), "{e}");
+        });
+    }
+
+    /// The sharded operations, by name, for the tests that run both.
+    type Op = fn(&mut RingCollective<f32>, &mut Vec<f32>) -> Result<()>;
+    const SHARDED: [(&str, Op); 2] =
+        [("reduce_scatter_sum", |c, v| c.reduce_scatter_sum(v)), ("all_gather", |c, v| c.all_gather(v))];
+
+    /// `aborted_peer_makes_all_reduce_fail` for the sharded operations, over
+    /// TCP and shared memory: the errors name the rank, the operation, the
+    /// element count and the generation, and the aborted rank's own next
+    /// call is refused.
+    #[test]
+    fn aborted_peer_makes_sharded_ops_fail() {
+        within(60, || {
+            for max in [Transport::Tcp, Transport::Shm] {
+                for (name, op) in SHARDED {
+                    let (mut rings, _) = ring_over::<f32>(3, max);
+                    let idle = rings.pop().unwrap();
+                    let handle = idle.abort_handle();
+                    let killer = thread::spawn(move || {
+                        thread::sleep(Duration::from_millis(100));
+                        handle.abort();
+                    });
+                    let len = 3 << 20;
+                    let out = on_all(rings, |c| op(c, &mut vec![1.0; len]));
+                    killer.join().unwrap();
+                    for (c, r) in &out {
+                        let e = format!("{:#}", r.as_ref().unwrap_err());
+                        let want = format!(
+                            "rank {} of 3: {name} #0 ({len} f32 elements, generation {GENERATION}) failed",
+                            c.rank()
+                        );
+                        assert!(e.contains(&want), "{max:?}: {e}");
+                    }
+                    let e0 = format!("{:#}", out[0].1.as_ref().unwrap_err());
+                    assert!(e0.contains("rank 2 (predecessor"), "{max:?}: {e0}");
+                    let mut idle = idle;
+                    let e = format!("{:#}", op(&mut idle, &mut vec![1.0; 3]).unwrap_err());
+                    assert!(e.contains(&format!("rank 2: {name} on a ring collective that was aborted")), "{e}");
+                }
+            }
+        });
+    }
+
+    /// `abort_releases_a_blocked_call` for the sharded operations: a rank
+    /// blocked in one, its peer never joining, is released by its abort.
+    #[test]
+    fn abort_releases_a_blocked_sharded_call() {
+        within(30, || {
+            for (name, op) in SHARDED {
+                let mut rings = ring::<f32>(2);
+                let _peer = rings.pop().unwrap();
+                let mut me = rings.pop().unwrap();
+                let handle = me.abort_handle();
+                let blocked = thread::spawn(move || {
+                    let r = op(&mut me, &mut vec![1.0; 1 << 21]);
+                    (me, r)
+                });
+                thread::sleep(Duration::from_millis(100));
+                handle.abort();
+                let (mut me, r) = blocked.join().unwrap();
+                let e = format!("{:#}", r.unwrap_err());
+                assert!(e.contains(&format!("rank 0 of 2: {name} #0")) && e.contains("aborted"), "{e}");
+                assert!(op(&mut me, &mut vec![1.0; 2]).is_err());
+            }
         });
     }
 

@@ -100,6 +100,20 @@ pub(super) fn ring<T: Real>(n: usize) -> Vec<RingCollective<T>> {
     connect_ring(&vec![GENERATION; n]).into_iter().map(|r| r.unwrap()).collect()
 }
 
+/// A ring whose links go no further than `max`, and the kind its data links
+/// then have (Tcp: loopback TCP; Shm: shared memory on Linux).
+pub(super) fn ring_over<T: Real>(n: usize, max: Transport) -> (Vec<RingCollective<T>>, &'static str) {
+    let opts = vec![LinkOptions { max, ring_bytes: DEFAULT_RING_BYTES }; n];
+    let rings = connect_ring_opts(&vec![GENERATION; n], &opts).into_iter().map(|r| r.unwrap()).collect();
+    let kind = match max {
+        _ if !cfg!(target_os = "linux") => "tcp",
+        Transport::Tcp => "tcp",
+        Transport::Unix => "unix",
+        Transport::Shm => "shm",
+    };
+    (rings, kind)
+}
+
 /// Runs `f` on every rank at once, one thread per rank.
 pub(super) fn on_all<T: Real, R: Send>(
     rings: Vec<RingCollective<T>>,

@@ -11,8 +11,11 @@ use anyhow::{bail, Result};
 /// an old build) is refused by name instead of being read as data.
 pub(super) const MAGIC: [u8; 8] = *b"TESSRING";
 /// Bumped whenever the bytes on the wire change meaning. 2: the hello
-/// carries a nonce and both ends prove the job token (step 4).
-pub(super) const PROTOCOL_VERSION: u32 = 2;
+/// carries a nonce and both ends prove the job token (step 4). 3: the call
+/// header names the operation, and chunk c of an all-reduce starts at rank
+/// c+1 (it started at rank c), so ranks of version 2 would sum the wrong
+/// chunks together.
+pub(super) const PROTOCOL_VERSION: u32 = 3;
 /// Feature bit in [`Hello::features`]: the sender can move the link to a
 /// Unix socket after the handshake. A peer without it (another OS, an older
 /// build: the field was reserved and zero) keeps TCP.
@@ -116,11 +119,12 @@ impl Hello {
 }
 
 /// Sent before every collective, so ranks that disagree about the call (a
-/// different length or element type, a skipped call) fail with a message
-/// instead of summing unrelated bytes or waiting forever.
+/// different operation, length or element type, a skipped call) fail with a
+/// message instead of summing unrelated bytes or waiting forever.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(super) struct CallHeader {
     pub(super) seq: u64,
+    pub(super) op: Phase,
     pub(super) kind: u8,
     pub(super) len: u64,
 }
@@ -133,6 +137,7 @@ impl CallHeader {
         let mut b = [0u8; CALL_BYTES];
         b[0] = CALL_TAG;
         b[1] = self.kind;
+        b[2] = self.op as u8;
         b[8..16].copy_from_slice(&self.seq.to_le_bytes());
         b[16..24].copy_from_slice(&self.len.to_le_bytes());
         b
@@ -146,7 +151,36 @@ impl CallHeader {
         seq.copy_from_slice(&b[8..16]);
         let mut len = [0u8; 8];
         len.copy_from_slice(&b[16..24]);
-        Ok(CallHeader { seq: u64::from_le_bytes(seq), kind: b[1], len: u64::from_le_bytes(len) })
+        let op = match b[2] {
+            0 => Phase::AllReduce,
+            1 => Phase::ReduceScatter,
+            2 => Phase::AllGather,
+            code => bail!("unknown collective operation {code} in the call header"),
+        };
+        Ok(CallHeader { seq: u64::from_le_bytes(seq), op, kind: b[1], len: u64::from_le_bytes(len) })
+    }
+}
+
+/// The operation of a call: which steps of the ring's all-reduce schedule
+/// it runs (see `allreduce`). The value is its code in the call header.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
+pub(super) enum Phase {
+    /// Every rank ends with every sum.
+    AllReduce = 0,
+    /// Rank r ends with the sum of shard r.
+    ReduceScatter = 1,
+    /// Shard r of rank r reaches every rank.
+    AllGather = 2,
+}
+
+impl Phase {
+    pub(super) fn name(self) -> &'static str {
+        match self {
+            Phase::AllReduce => "an all-reduce",
+            Phase::ReduceScatter => "a reduce-scatter",
+            Phase::AllGather => "an all-gather",
+        }
     }
 }
 
@@ -328,5 +362,19 @@ mod tests {
         assert!(u64::add_decoded(&b, &mut acc));
         assert_eq!(acc, [u64::MAX, 9]);
         assert!(!u64::add_decoded(&b, &mut acc));
+    }
+
+    /// The call header carries every operation, and refuses a code it does
+    /// not know.
+    #[test]
+    fn call_headers_round_trip() {
+        for op in [Phase::AllReduce, Phase::ReduceScatter, Phase::AllGather] {
+            let h = CallHeader { seq: 41, op, kind: 2, len: 1 << 40 };
+            assert_eq!(CallHeader::decode(&h.encode()).unwrap(), h);
+        }
+        let mut b = CallHeader { seq: 0, op: Phase::AllGather, kind: 1, len: 3 }.encode();
+        b[2] = 9;
+        let e = CallHeader::decode(&b).unwrap_err().to_string();
+        assert!(e.contains("unknown collective operation 9"), "{e}");
     }
 }
