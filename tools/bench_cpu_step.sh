@@ -6,6 +6,7 @@
 #
 # Usage: tools/bench_cpu_step.sh            # THREADS=2, batch 8, 32 text tokens
 #        THREADS=4 BATCH=8 SEQ=32 WARMUP=1 STEPS=3 PYTHON=python3 tools/bench_cpu_step.sh
+#        BEFORE=50b91f1 tools/bench_cpu_step.sh  # also an older Tessera, built from that commit
 set -euo pipefail
 
 THREADS="${THREADS:-2}"
@@ -27,6 +28,15 @@ echo "shape:   preset small, batch $BATCH, text tokens $SEQ, warmup $WARMUP, ste
 
 echo "== build"
 cargo build --release -p tessera-worker
+before_worker=""
+if [ -n "${BEFORE:-}" ]; then
+    # The older commit in a worktree of its own, built into its own target.
+    git worktree add --detach "$out/before" "$BEFORE" >/dev/null
+    trap 'git worktree remove --force "$out/before" 2>/dev/null; rm -rf "$out"' EXIT
+    before_target="${CARGO_TARGET_DIR:-$PWD/target}-before"
+    (cd "$out/before" && CARGO_TARGET_DIR="$before_target" cargo build --release -p tessera-worker)
+    before_worker="$before_target/release/worker"
+fi
 
 # Peak RSS per run, where GNU time is present.
 timed=()
@@ -39,6 +49,12 @@ if [ ${#timed[@]} -gt 0 ]; then
 else
     RAYON_NUM_THREADS="$THREADS" "$worker" bench-step \
         --preset small --batch "$BATCH" --seq "$SEQ" --warmup "$WARMUP" --steps "$STEPS" | tee "$out/tessera.json"
+fi
+
+if [ -n "$before_worker" ]; then
+    echo "== tessera at $BEFORE (loadavg before: $(cut -d" " -f1-3 /proc/loadavg))"
+    RAYON_NUM_THREADS="$THREADS" "$before_worker" bench-step \
+        --preset small --batch "$BATCH" --seq "$SEQ" --warmup "$WARMUP" --steps "$STEPS" | tee "$out/before.json"
 fi
 
 echo "== pytorch (loadavg before: $(cut -d" " -f1-3 /proc/loadavg))"
@@ -56,6 +72,9 @@ t_rss = open(os.path.join(d, "tessera.rss")).read().split()[-1] if os.path.exist
 t = ours["step_s_median"]
 print(f"{'impl':<40} {'threads':>7} {'step s (median)':>16} {'pytorch/tessera':>16} {'peak RSS MiB':>13}")
 print(f"{'tessera':<40} {ours['threads']:>7} {t:>16.3f} {'':>16} {(int(t_rss) / 1024 if t_rss else float('nan')):>13.0f}")
+if os.path.exists(os.path.join(d, "before.json")):
+    b = last("before.json")["step_s_median"]
+    print(f"{'tessera before (' + os.environ.get('BEFORE', '') + ')':<40} {ours['threads']:>7} {b:>16.3f} {b / t:>16.2f}")
 for r in rs[:-1]:
     name = f"pytorch {r['attn']}, vit layers {r['vit_layers']}"
     print(f"{name:<40} {r['threads']:>7} {r['step_s_median']:>16.3f} {r['step_s_median'] / t:>16.2f} {r['peak_rss_mib']:>13.0f}")
