@@ -1,102 +1,229 @@
-//! Softmax attention (kernels/attention.cu): the four products are cuBLAS
-//! GEMMs over the heads of one sequence, the softmax and its backward are
-//! row kernels. Scores, probabilities, dP and dS are f32 in every mode (the
-//! probabilities are a state buffer): with bf16 activations the GEMMs
-//! write their f32 outputs from bf16 operands, and only the operands that
-//! enter a GEMM beside a bf16 tensor (P for PV and dV, dS for dQ and dK)
-//! get a bf16 copy, as the tensor cores take them.
+//! Fused softmax attention (kernels/attention.cu), flash-attention style as
+//! on the CPU (cpu/attention.rs): per sequence, the keys are visited in
+//! blocks of [`KEY_BLOCK`], each block's products are cuBLAS GEMMs over the
+//! sequence's heads and its online-softmax update is a row kernel. No
+//! `[seq, seq]` matrix exists: scratch is O(heads * seq * KEY_BLOCK), reused
+//! by every sequence ([`attention_scratch_bytes`]). Only the log-sum-exp of
+//! each query row is saved; backward recomputes the probabilities block by
+//! block from it. With `causal`, key blocks wholly above the diagonal are
+//! never touched: a block's GEMMs start at its first key's query row.
+//!
+//! Precision: scores, the running max and sum, the output and dQ
+//! accumulators, dP and dS are f32 in every mode. With bf16 activations the
+//! GEMMs take bf16 operands and write f32, and the row kernels write P and
+//! dS, the operands that meet bf16 tensors in a GEMM, as bf16 copies.
 
 use super::backend::Buf;
 use super::context::{launch, Cuda, THREADS};
-
-/// Threads per softmax row of `seq` scores: whole warps (the kernels'
-/// reductions need a multiple of 32), no more than the row has values, at
-/// most THREADS. A short row (a ViT tile or a short text) leaves no warps
-/// idle.
-fn row_threads(seq: usize) -> u32 {
-    (seq.next_multiple_of(32)).clamp(32, THREADS as usize) as u32
-}
-use super::elementwise::{copy, fill_range};
+use super::elementwise::fill_range;
 use super::kernels::Storage;
 use super::matmul::{gemm_strided, Operand, Output};
 use crate::engine::backend::AttnShape;
 
+/// Keys per block: the score block of a sequence's heads is
+/// `[heads, seq, KEY_BLOCK]` f32, and 128 columns keep each GEMM wide
+/// enough for the tensor cores.
+pub(crate) const KEY_BLOCK: usize = 128;
+
+/// Threads per row of `len` values: whole warps (the kernels' reductions
+/// need a multiple of 32), no more than the row has values, at most
+/// THREADS. A short row leaves no warps idle.
+fn row_threads(len: usize) -> u32 {
+    (len.next_multiple_of(32)).clamp(32, THREADS as usize) as u32
+}
+
 /// Checks the lengths of the `[batch, seq, heads, head_dim]` tensors and the
-/// probabilities, as the CPU backend does.
-fn check(op: &str, s: &AttnShape, tensors: &[&Buf], probs: &Buf) {
+/// log-sum-exp, as the CPU backend does.
+fn check(op: &str, s: &AttnShape, tensors: &[&Buf], lse: &Buf) {
     for (i, t) in tensors.iter().enumerate() {
         assert!(t.len >= s.numel(), "{op}: tensor {i} has {} values, {s:?} needs {}", t.len, s.numel());
     }
-    assert!(probs.len >= s.probs_len(), "{op}: probs has {} values, {s:?} needs {}", probs.len, s.probs_len());
-    // One block per score row; a grid is at most 2^31 - 1 blocks wide.
-    assert!(s.batch * s.heads * s.seq < 1 << 31, "{op}: {s:?} has too many score rows for one launch");
+    assert!(lse.len >= s.lse_len(), "{op}: lse has {} values, {s:?} needs {}", lse.len, s.lse_len());
+    // One block per row of a sequence's heads; a grid is at most 2^31 - 1 blocks wide.
+    assert!(s.heads * s.seq < 1 << 31, "{op}: {s:?} has too many rows per sequence for one launch");
 }
 
-/// Head `h` of sequence `b` in a `[batch, seq, heads, head_dim]` tensor: a
-/// `[seq, head_dim]` matrix with rows `heads * head_dim` apart, and the
-/// heads `head_dim` apart, so one strided-batched GEMM covers them all.
-fn heads<'a>(buf: &'a Buf, s: &AttnShape, b: usize, trans: bool) -> Operand<'a> {
-    let row = s.heads * s.head_dim;
-    Operand { buf, offset: b * s.seq * row, ld: row, stride: s.head_dim, trans }
+/// Scratch lengths in values, for one sequence (every sequence reuses it).
+struct Lens {
+    /// A score block for every head: `[heads, rows, kb]`, at most
+    /// `[heads, seq, min(KEY_BLOCK, seq)]` (the first block, which every row sees).
+    block: usize,
+    /// A statistic per row: `[heads, seq]`.
+    rows: usize,
+    /// An accumulator like the sequence's slice: `[seq, heads, head_dim]`.
+    acc: usize,
 }
 
-fn heads_out<'a>(buf: &'a mut Buf, s: &AttnShape, b: usize) -> Output<'a> {
-    let row = s.heads * s.head_dim;
-    Output { buf, offset: b * s.seq * row, ld: row, stride: s.head_dim }
-}
-
-/// `[heads, seq, seq]` score matrices starting at `offset` of `buf`.
-fn scores(buf: &Buf, offset: usize, n: usize, trans: bool) -> Operand<'_> {
-    Operand { buf, offset, ld: n, stride: n * n, trans }
-}
-
-/// The f32 score matrices `src[offset..offset + len]` as a GEMM operand
-/// beside bf16 tensors: a bf16 copy in `staging` (rounded to nearest even),
-/// or `src` itself when activations are f32.
-fn as_operand<'a>(
-    cu: &Cuda,
-    src: &'a Buf,
-    offset: usize,
-    len: usize,
-    staging: &'a mut Option<Buf>,
-) -> (&'a Buf, usize) {
-    if cu.storage == Storage::F32 {
-        return (src, offset);
+impl Lens {
+    fn of(s: &AttnShape) -> Lens {
+        let rows = s.heads * s.seq;
+        Lens { block: rows * KEY_BLOCK.min(s.seq), rows, acc: rows * s.head_dim }
     }
-    let dst = staging.get_or_insert_with(|| cu.buffer(len, cu.storage));
-    copy(cu, src, offset, dst, 0, len);
-    (dst, 0)
 }
 
-pub(super) fn attention_fwd(cu: &Cuda, q: &Buf, k: &Buf, v: &Buf, out: &mut Buf, probs: &mut Buf, s: AttnShape) {
-    check("attention_fwd", &s, &[q, k, v, out], probs);
-    let (n, d, h) = (s.seq, s.head_dim, s.heads);
-    if s.probs_len() == 0 {
-        return;
+/// Device bytes of scratch that `attention_fwd` (or, with `backward`,
+/// `attention_bwd`) allocates for `s` with activations in `storage`, held
+/// for the whole call and freed at its end; independent of the batch.
+/// - forward: the score block (f32), a bf16 copy of P with bf16
+///   activations, the running max and sum per row (f32), the output
+///   accumulator (f32);
+/// - backward: the score and dP blocks (f32), bf16 copies of P and dS with
+///   bf16 activations, delta per row (f32), the dQ accumulator (f32).
+///
+/// An op with nothing to do (no rows forward, no values backward)
+/// allocates none.
+#[cfg_attr(not(test), expect(dead_code, reason = "for the memory planner, which does not call it yet"))]
+pub(crate) fn attention_scratch_bytes(s: &AttnShape, storage: Storage, backward: bool) -> usize {
+    if (backward && s.numel() == 0) || s.lse_len() == 0 {
+        return 0;
     }
-    let nn = n * n;
-    if d == 0 {
-        // Empty dot products: the scores are 0, as the CPU's k == 0 GEMM leaves them.
-        let len = s.probs_len();
-        fill_range(cu, probs, 0, len, 0.0);
-    } else {
-        for b in 0..s.batch {
-            // S = scale * Q K^T, the heads of sequence b at once, into f32.
-            let out_s = Output { buf: &mut *probs, offset: b * h * nn, ld: n, stride: nn };
-            gemm_strided(cu, h, n, n, d, s.scale, heads(q, &s, b, false), heads(k, &s, b, true), 0.0, out_s);
+    let l = Lens::of(s);
+    let f32s = std::mem::size_of::<f32>();
+    let copies = if storage == Storage::F32 { 0 } else { storage.size() };
+    let (blocks, stats) = if backward { (2, 1) } else { (1, 2) };
+    blocks * l.block * (f32s + copies) + stats * l.rows * f32s + l.acc * f32s
+}
+
+/// Where a row kernel writes P or dS: a buffer of the activations' storage
+/// with bf16 activations; None with f32 ones, where it overwrites its f32
+/// input in place.
+fn operand_copy(cu: &Cuda, len: usize) -> Option<Buf> {
+    (cu.storage != Storage::F32).then(|| cu.buffer(len, cu.storage))
+}
+
+/// Key block `j0..j0 + kb` and the query rows `i0..seq` that see any of it
+/// (from the block's first key with `causal`), as the CPU's `Block`.
+struct KeyBlock {
+    j0: usize,
+    kb: usize,
+    i0: usize,
+}
+
+impl KeyBlock {
+    fn all(s: &AttnShape) -> impl Iterator<Item = KeyBlock> + '_ {
+        (0..s.seq).step_by(KEY_BLOCK).map(move |j0| KeyBlock {
+            j0,
+            kb: KEY_BLOCK.min(s.seq - j0),
+            i0: if s.causal { j0 } else { 0 },
+        })
+    }
+
+    fn rows(&self, s: &AttnShape) -> usize {
+        s.seq - self.i0
+    }
+
+    /// The first block: every query row sees it, so it initializes the
+    /// accumulators rather than adding to them.
+    fn first(&self) -> bool {
+        self.j0 == 0
+    }
+
+    /// The beta of a GEMM into an f32 accumulator: 0 (overwrite) first.
+    fn acc_beta(&self) -> f32 {
+        if self.first() {
+            0.0
+        } else {
+            1.0
         }
     }
-    let (seq, causal) = (n as u64, i32::from(s.causal));
-    let rows = cu.rows(s.batch * h * n, row_threads(n));
-    launch!(cu, storage = Storage::F32, "softmax_rows_f32", rows, &probs.data, &seq, &causal);
-    if d == 0 {
+
+    /// `[heads, rows, kb]` score-shaped matrices at the start of `buf`.
+    fn operand<'a>(&self, s: &AttnShape, buf: &'a Buf, trans: bool) -> Operand<'a> {
+        Operand { buf, offset: 0, ld: self.kb, stride: self.rows(s) * self.kb, trans }
+    }
+
+    fn output<'a>(&self, s: &AttnShape, buf: &'a mut Buf) -> Output<'a> {
+        Output { buf, offset: 0, ld: self.kb, stride: self.rows(s) * self.kb }
+    }
+}
+
+/// Rows `row0..` of sequence `b` of a `[batch, seq, heads, head_dim]`
+/// tensor (`b` = 0 for a one-sequence accumulator), per head: matrices with
+/// rows `heads * head_dim` apart and the heads `head_dim` apart, so one
+/// strided-batched GEMM covers every head.
+fn heads<'a>(buf: &'a Buf, s: &AttnShape, b: usize, row0: usize, trans: bool) -> Operand<'a> {
+    let row = s.heads * s.head_dim;
+    Operand { buf, offset: (b * s.seq + row0) * row, ld: row, stride: s.head_dim, trans }
+}
+
+fn heads_out<'a>(buf: &'a mut Buf, s: &AttnShape, b: usize, row0: usize) -> Output<'a> {
+    let row = s.heads * s.head_dim;
+    Output { buf, offset: (b * s.seq + row0) * row, ld: row, stride: s.head_dim }
+}
+
+/// S = scale * Q K^T of key block `blk` of sequence `b`, into `sc`
+/// (`[heads, rows, kb]`, f32).
+fn scores(cu: &Cuda, s: &AttnShape, q: &Buf, k: &Buf, b: usize, blk: &KeyBlock, sc: &mut Buf) {
+    let rows = blk.rows(s);
+    if s.head_dim == 0 {
+        // Empty dot products: the scores are 0, as the CPU's k == 0 GEMM
+        // leaves them (and cuBLAS takes no ld of 0).
+        fill_range(cu, sc, 0, s.heads * rows * blk.kb, 0.0);
         return;
     }
-    let mut staging = None;
+    let (qo, ko) = (heads(q, s, b, blk.i0, false), heads(k, s, b, blk.j0, true));
+    gemm_strided(cu, s.heads, rows, blk.kb, s.head_dim, s.scale, qo, ko, 0.0, blk.output(s, sc));
+}
+
+pub(super) fn attention_fwd(cu: &Cuda, q: &Buf, k: &Buf, v: &Buf, out: &mut Buf, lse: &mut Buf, s: AttnShape) {
+    check("attention_fwd", &s, &[q, k, v, out], lse);
+    if s.lse_len() == 0 {
+        return;
+    }
+    let (n, d, h) = (s.seq, s.head_dim, s.heads);
+    let len = Lens::of(&s);
+    let mut sc = cu.buffer(len.block, Storage::F32);
+    let p_copy = operand_copy(cu, len.block);
+    // Running max and sum per row, and the unnormalized output.
+    let (mut m, mut l) = (cu.buffer(len.rows, Storage::F32), cu.buffer(len.rows, Storage::F32));
+    let mut acc = cu.buffer(len.acc, Storage::F32);
+    let (seq, heads_u, dim, causal) = (n as u64, h as u64, d as u64, i32::from(s.causal));
+    // Values of one sequence in the [batch, seq, heads, head_dim] tensors.
+    let per_seq = n * h * d;
     for b in 0..s.batch {
-        // out = P V, overwritten (beta 0).
-        let (p, off) = as_operand(cu, probs, b * h * nn, h * nn, &mut staging);
-        gemm_strided(cu, h, n, d, n, 1.0, scores(p, off, n, false), heads(v, &s, b, false), 0.0, heads_out(out, &s, b));
+        for blk in KeyBlock::all(&s) {
+            let rows = blk.rows(&s);
+            scores(cu, &s, q, k, b, &blk, &mut sc);
+            let p = p_copy.as_ref().unwrap_or(&sc);
+            let (j0, kb, first) = (blk.j0 as u64, blk.kb as u64, i32::from(blk.first()));
+            let cfg = cu.rows(h * rows, row_threads(blk.kb));
+            launch!(
+                cu,
+                "attn_fwd_block_rows",
+                cfg,
+                &sc.data,
+                &p.data,
+                &mut m.data,
+                &mut l.data,
+                &mut acc.data,
+                &seq,
+                &heads_u,
+                &dim,
+                &j0,
+                &kb,
+                &causal,
+                &first
+            );
+            // O += P V_blk (the first block overwrites).
+            let (po, vo) = (blk.operand(&s, p, false), heads(v, &s, b, blk.j0, false));
+            gemm_strided(cu, h, rows, d, blk.kb, 1.0, po, vo, blk.acc_beta(), heads_out(&mut acc, &s, 0, blk.i0));
+        }
+        let mut lse_b = lse.view_mut(b * h * n, h * n);
+        let mut out_b = out.view_mut(b * per_seq, per_seq);
+        let cfg = cu.rows(n * h, row_threads(d));
+        launch!(
+            cu,
+            "attn_fwd_finish_rows",
+            cfg,
+            &acc.data,
+            &m.data,
+            &l.data,
+            &mut lse_b,
+            &mut out_b,
+            &seq,
+            &heads_u,
+            &dim
+        );
     }
 }
 
@@ -106,53 +233,167 @@ pub(super) fn attention_bwd(
     q: &Buf,
     k: &Buf,
     v: &Buf,
-    probs: &Buf,
+    out: &Buf,
+    lse: &Buf,
     dout: &Buf,
     dq: &mut Buf,
     dk: &mut Buf,
     dv: &mut Buf,
     s: AttnShape,
 ) {
-    check("attention_bwd", &s, &[q, k, v, dout, dq, dk, dv], probs);
-    let (n, d, h) = (s.seq, s.head_dim, s.heads);
+    check("attention_bwd", &s, &[q, k, v, out, dout, dq, dk, dv], lse);
     if s.numel() == 0 {
         return;
     }
-    let nn = n * n;
-    // dP, then dS in place (f32), for the heads of one sequence; reused by
-    // every sequence (one stream, so the GEMMs of b are done before b + 1
-    // writes).
-    let mut ds = cu.buffer(h * nn, Storage::F32);
-    let (mut p_staging, mut ds_staging) = (None, None);
-    let (seq, scale) = (n as u64, s.scale);
+    let (n, d, h) = (s.seq, s.head_dim, s.heads);
+    let len = Lens::of(&s);
+    // S then P, and dP then dS (in place with f32 activations).
+    let (mut sc, mut dp) = (cu.buffer(len.block, Storage::F32), cu.buffer(len.block, Storage::F32));
+    let (p_copy, ds_copy) = (operand_copy(cu, len.block), operand_copy(cu, len.block));
+    let mut delta = cu.buffer(len.rows, Storage::F32);
+    let mut dq_acc = cu.buffer(len.acc, Storage::F32);
+    let (seq, heads_u, dim, causal, scale) = (n as u64, h as u64, d as u64, i32::from(s.causal), s.scale);
+    let per_seq = n * h * d;
     for b in 0..s.batch {
-        // dV += P^T dO
-        let (p, off) = as_operand(cu, probs, b * h * nn, h * nn, &mut p_staging);
-        gemm_strided(
+        let (dout_b, out_b) = (dout.view(b * per_seq, per_seq), out.view(b * per_seq, per_seq));
+        launch!(
             cu,
-            h,
-            n,
-            d,
-            n,
-            1.0,
-            scores(p, off, n, true),
-            heads(dout, &s, b, false),
-            1.0,
-            heads_out(dv, &s, b),
+            "attn_bwd_delta_rows",
+            cu.rows(n * h, row_threads(d)),
+            &dout_b,
+            &out_b,
+            &mut delta.data,
+            &seq,
+            &heads_u,
+            &dim
         );
-        // dP = dO V^T
-        let dp = Output { buf: &mut ds, offset: 0, ld: n, stride: nn };
-        gemm_strided(cu, h, n, n, d, 1.0, heads(dout, &s, b, false), heads(v, &s, b, true), 0.0, dp);
-        // dS = P * (dP - rowsum(dP * P)) * scale, in place, f32.
-        let p_b = probs.view(b * h * nn, h * nn);
-        let rows = cu.rows(h * n, row_threads(n));
-        launch!(cu, storage = Storage::F32, "softmax_bwd_rows_f32", rows, &p_b, &ds.data, &seq, &scale);
-        let (ds_op, ds_off) = as_operand(cu, &ds, 0, h * nn, &mut ds_staging);
-        // dQ += dS K
-        let dsk = scores(ds_op, ds_off, n, false);
-        gemm_strided(cu, h, n, d, n, 1.0, dsk, heads(k, &s, b, false), 1.0, heads_out(dq, &s, b));
-        // dK += dS^T Q
-        let dsq = scores(ds_op, ds_off, n, true);
-        gemm_strided(cu, h, n, d, n, 1.0, dsq, heads(q, &s, b, false), 1.0, heads_out(dk, &s, b));
+        let lse_b = lse.view(b * h * n, h * n);
+        for blk in KeyBlock::all(&s) {
+            let rows = blk.rows(&s);
+            scores(cu, &s, q, k, b, &blk, &mut sc);
+            // dP = dO V_blk^T
+            let (doo, vo) = (heads(dout, &s, b, blk.i0, false), heads(v, &s, b, blk.j0, true));
+            gemm_strided(cu, h, rows, blk.kb, d, 1.0, doo, vo, 0.0, blk.output(&s, &mut dp));
+            let (p, ds) = (p_copy.as_ref().unwrap_or(&sc), ds_copy.as_ref().unwrap_or(&dp));
+            let (j0, kb) = (blk.j0 as u64, blk.kb as u64);
+            let cfg = cu.rows(h * rows, row_threads(blk.kb));
+            launch!(
+                cu,
+                "attn_bwd_block_rows",
+                cfg,
+                &sc.data,
+                &dp.data,
+                &lse_b,
+                &delta.data,
+                &p.data,
+                &ds.data,
+                &seq,
+                &j0,
+                &kb,
+                &causal,
+                &scale
+            );
+            // dV_blk += P^T dO
+            let (pt, doo) = (blk.operand(&s, p, true), heads(dout, &s, b, blk.i0, false));
+            gemm_strided(cu, h, blk.kb, d, rows, 1.0, pt, doo, 1.0, heads_out(dv, &s, b, blk.j0));
+            // dQ += dS K_blk, in f32 (the first block overwrites).
+            let (dso, ko) = (blk.operand(&s, ds, false), heads(k, &s, b, blk.j0, false));
+            let dq_out = heads_out(&mut dq_acc, &s, 0, blk.i0);
+            gemm_strided(cu, h, rows, d, blk.kb, 1.0, dso, ko, blk.acc_beta(), dq_out);
+            // dK_blk += dS^T Q
+            let (dst, qo) = (blk.operand(&s, ds, true), heads(q, &s, b, blk.i0, false));
+            gemm_strided(cu, h, blk.kb, d, rows, 1.0, dst, qo, 1.0, heads_out(dk, &s, b, blk.j0));
+        }
+        let mut dq_b = dq.view_mut(b * per_seq, per_seq);
+        let len_u = per_seq as u64;
+        launch!(cu, "attn_add_f32", cu.elems(per_seq), &dq_acc.data, &mut dq_b, &len_u);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn shape(batch: usize, seq: usize, head_dim: usize, causal: bool) -> AttnShape {
+        AttnShape { batch, seq, heads: 3, head_dim, causal, scale: 0.5 }
+    }
+
+    /// Scratch grows with seq, never seq^2, and not with the batch.
+    #[test]
+    fn scratch_is_linear_in_the_sequence() {
+        for storage in [Storage::F32, Storage::Bf16] {
+            for backward in [false, true] {
+                let bytes = |batch, seq| attention_scratch_bytes(&shape(batch, seq, 64, true), storage, backward);
+                assert_eq!(bytes(1, 8192), 2 * bytes(1, 4096));
+                assert_eq!(bytes(7, 4096), bytes(1, 4096));
+            }
+        }
+    }
+
+    #[cfg(feature = "cuda-emu")]
+    mod emulated {
+        use super::*;
+        use crate::engine::backend::Backend;
+        use crate::engine::cpu::Cpu;
+        use crate::engine::cuda::MathMode;
+
+        fn values(n: usize, seed: usize) -> Vec<f32> {
+            (0..n).map(|i| (((i * 7 + seed * 13) % 17) as f32 - 8.0) / 8.0).collect()
+        }
+
+        /// `attention_scratch_bytes` is what each op allocates: the growth
+        /// of the emulated device's peak over a fresh device holding only
+        /// the op's buffers (nothing freed yet, so the peak is in use).
+        #[test]
+        fn scratch_bytes_are_what_the_ops_allocate() {
+            // Three key blocks, the last partial.
+            let s = shape(2, 300, 8, true);
+            for mode in [MathMode::F32, MathMode::Bf16] {
+                for backward in [false, true] {
+                    let cu = Cuda::emulated(mode).unwrap();
+                    let n = s.numel();
+                    let [q, k, v, mut out, dout, mut dq, mut dk, mut dv] =
+                        std::array::from_fn(|i| cu.upload(&values(n, i)));
+                    let mut lse = cu.upload_state(&vec![1.0; s.lse_len()]);
+                    let before = cu.peak_memory_bytes().unwrap();
+                    if backward {
+                        cu.attention_bwd(&q, &k, &v, &out, &lse, &dout, &mut dq, &mut dk, &mut dv, s);
+                    } else {
+                        cu.attention_fwd(&q, &k, &v, &mut out, &mut lse, s);
+                    }
+                    cu.check().unwrap();
+                    let grown = cu.peak_memory_bytes().unwrap() - before;
+                    let want = attention_scratch_bytes(&s, cu.storage, backward) as u64;
+                    assert_eq!(grown, want, "{mode:?}, backward {backward}");
+                }
+            }
+        }
+
+        /// No queries, or no head dimensions, as on the CPU: with head_dim
+        /// 0 the scores are 0, so lse is the log of the visible keys.
+        #[test]
+        fn empty_shapes_behave_as_on_the_cpu() {
+            let cu = Cuda::emulated(MathMode::F32).unwrap();
+            let cpu = Cpu::<f32>::new();
+            for causal in [false, true] {
+                for s in [shape(2, 0, 8, causal), shape(2, 130, 0, causal)] {
+                    let n = s.numel();
+                    let mut out = cu.alloc(n);
+                    let mut lse = cu.alloc_state(s.lse_len());
+                    cu.fill(&mut lse, f32::NAN);
+                    let e = cu.alloc(n);
+                    cu.attention_fwd(&e, &e, &e, &mut out, &mut lse, s);
+                    let (mut dq, mut dk, mut dv) = (cu.alloc(n), cu.alloc(n), cu.alloc(n));
+                    cu.attention_bwd(&e, &e, &e, &out, &lse, &e, &mut dq, &mut dk, &mut dv, s);
+                    cu.check().unwrap();
+                    let mut want = vec![0.0; s.lse_len()];
+                    let ec = vec![0.0; n];
+                    cpu.attention_fwd(&ec, &ec, &ec, &mut vec![0.0; n], &mut want, s);
+                    let got = cu.download(&lse);
+                    let worst = got.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
+                    assert!(worst <= 1e-6, "{s:?}: lse differs from the CPU's by {worst:e}");
+                }
+            }
+        }
     }
 }

@@ -208,24 +208,25 @@ impl Backend for Cuda {
         activation::swiglu_bwd(self, gate, up, dout, dgate, dup)
     }
 
-    fn attention_fwd(&self, q: &Buf, k: &Buf, v: &Buf, out: &mut Buf, probs: &mut Buf, s: AttnShape) {
-        self.roles("attention_fwd", &[q, k, v, &*out], &[&*probs]);
-        attention::attention_fwd(self, q, k, v, out, probs, s)
+    fn attention_fwd(&self, q: &Buf, k: &Buf, v: &Buf, out: &mut Buf, lse: &mut Buf, s: AttnShape) {
+        self.roles("attention_fwd", &[q, k, v, &*out], &[&*lse]);
+        attention::attention_fwd(self, q, k, v, out, lse, s)
     }
     fn attention_bwd(
         &self,
         q: &Buf,
         k: &Buf,
         v: &Buf,
-        probs: &Buf,
+        out: &Buf,
+        lse: &Buf,
         dout: &Buf,
         dq: &mut Buf,
         dk: &mut Buf,
         dv: &mut Buf,
         s: AttnShape,
     ) {
-        self.roles("attention_bwd", &[q, k, v, dout, &*dq, &*dk, &*dv], &[probs]);
-        attention::attention_bwd(self, q, k, v, probs, dout, dq, dk, dv, s)
+        self.roles("attention_bwd", &[q, k, v, out, dout, &*dq, &*dk, &*dv], &[lse]);
+        attention::attention_bwd(self, q, k, v, out, lse, dout, dq, dk, dv, s)
     }
     fn rope_fwd(&self, x: &mut Buf, s: RopeShape) {
         self.roles("rope_fwd", &[&*x], &[]);

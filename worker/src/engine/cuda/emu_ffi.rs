@@ -521,40 +521,65 @@ mod tests {
         }
     }
 
-    fn softmax(row: &[f32]) -> Vec<f32> {
-        let m = row.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
-        let e: Vec<f64> = row.iter().map(|&v| ((v - m) as f64).exp()).collect();
-        let s: f64 = e.iter().sum();
-        e.iter().map(|v| (v / s) as f32).collect()
-    }
-
+    /// Fused attention's online-softmax row kernel over two key blocks of
+    /// one sequence (the second partial), causal or not: m + ln(l) is the
+    /// log-sum-exp of each row's visible scores, the last block's P is
+    /// exp(S - m) in the build's storage (0 where masked), and the output
+    /// accumulator's rows are rescaled by exp(m_old - m) (the first block
+    /// leaves them unread).
     #[test]
-    fn softmax_rows_in_both_builds() {
+    fn online_softmax_rows_in_both_builds() {
         let _s = serial();
-        let (rows, seq) = (6usize, 37usize);
-        let v: Vec<f32> = (0..rows * seq).map(|i| ((i * 7919) % 101) as f32 / 17.0 - 3.0).collect();
+        let (heads, seq, kb0) = (2usize, 37usize, 20usize);
+        // Every score, [heads, queries, keys].
+        let all: Vec<f32> = (0..heads * seq * seq).map(|i| ((i * 7919) % 101) as f32 / 17.0 - 3.0).collect();
+        let score = |h: usize, i: usize, j: usize| all[(h * seq + i) * seq + j];
         for build in BUILDS {
+            let tol = if build == EmuBuild::Bf16 { 1e-2 } else { 1e-6 };
             for causal in [0, 1] {
-                let p = act(build, &v);
-                launch(
-                    build,
-                    "softmax_rows_f32",
-                    [rows as u32, 1, 1],
-                    [64, 1, 1],
-                    0,
-                    &[p.ptr(), U64(seq as u64), I32(causal)],
-                )
-                .unwrap();
-                let got = read_act(build, &p);
-                let tol = if build == EmuBuild::Bf16 { 1e-2 } else { 1e-6 };
-                for r in 0..rows {
-                    let visible = if causal == 1 { r % seq + 1 } else { seq };
-                    let row: Vec<f32> = v[r * seq..r * seq + visible].iter().map(|&a| stored(build, a)).collect();
-                    let want = softmax(&row);
-                    for j in 0..seq {
-                        let w = if j < visible { want[j] } else { 0.0 };
-                        let g = got[r * seq + j];
-                        assert!((g - w).abs() <= tol * w.max(1e-3), "{build:?} causal {causal} [{r},{j}]: {g} vs {w}");
+                let (m, l) = (Dev::zeroed(heads * seq * 4), Dev::zeroed(heads * seq * 4));
+                let o = Dev::from(&vec![1.0f32; seq * heads]); // head_dim 1
+                let (mut p, mut i0) = (Vec::new(), 0);
+                for (j0, kb) in [(0, kb0), (kb0, seq - kb0)] {
+                    i0 = if causal == 1 { j0 } else { 0 };
+                    let mut s = Vec::new();
+                    for h in 0..heads {
+                        for i in i0..seq {
+                            s.extend((j0..j0 + kb).map(|j| score(h, i, j)));
+                        }
+                    }
+                    let (s, pd) = (Dev::from(&s), act(build, &vec![0.0; s.len()]));
+                    let (n, first) = (heads * (seq - i0), i32::from(j0 == 0));
+                    let dims = [U64(seq as u64), U64(heads as u64), U64(1), U64(j0 as u64), U64(kb as u64)];
+                    let mut args = vec![s.ptr(), pd.ptr(), m.ptr(), l.ptr(), o.ptr()];
+                    args.extend(dims.into_iter().chain([I32(causal), I32(first)]));
+                    launch(build, "attn_fwd_block_rows", [n as u32, 1, 1], [32, 1, 1], 0, &args).unwrap();
+                    p = read_act(build, &pd);
+                }
+                let (m, l, o) = (m.read::<f32>(), l.read::<f32>(), o.read::<f32>());
+                let kb = seq - kb0;
+                for h in 0..heads {
+                    for i in 0..seq {
+                        let visible = if causal == 1 { i + 1 } else { seq };
+                        let max = |n: usize| (0..n).map(|j| score(h, i, j)).fold(f32::NEG_INFINITY, f32::max);
+                        let mx = max(visible);
+                        let z: f64 = (0..visible).map(|j| ((score(h, i, j) - mx) as f64).exp()).sum();
+                        let at = h * seq + i;
+                        let what = format!("{build:?} causal {causal} head {h} row {i}");
+                        assert_eq!(m[at], mx, "{what}: max");
+                        let lse = m[at] as f64 + (l[at] as f64).ln();
+                        assert!((lse - (mx as f64 + z.ln())).abs() <= 1e-6 * lse.abs().max(1.0), "{what}: lse {lse}");
+                        let want_o = if i >= i0 { (max(visible.min(kb0)) - mx).exp() } else { 1.0 };
+                        assert!(
+                            (o[i * heads + h] - want_o).abs() <= 1e-6,
+                            "{what}: o {} vs {want_o}",
+                            o[i * heads + h]
+                        );
+                        for j in (i >= i0).then_some(0..kb).into_iter().flatten() {
+                            let w = if kb0 + j < visible { (score(h, i, kb0 + j) - mx).exp() } else { 0.0 };
+                            let g = p[(h * (seq - i0) + i - i0) * kb + j];
+                            assert!((g - w).abs() <= tol * w.max(1e-3), "{what} key {}: P {g} vs {w}", kb0 + j);
+                        }
                     }
                 }
             }
@@ -623,11 +648,14 @@ mod tests {
             let (rows, cols) = (64usize, 200usize);
             let xs: Vec<f32> = (0..rows * cols).map(|i| ((i * 37) % 101) as f32 / 7.0 - 5.0).collect();
             for build in BUILDS {
-                let p = act(build, &xs);
+                // One causal key block of `cols` keys for `rows` queries.
+                let (s, p, m, l, o) =
+                    (Dev::from(&xs), act(build, &xs), Dev::zeroed(rows * 4), Dev::zeroed(rows * 4), Dev::zeroed(4));
                 let launched = [rows as u32, 1, 1];
-                launch(build, "softmax_rows_f32", launched, [64, 1, 1], 0, &[p.ptr(), U64(cols as u64), I32(1)])
-                    .unwrap();
-                out.push(p.read::<u8>());
+                let dims = [U64(rows as u64), U64(1), U64(0), U64(0), U64(cols as u64), I32(1), I32(1)];
+                let args: Vec<Arg> = [s.ptr(), p.ptr(), m.ptr(), l.ptr(), o.ptr()].into_iter().chain(dims).collect();
+                launch(build, "attn_fwd_block_rows", launched, [64, 1, 1], 0, &args).unwrap();
+                out.extend([p.read::<u8>(), m.read::<u8>(), l.read::<u8>()]);
                 let w = act(build, &vec![1.25; cols]);
                 let b = act(build, &vec![-0.5; cols]);
                 let (x, y) = (act(build, &xs), act(build, &vec![0.0; rows * cols]));
