@@ -163,7 +163,7 @@ fn a_new_workspace_shape_does_not_hold_the_old_one() {
     let be = Cuda::emulated(MathMode::F32).unwrap();
     let cfg = ModelConfig::named_preset("tiny").unwrap();
     let params = ParamStore::init(&be, &cfg, 0);
-    let mut llm = Llama::new(&cfg.llm, &params);
+    let mut llm = Llama::new(&cfg.llm, &params, false);
     let base = be.peak_memory_bytes().unwrap();
     llm.input(&be, 8, 64);
     let big = be.peak_memory_bytes().unwrap() - base;
@@ -172,6 +172,56 @@ fn a_new_workspace_shape_does_not_hold_the_old_one() {
     assert!(big > 0);
     assert_eq!(after, big, "the 6x48 workspace was allocated while the 8x64 one was still held");
 }
+
+/// The memory planner against the emulated device's tracking allocator:
+/// a training step's measured peak (parameters, optimizer state, every
+/// workspace, the ops' scratch) within 10% of the plan, for f32 and bf16
+/// storage and with and without recomputation.
+#[test]
+fn the_memory_plan_matches_the_measured_peak() {
+    use tessera_worker::model::memory::{gib, MemoryJob};
+    use tessera_worker::model::{Batch, ParamStore, Recompute, Trainable, Vlm};
+    use tessera_worker::train::{train_step, OptimConfig, Optimizer};
+    let cfg = ModelConfig::named_preset("tiny").unwrap();
+    let mut report = Vec::new();
+    for (mode, act_bytes) in [(MathMode::F32, 4), (MathMode::Bf16, 2)] {
+        for recompute in [Recompute::None, Recompute::All] {
+            for (batch, text) in [(4, 16), (2, 40)] {
+                let be = Cuda::emulated(mode).unwrap();
+                let mut vlm = Vlm::new(&cfg, ParamStore::init(&be, &cfg, 0), recompute);
+                let mut opt =
+                    Optimizer::new(&be, OptimConfig { total_steps: 10, ..OptimConfig::default() }, &vlm.params);
+                train_step(&be, &mut vlm, &mut opt, &[Batch::synthetic(&cfg, batch, text, 1)]).unwrap();
+                let measured = be.peak_memory_bytes().unwrap();
+                let plan = MemoryJob {
+                    model: cfg.clone(),
+                    micro_batch: batch,
+                    text_tokens: text,
+                    act_bytes,
+                    compute_copies: act_bytes == 2,
+                    recompute,
+                    trainable: Trainable::ALL,
+                    world_size: 1,
+                    reserve_bytes: 0,
+                    ..MemoryJob::from_job(&tessera_job::config::TrainJob::parse(TINY_JOB).unwrap(), 1).unwrap()
+                }
+                .plan()
+                .peak_bytes();
+                let err = (plan as f64 - measured as f64) / measured as f64;
+                report.push(format!(
+                    "{mode:?} {recompute:?} batch {batch} text {text}: plan {:.4} GiB, measured {:.4} GiB, {:+.1}%",
+                    gib(plan),
+                    gib(measured),
+                    100.0 * err
+                ));
+                assert!(err.abs() < 0.10, "{}", report.join("\n"));
+            }
+        }
+    }
+    println!("{}", report.join("\n"));
+}
+
+const TINY_JOB: &str = "[model]\npreset = \"tiny\"\n[train]\nsteps = 1\nbatch_size = 1\n";
 
 /// scripts/device-check.sh as a GPU machine runs it, with the emulated
 /// device as the GPU (tiny shapes, no PyTorch): every part passes, the

@@ -11,6 +11,7 @@
 
 use super::params::param_specs;
 use super::{llama, projector, s2, vit};
+use crate::engine::attention_scratch::attention_peak_scratch_bytes;
 use crate::engine::AttnShape;
 use anyhow::Result;
 use std::ops::{Add, Mul};
@@ -151,7 +152,7 @@ impl MemoryJob {
             recompute: job.model.recompute,
             trainable: job.optim.trainable(),
             world_size: world_size.max(1),
-            attention_scratch: crate::engine::attention_scratch_bytes,
+            attention_scratch: attention_peak_scratch_bytes,
             reserve_bytes: GPU_RESERVE_BYTES,
         })
     }

@@ -3,7 +3,7 @@
 //! blocks of [`KEY_BLOCK`], each block's products are cuBLAS GEMMs over the
 //! sequence's heads and its online-softmax update is a row kernel. No
 //! `[seq, seq]` matrix exists: scratch is O(heads * seq * KEY_BLOCK), reused
-//! by every sequence ([`attention_scratch_bytes`]). Only the log-sum-exp of
+//! by every sequence ([`attention_scratch_bytes`](crate::engine::attention_scratch::attention_scratch_bytes)). Only the log-sum-exp of
 //! each query row is saved; backward recomputes the probabilities block by
 //! block from it. With `causal`, key blocks wholly above the diagonal are
 //! never touched: a block's GEMMs start at its first key's query row.
@@ -18,12 +18,8 @@ use super::context::{launch, Cuda, THREADS};
 use super::elementwise::fill_range;
 use super::kernels::Storage;
 use super::matmul::{gemm_strided, Operand, Output};
+use crate::engine::attention_scratch::{ScratchLens as Lens, GPU_KEY_BLOCK as KEY_BLOCK};
 use crate::engine::backend::AttnShape;
-
-/// Keys per block: the score block of a sequence's heads is
-/// `[heads, seq, KEY_BLOCK]` f32, and 128 columns keep each GEMM wide
-/// enough for the tensor cores.
-pub(crate) const KEY_BLOCK: usize = 128;
 
 /// Threads per row of `len` values: whole warps (the kernels' reductions
 /// need a multiple of 32), no more than the row has values, at most
@@ -41,47 +37,6 @@ fn check(op: &str, s: &AttnShape, tensors: &[&Buf], lse: &Buf) {
     assert!(lse.len >= s.lse_len(), "{op}: lse has {} values, {s:?} needs {}", lse.len, s.lse_len());
     // One block per row of a sequence's heads; a grid is at most 2^31 - 1 blocks wide.
     assert!(s.heads * s.seq < 1 << 31, "{op}: {s:?} has too many rows per sequence for one launch");
-}
-
-/// Scratch lengths in values, for one sequence (every sequence reuses it).
-struct Lens {
-    /// A score block for every head: `[heads, rows, kb]`, at most
-    /// `[heads, seq, min(KEY_BLOCK, seq)]` (the first block, which every row sees).
-    block: usize,
-    /// A statistic per row: `[heads, seq]`.
-    rows: usize,
-    /// An accumulator like the sequence's slice: `[seq, heads, head_dim]`.
-    acc: usize,
-}
-
-impl Lens {
-    fn of(s: &AttnShape) -> Lens {
-        let rows = s.heads * s.seq;
-        Lens { block: rows * KEY_BLOCK.min(s.seq), rows, acc: rows * s.head_dim }
-    }
-}
-
-/// Device bytes of scratch that `attention_fwd` (or, with `backward`,
-/// `attention_bwd`) allocates for `s` with activations in `storage`, held
-/// for the whole call and freed at its end; independent of the batch.
-/// - forward: the score block (f32), a bf16 copy of P with bf16
-///   activations, the running max and sum per row (f32), the output
-///   accumulator (f32);
-/// - backward: the score and dP blocks (f32), bf16 copies of P and dS with
-///   bf16 activations, delta per row (f32), the dQ accumulator (f32).
-///
-/// An op with nothing to do (no rows forward, no values backward)
-/// allocates none.
-#[cfg_attr(not(test), expect(dead_code, reason = "for the memory planner, which does not call it yet"))]
-pub(crate) fn attention_scratch_bytes(s: &AttnShape, storage: Storage, backward: bool) -> usize {
-    if (backward && s.numel() == 0) || s.lse_len() == 0 {
-        return 0;
-    }
-    let l = Lens::of(s);
-    let f32s = std::mem::size_of::<f32>();
-    let copies = if storage == Storage::F32 { 0 } else { storage.size() };
-    let (blocks, stats) = if backward { (2, 1) } else { (1, 2) };
-    blocks * l.block * (f32s + copies) + stats * l.rows * f32s + l.acc * f32s
 }
 
 /// Where a row kernel writes P or dS: a buffer of the activations' storage
@@ -310,89 +265,74 @@ pub(super) fn attention_bwd(
     }
 }
 
-#[cfg(test)]
+/// On the emulated device: what a test without a GPU can run.
+#[cfg(all(test, feature = "cuda-emu"))]
 mod tests {
     use super::*;
+    use crate::engine::attention_scratch::attention_scratch_bytes;
+    use crate::engine::backend::Backend;
+    use crate::engine::cpu::Cpu;
+    use crate::engine::cuda::MathMode;
 
     fn shape(batch: usize, seq: usize, head_dim: usize, causal: bool) -> AttnShape {
         AttnShape { batch, seq, heads: 3, head_dim, causal, scale: 0.5 }
     }
 
-    /// Scratch grows with seq, never seq^2, and not with the batch.
+    fn values(n: usize, seed: usize) -> Vec<f32> {
+        (0..n).map(|i| (((i * 7 + seed * 13) % 17) as f32 - 8.0) / 8.0).collect()
+    }
+
+    /// `attention_scratch_bytes` is what each op allocates: the growth
+    /// of the emulated device's peak over a fresh device holding only
+    /// the op's buffers (nothing freed yet, so the peak is in use).
     #[test]
-    fn scratch_is_linear_in_the_sequence() {
-        for storage in [Storage::F32, Storage::Bf16] {
+    fn scratch_bytes_are_what_the_ops_allocate() {
+        // Three key blocks, the last partial.
+        let s = shape(2, 300, 8, true);
+        for mode in [MathMode::F32, MathMode::Bf16] {
             for backward in [false, true] {
-                let bytes = |batch, seq| attention_scratch_bytes(&shape(batch, seq, 64, true), storage, backward);
-                assert_eq!(bytes(1, 8192), 2 * bytes(1, 4096));
-                assert_eq!(bytes(7, 4096), bytes(1, 4096));
+                let cu = Cuda::emulated(mode).unwrap();
+                let n = s.numel();
+                let [q, k, v, mut out, dout, mut dq, mut dk, mut dv] =
+                    std::array::from_fn(|i| cu.upload(&values(n, i)));
+                let mut lse = cu.upload_state(&vec![1.0; s.lse_len()]);
+                let before = cu.peak_memory_bytes().unwrap();
+                if backward {
+                    cu.attention_bwd(&q, &k, &v, &out, &lse, &dout, &mut dq, &mut dk, &mut dv, s);
+                } else {
+                    cu.attention_fwd(&q, &k, &v, &mut out, &mut lse, s);
+                }
+                cu.check().unwrap();
+                let grown = cu.peak_memory_bytes().unwrap() - before;
+                let want = attention_scratch_bytes(&s, cu.storage.size(), backward);
+                assert_eq!(grown, want, "{mode:?}, backward {backward}");
             }
         }
     }
 
-    #[cfg(feature = "cuda-emu")]
-    mod emulated {
-        use super::*;
-        use crate::engine::backend::Backend;
-        use crate::engine::cpu::Cpu;
-        use crate::engine::cuda::MathMode;
-
-        fn values(n: usize, seed: usize) -> Vec<f32> {
-            (0..n).map(|i| (((i * 7 + seed * 13) % 17) as f32 - 8.0) / 8.0).collect()
-        }
-
-        /// `attention_scratch_bytes` is what each op allocates: the growth
-        /// of the emulated device's peak over a fresh device holding only
-        /// the op's buffers (nothing freed yet, so the peak is in use).
-        #[test]
-        fn scratch_bytes_are_what_the_ops_allocate() {
-            // Three key blocks, the last partial.
-            let s = shape(2, 300, 8, true);
-            for mode in [MathMode::F32, MathMode::Bf16] {
-                for backward in [false, true] {
-                    let cu = Cuda::emulated(mode).unwrap();
-                    let n = s.numel();
-                    let [q, k, v, mut out, dout, mut dq, mut dk, mut dv] =
-                        std::array::from_fn(|i| cu.upload(&values(n, i)));
-                    let mut lse = cu.upload_state(&vec![1.0; s.lse_len()]);
-                    let before = cu.peak_memory_bytes().unwrap();
-                    if backward {
-                        cu.attention_bwd(&q, &k, &v, &out, &lse, &dout, &mut dq, &mut dk, &mut dv, s);
-                    } else {
-                        cu.attention_fwd(&q, &k, &v, &mut out, &mut lse, s);
-                    }
-                    cu.check().unwrap();
-                    let grown = cu.peak_memory_bytes().unwrap() - before;
-                    let want = attention_scratch_bytes(&s, cu.storage, backward) as u64;
-                    assert_eq!(grown, want, "{mode:?}, backward {backward}");
-                }
-            }
-        }
-
-        /// No queries, or no head dimensions, as on the CPU: with head_dim
-        /// 0 the scores are 0, so lse is the log of the visible keys.
-        #[test]
-        fn empty_shapes_behave_as_on_the_cpu() {
-            let cu = Cuda::emulated(MathMode::F32).unwrap();
-            let cpu = Cpu::<f32>::new();
-            for causal in [false, true] {
-                for s in [shape(2, 0, 8, causal), shape(2, 130, 0, causal)] {
-                    let n = s.numel();
-                    let mut out = cu.alloc(n);
-                    let mut lse = cu.alloc_state(s.lse_len());
-                    cu.fill(&mut lse, f32::NAN);
-                    let e = cu.alloc(n);
-                    cu.attention_fwd(&e, &e, &e, &mut out, &mut lse, s);
-                    let (mut dq, mut dk, mut dv) = (cu.alloc(n), cu.alloc(n), cu.alloc(n));
-                    cu.attention_bwd(&e, &e, &e, &out, &lse, &e, &mut dq, &mut dk, &mut dv, s);
-                    cu.check().unwrap();
-                    let mut want = vec![0.0; s.lse_len()];
-                    let ec = vec![0.0; n];
-                    cpu.attention_fwd(&ec, &ec, &ec, &mut vec![0.0; n], &mut want, s);
-                    let got = cu.download(&lse);
-                    let worst = got.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
-                    assert!(worst <= 1e-6, "{s:?}: lse differs from the CPU's by {worst:e}");
-                }
+    /// No queries, or no head dimensions, as on the CPU: with head_dim
+    /// 0 the scores are 0, so lse is the log of the visible keys.
+    #[test]
+    fn empty_shapes_behave_as_on_the_cpu() {
+        let cu = Cuda::emulated(MathMode::F32).unwrap();
+        let cpu = Cpu::<f32>::new();
+        for causal in [false, true] {
+            for s in [shape(2, 0, 8, causal), shape(2, 130, 0, causal)] {
+                let n = s.numel();
+                let mut out = cu.alloc(n);
+                let mut lse = cu.alloc_state(s.lse_len());
+                cu.fill(&mut lse, f32::NAN);
+                let e = cu.alloc(n);
+                cu.attention_fwd(&e, &e, &e, &mut out, &mut lse, s);
+                let (mut dq, mut dk, mut dv) = (cu.alloc(n), cu.alloc(n), cu.alloc(n));
+                cu.attention_bwd(&e, &e, &e, &out, &lse, &e, &mut dq, &mut dk, &mut dv, s);
+                cu.check().unwrap();
+                let mut want = vec![0.0; s.lse_len()];
+                let ec = vec![0.0; n];
+                cpu.attention_fwd(&ec, &ec, &ec, &mut vec![0.0; n], &mut want, s);
+                let got = cu.download(&lse);
+                let worst = got.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
+                assert!(worst <= 1e-6, "{s:?}: lse differs from the CPU's by {worst:e}");
             }
         }
     }
