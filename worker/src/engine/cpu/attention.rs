@@ -76,35 +76,9 @@ impl Block {
     }
 }
 
-pub fn attention_fwd<T: Real>(q: &[T], k: &[T], v: &[T], out: &mut [T], lse: &mut [T], s: AttnShape) {
-    attention_fwd_blocks(q, k, v, out, lse, s, KEY_BLOCK)
-}
-
-#[allow(clippy::too_many_arguments)]
-pub fn attention_bwd<T: Real>(
-    q: &[T],
-    k: &[T],
-    v: &[T],
-    out: &[T],
-    lse: &[T],
-    dout: &[T],
-    dq: &mut [T],
-    dk: &mut [T],
-    dv: &mut [T],
-    s: AttnShape,
-) {
-    attention_bwd_blocks(q, k, v, out, lse, dout, dq, dk, dv, s, KEY_BLOCK)
-}
-
-fn attention_fwd_blocks<T: Real>(
-    q: &[T],
-    k: &[T],
-    v: &[T],
-    out: &mut [T],
-    lse: &mut [T],
-    s: AttnShape,
-    key_block: usize,
-) {
+/// Forward over keys in blocks of `key_block` ([`KEY_BLOCK`] in the backend;
+/// tests vary it).
+pub fn attention_fwd<T: Real>(q: &[T], k: &[T], v: &[T], out: &mut [T], lse: &mut [T], s: AttnShape, key_block: usize) {
     let (n, d) = (s.seq, s.head_dim);
     assert!(q.len() >= s.numel() && k.len() >= s.numel() && v.len() >= s.numel() && out.len() >= s.numel());
     assert!(lse.len() >= s.lse_len(), "attention_fwd: lse has {} values, {s:?} needs {}", lse.len(), s.lse_len());
@@ -167,8 +141,9 @@ fn attention_fwd_blocks<T: Real>(
     });
 }
 
+/// Backward of [`attention_fwd`] with the same `key_block`.
 #[allow(clippy::too_many_arguments)]
-fn attention_bwd_blocks<T: Real>(
+pub fn attention_bwd<T: Real>(
     q: &[T],
     k: &[T],
     v: &[T],
@@ -276,7 +251,7 @@ mod tests {
     fn run(q: &[f64], k: &[f64], v: &[f64], s: AttnShape, key_block: usize) -> (Vec<f64>, Vec<f64>) {
         let mut out = vec![f64::NAN; s.numel()];
         let mut lse = vec![f64::NAN; s.lse_len()];
-        attention_fwd_blocks(q, k, v, &mut out, &mut lse, s, key_block);
+        attention_fwd(q, k, v, &mut out, &mut lse, s, key_block);
         (out, lse)
     }
 
@@ -293,7 +268,7 @@ mod tests {
                 let (out, lse) = run(&q, &k, &v, s, key_block);
                 assert_close(&format!("fwd ({what})"), &out, &naive(&q, &k, &v, s), 1e-12);
                 let (mut dq, mut dk, mut dv) = (vec![0.0; s.numel()], vec![0.0; s.numel()], vec![0.0; s.numel()]);
-                attention_bwd_blocks(&q, &k, &v, &out, &lse, &gy, &mut dq, &mut dk, &mut dv, s, key_block);
+                attention_bwd(&q, &k, &v, &out, &lse, &gy, &mut dq, &mut dk, &mut dv, s, key_block);
                 let loss = |q: &[f64], k: &[f64], v: &[f64]| dot(&run(q, k, v, s, key_block).0, &gy);
                 assert_close(&format!("dq ({what})"), &dq, &fd_grad(&q, 1e-6, |x| loss(x, &k, &v)), 1e-7);
                 assert_close(&format!("dk ({what})"), &dk, &fd_grad(&k, 1e-6, |x| loss(&q, x, &v)), 1e-7);
@@ -389,9 +364,9 @@ mod tests {
             let want = materialized(&q, &k, &v, &dout, s);
             let mut out = vec![f32::NAN; s.numel()];
             let mut lse = vec![0.0f32; s.lse_len()];
-            attention_fwd(&q, &k, &v, &mut out, &mut lse, s);
+            attention_fwd(&q, &k, &v, &mut out, &mut lse, s, KEY_BLOCK);
             let (mut dq, mut dk, mut dv) = (vec![0.0; s.numel()], vec![0.0; s.numel()], vec![0.0; s.numel()]);
-            attention_bwd(&q, &k, &v, &out, &lse, &dout, &mut dq, &mut dk, &mut dv, s);
+            attention_bwd(&q, &k, &v, &out, &lse, &dout, &mut dq, &mut dk, &mut dv, s, KEY_BLOCK);
             for (name, got, want) in
                 [("out", &out, &want[0]), ("dq", &dq, &want[1]), ("dk", &dk, &want[2]), ("dv", &dv, &want[3])]
             {

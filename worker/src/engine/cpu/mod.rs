@@ -271,7 +271,7 @@ impl<T: Real> Backend for Cpu<T> {
     }
 
     fn attention_fwd(&self, q: &Vec<T>, k: &Vec<T>, v: &Vec<T>, out: &mut Vec<T>, lse: &mut Vec<T>, s: AttnShape) {
-        attention::attention_fwd(q, k, v, out, lse, s)
+        attention::attention_fwd(q, k, v, out, lse, s, attention::KEY_BLOCK)
     }
     fn attention_bwd(
         &self,
@@ -286,7 +286,7 @@ impl<T: Real> Backend for Cpu<T> {
         dv: &mut Vec<T>,
         s: AttnShape,
     ) {
-        attention::attention_bwd(q, k, v, out, lse, dout, dq, dk, dv, s)
+        attention::attention_bwd(q, k, v, out, lse, dout, dq, dk, dv, s, attention::KEY_BLOCK)
     }
     fn rope_fwd(&self, x: &mut Vec<T>, s: RopeShape) {
         rope::rotate(x, s, false)
