@@ -250,3 +250,30 @@ fn the_device_check_passes_on_the_emulated_device() {
         assert!(peak > 0.0 && peak < 1.0, "{precision}: peak_mem_gib {peak}");
     }
 }
+
+/// A job whose plan does not fit the device is refused before it starts,
+/// with the numbers: the emulated device given 4 MiB refuses
+/// `configs/tiny.toml` (about 6 MiB), and given 64 MiB trains it.
+#[test]
+fn a_job_too_large_for_the_device_is_refused_with_the_numbers() {
+    let run = |gib: &str| {
+        Command::new(env!("CARGO_BIN_EXE_worker"))
+            .current_dir(root())
+            .args(["train", "--device", "cuda-emu", "--config", "configs/tiny.toml", "--steps", "1"])
+            .env("TESSERA_EMU_MEMORY_GIB", gib)
+            .output()
+            .expect("run worker train")
+    };
+    let small = run("0.004");
+    assert!(!small.status.success(), "{}", text(&small));
+    let err = String::from_utf8_lossy(&small.stderr);
+    assert!(
+        err.contains("micro-batch of 4 samples")
+            && err.contains(" MiB per GPU (parameters ")
+            && err.contains("4.1 MiB for buffers"),
+        "{err}"
+    );
+    assert!(err.contains("largest micro-batch that fits is") && !err.contains("panicked"), "{err}");
+    let big = run("0.0625");
+    assert!(big.status.success(), "{}", text(&big));
+}

@@ -190,9 +190,11 @@ pub trait Backend: Send + Sync + 'static {
     fn peak_memory_bytes(&self) -> Option<u64> {
         None
     }
-    /// Total memory of the device, where a job's plan must fit it before
-    /// it starts (a GPU); None where the backend does not plan (the CPU,
-    /// the emulated device).
+    /// Memory the backend's buffers may use, where a job's plan must fit
+    /// it before it starts: a GPU's total less what the device needs for
+    /// itself (`GPU_RESERVE_BYTES`: context, cuBLAS, NCCL, pool slack), or
+    /// the emulated device's size when it is given one. None where the
+    /// backend does not plan (the CPU).
     fn memory_capacity_bytes(&self) -> Option<u64> {
         None
     }

@@ -196,16 +196,23 @@ impl MemoryJob {
         let max = self.max_micro_batch(capacity, self.micro_batch);
         let parts: Vec<String> = ["parameters", "activations", "workspaces", "device"]
             .iter()
-            .map(|g| format!("{g} {:.1}", gib(plan.group_bytes(g))))
+            .filter(|g| plan.group_bytes(g) > 0)
+            .map(|g| format!("{g} {}", size(plan.group_bytes(g))))
             .collect();
         anyhow::bail!(
-            "train.batch_size = {} needs {:.1} GiB per GPU ({} GiB), the device has {:.1} GiB: the largest micro-batch that fits is {max}{}; \
+            "a micro-batch of {} samples per rank (train.batch_size over {} rank(s)) needs {} per GPU ({}), \
+             the device has {} for buffers: the largest micro-batch that fits is {max}{}; \
              `worker plan-memory --config JOB.toml` prints the whole plan",
             self.micro_batch,
-            gib(peak),
+            self.world_size,
+            size(peak),
             parts.join(", "),
-            gib(capacity),
-            if self.recompute == Recompute::All { String::new() } else { " (model.recompute = \"all\" keeps less)".into() },
+            size(capacity),
+            if self.recompute == Recompute::All {
+                String::new()
+            } else {
+                " (model.recompute = \"all\" keeps less)".into()
+            },
         )
     }
 
@@ -292,6 +299,15 @@ pub fn gib(bytes: u64) -> f64 {
     bytes as f64 / (1u64 << 30) as f64
 }
 
+/// A size for a message: GiB from 1 GiB on, MiB below.
+fn size(bytes: u64) -> String {
+    if bytes >= 1 << 30 {
+        format!("{:.1} GiB", gib(bytes))
+    } else {
+        format!("{:.1} MiB", bytes as f64 / (1u64 << 20) as f64)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -353,8 +369,8 @@ mod tests {
         assert!(j.check_fits(need).is_ok());
         let capacity = MemoryJob { micro_batch: 20, ..j.clone() }.plan().peak_bytes();
         let e = j.check_fits(capacity).unwrap_err().to_string();
-        assert!(e.contains("train.batch_size = 64") && e.contains("largest micro-batch that fits is 20"), "{e}");
-        assert!(e.contains(&format!("{:.1} GiB per GPU", gib(need))), "{e}");
+        assert!(e.contains("micro-batch of 64 samples") && e.contains("largest micro-batch that fits is 20"), "{e}");
+        assert!(e.contains(&format!("{} per GPU", size(need))), "{e}");
     }
 
     /// A job config's plan: the rank's share of the batch, the precision's

@@ -22,7 +22,8 @@ pub fn build_model<B: Backend>(
     world_size: usize,
 ) -> Result<(Vlm<B>, Optimizer<B>)> {
     if let Some(capacity) = be.memory_capacity_bytes() {
-        MemoryJob::from_job(job, world_size)?.check_fits(capacity)?;
+        // The capacity is what buffers may use: no device reserve on top.
+        MemoryJob { reserve_bytes: 0, ..MemoryJob::from_job(job, world_size)? }.check_fits(capacity)?;
     }
     let t = &job.train;
     let params = match &job.model.dir {

@@ -7,6 +7,7 @@ use super::context::Cuda;
 use super::kernels::Storage;
 use super::{activation, attention, columns, elementwise, embedding, image, loss, matmul, norm, optim, rope, s2};
 use crate::engine::backend::*;
+use crate::model::memory::GPU_RESERVE_BYTES;
 
 pub use super::buffer::{Buf, Idx};
 
@@ -78,8 +79,10 @@ impl Backend for Cuda {
         self.driver.peak_bytes()
     }
     fn memory_capacity_bytes(&self) -> Option<u64> {
-        self.driver.gpu()?;
-        self.driver.mem_info().map(|(_, total)| total as u64)
+        let (_, total) = self.driver.mem_info()?;
+        // A GPU keeps part of its memory for itself; the emulated device does not.
+        let reserve = if self.driver.gpu().is_some() { GPU_RESERVE_BYTES } else { 0 };
+        Some((total as u64).saturating_sub(reserve))
     }
     fn mark_ready(&self, buf: &mut Buf) {
         buf.ready = self.record("recording a ready event", self.driver.record_event());

@@ -27,6 +27,9 @@ pub struct EmuDriver {
     /// This device's allocations, so its peak is its own even when several
     /// emulated devices share the process (tests).
     memory: Mutex<Tracked>,
+    /// Device memory in bytes (`TESSERA_EMU_MEMORY_GIB`), for tests of
+    /// what a GPU of that size refuses; unlimited when unset.
+    capacity: Option<u64>,
 }
 
 #[derive(Default)]
@@ -48,7 +51,14 @@ impl EmuDriver {
         if std::env::var_os("TESSERA_EMU_THREADS").is_none() {
             emu_ffi::set_threads(std::thread::available_parallelism().map_or(1, |n| n.get()).min(8));
         }
-        Ok(EmuDriver { builds: builds.to_vec(), stream: Mutex::new(()), memory: Mutex::default() })
+        let capacity = match std::env::var("TESSERA_EMU_MEMORY_GIB") {
+            Err(_) => None,
+            Ok(v) => match v.trim().parse::<f64>() {
+                Ok(g) if g > 0.0 && g.is_finite() => Some((g * (1u64 << 30) as f64) as u64),
+                _ => bail!("TESSERA_EMU_MEMORY_GIB={v:?}: expected a positive number of GiB"),
+            },
+        };
+        Ok(EmuDriver { builds: builds.to_vec(), stream: Mutex::new(()), memory: Mutex::default(), capacity })
     }
 
     fn in_order(&self) -> std::sync::MutexGuard<'_, ()> {
@@ -72,8 +82,11 @@ fn as_gpu_error(e: String) -> String {
 
 impl Driver for EmuDriver {
     fn alloc_zeroed(&self, bytes: usize) -> Result<u64, String> {
-        let addr = emu_ffi::alloc(bytes).ok_or_else(|| format!("the host cannot map {bytes} bytes"))?;
         let mut m = self.memory.lock().unwrap_or_else(|p| p.into_inner());
+        if self.capacity.is_some_and(|c| m.in_use + bytes as u64 > c) {
+            return Err("CUDA_ERROR_OUT_OF_MEMORY (emulated: TESSERA_EMU_MEMORY_GIB)".into());
+        }
+        let addr = emu_ffi::alloc(bytes).ok_or_else(|| format!("the host cannot map {bytes} bytes"))?;
         m.sizes.insert(addr, bytes);
         m.in_use += bytes as u64;
         m.peak = m.peak.max(m.in_use);
@@ -144,7 +157,9 @@ impl Driver for EmuDriver {
     }
 
     fn mem_info(&self) -> Option<(usize, usize)> {
-        None
+        let c = self.capacity?;
+        let in_use = self.memory.lock().unwrap_or_else(|p| p.into_inner()).in_use;
+        Some((c.saturating_sub(in_use) as usize, c as usize))
     }
 
     fn sms(&self) -> u32 {
