@@ -205,6 +205,16 @@ impl ModelConfig {
     pub fn image_tokens(&self) -> usize {
         self.merged_side() * self.merged_side()
     }
+    /// Decoder positions of a sample of `text_tokens` tokens whose one
+    /// image placeholder is spliced into `image_tokens()` tokens.
+    pub fn spliced_len(&self, text_tokens: usize) -> usize {
+        text_tokens.saturating_sub(1) + self.image_tokens()
+    }
+    /// The most text tokens a sample with an image may have: spliced, it
+    /// must fit the LLM's positions.
+    pub fn max_text_tokens(&self) -> usize {
+        self.llm.max_position_embeddings.saturating_sub(self.image_tokens() - 1)
+    }
     /// Projector input width (4 x mm_hidden).
     pub fn projector_in(&self) -> usize {
         4 * self.mm_hidden()

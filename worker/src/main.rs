@@ -339,7 +339,7 @@ fn run(cli: Cli) -> Result<()> {
             ))?;
             let median = times[times.len() / 2];
             let flops = train_step_flops(&cfg, batch, seq);
-            let llm_tokens = batch * (seq - 1 + cfg.image_tokens());
+            let llm_tokens = batch * cfg.spliced_len(seq);
             println!(
                 "{}",
                 serde_json::json!({

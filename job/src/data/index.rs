@@ -178,7 +178,7 @@ impl DatasetIndex {
         if parts.iter().all(|(_, s)| s.is_empty()) {
             bail!("data.datasets: no usable sample in {} dataset(s)", parts.len());
         }
-        let room = model.llm.max_position_embeddings.saturating_sub(model.image_tokens() - 1);
+        let room = model.max_text_tokens();
         let max_len = cfg.max_length.unwrap_or(room).min(room);
         let image = ImageConfig {
             size: model.s2.max_scale(),

@@ -74,7 +74,7 @@ impl Batch {
             bail!("pixel_values[{i}] is not finite ({})", self.pixel_values[i]);
         }
         let m = cfg.image_tokens();
-        let seq = if images > 0 { t - 1 + m } else { t };
+        let seq = if images > 0 { cfg.spliced_len(t) } else { t };
         if seq > cfg.llm.max_position_embeddings {
             bail!(
                 "sequence of {seq} tokens ({t} text + {m} image - 1) exceeds max_position_embeddings {}",

@@ -27,7 +27,7 @@ pub fn train_step_flops(cfg: &ModelConfig, batch: usize, text_tokens: usize) -> 
     let projector = 3.0 * (gemm(image_tokens, d, cfg.projector_in()) + gemm(image_tokens, d, d));
 
     let l = &cfg.llm;
-    let seq = text_tokens - 1 + cfg.image_tokens();
+    let seq = cfg.spliced_len(text_tokens);
     let kv = l.num_key_value_heads * l.head_dim();
     let llm_layer = batch as f64
         * (gemm(seq, 2 * d + 2 * kv, d) + 3.0 * gemm(seq, l.intermediate_size, d) + 2.0 * gemm(seq, seq, d));
@@ -49,7 +49,7 @@ mod tests {
         let with_images = train_step_flops(&cfg, batch, text);
         let l = &cfg.llm;
         let d = l.hidden_size as f64;
-        let seq = (text - 1 + cfg.image_tokens()) as f64;
+        let seq = cfg.spliced_len(text) as f64;
         let tokens = batch as f64 * seq;
         let layer_params = 4.0 * d * d + 3.0 * d * l.intermediate_size as f64;
         let llm_params = l.num_hidden_layers as f64 * layer_params + d * l.vocab_size as f64;

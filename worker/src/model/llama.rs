@@ -117,7 +117,7 @@ struct Workspace<B: Backend> {
 }
 
 /// Attention and RoPE shapes of the decoder for `batch` sequences of `seq`.
-fn shapes(c: &LlmConfig, batch: usize, seq: usize) -> (AttnShape, RopeShape) {
+pub(crate) fn shapes(c: &LlmConfig, batch: usize, seq: usize) -> (AttnShape, RopeShape) {
     let (heads, head_dim) = (c.num_attention_heads, c.head_dim());
     let a = AttnShape { batch, seq, heads, head_dim, causal: true, scale: 1.0 / (head_dim as f32).sqrt() };
     (a, RopeShape { batch, seq, heads, head_dim, theta: c.rope_theta })

@@ -122,11 +122,6 @@ impl MemoryPlan {
     }
 }
 
-/// The decoder's sequence for `text_tokens` text tokens and one image.
-pub fn llm_seq(model: &ModelConfig, text_tokens: usize) -> usize {
-    text_tokens.saturating_sub(1) + model.image_tokens()
-}
-
 impl MemoryJob {
     /// A job config's demand on one GPU of a `world_size`-rank job: its
     /// micro-batch (a rank's share of `train.batch_size`, which the job
@@ -136,10 +131,9 @@ impl MemoryJob {
     /// and frozen modules.
     pub fn from_job(job: &TrainJob, world_size: usize) -> Result<MemoryJob> {
         let model = model_config(job)?;
+        // The loader's cut: `data.max_length`, at most what the LLM's positions hold.
         let text_tokens = match &job.data {
-            Some(d) => {
-                d.max_length.unwrap_or(model.llm.max_position_embeddings.saturating_sub(model.image_tokens() - 1))
-            }
+            Some(d) => d.max_length.unwrap_or(model.max_text_tokens()).min(model.max_text_tokens()),
             None => job.train.text_tokens,
         };
         let bf16 = job.train.precision == Precision::Bf16;
@@ -166,7 +160,7 @@ impl MemoryJob {
             "memory per rank: micro-batch {}, {} text tokens (LLM sequence {}), {}-byte activations{}, recompute {:?}, {} rank(s), device {:.1} GiB\n",
             self.micro_batch,
             self.text_tokens,
-            llm_seq(m, self.text_tokens),
+            m.spliced_len(self.text_tokens),
             self.act_bytes,
             if self.compute_copies { " and weight copies" } else { "" },
             self.recompute,
@@ -236,7 +230,7 @@ impl MemoryJob {
         }
 
         let tiles = b * m.s2.tiles_per_image();
-        let seq = llm_seq(m, self.text_tokens);
+        let seq = m.spliced_len(self.text_tokens);
         let modules = [
             (format!("ViT, {tiles} tiles"), vit::workspace_values(&m.vision, tiles, self.recompute.vit())),
             ("S2 resize, tiles, merge".into(), s2::workspace_values(m, b)),
@@ -252,22 +246,8 @@ impl MemoryJob {
         for (name, v) in &modules {
             add("workspaces", format!("{name}: backward"), v.scratch.bytes(ab));
         }
-        let vit_attn = AttnShape {
-            batch: tiles,
-            seq: m.vision.num_patches(),
-            heads: m.vision.num_attention_heads,
-            head_dim: m.vision.head_dim(),
-            causal: false,
-            scale: 1.0,
-        };
-        let llm_attn = AttnShape {
-            batch: b,
-            seq,
-            heads: m.llm.num_attention_heads,
-            head_dim: m.llm.head_dim(),
-            causal: true,
-            scale: 1.0,
-        };
+        // The shapes the modules themselves run attention at.
+        let (vit_attn, (llm_attn, _)) = (vit::attn_shape(&m.vision, tiles), llama::shapes(&m.llm, b, seq));
         let attn = (self.attention_scratch)(&vit_attn, ab).max((self.attention_scratch)(&llm_attn, ab));
         add("workspaces", "attention scratch (largest call)".into(), attn);
         if self.reserve_bytes > 0 {
@@ -333,7 +313,7 @@ mod tests {
                 let before = be.allocated_values();
                 vlm.forward_backward(&be, &data, None).unwrap();
                 let got = be.allocated_values() - before;
-                let seq = llm_seq(&cfg, text);
+                let seq = cfg.spliced_len(text);
                 let want = vit::workspace_values(&cfg.vision, batch * cfg.s2.tiles_per_image(), recompute.vit()).total()
                     + s2::workspace_values(&cfg, batch).total()
                     + projector::workspace_values(&cfg, batch).total()

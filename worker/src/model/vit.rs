@@ -103,7 +103,7 @@ struct Workspace<B: Backend> {
 }
 
 /// Bidirectional attention over each tile's patches.
-fn attn_shape(c: &VisionConfig, tiles: usize) -> AttnShape {
+pub(crate) fn attn_shape(c: &VisionConfig, tiles: usize) -> AttnShape {
     let head_dim = c.head_dim();
     let scale = 1.0 / (head_dim as f32).sqrt();
     AttnShape { batch: tiles, seq: c.num_patches(), heads: c.num_attention_heads, head_dim, causal: false, scale }

@@ -275,7 +275,7 @@ mod tests {
             assert_eq!(l.to_bits(), loss.to_bits(), "{recompute:?}: loss");
             assert!(g == grads, "{recompute:?}: gradients differ");
         }
-        let rows = batch.batch * (batch.seq - 1 + cfg.image_tokens());
+        let rows = batch.batch * cfg.spliced_len(batch.seq);
         assert!(rows > 7 && !rows.is_multiple_of(7), "{rows} rows: the chunks must include a partial one");
         for recompute in [Recompute::None, Recompute::All] {
             let (l, g) = run(recompute, Some(7));

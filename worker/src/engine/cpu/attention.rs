@@ -66,6 +66,14 @@ impl Block {
             .step_by(key_block.max(1))
             .map(move |j0| Block { keys: j0..(j0 + key_block).min(s.seq), first_query: if s.causal { j0 } else { 0 } })
     }
+    /// `p` = `scale * Q K^T` for this block: its query rows against its keys
+    /// (`[rows, keys]`), from the `[seq, head_dim]` gathered `qs` and `ks`.
+    fn scores<T: Real>(&self, s: &AttnShape, qs: &[T], ks: &[T], p: &mut [T]) {
+        let d = s.head_dim;
+        let mut g = Gemm::new(s.seq - self.first_query, self.keys.len(), d).trans_b();
+        g.alpha = s.scale;
+        matmul_serial(&qs[self.first_query * d..], &ks[self.keys.start * d..], p, g);
+    }
     /// Keys of this block that query `i` sees.
     fn visible(&self, causal: bool, i: usize) -> usize {
         if causal {
@@ -102,9 +110,7 @@ pub fn attention_fwd<T: Real>(q: &[T], k: &[T], v: &[T], out: &mut [T], lse: &mu
             let (i0, kb) = (blk.first_query, blk.keys.len());
             let rows = n - i0;
             let p = &mut p[..rows * kb];
-            let mut g = Gemm::new(rows, kb, d).trans_b();
-            g.alpha = s.scale;
-            matmul_serial(&qs[i0 * d..], &ks[blk.keys.start * d..], p, g);
+            blk.scores(&s, qs, ks, p);
             for (r, row) in p.chunks_mut(kb).enumerate() {
                 let i = i0 + r;
                 let visible = blk.visible(s.causal, i);
@@ -186,9 +192,7 @@ pub fn attention_bwd<T: Real>(
             let rows = n - i0;
             let (p, dp) = (&mut p[..rows * kb], &mut dp[..rows * kb]);
             // P = exp(scale * Q K^T - lse), as forward left it.
-            let mut g = Gemm::new(rows, kb, d).trans_b();
-            g.alpha = s.scale;
-            matmul_serial(&qs[i0 * d..], &ks[j0 * d..], p, g);
+            blk.scores(&s, qs, ks, p);
             for (r, row) in p.chunks_mut(kb).enumerate() {
                 let visible = blk.visible(s.causal, i0 + r);
                 row[..visible].iter_mut().for_each(|x| *x = (*x - lse[i0 + r]).exp());
